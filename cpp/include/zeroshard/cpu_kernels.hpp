@@ -1,0 +1,39 @@
+// The CPU kernels over flat buffers: fused Adam/AdamW and SGD steps, squared L2 norm,
+// finiteness check, in-place scale and casts. Each picks the SIMD path chosen at run time
+// (cpu_runtime.hpp) and splits the work over the core's thread pool.
+//
+// Pointers may be unaligned; sizes may be 0. Element types: params, moments and momentum are
+// float32; gradients and norms accept float32/bfloat16/float16; the optional `param_copy` is a
+// bfloat16 or float16 copy of the updated params written in the same pass (nullptr: none).
+#pragma once
+
+#include <cstdint>
+
+#include "zeroshard/dtype.hpp"
+#include "zeroshard/optim_config.hpp"
+
+namespace zeroshard::cpu {
+
+// Returns true when the step was skipped because the gradient held inf/NaN (only checked when
+// cfg.check_finite); then nothing was written.
+bool adam_step(float* param, const void* grad, DType grad_dtype, float* exp_avg,
+               float* exp_avg_sq, void* param_copy, DType copy_dtype, int64_t n,
+               const AdamConfig& cfg);
+
+// momentum_buffer may be nullptr only when cfg.momentum == 0.
+bool sgd_step(float* param, const void* grad, DType grad_dtype, float* momentum_buffer,
+              void* param_copy, DType copy_dtype, int64_t n, const SgdConfig& cfg);
+
+struct NormResult {
+  float sum_sq = 0.0f;     // sum of squares, accumulated in double, rounded once
+  bool nonfinite = false;  // some element was inf or NaN
+};
+
+// Deterministic for a given n: blocks are fixed-size, independent of the thread count.
+NormResult l2_norm_sq(const void* x, DType dtype, int64_t n);
+bool all_finite(const void* x, DType dtype, int64_t n);
+void scale(void* x, DType dtype, int64_t n, float factor);
+// Round-to-nearest-even on narrowing; NaN stays NaN, overflow becomes inf.
+void cast(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n);
+
+}  // namespace zeroshard::cpu

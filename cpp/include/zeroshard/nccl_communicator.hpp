@@ -1,0 +1,89 @@
+// NcclCommunicator: one NCCL communicator over raw device pointers and a stream, with byte
+// counters per collective kind and a timeout that aborts instead of hanging.
+//
+// libnccl.so.2 is opened at run time (dlopen), never linked: in a process where torch already
+// loaded NCCL we use that same library (RTLD_NOLOAD first), otherwise the path given to
+// load_nccl() (the nvidia-nccl-cuXX wheel's). Only API present since NCCL 2.18 is used.
+// In the CPU variant every member throws Error("built without CUDA").
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "zeroshard/dtype.hpp"
+#include "zeroshard/gpu_kernels.hpp"
+
+namespace zeroshard::gpu {
+
+enum class ReduceOp : int { sum = 0, avg = 1, max = 2 };
+enum class CollectiveKind : int { all_reduce = 0, reduce_scatter = 1, all_gather = 2, broadcast = 3 };
+constexpr int kNumCollectiveKinds = 4;
+const char* collective_kind_name(CollectiveKind kind);
+
+// Bytes one rank sends for a collective over `payload_bytes` (the full buffer: all_reduce's
+// buffer, reduce_scatter's input, all_gather's output, broadcast's buffer) under the ring
+// algorithm NCCL and gloo use: all_reduce 2(N-1)/N, reduce_scatter and all_gather (N-1)/N,
+// broadcast (N-1)/N of the payload. ZeRO's volume claims are stated in these units. Also used by
+// the Python gloo communicator, so both count alike.
+int64_t ring_bytes_sent(CollectiveKind kind, int64_t payload_bytes, int world_size);
+
+struct CollectiveCounters {
+  std::array<int64_t, kNumCollectiveKinds> calls{};
+  std::array<int64_t, kNumCollectiveKinds> payload_bytes{};
+  std::array<int64_t, kNumCollectiveKinds> bytes_sent{};  // ring_bytes_sent summed
+};
+
+// Loads libnccl.so.2: an already loaded copy if any, else `path` (empty: the default search).
+// Idempotent. Throws with the dlopen error when no library can be opened.
+void load_nccl(const std::string& path);
+bool nccl_loaded();
+int nccl_version_loaded();  // e.g. 22809 for 2.28.9; throws if not loaded
+int nccl_version_linked();  // NCCL_VERSION_CODE of the headers we compiled against; 0 on CPU
+std::string nccl_unique_id();  // ncclUniqueId bytes (128) to share through the store
+
+class NcclCommunicator {
+ public:
+  // Non-blocking init on `device`; waits up to timeout_s for all ranks, else aborts and throws.
+  NcclCommunicator(const std::string& unique_id, int rank, int world_size, int device,
+                   double timeout_s);
+  ~NcclCommunicator();
+  NcclCommunicator(const NcclCommunicator&) = delete;
+  NcclCommunicator& operator=(const NcclCommunicator&) = delete;
+
+  int rank() const;
+  int world_size() const;
+  double timeout_s() const;
+  void set_timeout_s(double timeout_s);
+
+  void all_reduce(const void* send, void* recv, int64_t count, DType dtype, ReduceOp op,
+                  Stream stream);
+  // recv_count elements land on each rank; send holds world_size * recv_count.
+  void reduce_scatter(const void* send, void* recv, int64_t recv_count, DType dtype, ReduceOp op,
+                      Stream stream);
+  // send_count elements from each rank; recv holds world_size * send_count in rank order.
+  void all_gather(const void* send, void* recv, int64_t send_count, DType dtype, Stream stream);
+  void broadcast(const void* send, void* recv, int64_t count, DType dtype, int root,
+                 Stream stream);
+
+  // Collectives between group_start() and group_end() are fused by NCCL into one launch.
+  void group_start();
+  void group_end();
+
+  // Blocks until the work queued on `stream` finishes, polling NCCL's async error; after
+  // timeout_s aborts the communicator and throws Error naming the timeout. Not for the hot path:
+  // the Python layer joins streams with events and calls this only where it must wait.
+  void synchronize(Stream stream);
+  void abort();
+  bool aborted() const;
+
+  CollectiveCounters counters() const;
+  void reset_counters();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace zeroshard::gpu

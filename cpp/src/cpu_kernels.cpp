@@ -1,0 +1,133 @@
+// Entry points of the CPU kernels: validate once, pick the SIMD table, split over threads.
+#include "zeroshard/cpu_kernels.hpp"
+
+#include <string>
+#include <vector>
+
+#include "simd/kernel_table.hpp"
+#include "zeroshard/cpu_runtime.hpp"
+#include "zeroshard/error.hpp"
+
+namespace zeroshard::cpu {
+namespace {
+
+// Elementwise spans per thread chunk: big enough to amortise the pool's wake-up.
+constexpr int64_t kGrain = 1 << 15;
+// Norm blocks are fixed so the summation order (and so the result) does not depend on threads.
+constexpr int64_t kNormBlock = 1 << 12;
+
+const KernelTable& table() {
+  switch (simd_level()) {
+    case SimdLevel::avx512: return *avx512_kernels();
+    case SimdLevel::avx2: return *avx2_kernels();
+    case SimdLevel::scalar: break;
+  }
+  return scalar_kernels();
+}
+
+void require_buffer(const void* p, int64_t n, const char* name) {
+  ZS_REQUIRE(n == 0 || p != nullptr, std::string(name) + " is null but n = " + std::to_string(n));
+}
+
+void require_copy_dtype(const void* copy, DType dtype) {
+  ZS_REQUIRE(copy == nullptr || dtype != DType::f32,
+             "param_copy must be bfloat16 or float16 (a float32 copy is the param itself)");
+}
+
+}  // namespace
+
+bool all_finite(const void* x, DType dtype, int64_t n) {
+  ZS_REQUIRE(n >= 0, "n must be >= 0");
+  require_buffer(x, n, "x");
+  const KernelTable& k = table();
+  const int64_t chunks = (n + kGrain - 1) / kGrain;
+  std::vector<char> finite(static_cast<std::size_t>(chunks), 1);
+  parallel_for(chunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      finite[c] = k.all_finite(x, dtype, c * kGrain, std::min(n, (c + 1) * kGrain)) ? 1 : 0;
+    }
+  });
+  for (char f : finite)
+    if (!f) return false;
+  return true;
+}
+
+bool adam_step(float* param, const void* grad, DType grad_dtype, float* exp_avg,
+               float* exp_avg_sq, void* param_copy, DType copy_dtype, int64_t n,
+               const AdamConfig& cfg) {
+  validate(cfg);
+  ZS_REQUIRE(n >= 0, "n must be >= 0");
+  require_buffer(param, n, "param");
+  require_buffer(grad, n, "grad");
+  require_buffer(exp_avg, n, "exp_avg");
+  require_buffer(exp_avg_sq, n, "exp_avg_sq");
+  require_copy_dtype(param_copy, copy_dtype);
+  if (cfg.check_finite && !all_finite(grad, grad_dtype, n)) return true;
+  const AdamBuffers b{param, grad, grad_dtype, exp_avg, exp_avg_sq, param_copy, copy_dtype};
+  const AdamScalars s = adam_scalars(cfg);
+  const KernelTable& k = table();
+  parallel_for(n, kGrain, [&](int64_t begin, int64_t end) { k.adam(b, s, begin, end); });
+  return false;
+}
+
+bool sgd_step(float* param, const void* grad, DType grad_dtype, float* momentum_buffer,
+              void* param_copy, DType copy_dtype, int64_t n, const SgdConfig& cfg) {
+  validate(cfg);
+  ZS_REQUIRE(n >= 0, "n must be >= 0");
+  require_buffer(param, n, "param");
+  require_buffer(grad, n, "grad");
+  ZS_REQUIRE(cfg.momentum == 0.0f || n == 0 || momentum_buffer != nullptr,
+             "momentum_buffer is required when momentum != 0");
+  require_copy_dtype(param_copy, copy_dtype);
+  if (cfg.check_finite && !all_finite(grad, grad_dtype, n)) return true;
+  const SgdBuffers b{param, grad, grad_dtype, momentum_buffer, param_copy, copy_dtype};
+  const SgdScalars s{cfg.lr, cfg.momentum, 1.0f - cfg.dampening, cfg.weight_decay,
+                     static_cast<float>(1.0 / static_cast<double>(cfg.grad_scale)), cfg.nesterov,
+                     cfg.first_step};
+  const KernelTable& k = table();
+  parallel_for(n, kGrain, [&](int64_t begin, int64_t end) { k.sgd(b, s, begin, end); });
+  return false;
+}
+
+NormResult l2_norm_sq(const void* x, DType dtype, int64_t n) {
+  ZS_REQUIRE(n >= 0, "n must be >= 0");
+  require_buffer(x, n, "x");
+  const KernelTable& k = table();
+  const int64_t blocks = (n + kNormBlock - 1) / kNormBlock;
+  std::vector<double> partial(static_cast<std::size_t>(blocks), 0.0);
+  std::vector<char> nonfinite(static_cast<std::size_t>(blocks), 0);
+  parallel_for(blocks, kGrain / kNormBlock, [&](int64_t bb, int64_t be) {
+    for (int64_t blk = bb; blk < be; ++blk) {
+      bool bad = false;
+      partial[blk] = k.sum_sq(x, dtype, blk * kNormBlock, std::min(n, (blk + 1) * kNormBlock), &bad);
+      nonfinite[blk] = bad ? 1 : 0;
+    }
+  });
+  NormResult r;
+  double total = 0.0;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    total += partial[blk];
+    if (nonfinite[blk]) r.nonfinite = true;
+  }
+  r.sum_sq = static_cast<float>(total);
+  return r;
+}
+
+void scale(void* x, DType dtype, int64_t n, float factor) {
+  ZS_REQUIRE(n >= 0, "n must be >= 0");
+  require_buffer(x, n, "x");
+  const KernelTable& k = table();
+  parallel_for(n, kGrain, [&](int64_t begin, int64_t end) { k.scale(x, dtype, begin, end, factor); });
+}
+
+void cast(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n) {
+  ZS_REQUIRE(n >= 0, "n must be >= 0");
+  require_buffer(src, n, "src");
+  require_buffer(dst, n, "dst");
+  const KernelTable& k = table();
+  parallel_for(n, kGrain, [&](int64_t begin, int64_t end) {
+    k.cast(src, src_dtype, dst, dst_dtype, begin, end);
+  });
+}
+
+}  // namespace zeroshard::cpu

@@ -1,0 +1,214 @@
+#include "zeroshard/cpu_runtime.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "simd/kernel_table.hpp"
+#include "zeroshard/error.hpp"
+
+namespace zeroshard::cpu {
+namespace {
+
+bool cpu_has(SimdLevel level) {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  if (level == SimdLevel::avx512)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+  if (level == SimdLevel::avx2)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+#endif
+  return level == SimdLevel::scalar;
+}
+
+bool build_has(SimdLevel level) {
+  if (level == SimdLevel::avx512) return avx512_kernels() != nullptr;
+  if (level == SimdLevel::avx2) return avx2_kernels() != nullptr;
+  return true;
+}
+
+SimdLevel parse_level(const char* text) {
+  if (std::strcmp(text, "scalar") == 0) return SimdLevel::scalar;
+  if (std::strcmp(text, "avx2") == 0) return SimdLevel::avx2;
+  if (std::strcmp(text, "avx512") == 0) return SimdLevel::avx512;
+  ZS_REQUIRE(false, std::string("ZEROSHARD_SIMD must be scalar, avx2 or avx512, got '") + text +
+                        "'");
+  return SimdLevel::scalar;
+}
+
+SimdLevel initial_level() {
+  SimdLevel best = detected_simd_level();
+  if (const char* env = std::getenv("ZEROSHARD_SIMD")) {
+    const SimdLevel cap = parse_level(env);
+    if (static_cast<int>(cap) < static_cast<int>(best)) best = cap;
+  }
+  return best;
+}
+
+std::atomic<int>& level_storage() {
+  static std::atomic<int> level{static_cast<int>(initial_level())};
+  return level;
+}
+
+int initial_threads() {
+  if (const char* env = std::getenv("ZEROSHARD_NUM_THREADS")) {
+    const int n = std::atoi(env);
+    if (n >= 1) return n;
+  }
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// A fixed set of workers that wait for one job at a time. Simple on purpose: the kernels are
+// memory bound and each call is one big parallel loop, so one job queue slot is enough.
+class ThreadPool {
+ public:
+  explicit ThreadPool(int threads) { resize(threads); }
+  ~ThreadPool() { stop_workers(); }
+
+  int size() const { return static_cast<int>(workers_.size()) + 1; }
+
+  void resize(int threads) {
+    std::lock_guard<std::mutex> run_lock(run_mutex_);
+    stop_workers();
+    stopping_ = false;
+    for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+  }
+
+  // Runs task(t) for t in [0, tasks) over the workers and the caller.
+  void run(int tasks, const std::function<void(int)>& task) {
+    std::lock_guard<std::mutex> run_lock(run_mutex_);  // one job at a time
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      task_ = &task;
+      tasks_ = tasks;
+      next_.store(0);
+      pending_ = static_cast<int>(workers_.size());
+      error_ = nullptr;
+      ++generation_;
+    }
+    wake_.notify_all();
+    drain();
+    std::unique_lock<std::mutex> lock(mutex_);
+    done_.wait(lock, [this] { return pending_ == 0; });
+    task_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  void drain() {
+    for (int t = next_.fetch_add(1); t < tasks_; t = next_.fetch_add(1)) {
+      try {
+        (*task_)(t);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (!error_) error_ = std::current_exception();
+      }
+    }
+  }
+
+  void worker_loop(int) {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        wake_.wait(lock, [&] { return stopping_ || generation_ != seen; });
+        if (stopping_) return;
+        seen = generation_;
+      }
+      drain();
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+
+  void stop_workers() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+    }
+    wake_.notify_all();
+    for (auto& w : workers_) w.join();
+    workers_.clear();
+  }
+
+  std::mutex run_mutex_;
+  std::mutex mutex_;
+  std::condition_variable wake_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(int)>* task_ = nullptr;
+  int tasks_ = 0;
+  std::atomic<int> next_{0};
+  int pending_ = 0;
+  uint64_t generation_ = 0;
+  bool stopping_ = false;
+  std::exception_ptr error_;
+};
+
+ThreadPool& pool() {
+  static ThreadPool instance(initial_threads());
+  return instance;
+}
+
+}  // namespace
+
+const char* simd_level_name(SimdLevel level) {
+  switch (level) {
+    case SimdLevel::scalar: return "scalar";
+    case SimdLevel::avx2: return "avx2";
+    case SimdLevel::avx512: return "avx512";
+  }
+  return "unknown";
+}
+
+SimdLevel detected_simd_level() {
+  for (SimdLevel l : {SimdLevel::avx512, SimdLevel::avx2}) {
+    if (cpu_has(l) && build_has(l)) return l;
+  }
+  return SimdLevel::scalar;
+}
+
+SimdLevel simd_level() { return static_cast<SimdLevel>(level_storage().load()); }
+
+void set_simd_level(SimdLevel level) {
+  ZS_REQUIRE(cpu_has(level) && build_has(level),
+             std::string("SIMD path '") + simd_level_name(level) +
+                 "' is not available on this CPU/build (best: " +
+                 simd_level_name(detected_simd_level()) + ")");
+  level_storage().store(static_cast<int>(level));
+}
+
+int num_threads() { return pool().size(); }
+
+void set_num_threads(int n) {
+  ZS_REQUIRE(n >= 1, "num_threads must be >= 1, got " + std::to_string(n));
+  if (n != pool().size()) pool().resize(n);
+}
+
+void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  grain = std::max<int64_t>(grain, 1);
+  const int threads = pool().size();
+  const int64_t max_chunks = (n + grain - 1) / grain;
+  const int chunks = static_cast<int>(std::min<int64_t>(threads, max_chunks));
+  if (chunks <= 1) {
+    fn(0, n);
+    return;
+  }
+  const int64_t per = (n + chunks - 1) / chunks;
+  pool().run(chunks, [&](int t) {
+    const int64_t begin = t * per;
+    const int64_t end = std::min(n, begin + per);
+    if (begin < end) fn(begin, end);
+  });
+}
+
+}  // namespace zeroshard::cpu

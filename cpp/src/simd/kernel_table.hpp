@@ -1,0 +1,51 @@
+// The table of span kernels one instruction-set path provides. cpu_kernels.cpp picks a table
+// at run time and splits work over threads; each entry works on [begin, end) of its buffers.
+#pragma once
+
+#include <cstdint>
+
+#include "zeroshard/dtype.hpp"
+#include "zeroshard/optim_config.hpp"
+
+namespace zeroshard::cpu {
+
+struct AdamBuffers {
+  float* param;
+  const void* grad;
+  DType grad_dtype;
+  float* exp_avg;
+  float* exp_avg_sq;
+  void* param_copy;  // nullptr: none
+  DType copy_dtype;
+};
+
+struct SgdBuffers {
+  float* param;
+  const void* grad;
+  DType grad_dtype;
+  float* momentum_buffer;  // nullptr when momentum == 0
+  void* param_copy;
+  DType copy_dtype;
+};
+
+struct SgdScalars {
+  float lr, momentum, dampening_complement, weight_decay, inv_grad_scale;
+  bool nesterov, first_step;
+};
+
+struct KernelTable {
+  void (*adam)(const AdamBuffers&, const AdamScalars&, int64_t begin, int64_t end);
+  void (*sgd)(const SgdBuffers&, const SgdScalars&, int64_t begin, int64_t end);
+  // Sum of squares of [begin, end) in double; *nonfinite set when an element is inf/NaN.
+  double (*sum_sq)(const void* x, DType dtype, int64_t begin, int64_t end, bool* nonfinite);
+  bool (*all_finite)(const void* x, DType dtype, int64_t begin, int64_t end);
+  void (*scale)(void* x, DType dtype, int64_t begin, int64_t end, float factor);
+  void (*cast)(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t begin,
+               int64_t end);
+};
+
+const KernelTable& scalar_kernels();
+const KernelTable* avx2_kernels();    // nullptr when the build has no AVX2 path
+const KernelTable* avx512_kernels();  // nullptr when the build has no AVX-512 path
+
+}  // namespace zeroshard::cpu

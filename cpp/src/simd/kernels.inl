@@ -1,0 +1,195 @@
+// Span kernels written once over a vector type V (ScalarVec, Avx2Vec, Avx512Vec). Included by
+// each kernels_*.cpp inside its own namespace after it defines V as `Vec`; the tail of every
+// span runs through ScalarVec so any size and any alignment work.
+// No include guard on purpose (see vec_scalar.hpp).
+
+template <class V, DType D>
+inline typename V::F load_as_float(const void* base, int64_t i) {
+  if constexpr (D == DType::f32) return V::load_f32(static_cast<const float*>(base) + i);
+  else if constexpr (D == DType::bf16) return V::load_bf16(static_cast<const uint16_t*>(base) + i);
+  else return V::load_f16(static_cast<const uint16_t*>(base) + i);
+}
+
+template <class V, DType D>
+inline void store_from_float(void* base, int64_t i, typename V::F v) {
+  if constexpr (D == DType::f32) V::store_f32(static_cast<float*>(base) + i, v);
+  else if constexpr (D == DType::bf16) V::store_bf16(static_cast<uint16_t*>(base) + i, v);
+  else V::store_f16(static_cast<uint16_t*>(base) + i, v);
+}
+
+// ---- Adam / AdamW ----------------------------------------------------------------------------
+
+template <DType G, bool HasCopy, DType C>
+void adam_span_typed(const AdamBuffers& b, const AdamScalars& s, int64_t begin, int64_t end) {
+  auto body = [&](auto tag, int64_t i) {
+    using V = decltype(tag);
+    using F = typename V::F;
+    F g = V::mul(load_as_float<V, G>(b.grad, i), V::set1(s.inv_grad_scale));
+    F p = V::load_f32(b.param + i);
+    if (s.weight_decay != 0.0f) {
+      if (s.decoupled) p = V::mul(p, V::set1(s.decay_factor));
+      else g = V::fmadd(p, V::set1(s.weight_decay), g);
+    }
+    F m = V::load_f32(b.exp_avg + i);
+    F v = V::load_f32(b.exp_avg_sq + i);
+    m = V::fmadd(V::set1(s.one_minus_beta1), V::sub(g, m), m);  // lerp(m, g, 1 - beta1)
+    v = V::fmadd(V::set1(s.one_minus_beta2), V::mul(g, g), V::mul(V::set1(s.beta2), v));
+    F denom = V::add(V::div(V::sqrt(v), V::set1(s.bias_correction2_sqrt)), V::set1(s.eps));
+    p = V::sub(p, V::mul(V::set1(s.step_size), V::div(m, denom)));
+    V::store_f32(b.exp_avg + i, m);
+    V::store_f32(b.exp_avg_sq + i, v);
+    V::store_f32(b.param + i, p);
+    if constexpr (HasCopy) store_from_float<V, C>(b.param_copy, i, p);
+  };
+  int64_t i = begin;
+  for (; i + Vec::lanes <= end; i += Vec::lanes) body(Vec{}, i);
+  for (; i < end; ++i) body(ScalarVec{}, i);
+}
+
+template <DType G>
+void adam_span_grad(const AdamBuffers& b, const AdamScalars& s, int64_t begin, int64_t end) {
+  if (b.param_copy == nullptr) adam_span_typed<G, false, DType::f32>(b, s, begin, end);
+  else if (b.copy_dtype == DType::bf16) adam_span_typed<G, true, DType::bf16>(b, s, begin, end);
+  else adam_span_typed<G, true, DType::f16>(b, s, begin, end);
+}
+
+void adam_span(const AdamBuffers& b, const AdamScalars& s, int64_t begin, int64_t end) {
+  switch (b.grad_dtype) {
+    case DType::f32: return adam_span_grad<DType::f32>(b, s, begin, end);
+    case DType::bf16: return adam_span_grad<DType::bf16>(b, s, begin, end);
+    case DType::f16: return adam_span_grad<DType::f16>(b, s, begin, end);
+  }
+}
+
+// ---- SGD -------------------------------------------------------------------------------------
+
+template <DType G, bool HasCopy, DType C>
+void sgd_span_typed(const SgdBuffers& b, const SgdScalars& s, int64_t begin, int64_t end) {
+  auto body = [&](auto tag, int64_t i) {
+    using V = decltype(tag);
+    using F = typename V::F;
+    F d = V::mul(load_as_float<V, G>(b.grad, i), V::set1(s.inv_grad_scale));
+    F p = V::load_f32(b.param + i);
+    if (s.weight_decay != 0.0f) d = V::fmadd(p, V::set1(s.weight_decay), d);
+    if (s.momentum != 0.0f) {
+      F buf = s.first_step
+                  ? d
+                  : V::fmadd(V::set1(s.momentum), V::load_f32(b.momentum_buffer + i),
+                             V::mul(V::set1(s.dampening_complement), d));
+      V::store_f32(b.momentum_buffer + i, buf);
+      d = s.nesterov ? V::fmadd(V::set1(s.momentum), buf, d) : buf;
+    }
+    p = V::sub(p, V::mul(V::set1(s.lr), d));
+    V::store_f32(b.param + i, p);
+    if constexpr (HasCopy) store_from_float<V, C>(b.param_copy, i, p);
+  };
+  int64_t i = begin;
+  for (; i + Vec::lanes <= end; i += Vec::lanes) body(Vec{}, i);
+  for (; i < end; ++i) body(ScalarVec{}, i);
+}
+
+template <DType G>
+void sgd_span_grad(const SgdBuffers& b, const SgdScalars& s, int64_t begin, int64_t end) {
+  if (b.param_copy == nullptr) sgd_span_typed<G, false, DType::f32>(b, s, begin, end);
+  else if (b.copy_dtype == DType::bf16) sgd_span_typed<G, true, DType::bf16>(b, s, begin, end);
+  else sgd_span_typed<G, true, DType::f16>(b, s, begin, end);
+}
+
+void sgd_span(const SgdBuffers& b, const SgdScalars& s, int64_t begin, int64_t end) {
+  switch (b.grad_dtype) {
+    case DType::f32: return sgd_span_grad<DType::f32>(b, s, begin, end);
+    case DType::bf16: return sgd_span_grad<DType::bf16>(b, s, begin, end);
+    case DType::f16: return sgd_span_grad<DType::f16>(b, s, begin, end);
+  }
+}
+
+// ---- reductions, scale, cast -------------------------------------------------------------------
+
+template <DType D>
+double sum_sq_typed(const void* x, int64_t begin, int64_t end, bool* nonfinite) {
+  // float lanes inside the span (callers keep spans short), double across spans.
+  typename Vec::F acc = Vec::set1(0.0f);
+  typename Vec::F poison = Vec::set1(0.0f);  // x*0 is NaN exactly when x is inf/NaN
+  int64_t i = begin;
+  for (; i + Vec::lanes <= end; i += Vec::lanes) {
+    auto v = load_as_float<Vec, D>(x, i);
+    acc = Vec::fmadd(v, v, acc);
+    poison = Vec::add(poison, Vec::mul(v, Vec::set1(0.0f)));
+  }
+  double total = static_cast<double>(Vec::reduce_add(acc));
+  float tail_poison = Vec::reduce_add(poison);
+  for (; i < end; ++i) {
+    const float v = load_as_float<ScalarVec, D>(x, i);
+    total += static_cast<double>(v) * static_cast<double>(v);
+    tail_poison += v * 0.0f;
+  }
+  if (tail_poison != tail_poison) *nonfinite = true;
+  return total;
+}
+
+double sum_sq_span(const void* x, DType dtype, int64_t begin, int64_t end, bool* nonfinite) {
+  switch (dtype) {
+    case DType::f32: return sum_sq_typed<DType::f32>(x, begin, end, nonfinite);
+    case DType::bf16: return sum_sq_typed<DType::bf16>(x, begin, end, nonfinite);
+    case DType::f16: return sum_sq_typed<DType::f16>(x, begin, end, nonfinite);
+  }
+  return 0.0;
+}
+
+bool all_finite_span(const void* x, DType dtype, int64_t begin, int64_t end) {
+  bool nonfinite = false;
+  sum_sq_span(x, dtype, begin, end, &nonfinite);
+  return !nonfinite;
+}
+
+template <DType D>
+void scale_typed(void* x, int64_t begin, int64_t end, float factor) {
+  auto body = [&](auto tag, int64_t i) {
+    using V = decltype(tag);
+    store_from_float<V, D>(x, i, V::mul(load_as_float<V, D>(x, i), V::set1(factor)));
+  };
+  int64_t i = begin;
+  for (; i + Vec::lanes <= end; i += Vec::lanes) body(Vec{}, i);
+  for (; i < end; ++i) body(ScalarVec{}, i);
+}
+
+void scale_span(void* x, DType dtype, int64_t begin, int64_t end, float factor) {
+  switch (dtype) {
+    case DType::f32: return scale_typed<DType::f32>(x, begin, end, factor);
+    case DType::bf16: return scale_typed<DType::bf16>(x, begin, end, factor);
+    case DType::f16: return scale_typed<DType::f16>(x, begin, end, factor);
+  }
+}
+
+template <DType S, DType D>
+void cast_typed(const void* src, void* dst, int64_t begin, int64_t end) {
+  auto body = [&](auto tag, int64_t i) {
+    using V = decltype(tag);
+    store_from_float<V, D>(dst, i, load_as_float<V, S>(src, i));
+  };
+  int64_t i = begin;
+  for (; i + Vec::lanes <= end; i += Vec::lanes) body(Vec{}, i);
+  for (; i < end; ++i) body(ScalarVec{}, i);
+}
+
+template <DType S>
+void cast_from(const void* src, void* dst, DType dst_dtype, int64_t begin, int64_t end) {
+  switch (dst_dtype) {
+    case DType::f32: return cast_typed<S, DType::f32>(src, dst, begin, end);
+    case DType::bf16: return cast_typed<S, DType::bf16>(src, dst, begin, end);
+    case DType::f16: return cast_typed<S, DType::f16>(src, dst, begin, end);
+  }
+}
+
+void cast_span(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t begin,
+               int64_t end) {
+  switch (src_dtype) {
+    case DType::f32: return cast_from<DType::f32>(src, dst, dst_dtype, begin, end);
+    case DType::bf16: return cast_from<DType::bf16>(src, dst, dst_dtype, begin, end);
+    case DType::f16: return cast_from<DType::f16>(src, dst, dst_dtype, begin, end);
+  }
+}
+
+constexpr KernelTable kTable{&adam_span, &sgd_span, &sum_sq_span,
+                             &all_finite_span, &scale_span, &cast_span};
+

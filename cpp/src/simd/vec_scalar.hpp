@@ -1,0 +1,66 @@
+// One-lane "vector": the reference every SIMD path must match, and the tail loop of each.
+// Included inside a per-instruction-set namespace (ZS_SIMD_NS) by each kernels_*.cpp, so that
+// no inline function compiled with wider instructions can be picked for another path.
+// No include guard on purpose: each translation unit includes it once inside its namespace.
+
+struct ScalarVec {
+  using F = float;
+  static constexpr int lanes = 1;
+
+  static F set1(float v) { return v; }
+  static F add(F a, F b) { return a + b; }
+  static F sub(F a, F b) { return a - b; }
+  static F mul(F a, F b) { return a * b; }
+  static F div(F a, F b) { return a / b; }
+  static F fmadd(F a, F b, F c) { return std::fma(a, b, c); }  // a*b + c
+  static F sqrt(F a) { return std::sqrt(a); }
+  static float reduce_add(F a) { return a; }
+
+  static F load_f32(const float* p) { return *p; }
+  static void store_f32(float* p, F v) { *p = v; }
+  static F load_bf16(const uint16_t* p) { return bf16_to_float(*p); }
+  static void store_bf16(uint16_t* p, F v) { *p = float_to_bf16(v); }
+  static F load_f16(const uint16_t* p) { return f16_to_float(*p); }
+  static void store_f16(uint16_t* p, F v) { *p = float_to_f16(v); }
+
+  static uint32_t bits(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    return u;
+  }
+  static float from_bits(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  static float bf16_to_float(uint16_t h) { return from_bits(static_cast<uint32_t>(h) << 16); }
+  static uint16_t float_to_bf16(float f) {
+    uint32_t u = bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+    return static_cast<uint16_t>(u >> 16);
+  }
+  static float f16_to_float(uint16_t h) {
+    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+    const uint32_t em = h & 0x7fffu;
+    if (em >= 0x7c00u) return from_bits(sign | 0x7f800000u | ((em & 0x3ffu) << 13));
+    if (em >= 0x0400u) return from_bits(sign | ((em << 13) + (112u << 23)));
+    // Subnormal or zero: exact as em * 2^-24.
+    return from_bits(sign | bits(static_cast<float>(em) * 5.9604644775390625e-8f));
+  }
+  static uint16_t float_to_f16(float f) {
+    uint32_t x = bits(f);
+    const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+    x &= 0x7fffffffu;
+    if (x >= 0x7f800000u) return sign | (x > 0x7f800000u ? 0x7e00u : 0x7c00u);
+    if (x >= 0x477ff000u) return sign | 0x7c00u;  // rounds past 65504: inf
+    if (x < 0x38800000u) {
+      // Below half's smallest normal: adding 0.5 makes the FPU round at 2^-24, the subnormal
+      // spacing, with round-to-nearest-even for free.
+      const float shifted = from_bits(x) + 0.5f;
+      return static_cast<uint16_t>(sign | (bits(shifted) - 0x3f000000u));
+    }
+    x += (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu + ((x >> 13) & 1u);
+    return static_cast<uint16_t>(sign | (x >> 13));
+  }
+};

@@ -1,0 +1,194 @@
+"""Fused optimizer kernels and reductions on torch tensors: the public face of the core.
+
+Each function checks dtype, device, contiguity and sizes once, then hands pointers (and, for
+CUDA tensors, the current stream) to the compiled core. CPU tensors run the SIMD CPU kernels;
+CUDA tensors the CUDA kernels, which never synchronise with the host: where a CPU call returns a
+bool, a CUDA call returns a 0-dim bool tensor on the device (test it only when you need to).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+
+from . import _core
+from ._tensors import LOW_PRECISION, address, cuda_stream, dtype_code, require_tensor
+
+__all__ = [
+    "adam_step", "sgd_step", "l2_norm_sq", "all_finite", "scale_", "cast_",
+    "num_threads", "set_num_threads", "simd_level", "set_simd_level",
+]
+
+F32 = (torch.float32,)
+GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+Flag = Union[bool, torch.Tensor]
+
+
+def _check_optional_copy(param_copy, n, device):
+    if param_copy is not None:
+        require_tensor("param_copy", param_copy, dtypes=LOW_PRECISION, numel=n, device=device)
+
+
+def _device_flag(found_inf: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+    if found_inf is None:
+        return torch.zeros(1, dtype=torch.int32, device=device)
+    require_tensor("found_inf", found_inf, dtypes=(torch.int32,), numel=1, device=device)
+    return found_inf
+
+
+def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+              exp_avg_sq: torch.Tensor, *, lr: float, betas: Tuple[float, float] = (0.9, 0.999),
+              eps: float = 1e-8, weight_decay: float = 0.0, step: int, decoupled: bool = True,
+              grad_scale: float = 1.0, param_copy: Optional[torch.Tensor] = None,
+              check_finite: bool = True, found_inf: Optional[torch.Tensor] = None) -> Flag:
+    """One Adam (decoupled=False) or AdamW (decoupled=True) step, in place, with torch.optim's
+    semantics. `step` is the step number after increment (1 on the first step). The gradient is
+    divided by `grad_scale`. `param_copy` (bf16/fp16, same size) receives the updated params in
+    the same pass. Returns True when a non-finite gradient made the step a no-op.
+
+    CUDA: `found_inf` (int32, 1 element) may be passed to share one overflow flag between calls;
+    the returned 0-dim tensor is `found_inf != 0`.
+    """
+    require_tensor("param", param, dtypes=F32)
+    n, dev = param.numel(), param.device
+    require_tensor("grad", grad, dtypes=GRAD_DTYPES, numel=n, device=dev)
+    require_tensor("exp_avg", exp_avg, dtypes=F32, numel=n, device=dev)
+    require_tensor("exp_avg_sq", exp_avg_sq, dtypes=F32, numel=n, device=dev)
+    _check_optional_copy(param_copy, n, dev)
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise TypeError(f"step must be an int (the step number after increment), got {step!r}")
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    cfg = _core.AdamConfig()
+    cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
+    cfg.weight_decay, cfg.step, cfg.decoupled = float(weight_decay), step, bool(decoupled)
+    cfg.grad_scale, cfg.check_finite = float(grad_scale), bool(check_finite)
+    cfg.validate()
+    copy_code = dtype_code(param_copy.dtype) if param_copy is not None else 0
+    if dev.type == "cpu":
+        if found_inf is not None:
+            raise ValueError("found_inf is for CUDA tensors; CPU calls return the flag as a bool")
+        return _core.cpu.adam_step(param.data_ptr(), grad.data_ptr(), dtype_code(grad.dtype),
+                                   exp_avg.data_ptr(), exp_avg_sq.data_ptr(), address(param_copy),
+                                   copy_code, n, cfg)
+    flag = _device_flag(found_inf, dev) if check_finite or found_inf is not None else None
+    with torch.cuda.device(dev):
+        _core.gpu.adam_step(param.data_ptr(), grad.data_ptr(), dtype_code(grad.dtype),
+                            exp_avg.data_ptr(), exp_avg_sq.data_ptr(), address(param_copy),
+                            copy_code, n, cfg, address(flag), cuda_stream(dev))
+    return (flag[0] != 0) if flag is not None else torch.zeros((), dtype=torch.bool, device=dev)
+
+
+def sgd_step(param: torch.Tensor, grad: torch.Tensor,
+             momentum_buffer: Optional[torch.Tensor] = None, *, lr: float, momentum: float = 0.0,
+             dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
+             first_step: bool = False, grad_scale: float = 1.0,
+             param_copy: Optional[torch.Tensor] = None, check_finite: bool = True,
+             found_inf: Optional[torch.Tensor] = None) -> Flag:
+    """One torch.optim.SGD step in place. With momentum, `momentum_buffer` (fp32, same size) is
+    required; `first_step=True` initialises it to the gradient as torch does when the buffer is
+    new. Returns True when a non-finite gradient made the step a no-op (see adam_step)."""
+    require_tensor("param", param, dtypes=F32)
+    n, dev = param.numel(), param.device
+    require_tensor("grad", grad, dtypes=GRAD_DTYPES, numel=n, device=dev)
+    if momentum != 0:
+        if momentum_buffer is None:
+            raise ValueError("momentum_buffer is required when momentum != 0")
+        require_tensor("momentum_buffer", momentum_buffer, dtypes=F32, numel=n, device=dev)
+    _check_optional_copy(param_copy, n, dev)
+    cfg = _core.SgdConfig()
+    cfg.lr, cfg.momentum, cfg.dampening = float(lr), float(momentum), float(dampening)
+    cfg.weight_decay, cfg.nesterov, cfg.first_step = float(weight_decay), bool(nesterov), bool(first_step)
+    cfg.grad_scale, cfg.check_finite = float(grad_scale), bool(check_finite)
+    cfg.validate()
+    buf = momentum_buffer if momentum != 0 else None
+    copy_code = dtype_code(param_copy.dtype) if param_copy is not None else 0
+    if dev.type == "cpu":
+        if found_inf is not None:
+            raise ValueError("found_inf is for CUDA tensors; CPU calls return the flag as a bool")
+        return _core.cpu.sgd_step(param.data_ptr(), grad.data_ptr(), dtype_code(grad.dtype),
+                                  address(buf), address(param_copy), copy_code, n, cfg)
+    flag = _device_flag(found_inf, dev) if check_finite or found_inf is not None else None
+    with torch.cuda.device(dev):
+        _core.gpu.sgd_step(param.data_ptr(), grad.data_ptr(), dtype_code(grad.dtype), address(buf),
+                           address(param_copy), copy_code, n, cfg, address(flag), cuda_stream(dev))
+    return (flag[0] != 0) if flag is not None else torch.zeros((), dtype=torch.bool, device=dev)
+
+
+def l2_norm_sq(t: torch.Tensor, *, nonfinite: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sum of squares of `t` (fp32/bf16/fp16) as a 0-dim fp32 tensor on t's device; deterministic
+    for a given size. If `nonfinite` (int32, 1 element, same device) is given, it is set to 1
+    when some element is inf/NaN (and left alone otherwise)."""
+    require_tensor("t", t, dtypes=GRAD_DTYPES)
+    dev = t.device
+    if nonfinite is not None:
+        require_tensor("nonfinite", nonfinite, dtypes=(torch.int32,), numel=1, device=dev)
+    if dev.type == "cpu":
+        value, bad = _core.cpu.l2_norm_sq(t.data_ptr(), dtype_code(t.dtype), t.numel())
+        if bad and nonfinite is not None:
+            nonfinite.fill_(1)
+        return torch.tensor(value, dtype=torch.float32)
+    out = torch.empty((), dtype=torch.float32, device=dev)
+    workspace = torch.empty(_core.gpu.l2_norm_workspace_bytes(), dtype=torch.uint8, device=dev)
+    with torch.cuda.device(dev):
+        _core.gpu.l2_norm_sq(t.data_ptr(), dtype_code(t.dtype), t.numel(), out.data_ptr(),
+                             address(nonfinite), workspace.data_ptr(), cuda_stream(dev))
+    return out
+
+
+def all_finite(t: torch.Tensor) -> Flag:
+    """True when no element of `t` is inf/NaN (CUDA: a 0-dim bool tensor, no host sync)."""
+    require_tensor("t", t, dtypes=GRAD_DTYPES)
+    if t.device.type == "cpu":
+        return _core.cpu.all_finite(t.data_ptr(), dtype_code(t.dtype), t.numel())
+    flag = torch.zeros(1, dtype=torch.int32, device=t.device)
+    with torch.cuda.device(t.device):
+        _core.gpu.check_finite(t.data_ptr(), dtype_code(t.dtype), t.numel(), flag.data_ptr(),
+                               cuda_stream(t.device))
+    return flag[0] == 0
+
+
+def scale_(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """t *= factor in place (computed in fp32); returns t."""
+    require_tensor("t", t, dtypes=GRAD_DTYPES)
+    if t.device.type == "cpu":
+        _core.cpu.scale(t.data_ptr(), dtype_code(t.dtype), t.numel(), float(factor))
+    else:
+        with torch.cuda.device(t.device):
+            _core.gpu.scale(t.data_ptr(), dtype_code(t.dtype), t.numel(), float(factor),
+                            cuda_stream(t.device))
+    return t
+
+
+def cast_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """dst = src converted (fp32/bf16/fp16 either way, round-to-nearest-even); returns dst."""
+    require_tensor("src", src, dtypes=GRAD_DTYPES)
+    require_tensor("dst", dst, dtypes=GRAD_DTYPES, numel=src.numel(), device=src.device)
+    if src.device.type == "cpu":
+        _core.cpu.cast(src.data_ptr(), dtype_code(src.dtype), dst.data_ptr(),
+                       dtype_code(dst.dtype), src.numel())
+    else:
+        with torch.cuda.device(src.device):
+            _core.gpu.cast(src.data_ptr(), dtype_code(src.dtype), dst.data_ptr(),
+                           dtype_code(dst.dtype), src.numel(), cuda_stream(src.device))
+    return dst
+
+
+def num_threads() -> int:
+    """Threads the CPU kernels use (ZEROSHARD_NUM_THREADS sets the initial value)."""
+    return _core.cpu.num_threads()
+
+
+def set_num_threads(n: int) -> None:
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"num_threads must be a positive int, got {n!r}")
+    _core.cpu.set_num_threads(n)
+
+
+def simd_level() -> str:
+    """The CPU SIMD path in use: 'avx512', 'avx2' or 'scalar' (ZEROSHARD_SIMD caps it)."""
+    return _core.cpu.simd_level()
+
+
+def set_simd_level(level: str) -> None:
+    _core.cpu.set_simd_level(level)
