@@ -1,11 +1,17 @@
 """zeroshard: ZeRO (the Zero Redundancy Optimizer) for PyTorch, with a compiled C++/CUDA core.
 
-`zeroshard.ops` holds the fused kernels on torch tensors; `python -m zeroshard.env` reports what
-this build contains and what it found on the machine.
+Swap `torch.optim.AdamW(model.parameters(), ...)` for
+`zeroshard.ZeroAdamW(model.parameters(), ..., stage=2)` and drop the DDP wrapper: the optimizer
+reduces gradients itself and keeps only this rank's shard of the optimizer state.
+`zeroshard.ops` holds the fused kernels; `python -m zeroshard.env` reports the build.
 """
 from . import _core, ops
+from .gradient_reducer import GradientReducer
+from .optimizers import ZeroAdam, ZeroAdamW, ZeroRedundancy, ZeroSGD
+from .zero_optimizer import ZeroOptimizer
 
 __version__ = _core.build_info()["version"]
 CoreError = _core.CoreError
 
-__all__ = ["ops", "CoreError", "__version__"]
+__all__ = ["ZeroAdamW", "ZeroAdam", "ZeroSGD", "ZeroRedundancy", "ZeroOptimizer",
+           "GradientReducer", "ops", "CoreError", "__version__"]

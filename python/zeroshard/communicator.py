@@ -1,0 +1,267 @@
+"""Communicator: the collectives the ZeRO layer needs, on flat tensors, with byte counters.
+
+Three implementations behind one interface, chosen by `make_communicator()`:
+- `LocalCommunicator`: world size 1; every collective is a copy (or nothing) and sends 0 bytes.
+- `ProcessGroupCommunicator`: a torch.distributed group (gloo on CPU; any backend).
+- `NcclCommunicator`: CUDA tensors through the core's NCCL communicator, bootstrapped through the
+  process group (the unique id travels by `broadcast_object_list`), on its own stream joined to
+  the caller's stream by events.
+
+Every collective is asynchronous and returns a `Work` whose `wait()` makes the result visible to
+the caller's stream (CUDA) or thread (CPU). Reductions are SUM: callers pre-divide by world size.
+Bytes are counted with the core's ring model (`ring_bytes_sent`), the same for every backend.
+"""
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import _core
+
+KINDS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast")
+
+
+@dataclass
+class CommStats:
+    calls: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    payload_bytes: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    bytes_sent: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    control_bytes: int = 0
+
+    def record(self, kind: str, payload_bytes: int, world_size: int) -> None:
+        self.calls[kind] += 1
+        self.payload_bytes[kind] += payload_bytes
+        self.bytes_sent[kind] += _core.gpu.ring_bytes_sent(kind, payload_bytes, world_size)
+
+    def as_dict(self) -> Dict[str, Dict[str, int]]:
+        return {k: {"calls": self.calls[k], "payload_bytes": self.payload_bytes[k],
+                    "bytes_sent": self.bytes_sent[k]} for k in KINDS}
+
+
+class Work:
+    """A finished collective: wait() does nothing."""
+
+    def wait(self) -> None:
+        return None
+
+
+class _TorchWork(Work):
+    def __init__(self, handle) -> None:
+        self._handle = handle
+
+    def wait(self) -> None:
+        if self._handle is not None:
+            self._handle.wait()
+            self._handle = None
+
+
+class Communicator:
+    """Interface. `full` is the whole buffer (all_reduce's, reduce_scatter's input,
+    all_gather's output); `part` is this rank's 1/world_size of it."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def __init__(self) -> None:
+        self.stats = CommStats()
+
+    def all_reduce(self, full: torch.Tensor) -> Work:
+        raise NotImplementedError
+
+    def reduce_scatter(self, part: torch.Tensor, full: torch.Tensor) -> Work:
+        raise NotImplementedError
+
+    def all_gather(self, full: torch.Tensor, part: torch.Tensor) -> Work:
+        raise NotImplementedError
+
+    def broadcast(self, tensor: torch.Tensor, root: int = 0) -> Work:
+        raise NotImplementedError
+
+    def control_all_reduce(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
+        return tensor  # world size 1: nothing to combine
+
+    def _count(self, kind: str, tensor: torch.Tensor) -> None:
+        self.stats.record(kind, tensor.numel() * tensor.element_size(), self.world_size)
+
+    @staticmethod
+    def _check_split(part: torch.Tensor, full: torch.Tensor, world_size: int) -> None:
+        if full.numel() != part.numel() * world_size:
+            raise ValueError(f"collective sizes disagree: full has {full.numel()} elements, "
+                             f"part {part.numel()} x world_size {world_size}")
+
+
+class LocalCommunicator(Communicator):
+    def all_reduce(self, full):
+        self._count("all_reduce", full)
+        return Work()
+
+    def reduce_scatter(self, part, full):
+        self._check_split(part, full, 1)
+        if part.data_ptr() != full.data_ptr():
+            part.copy_(full)
+        self._count("reduce_scatter", full)
+        return Work()
+
+    def all_gather(self, full, part):
+        self._check_split(part, full, 1)
+        if part.data_ptr() != full.data_ptr():
+            full.copy_(part)
+        self._count("all_gather", full)
+        return Work()
+
+    def broadcast(self, tensor, root=0):
+        self._count("broadcast", tensor)
+        return Work()
+
+
+class ProcessGroupCommunicator(Communicator):
+    def __init__(self, group: Optional[dist.ProcessGroup]) -> None:
+        super().__init__()
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self._reduce_scatter_native = True
+
+    def all_reduce(self, full):
+        self._count("all_reduce", full)
+        return _TorchWork(dist.all_reduce(full, group=self.group, async_op=True))
+
+    def reduce_scatter(self, part, full):
+        self._check_split(part, full, self.world_size)
+        self._count("reduce_scatter", full)
+        if self._reduce_scatter_native:
+            try:
+                return _TorchWork(dist.reduce_scatter_tensor(part, full, group=self.group,
+                                                             async_op=True))
+            except (RuntimeError, NotImplementedError):
+                # Older gloo builds lack reduce_scatter; all_to_all moves the same bytes.
+                self._reduce_scatter_native = False
+        received = torch.empty_like(full)
+        dist.all_to_all_single(received, full, group=self.group)
+        torch.sum(received.view(self.world_size, -1), dim=0, out=part)
+        return Work()
+
+    def all_gather(self, full, part):
+        self._check_split(part, full, self.world_size)
+        self._count("all_gather", full)
+        if _overlaps(part, full):
+            part = part.clone()  # gloo may write `full` while still reading an aliased input
+        return _TorchWork(dist.all_gather_into_tensor(full, part, group=self.group, async_op=True))
+
+    def control_all_reduce(self, tensor, op=dist.ReduceOp.SUM):
+        """A small, synchronous reduction of control values (norms, overflow flags). Counted in
+        stats.control_bytes, apart from the gradient and parameter traffic of ZeRO's formulas."""
+        self.stats.control_bytes += tensor.numel() * tensor.element_size()
+        dist.all_reduce(tensor, op=op, group=self.group)
+        return tensor
+
+    def broadcast(self, tensor, root=0):
+        self._count("broadcast", tensor)
+        src = dist.get_global_rank(self.group, root) if self.group is not None else root
+        return _TorchWork(dist.broadcast(tensor, src=src, group=self.group, async_op=True))
+
+
+class _CudaWork(Work):
+    def __init__(self, event: torch.cuda.Event, device: torch.device) -> None:
+        self._event = event
+        self._device = device
+
+    def wait(self) -> None:
+        # Join, don't block: the caller's stream waits for the comm stream's event.
+        torch.cuda.current_stream(self._device).wait_event(self._event)
+
+
+class NcclCommunicator(Communicator):
+    """CUDA tensors through the core's NCCL communicator on a dedicated stream."""
+
+    def __init__(self, group: Optional[dist.ProcessGroup], device: torch.device,
+                 timeout_s: float) -> None:
+        super().__init__()
+        from .env import nccl_library_path
+
+        self.group = group
+        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.device = device
+        _core.gpu.load_nccl(nccl_library_path())
+        uid = [_core.gpu.nccl_unique_id() if self.rank == 0 else None]
+        if self.world_size > 1:
+            src = dist.get_global_rank(group, 0) if group is not None else 0
+            dist.broadcast_object_list(uid, src=src, group=group)
+        self._comm = _core.gpu.NcclCommunicator(uid[0], self.rank, self.world_size,
+                                                device.index or 0, float(timeout_s))
+        self.stream = torch.cuda.Stream(device=device)
+
+    def _launch(self, kind: str, counted: torch.Tensor, fn, *tensors: torch.Tensor) -> Work:
+        self._count(kind, counted)
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)  # inputs were written on the caller's stream
+        for t in tensors:
+            t.record_stream(self.stream)  # keep the allocator from reusing them early
+        fn(self.stream.cuda_stream)
+        done = torch.cuda.Event()
+        done.record(self.stream)
+        return _CudaWork(done, self.device)
+
+    def control_all_reduce(self, tensor, op=dist.ReduceOp.SUM):
+        self.stats.control_bytes += tensor.numel() * tensor.element_size()
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=op, group=self.group)
+        return tensor
+
+    def all_reduce(self, full):
+        code = _dtype(full)
+        return self._launch("all_reduce", full, lambda s: self._comm.all_reduce(
+            full.data_ptr(), full.data_ptr(), full.numel(), code, _core.gpu.ReduceOp.sum, s), full)
+
+    def reduce_scatter(self, part, full):
+        self._check_split(part, full, self.world_size)
+        code = _dtype(full)
+        return self._launch("reduce_scatter", full, lambda s: self._comm.reduce_scatter(
+            full.data_ptr(), part.data_ptr(), part.numel(), code, _core.gpu.ReduceOp.sum, s),
+            part, full)
+
+    def all_gather(self, full, part):
+        self._check_split(part, full, self.world_size)
+        code = _dtype(full)
+        return self._launch("all_gather", full, lambda s: self._comm.all_gather(
+            part.data_ptr(), full.data_ptr(), part.numel(), code, s), part, full)
+
+    def broadcast(self, tensor, root=0):
+        code = _dtype(tensor)
+        return self._launch("broadcast", tensor, lambda s: self._comm.broadcast(
+            tensor.data_ptr(), tensor.data_ptr(), tensor.numel(), code, root, s), tensor)
+
+
+def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+
+
+def _dtype(t: torch.Tensor) -> int:
+    from ._tensors import dtype_code
+    return dtype_code(t.dtype)
+
+
+def default_timeout_s() -> float:
+    return 600.0
+
+
+def make_communicator(process_group: Optional[dist.ProcessGroup], device: torch.device,
+                      timeout: Optional[datetime.timedelta] = None) -> Communicator:
+    """The communicator for tensors on `device` over `process_group` (None: the default group,
+    or world size 1 when torch.distributed is not initialised)."""
+    if not dist.is_available() or not dist.is_initialized():
+        if process_group is not None:
+            raise ValueError("process_group was given but torch.distributed is not initialised")
+        return LocalCommunicator()
+    if dist.get_world_size(process_group) == 1:
+        return LocalCommunicator()
+    if device.type == "cuda" and _core.gpu.built_with_cuda():
+        seconds = timeout.total_seconds() if timeout is not None else default_timeout_s()
+        return NcclCommunicator(process_group, device, seconds)
+    return ProcessGroupCommunicator(process_group)

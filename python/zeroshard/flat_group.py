@@ -1,0 +1,105 @@
+"""FlatGroup: the parameters of one param group and dtype, moved into one flat buffer.
+
+Owns: the Layout (from the core), the flat parameter buffer the model's parameters become views
+of, and the gradient accumulators a stage needs. Knows nothing of collectives or optimizer maths.
+
+Gradient buffers, all fp32 by default (`reduce_dtype`):
+- `local_grads` (buffer space, full size): this rank's unreduced gradients summed over
+  micro-steps. Stage 1 always has it (it reduces once per step); stages 0/2 create it the first
+  time `no_sync()` is used (the documented memory cost of accumulating without communication).
+- `reduced_grads`: the averaged gradients the optimizer reads. Stage 0: full size (buffer space).
+  Stages 1/2: this rank's shard only (shard space).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from . import _core
+
+ALIGN_BYTES = 128  # every parameter starts on a 128-byte boundary (vector loads, NCCL)
+
+
+class FlatGroup:
+    def __init__(self, params: Sequence[torch.Tensor], names: Sequence[str], group_index: int,
+                 *, rank: int, world_size: int, stage: int, bucket_elems: int,
+                 reduce_dtype: torch.dtype) -> None:
+        self.params: List[torch.Tensor] = list(params)
+        self.names: List[str] = list(names)
+        self.group_index = group_index
+        self.rank, self.world_size, self.stage = rank, world_size, stage
+        first = self.params[0]
+        self.dtype, self.device = first.dtype, first.device
+        self.reduce_dtype = reduce_dtype
+        align_elems = max(1, ALIGN_BYTES // first.element_size())
+        # Stage 0 uses the same layout (buckets) but treats the whole buffer as its shard.
+        self.layout = _core.Layout([p.numel() for p in self.params], world_size, align_elems,
+                                   bucket_elems)
+        self.flat_param = torch.zeros(self.layout.buffer_numel, dtype=self.dtype,
+                                      device=self.device)
+        self.param_ranges = [(r.start, r.end) for r in self.layout.param_ranges]
+        with torch.no_grad():
+            for p, (start, end) in zip(self.params, self.param_ranges):
+                view = self.flat_param[start:end].view_as(p)
+                view.copy_(p)
+                p.data = view  # the model's parameter now lives in the flat buffer
+        self.bucket_ranges = [(b.start, b.end) for b in self.layout.bucket_ranges]
+        self.local_grads: Optional[torch.Tensor] = None
+        if stage == 1:
+            self.local_grads = self._zeros(self.layout.buffer_numel)
+        self.reduced_grads = self._zeros(self.layout.buffer_numel if stage == 0
+                                         else self.layout.shard_numel)
+
+    # ---- index spaces ------------------------------------------------------------------------
+
+    @property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    @property
+    def shard_numel(self) -> int:
+        """Elements of the optimizer's shard on this rank (the whole buffer at stage 0)."""
+        return self.layout.buffer_numel if self.stage == 0 else self.layout.shard_numel
+
+    def shard_slices(self):
+        """(buffer_start, buffer_end, shard_start) of each piece of this rank's shard."""
+        if self.stage == 0:
+            return [(0, self.layout.buffer_numel, 0)]
+        out = []
+        for b in range(self.layout.num_buckets):
+            r = self.layout.bucket_slice(b, self.rank)
+            out.append((r.start, r.end, self.layout.bucket_slice_shard_offset(b)))
+        return out
+
+    def bucket_slice(self, bucket: int):
+        r = self.layout.bucket_slice(bucket, self.rank)
+        return r.start, r.end, self.layout.bucket_slice_shard_offset(bucket)
+
+    # ---- buffers -----------------------------------------------------------------------------
+
+    def _zeros(self, n: int) -> torch.Tensor:
+        return torch.zeros(n, dtype=self.reduce_dtype, device=self.device)
+
+    def ensure_local_grads(self) -> torch.Tensor:
+        if self.local_grads is None:
+            self.local_grads = self._zeros(self.layout.buffer_numel)
+        return self.local_grads
+
+    def zero_grads(self) -> None:
+        self.reduced_grads.zero_()
+        if self.local_grads is not None:
+            self.local_grads.zero_()
+
+    def shard_grads(self, buffer_start: int, buffer_end: int, shard_start: int) -> torch.Tensor:
+        """The reduced gradient of one shard piece."""
+        if self.stage == 0:
+            return self.reduced_grads[buffer_start:buffer_end]
+        return self.reduced_grads[shard_start:shard_start + (buffer_end - buffer_start)]
+
+    def memory_bytes(self) -> dict:
+        grads = self.reduced_grads.numel() * self.reduced_grads.element_size()
+        if self.local_grads is not None:
+            grads += self.local_grads.numel() * self.local_grads.element_size()
+        return {"model_params": self.flat_param.numel() * self.flat_param.element_size(),
+                "grads": grads}

@@ -1,0 +1,403 @@
+"""ZeroOptimizer: the torch.optim.Optimizer that partitions state across data-parallel ranks.
+
+Owns the training-step protocol shared by every ZeRO optimizer: construction checks, flattening
+parameters into FlatGroups, the BucketReducer, loss scaling, global-norm clipping, the all-gather
+of updated shards, reports and state_dict. Subclasses own only the maths of one shard piece
+(`_init_state`, `_step_piece`, see optimizers.py).
+
+[Note: stages] stage 0 replicates optimizer state and all-reduces gradients during backward (a
+DDP replacement). Stage 1 partitions fp32 master and optimizer state; each rank accumulates its
+own full-size gradient over micro-steps and the gradients are reduce-scattered once per step
+(DeepSpeed's stage 1 behaviour: no overlap with backward, but no traffic per micro-step). Stage 2
+reduce-scatters each bucket during backward into the rank's gradient shard. Stages 1 and 2 then
+all-gather the updated shards: reduce-scatter + all-gather moves what one all-reduce moves.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import OrderedDict
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import ops
+from .bucket_reducer import BucketReducer
+from .communicator import Communicator, make_communicator
+from .flat_group import FlatGroup
+from .loss_scaler import LossScaler
+
+STATE_FORMAT = 1
+_SCALER_KWARGS = ("initial_scale", "growth_interval", "hysteresis", "min_scale")
+
+
+def _split_names(params) -> tuple:
+    """Accepts a module, tensors, (name, tensor) pairs or group dicts; returns torch.optim's
+    param list/groups plus a name for every tensor (for error messages)."""
+    if isinstance(params, torch.nn.Module):
+        if isinstance(params, torch.nn.parallel.DistributedDataParallel):
+            raise ValueError("the model is wrapped in DistributedDataParallel: zeroshard reduces "
+                             "gradients itself, so DDP would reduce them twice. Pass the bare "
+                             "module's parameters (ddp_model.module.parameters()).")
+        params = params.named_parameters()
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be an iterable of tensors or dicts, not a single tensor")
+    items = list(params)
+    if not items:
+        raise ValueError("the optimizer got an empty parameter list")
+    names: Dict[int, str] = {}
+
+    def strip(seq, prefix):
+        out = []
+        for i, item in enumerate(seq):
+            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+                names[id(item[1])] = item[0]
+                out.append(item[1])
+            else:
+                names.setdefault(id(item), f"{prefix}[{i}] (shape {tuple(getattr(item, 'shape', ()))})")
+                out.append(item)
+        return out
+
+    if isinstance(items[0], dict):
+        groups = []
+        for gi, g in enumerate(items):
+            g = dict(g)
+            ps = g["params"]
+            ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+            g["params"] = strip(ps, f"param_groups[{gi}].params")
+            groups.append(g)
+        return groups, names
+    return strip(items, "params"), names
+
+
+class ZeroOptimizer(torch.optim.Optimizer):
+    def __init__(self, params, defaults: Dict[str, Any], *, stage: int = 2,
+                 process_group: Optional[dist.ProcessGroup] = None, bucket_mb: float = 25,
+                 overlap: bool = True, reduce_dtype: Optional[torch.dtype] = None,
+                 loss_scale: Any = "dynamic", **scaler_kwargs) -> None:
+        if stage not in (0, 1, 2):
+            raise ValueError(f"stage must be 0, 1 or 2, got {stage!r} (stage 3 is not built yet)")
+        if not (isinstance(bucket_mb, (int, float)) and bucket_mb > 0):
+            raise ValueError(f"bucket_mb must be a positive number, got {bucket_mb!r}")
+        if reduce_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"reduce_dtype must be None, float32, bfloat16 or float16, got {reduce_dtype}")
+        unknown = set(scaler_kwargs) - set(_SCALER_KWARGS)
+        if unknown:
+            raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
+        params, self._names = _split_names(params)
+        self._building = True
+        super().__init__(params, defaults)
+        self._building = False
+        self.stage = stage
+        self.reduce_dtype = reduce_dtype or torch.float32
+
+        trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        if not trainable:
+            raise ValueError("no parameter requires grad: nothing to optimize")
+        devices = {p.device for p in trainable}
+        if len(devices) > 1:
+            raise ValueError(f"parameters are on several devices {sorted(map(str, devices))}; "
+                             "one optimizer serves one device (move the model first)")
+        self.device = devices.pop()
+        for p in trainable:
+            if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise TypeError(f"{self._names[id(p)]} has dtype {p.dtype}; zeroshard trains "
+                                "float32, bfloat16 and float16 parameters")
+        self.comm: Communicator = make_communicator(process_group, self.device)
+        self.rank, self.world_size = self.comm.rank, self.comm.world_size
+        self._check_ranks_agree(process_group, bucket_mb)
+
+        elem = torch.tensor([], dtype=self.reduce_dtype).element_size()
+        bucket_elems = max(1, int(bucket_mb * 2 ** 20) // elem)
+        self.flat_groups: List[FlatGroup] = []
+        for gi, group in enumerate(self.param_groups):
+            by_dtype: "OrderedDict[torch.dtype, list]" = OrderedDict()
+            for p in group["params"]:
+                if p.requires_grad:
+                    by_dtype.setdefault(p.dtype, []).append(p)
+            for ps in by_dtype.values():
+                self.flat_groups.append(FlatGroup(
+                    ps, [self._names[id(p)] for p in ps], gi, rank=self.rank,
+                    world_size=self.world_size, stage=stage, bucket_elems=bucket_elems,
+                    reduce_dtype=self.reduce_dtype))
+        self.reducer = BucketReducer(self.flat_groups, self.comm,
+                                     mode="all_reduce" if stage == 0 else "reduce_scatter",
+                                     overlap=overlap, reduce_at_step=(stage == 1))
+        self.scaler: Optional[LossScaler] = None
+        if any(fg.dtype == torch.float16 for fg in self.flat_groups) and loss_scale is not None:
+            if loss_scale == "dynamic":
+                self.scaler = LossScaler(dynamic=True, **scaler_kwargs)
+            elif isinstance(loss_scale, (int, float)) and loss_scale > 0:
+                self.scaler = LossScaler(dynamic=False, initial_scale=float(loss_scale))
+            else:
+                raise ValueError(f"loss_scale must be 'dynamic', a positive number or None, "
+                                 f"got {loss_scale!r}")
+        self.last_step_skipped = False
+        self._clip_coef = 1.0
+        self._grads_present = False
+        self.shard_state: List[Dict[str, Any]] = [self._init_state(fg) for fg in self.flat_groups]
+
+    # ---- construction ------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict) -> None:
+        if not getattr(self, "_building", True):
+            raise NotImplementedError(
+                "zeroshard optimizers flatten and shard their parameters at construction; "
+                "pass every param group to the constructor instead of add_param_group()")
+        super().add_param_group(param_group)
+
+    def _check_ranks_agree(self, process_group, bucket_mb) -> None:
+        """One small collective so that ranks with different models or settings fail at once,
+        naming the difference, instead of hanging or corrupting a later collective."""
+        if self.world_size == 1:
+            return
+        mine = {
+            "stage": self.stage, "bucket_mb": float(bucket_mb), "reduce_dtype": str(self.reduce_dtype),
+            "params": [(self._names[id(p)], tuple(p.shape), str(p.dtype), bool(p.requires_grad))
+                       for g in self.param_groups for p in g["params"]],
+        }
+        everyone: List[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, mine, group=process_group)
+        ref = everyone[0]
+        for r, other in enumerate(everyone):
+            for key in ("stage", "bucket_mb", "reduce_dtype"):
+                if other[key] != ref[key]:
+                    raise ValueError(f"ranks disagree on {key}: rank 0 has {ref[key]!r}, "
+                                     f"rank {r} has {other[key]!r}")
+            if len(other["params"]) != len(ref["params"]):
+                raise ValueError(f"ranks disagree on the parameter list: rank 0 has "
+                                 f"{len(ref['params'])} parameters, rank {r} has "
+                                 f"{len(other['params'])}")
+            for i, (a, b) in enumerate(zip(ref["params"], other["params"])):
+                if a[1:] != b[1:]:
+                    raise ValueError(f"ranks disagree on parameter {i}: rank 0 has {a[0]} "
+                                     f"shape {a[1]} {a[2]} requires_grad={a[3]}, rank {r} has "
+                                     f"{b[0]} shape {b[1]} {b[2]} requires_grad={b[3]}")
+
+    # ---- subclass interface ------------------------------------------------------------------
+
+    def _init_state(self, fg: FlatGroup) -> Dict[str, Any]:
+        raise NotImplementedError
+
+    def _step_group(self, fg: FlatGroup, state: Dict[str, Any], group: Dict[str, Any],
+                    grad_scale: float) -> None:
+        raise NotImplementedError
+
+    def _master(self, fg: FlatGroup) -> Optional[torch.Tensor]:
+        """An fp32 master shard for low-precision params (None for fp32: params are master)."""
+        if fg.dtype == torch.float32:
+            return None
+        master = torch.empty(fg.shard_numel, dtype=torch.float32, device=fg.device)
+        for b0, b1, s0 in fg.shard_slices():
+            master[s0:s0 + (b1 - b0)].copy_(fg.flat_param[b0:b1])
+        return master
+
+    # ---- training step -----------------------------------------------------------------------
+
+    @property
+    def loss_scale(self) -> float:
+        return self.scaler.scale if self.scaler is not None else 1.0
+
+    def backward(self, loss: torch.Tensor, **kwargs) -> None:
+        """loss.backward(), scaled by the loss scale when training fp16 parameters."""
+        if self.scaler is not None:
+            (loss.float() * self.scaler.scale).backward(**kwargs)
+        else:
+            loss.backward(**kwargs)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Accumulate gradients locally with no communication (stage 0/2 allocate a full-size
+        local gradient buffer the first time; stage 1 always accumulates locally)."""
+        with self.reducer.no_sync():
+            yield
+
+    def _reduced(self) -> None:
+        self.reducer.wait()
+        if self.reducer.consume():
+            self._grads_present = True
+
+    def _local_sum(self, fn) -> float:
+        total = 0.0
+        for fg in self.flat_groups:
+            for b0, b1, s0 in fg.shard_slices():
+                if b1 > b0:
+                    total = fn(total, fg.shard_grads(b0, b1, s0))
+        return total
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clips the global gradient norm (all shards, all ranks) to max_norm, like
+        torch.nn.utils.clip_grad_norm_; the scaling is applied inside the next step's kernel.
+        Returns the total norm before clipping (a 0-dim tensor)."""
+        max_norm, norm_type = float(max_norm), float(norm_type)
+        if not max_norm > 0:
+            raise ValueError(f"max_norm must be > 0, got {max_norm}")
+        self._reduced()
+        if norm_type == 2.0:
+            local = self._local_sum(lambda acc, g: acc + float(ops.l2_norm_sq(g)))
+        elif math.isinf(norm_type):
+            local = self._local_sum(lambda acc, g: max(acc, float(g.abs().max())))
+        elif norm_type > 0:
+            local = self._local_sum(
+                lambda acc, g: acc + float(torch.linalg.vector_norm(g.double(), norm_type) ** norm_type))
+        else:
+            raise ValueError(f"norm_type must be > 0 or inf, got {norm_type}")
+        total = torch.tensor([local], dtype=torch.float64, device=self.device)
+        if self.stage != 0:  # stage 0 shards hold the whole replicated gradient already
+            op = dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
+            self.comm.control_all_reduce(total, op)
+        value = total.item()
+        norm = value if math.isinf(norm_type) else value ** (1.0 / norm_type)
+        norm /= self.loss_scale
+        coef = max_norm / (norm + 1e-6)
+        self._clip_coef = coef if coef < 1.0 else 1.0
+        return torch.tensor(norm, dtype=torch.float32)
+
+    def _overflowed(self) -> bool:
+        bad = 0.0 if all(
+            ops.all_finite(fg.shard_grads(b0, b1, s0)) for fg in self.flat_groups
+            for b0, b1, s0 in fg.shard_slices() if b1 > b0) else 1.0
+        flag = torch.tensor([bad], dtype=torch.float32, device=self.device)
+        self.comm.control_all_reduce(flag, dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._reduced()
+        if not self._grads_present:
+            return loss  # no backward since zero_grad: torch.optim skips params without grads
+        self.last_step_skipped = False
+        if self.scaler is not None and self._overflowed():
+            self.last_step_skipped = True
+            self.scaler.update(overflow=True)
+            self._clip_coef = 1.0
+            return loss
+        grad_scale = self.loss_scale / self._clip_coef
+        self._clip_coef = 1.0
+        for fg, state in zip(self.flat_groups, self.shard_state):
+            self._step_group(fg, state, self.param_groups[fg.group_index], grad_scale)
+        self._gather_params()
+        if self.scaler is not None:
+            self.scaler.update(overflow=False)
+        return loss
+
+    def _gather_params(self) -> None:
+        if self.stage == 0:
+            return
+        works = []
+        for fg in self.flat_groups:
+            for b, (b_start, b_end) in enumerate(fg.bucket_ranges):
+                s_start, s_end, _ = fg.bucket_slice(b)
+                works.append(self.comm.all_gather(fg.flat_param[b_start:b_end],
+                                                  fg.flat_param[s_start:s_end]))
+        for w in works:
+            w.wait()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.reducer.wait()
+        self.reducer.consume()
+        for fg in self.flat_groups:
+            fg.zero_grads()
+            for p in fg.params:
+                p.grad = None
+        self._grads_present = False
+        self._clip_coef = 1.0
+
+    # ---- reports -----------------------------------------------------------------------------
+
+    def memory_report(self) -> Dict[str, int]:
+        """Bytes this rank holds for the model, gradients, fp32 master, optimizer state and
+        communication buffers (peak bucket staging since construction)."""
+        report = {"model_params": 0, "grads": 0, "master_params": 0, "optimizer_state": 0}
+        for fg, state in zip(self.flat_groups, self.shard_state):
+            for key, value in fg.memory_bytes().items():
+                report[key] += value
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    bucket = "master_params" if key == "master" else "optimizer_state"
+                    report[bucket] += value.numel() * value.element_size()
+        report["comm_buffers"] = self.reducer.peak_staging_bytes
+        report["total"] = sum(report.values())
+        return report
+
+    def comm_stats(self) -> Dict[str, Dict[str, int]]:
+        """Bytes this rank sent per collective kind since the last reset (ring model)."""
+        return self.comm.stats.as_dict()
+
+    def reset_comm_stats(self) -> None:
+        self.comm.stats = type(self.comm.stats)()
+
+    # ---- checkpoints -------------------------------------------------------------------------
+
+    def _layout_signature(self) -> List[Dict[str, Any]]:
+        return [{"group_index": fg.group_index, "dtype": str(fg.dtype),
+                 "numels": [p.numel() for p in fg.params], "buffer_numel": fg.layout.buffer_numel,
+                 "shard_numel": fg.shard_numel} for fg in self.flat_groups]
+
+    def state_dict(self) -> Dict[str, Any]:
+        """This rank's shard of the optimizer state, torch.optim-shaped ('state' keyed by flat
+        group, 'param_groups' with hyper-parameters) plus a 'zeroshard' section describing the
+        layout. Loads back at the same world size and stage."""
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        groups = []
+        for g in self.param_groups:
+            entry = {k: v for k, v in g.items() if k != "params"}
+            entry["params"] = [index[id(p)] for p in g["params"]]
+            groups.append(entry)
+        state = {i: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+                 for i, s in enumerate(self.shard_state)}
+        return {"state": state, "param_groups": groups,
+                "zeroshard": {"format": STATE_FORMAT, "stage": self.stage, "rank": self.rank,
+                              "world_size": self.world_size, "flat_groups": self._layout_signature(),
+                              "loss_scaler": self.scaler.state_dict() if self.scaler else None}}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Validates everything first, then loads: on error nothing has changed."""
+        meta = state_dict.get("zeroshard")
+        if meta is None:
+            raise ValueError("not a zeroshard optimizer state_dict (no 'zeroshard' section)")
+        if meta["format"] > STATE_FORMAT:
+            raise ValueError(f"state_dict format {meta['format']} is newer than this zeroshard "
+                             f"understands ({STATE_FORMAT}); upgrade zeroshard")
+        for key, mine in (("world_size", self.world_size), ("stage", self.stage)):
+            if meta[key] != mine:
+                raise ValueError(f"state_dict was saved with {key}={meta[key]}, this optimizer "
+                                 f"has {key}={mine}; use zeroshard.checkpoint to reshard")
+        if meta["flat_groups"] != self._layout_signature():
+            raise ValueError("state_dict's parameter layout differs from this optimizer's "
+                             "(different model, param groups or dtypes)")
+        if len(state_dict["param_groups"]) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(state_dict['param_groups'])} param groups, "
+                             f"this optimizer {len(self.param_groups)}")
+        loaded = state_dict["state"]
+        for i, current in enumerate(self.shard_state):
+            saved = loaded.get(i, loaded.get(str(i)))
+            if saved is None or set(saved) != set(current):
+                raise ValueError(f"state_dict's state for flat group {i} has keys "
+                                 f"{sorted(saved or [])}, expected {sorted(current)}")
+            for k, v in current.items():
+                if isinstance(v, torch.Tensor) and saved[k].shape != v.shape:
+                    raise ValueError(f"state_dict's {k} of flat group {i} has shape "
+                                     f"{tuple(saved[k].shape)}, expected {tuple(v.shape)}")
+        with torch.no_grad():
+            for i, current in enumerate(self.shard_state):
+                for k, v in loaded.get(i, loaded.get(str(i))).items():
+                    if isinstance(current[k], torch.Tensor):
+                        current[k].copy_(v)
+                    else:
+                        current[k] = v
+        for mine, saved in zip(self.param_groups, state_dict["param_groups"]):
+            for k, v in saved.items():
+                if k != "params":
+                    mine[k] = v
+        if self.scaler is not None and meta["loss_scaler"] is not None:
+            self.scaler.load_state_dict(meta["loss_scaler"])
+        self._after_load()
+
+    def _after_load(self) -> None:
+        """Hook for subclasses whose state lives partly outside shard_state."""
