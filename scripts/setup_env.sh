@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Creates .venv (once) with the pinned tools, then builds and installs zeroshard into it.
+# Usage: scripts/setup_env.sh            (CPU variant; ZEROSHARD_CUDA=AUTO|ON|OFF to choose)
+# torch is pinned: an unpinned torch pulls a multi-GB CUDA build on machines without one.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+venv="${ZEROSHARD_VENV:-$root/.venv}"
+torch_spec="${ZEROSHARD_TORCH:-torch==2.13.0}"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+py="$venv/bin/python"
+if ! "$py" -c "import torch, pybind11, scikit_build_core, pytest, pytest_timeout, numpy" 2>/dev/null; then
+  "$py" -m pip install -q --upgrade pip
+  "$py" -m pip install -q "$torch_spec" numpy pybind11 scikit-build-core ninja pytest pytest-timeout
+fi
+variant="${ZEROSHARD_CUDA:-OFF}"
+build_dir="build/wheel-$(echo "$variant" | tr 'A-Z' 'a-z')"
+ZEROSHARD_CUDA="$variant" "$py" -m pip install -q --no-build-isolation --no-deps \
+  -Cbuild-dir="$build_dir" "$root"
+"$py" -m zeroshard.env
