@@ -20,9 +20,12 @@ namespace {
 bool cpu_has(SimdLevel level) {
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
+  // Exactly the instruction sets kernels_avx512.cpp / kernels_avx2.cpp are compiled for.
   if (level == SimdLevel::avx512)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
   if (level == SimdLevel::avx2)
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
            __builtin_cpu_supports("f16c");
