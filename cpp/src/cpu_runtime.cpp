@@ -20,9 +20,12 @@ namespace {
 bool cpu_has(SimdLevel level) {
 #if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
+  // Exactly the instruction sets kernels_avx512.cpp / kernels_avx2.cpp are compiled for.
   if (level == SimdLevel::avx512)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
   if (level == SimdLevel::avx2)
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
            __builtin_cpu_supports("f16c");
@@ -67,6 +70,10 @@ int initial_threads() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
+// True on a thread while it runs a pool task: a nested parallel_for then runs inline (the pool
+// is busy with the outer job, and waiting for it would deadlock).
+thread_local bool t_in_pool_task = false;
+
 // A fixed set of workers that wait for one job at a time. Simple on purpose: the kernels are
 // memory bound and each call is one big parallel loop, so one job queue slot is enough.
 class ThreadPool {
@@ -105,6 +112,7 @@ class ThreadPool {
 
  private:
   void drain() {
+    t_in_pool_task = true;
     for (int t = next_.fetch_add(1); t < tasks_; t = next_.fetch_add(1)) {
       try {
         (*task_)(t);
@@ -113,6 +121,7 @@ class ThreadPool {
         if (!error_) error_ = std::current_exception();
       }
     }
+    t_in_pool_task = false;
   }
 
   void worker_loop(int) {
@@ -190,6 +199,7 @@ int num_threads() { return pool().size(); }
 
 void set_num_threads(int n) {
   ZS_REQUIRE(n >= 1, "num_threads must be >= 1, got " + std::to_string(n));
+  ZS_REQUIRE(!t_in_pool_task, "set_num_threads cannot be called from inside a parallel_for task");
   if (n != pool().size()) pool().resize(n);
 }
 
@@ -199,7 +209,7 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
   const int threads = pool().size();
   const int64_t max_chunks = (n + grain - 1) / grain;
   const int chunks = static_cast<int>(std::min<int64_t>(threads, max_chunks));
-  if (chunks <= 1) {
+  if (chunks <= 1 || t_in_pool_task) {
     fn(0, n);
     return;
   }

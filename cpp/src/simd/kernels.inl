@@ -1,5 +1,5 @@
 // Span kernels written once over a vector type V (ScalarVec, Avx2Vec, Avx512Vec). Included by
-// each kernels_*.cpp inside its own namespace after it defines V as `Vec`; the tail of every
+// each kernels_*.cpp inside its own anonymous namespace after it defines V as `Vec`; the tail of every
 // span runs through ScalarVec so any size and any alignment work.
 // No include guard on purpose (see vec_scalar.hpp).
 
@@ -107,23 +107,21 @@ void sgd_span(const SgdBuffers& b, const SgdScalars& s, int64_t begin, int64_t e
 
 template <DType D>
 double sum_sq_typed(const void* x, int64_t begin, int64_t end, bool* nonfinite) {
-  // float lanes inside the span (callers keep spans short), double across spans.
-  typename Vec::F acc = Vec::set1(0.0f);
-  typename Vec::F poison = Vec::set1(0.0f);  // x*0 is NaN exactly when x is inf/NaN
+  // Squares accumulate in double lanes (two chains to hide the FMA latency). Any inf/NaN
+  // element makes the double sum inf/NaN, and finite squares cannot overflow a double.
+  typename Vec::SumSq acc0 = Vec::sumsq_zero(), acc1 = Vec::sumsq_zero();
   int64_t i = begin;
-  for (; i + Vec::lanes <= end; i += Vec::lanes) {
-    auto v = load_as_float<Vec, D>(x, i);
-    acc = Vec::fmadd(v, v, acc);
-    poison = Vec::add(poison, Vec::mul(v, Vec::set1(0.0f)));
+  for (; i + 2 * Vec::lanes <= end; i += 2 * Vec::lanes) {
+    acc0 = Vec::sumsq_add(acc0, load_as_float<Vec, D>(x, i));
+    acc1 = Vec::sumsq_add(acc1, load_as_float<Vec, D>(x, i + Vec::lanes));
   }
-  double total = static_cast<double>(Vec::reduce_add(acc));
-  float tail_poison = Vec::reduce_add(poison);
-  for (; i < end; ++i) {
-    const float v = load_as_float<ScalarVec, D>(x, i);
-    total += static_cast<double>(v) * static_cast<double>(v);
-    tail_poison += v * 0.0f;
+  if (i + Vec::lanes <= end) {
+    acc0 = Vec::sumsq_add(acc0, load_as_float<Vec, D>(x, i));
+    i += Vec::lanes;
   }
-  if (tail_poison != tail_poison) *nonfinite = true;
+  double total = Vec::sumsq_reduce(acc0) + Vec::sumsq_reduce(acc1);
+  for (; i < end; ++i) total = ScalarVec::sumsq_add(total, load_as_float<ScalarVec, D>(x, i));
+  if (!(total - total == 0.0)) *nonfinite = true;  // inf - inf and NaN - NaN are NaN
   return total;
 }
 
@@ -136,10 +134,31 @@ double sum_sq_span(const void* x, DType dtype, int64_t begin, int64_t end, bool*
   return 0.0;
 }
 
+template <DType D>
+bool all_finite_typed(const void* x, int64_t begin, int64_t end) {
+  // x*0 + acc is NaN exactly when x is inf/NaN; four chains keep it a pure streaming read.
+  const typename Vec::F zero = Vec::set1(0.0f);
+  typename Vec::F p0 = zero, p1 = zero, p2 = zero, p3 = zero;
+  int64_t i = begin;
+  for (; i + 4 * Vec::lanes <= end; i += 4 * Vec::lanes) {
+    p0 = Vec::fmadd(load_as_float<Vec, D>(x, i), zero, p0);
+    p1 = Vec::fmadd(load_as_float<Vec, D>(x, i + Vec::lanes), zero, p1);
+    p2 = Vec::fmadd(load_as_float<Vec, D>(x, i + 2 * Vec::lanes), zero, p2);
+    p3 = Vec::fmadd(load_as_float<Vec, D>(x, i + 3 * Vec::lanes), zero, p3);
+  }
+  for (; i + Vec::lanes <= end; i += Vec::lanes) p0 = Vec::fmadd(load_as_float<Vec, D>(x, i), zero, p0);
+  float poison = Vec::reduce_add(Vec::add(Vec::add(p0, p1), Vec::add(p2, p3)));
+  for (; i < end; ++i) poison = ScalarVec::fmadd(load_as_float<ScalarVec, D>(x, i), 0.0f, poison);
+  return poison == poison;
+}
+
 bool all_finite_span(const void* x, DType dtype, int64_t begin, int64_t end) {
-  bool nonfinite = false;
-  sum_sq_span(x, dtype, begin, end, &nonfinite);
-  return !nonfinite;
+  switch (dtype) {
+    case DType::f32: return all_finite_typed<DType::f32>(x, begin, end);
+    case DType::bf16: return all_finite_typed<DType::bf16>(x, begin, end);
+    case DType::f16: return all_finite_typed<DType::f16>(x, begin, end);
+  }
+  return true;
 }
 
 template <DType D>

@@ -1,4 +1,4 @@
-// Placeholder until the AVX2 / AVX-512 paths land: the build has only the scalar path.
+// Targets other than x86-64 build only the scalar path: the wide paths report "not built".
 #include "kernel_table.hpp"
 
 namespace zeroshard::cpu {

@@ -1,6 +1,8 @@
 // One-lane "vector": the reference every SIMD path must match, and the tail loop of each.
-// Included inside a per-instruction-set namespace (ZS_SIMD_NS) by each kernels_*.cpp, so that
-// no inline function compiled with wider instructions can be picked for another path.
+// Included inside a per-instruction-set anonymous namespace by each kernels_*.cpp, so that no
+// inline function compiled with wider instructions can be picked for another path (internal
+// linkage: the linker never merges these copies). For the same reason it calls compiler
+// builtins, not <cmath>'s inline std::fma/std::sqrt, whose out-of-line copies are shared.
 // No include guard on purpose: each translation unit includes it once inside its namespace.
 
 struct ScalarVec {
@@ -12,9 +14,18 @@ struct ScalarVec {
   static F sub(F a, F b) { return a - b; }
   static F mul(F a, F b) { return a * b; }
   static F div(F a, F b) { return a / b; }
-  static F fmadd(F a, F b, F c) { return std::fma(a, b, c); }  // a*b + c
-  static F sqrt(F a) { return std::sqrt(a); }
+  static F fmadd(F a, F b, F c) { return __builtin_fmaf(a, b, c); }  // a*b + c, one rounding
+  static F sqrt(F a) { return __builtin_sqrtf(a); }
   static float reduce_add(F a) { return a; }
+
+  // Sum of squares kept in double lanes: a norm over 1e9 elements stays accurate to ~1e-7.
+  using SumSq = double;
+  static SumSq sumsq_zero() { return 0.0; }
+  static SumSq sumsq_add(SumSq acc, F v) {
+    const double d = static_cast<double>(v);
+    return acc + d * d;
+  }
+  static double sumsq_reduce(SumSq acc) { return acc; }
 
   static F load_f32(const float* p) { return *p; }
   static void store_f32(float* p, F v) { *p = v; }
