@@ -50,8 +50,10 @@ void launch_check_finite(const void* x, DType dtype, int64_t n, int32_t* found_i
   const bool small = fits_int32(n, max_resident_threads(current_device()));
   dispatch_dtype(dtype, [&](auto d) {
     dispatch_bool(aligned16(x), [&](auto vec) {
-      if (small) launch_typed<decltype(d)::value, decltype(vec)::value, int32_t>(x, n, found_inf, stream);
-      else launch_typed<decltype(d)::value, decltype(vec)::value, int64_t>(x, n, found_inf, stream);
+      constexpr DType D = decltype(d)::value;
+      constexpr bool V = decltype(vec)::value;
+      if (small) launch_typed<D, V, int32_t>(x, n, found_inf, stream);
+      else launch_typed<D, V, int64_t>(x, n, found_inf, stream);
     });
   });
 }

@@ -35,7 +35,8 @@ template <auto Kernel>
 LaunchShape grid_stride_shape(int64_t work_items) {
   static std::array<std::atomic<int>, kMaxDevices> blocks_per_sm_cache{};
   const int device = current_device();
-  int per_sm = device < kMaxDevices ? blocks_per_sm_cache[device].load(std::memory_order_relaxed) : 0;
+  int per_sm =
+      device < kMaxDevices ? blocks_per_sm_cache[device].load(std::memory_order_relaxed) : 0;
   if (per_sm == 0) {
     ZS_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, Kernel, kThreads, 0));
     per_sm = std::max(per_sm, 1);

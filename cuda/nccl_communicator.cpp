@@ -148,7 +148,8 @@ struct NcclCommunicator::Impl {
   }
 };
 
-#define ZS_NCCL_CALL(impl, call) (impl).check_call((call), #call, __FILE__, __LINE__)
+// `name` is the NCCL function, so messages read "ncclAllReduce failed: ...".
+#define ZS_NCCL_CALL(impl, name, call) (impl).check_call((call), name, __FILE__, __LINE__)
 
 NcclCommunicator::NcclCommunicator(const std::string& unique_id, int rank, int world_size,
                                    int device, double timeout_s)
@@ -208,8 +209,9 @@ void NcclCommunicator::all_reduce(const void* send, void* recv, int64_t count, D
   require_count(count, send, recv, "count");
   s.require_usable("all_reduce");
   DeviceGuard guard(s.device);
-  ZS_NCCL_CALL(s, s.api->all_reduce(send, recv, static_cast<size_t>(count), nccl_dtype(dtype),
-                                    nccl_op(op), s.comm, static_cast<cudaStream_t>(stream)));
+  ZS_NCCL_CALL(s, "ncclAllReduce",
+               s.api->all_reduce(send, recv, static_cast<size_t>(count), nccl_dtype(dtype),
+                                 nccl_op(op), s.comm, static_cast<cudaStream_t>(stream)));
   s.count(CollectiveKind::all_reduce, count * static_cast<int64_t>(dtype_size(dtype)));
 }
 
@@ -221,9 +223,10 @@ void NcclCommunicator::reduce_scatter(const void* send, void* recv, int64_t recv
              "recv_count is too large");
   s.require_usable("reduce_scatter");
   DeviceGuard guard(s.device);
-  ZS_NCCL_CALL(s, s.api->reduce_scatter(send, recv, static_cast<size_t>(recv_count),
-                                        nccl_dtype(dtype), nccl_op(op), s.comm,
-                                        static_cast<cudaStream_t>(stream)));
+  ZS_NCCL_CALL(s, "ncclReduceScatter",
+               s.api->reduce_scatter(send, recv, static_cast<size_t>(recv_count),
+                                     nccl_dtype(dtype), nccl_op(op), s.comm,
+                                     static_cast<cudaStream_t>(stream)));
   s.count(CollectiveKind::reduce_scatter,
           recv_count * s.world_size * static_cast<int64_t>(dtype_size(dtype)));
 }
@@ -236,9 +239,9 @@ void NcclCommunicator::all_gather(const void* send, void* recv, int64_t send_cou
              "send_count is too large");
   s.require_usable("all_gather");
   DeviceGuard guard(s.device);
-  ZS_NCCL_CALL(s, s.api->all_gather(send, recv, static_cast<size_t>(send_count),
-                                    nccl_dtype(dtype), s.comm,
-                                    static_cast<cudaStream_t>(stream)));
+  ZS_NCCL_CALL(s, "ncclAllGather",
+               s.api->all_gather(send, recv, static_cast<size_t>(send_count),
+                                 nccl_dtype(dtype), s.comm, static_cast<cudaStream_t>(stream)));
   s.count(CollectiveKind::all_gather,
           send_count * s.world_size * static_cast<int64_t>(dtype_size(dtype)));
 }
@@ -255,15 +258,16 @@ void NcclCommunicator::broadcast(const void* send, void* recv, int64_t count, DT
              "send must be a device pointer on the root rank");
   s.require_usable("broadcast");
   DeviceGuard guard(s.device);
-  ZS_NCCL_CALL(s, s.api->broadcast(send, recv, static_cast<size_t>(count), nccl_dtype(dtype),
-                                   root, s.comm, static_cast<cudaStream_t>(stream)));
+  ZS_NCCL_CALL(s, "ncclBroadcast",
+               s.api->broadcast(send, recv, static_cast<size_t>(count), nccl_dtype(dtype), root,
+                                s.comm, static_cast<cudaStream_t>(stream)));
   s.count(CollectiveKind::broadcast, count * static_cast<int64_t>(dtype_size(dtype)));
 }
 
 void NcclCommunicator::group_start() {
   Impl& s = *impl_;
   s.require_usable("group_start");
-  ZS_NCCL_CHECK(s.api->group_start(), s.comm);
+  ZS_NCCL_CHECK("ncclGroupStart", s.api->group_start(), s.comm);
   ++s.group_depth;
 }
 
@@ -273,7 +277,7 @@ void NcclCommunicator::group_end() {
   s.require_usable("group_end");
   --s.group_depth;
   DeviceGuard guard(s.device);
-  ZS_NCCL_CALL(s, s.api->group_end());
+  ZS_NCCL_CALL(s, "ncclGroupEnd", s.api->group_end());
 }
 
 void NcclCommunicator::synchronize(Stream stream) {

@@ -70,8 +70,8 @@ void load_locked(const std::string& path) {
   resolve(handle, "ncclGetLastError", api.get_last_error, false);
   const ncclResult_t r = api.get_version(&api.version);
   if (r != ncclSuccess) {
-    throw_error(__FILE__, __LINE__, "ncclGetVersion failed: " +
-                                        std::string(api.get_error_string(r)));
+    throw_error(__FILE__, __LINE__,
+                "ncclGetVersion failed: " + std::string(api.get_error_string(r)));
   }
   if (api.version < kMinNcclVersion) {
     throw_error(__FILE__, __LINE__,
@@ -128,7 +128,7 @@ int nccl_version_linked() { return NCCL_VERSION_CODE; }
 std::string nccl_unique_id() {
   const auto& api = detail::nccl_api();
   ncclUniqueId id;
-  ZS_NCCL_CHECK(api.get_unique_id(&id), nullptr);
+  ZS_NCCL_CHECK("ncclGetUniqueId", api.get_unique_id(&id), nullptr);
   return std::string(id.internal, sizeof(id.internal));
 }
 

@@ -38,9 +38,10 @@ const NcclApi& nccl_api();
 }  // namespace zeroshard::gpu::detail
 
 // For calls that must succeed outright (not ncclInProgress): group-free, communicator-free ones.
-#define ZS_NCCL_CHECK(call, comm)                                                        \
-  do {                                                                                   \
-    const ncclResult_t zs_nccl_res_ = (call);                                            \
-    if (zs_nccl_res_ != ncclSuccess)                                                     \
-      ::zeroshard::gpu::detail::throw_nccl_error(#call, zs_nccl_res_, (comm), __FILE__, __LINE__); \
+// `name` is the NCCL function's name, for the message.
+#define ZS_NCCL_CHECK(name, call, comm)                                                   \
+  do {                                                                                    \
+    const ncclResult_t zs_nccl_res_ = (call);                                             \
+    if (zs_nccl_res_ != ncclSuccess)                                                      \
+      ::zeroshard::gpu::detail::throw_nccl_error(name, zs_nccl_res_, (comm), __FILE__, __LINE__); \
   } while (0)

@@ -14,7 +14,8 @@ namespace detail {
 namespace {
 
 template <DType D, bool Vec, class Index>
-__global__ void __launch_bounds__(kThreads) scale_kernel(void* __restrict__ x, Index n, float factor) {
+__global__ void __launch_bounds__(kThreads)
+    scale_kernel(void* __restrict__ x, Index n, float factor) {
   const Index full_chunks = n / kChunk;
   const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
   for (Index c = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; c < full_chunks;
