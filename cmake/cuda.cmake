@@ -66,6 +66,8 @@ if(Python3_Interpreter_FOUND)
     list(APPEND _zs_nccl_hints "${_zs_wheel_nccl}")
   endif()
 endif()
+# The empty normal variable set above would count as "found" and skip the search (CMP0125).
+unset(ZEROSHARD_NCCL_INCLUDE_DIR)
 find_path(ZEROSHARD_NCCL_INCLUDE_DIR nccl.h HINTS ${NCCL_INCLUDE_DIR} ${_zs_nccl_hints}
           PATHS ${CUDAToolkit_INCLUDE_DIRS} /usr/include /usr/local/include)
 if(NOT ZEROSHARD_NCCL_INCLUDE_DIR)

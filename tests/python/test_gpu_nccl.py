@@ -1,0 +1,156 @@
+"""NcclCommunicator at world size 1 on one GPU: unique ids, the four collectives, grouped calls,
+byte counters, abort, argument checks and the loaded NCCL version. Skips without a GPU.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import zeroshard
+from zeroshard import _core
+from zeroshard.env import nccl_library_path
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _core.gpu.built_with_cuda()
+         and _core.gpu.device_count() > 0),
+    reason="needs the CUDA variant of zeroshard and a CUDA GPU")
+
+gpu = _core.gpu
+F32, BF16 = 0, 1
+
+
+@pytest.fixture(scope="module")
+def comm():
+    gpu.load_nccl(nccl_library_path())
+    c = gpu.NcclCommunicator(gpu.nccl_unique_id(), 0, 1, 0, 60.0)
+    yield c
+    del c
+
+
+def stream() -> int:
+    return torch.cuda.current_stream().cuda_stream
+
+
+def test_versions():
+    gpu.load_nccl(nccl_library_path())
+    assert gpu.nccl_loaded()
+    loaded = gpu.nccl_version_loaded()
+    assert loaded >= 21800
+    assert gpu.nccl_version_linked() >= 21800
+    if torch.cuda.nccl.version():  # the same library torch uses: one NCCL per process
+        major, minor, patch = torch.cuda.nccl.version()
+        assert loaded == major * 10000 + minor * 100 + patch
+
+
+def test_unique_ids_are_fresh():
+    a, b = gpu.nccl_unique_id(), gpu.nccl_unique_id()
+    assert isinstance(a, bytes) and len(a) == 128 and a != b
+
+
+def test_collectives_world_one(comm):
+    assert (comm.rank, comm.world_size) == (0, 1)
+    n = 1003
+    x = torch.randn(n, device="cuda")
+    out = torch.empty_like(x)
+    for op in (gpu.ReduceOp.sum, gpu.ReduceOp.avg, gpu.ReduceOp.max):
+        out.zero_()
+        comm.all_reduce(x.data_ptr(), out.data_ptr(), n, F32, op, stream())
+        comm.synchronize(stream())
+        assert torch.equal(out, x)
+    out.zero_()
+    comm.reduce_scatter(x.data_ptr(), out.data_ptr(), n, F32, gpu.ReduceOp.sum, stream())
+    comm.synchronize(stream())
+    assert torch.equal(out, x)
+    xb = x.bfloat16()
+    outb = torch.zeros_like(xb)
+    comm.all_gather(xb.data_ptr(), outb.data_ptr(), n, BF16, stream())
+    comm.synchronize(stream())
+    assert torch.equal(outb, xb)
+    out.zero_()
+    comm.broadcast(x.data_ptr(), out.data_ptr(), n, F32, 0, stream())
+    comm.synchronize(stream())
+    assert torch.equal(out, x)
+    # In place, as the reducer uses it.
+    y = x.clone()
+    comm.all_reduce(y.data_ptr(), y.data_ptr(), n, F32, gpu.ReduceOp.sum, stream())
+    comm.synchronize(stream())
+    assert torch.equal(y, x)
+
+
+def test_grouped_calls_and_counters(comm):
+    comm.reset_counters()
+    a, b = torch.arange(64, dtype=torch.float32, device="cuda"), torch.ones(17, device="cuda")
+    ra, rb = torch.empty_like(a), torch.empty_like(b)
+    comm.group_start()
+    comm.all_reduce(a.data_ptr(), ra.data_ptr(), 64, F32, gpu.ReduceOp.sum, stream())
+    comm.all_gather(b.data_ptr(), rb.data_ptr(), 17, F32, stream())
+    comm.group_end()
+    comm.synchronize(stream())
+    assert torch.equal(ra, a) and torch.equal(rb, b)
+    k = comm.counters()
+    assert k["all_reduce"] == {"calls": 1, "payload_bytes": 256,
+                               "bytes_sent": gpu.ring_bytes_sent("all_reduce", 256, 1)}
+    assert k["all_gather"]["calls"] == 1 and k["all_gather"]["payload_bytes"] == 68
+    assert k["reduce_scatter"]["calls"] == 0 and k["broadcast"]["calls"] == 0
+    assert k["all_reduce"]["bytes_sent"] == 0  # one rank sends nothing
+    comm.reset_counters()
+    assert all(row["calls"] == 0 for row in comm.counters().values())
+
+
+def test_group_end_without_start(comm):
+    with pytest.raises(ValueError, match="group_start"):
+        comm.group_end()
+
+
+def test_argument_checks():
+    uid = gpu.nccl_unique_id()
+    with pytest.raises(ValueError, match="unique_id"):
+        gpu.NcclCommunicator(b"short", 0, 1, 0, 10.0)
+    with pytest.raises(ValueError, match="rank"):
+        gpu.NcclCommunicator(uid, 1, 1, 0, 10.0)
+    with pytest.raises(ValueError, match="device"):
+        gpu.NcclCommunicator(uid, 0, 1, gpu.device_count(), 10.0)
+    with pytest.raises(ValueError, match="timeout_s"):
+        gpu.NcclCommunicator(uid, 0, 1, 0, 0.0)
+
+
+def test_timeout_property_and_abort():
+    gpu.load_nccl(nccl_library_path())
+    c = gpu.NcclCommunicator(gpu.nccl_unique_id(), 0, 1, 0, 30.0)
+    assert c.timeout_s == 30.0
+    c.timeout_s = 5.0
+    assert c.timeout_s == 5.0
+    with pytest.raises(ValueError, match="timeout_s"):
+        c.timeout_s = -1.0
+    assert not c.aborted
+    c.abort()
+    assert c.aborted
+    x = torch.ones(8, device="cuda")
+    with pytest.raises(zeroshard.CoreError, match="aborted"):
+        c.all_reduce(x.data_ptr(), x.data_ptr(), 8, F32, gpu.ReduceOp.sum, stream())
+    c.abort()  # idempotent
+
+
+def test_init_times_out_when_peers_never_come():
+    # world_size 2 with only rank 0 present: init must abort and raise, not hang. In a child
+    # process so that a hang fails this test instead of stalling the suite.
+    code = textwrap.dedent("""
+        import torch, zeroshard
+        from zeroshard import _core
+        from zeroshard.env import nccl_library_path
+        _core.gpu.load_nccl(nccl_library_path())
+        try:
+            _core.gpu.NcclCommunicator(_core.gpu.nccl_unique_id(), 0, 2, 0, 3.0)
+            print("NO ERROR")
+        except zeroshard.CoreError as err:
+            print("CoreError:", err)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ))
+    assert "CoreError:" in done.stdout, done.stdout + done.stderr
+    assert "timeout_s" in done.stdout and "aborted" in done.stdout
