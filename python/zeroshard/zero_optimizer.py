@@ -218,13 +218,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if self.reducer.consume():
             self._grads_present = True
 
-    def _local_sum(self, fn) -> float:
-        total = 0.0
+    def _shard_grad_pieces(self):
         for fg in self.flat_groups:
             for b0, b1, s0 in fg.shard_slices():
                 if b1 > b0:
-                    total = fn(total, fg.shard_grads(b0, b1, s0))
-        return total
+                    yield fg.shard_grads(b0, b1, s0)
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clips the global gradient norm (all shards, all ranks) to max_norm, like
@@ -233,17 +231,18 @@ class ZeroOptimizer(torch.optim.Optimizer):
         max_norm, norm_type = float(max_norm), float(norm_type)
         if not max_norm > 0:
             raise ValueError(f"max_norm must be > 0, got {max_norm}")
-        self._reduced()
-        if norm_type == 2.0:
-            local = self._local_sum(lambda acc, g: acc + float(ops.l2_norm_sq(g)))
-        elif math.isinf(norm_type):
-            local = self._local_sum(lambda acc, g: max(acc, float(g.abs().max())))
-        elif norm_type > 0:
-            local = self._local_sum(
-                lambda acc, g: acc + float(torch.linalg.vector_norm(g.double(), norm_type) ** norm_type))
-        else:
+        if not (norm_type > 0):
             raise ValueError(f"norm_type must be > 0 or inf, got {norm_type}")
-        total = torch.tensor([local], dtype=torch.float64, device=self.device)
+        self._reduced()
+        # Partial results stay on the device; one host sync for the whole norm.
+        total = torch.zeros(1, dtype=torch.float64, device=self.device)
+        for g in self._shard_grad_pieces():
+            if norm_type == 2.0:
+                total += ops.l2_norm_sq(g).to(device=self.device, dtype=torch.float64)
+            elif math.isinf(norm_type):
+                torch.maximum(total, g.abs().max().double(), out=total)
+            else:
+                total += torch.linalg.vector_norm(g.double(), norm_type) ** norm_type
         if self.stage != 0:  # stage 0 shards hold the whole replicated gradient already
             op = dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
             self.comm.control_all_reduce(total, op)
@@ -255,10 +254,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return torch.tensor(norm, dtype=torch.float32)
 
     def _overflowed(self) -> bool:
-        bad = 0.0 if all(
-            ops.all_finite(fg.shard_grads(b0, b1, s0)) for fg in self.flat_groups
-            for b0, b1, s0 in fg.shard_slices() if b1 > b0) else 1.0
-        flag = torch.tensor([bad], dtype=torch.float32, device=self.device)
+        """True when any rank's gradient shard holds inf/NaN (one small all-reduce)."""
+        flag = torch.zeros(1, dtype=torch.int32, device=self.device)
+        for g in self._shard_grad_pieces():
+            ops.l2_norm_sq(g, nonfinite=flag)
         self.comm.control_all_reduce(flag, dist.ReduceOp.MAX)
         return flag.item() > 0
 
