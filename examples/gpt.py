@@ -150,9 +150,9 @@ class GPT(nn.Module):
 class MarkovTokenStream:
     """Tokens from a fixed random Markov chain in which each token has `branching` successors.
 
-    The chain is a function of `seed`; batch (step, micro_batch) is a function of the seed and
-    those two numbers only, and is cut from one global batch so that any number of ranks, each
-    taking its own rows, sees the same data as one rank taking all of them.
+    The chain is a function of `seed`; the global batch of a step is a function of the seed and
+    the step only, so any split of it into ranks and micro-batches, each taking its own rows,
+    trains on the same data as one rank taking all of them at once.
     """
 
     def __init__(self, vocab_size: int, seed: int, branching: int = 4) -> None:
@@ -184,15 +184,15 @@ class MarkovTokenStream:
         average /= average.sum()
         return float((average * row_entropy.double()).sum())
 
-    def batch(self, step: int, micro_batch: int, global_batch: int, seq_len: int,
+    def batch(self, step: int, global_batch: int, seq_len: int,
               rows: slice) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), each (len(rows), seq_len) int64 on CPU."""
-        if step < 0 or micro_batch < 0:
-            raise ValueError("step and micro_batch must be >= 0")
+        """Rows `rows` of step `step`'s global batch: (inputs, targets), each
+        (len(rows), seq_len) int64 on CPU."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
         if global_batch <= 0 or seq_len <= 0:
             raise ValueError("global_batch and seq_len must be positive")
-        generator = torch.Generator().manual_seed(
-            (self.seed * 1_000_003 + step * 1_009 + micro_batch) % (2 ** 63))
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + step) % (2 ** 63))
         uniforms = torch.rand(global_batch, seq_len + 1, generator=generator)[rows]
         if uniforms.shape[0] == 0:
             raise ValueError(f"rows {rows} select nothing from a global batch of {global_batch}")

@@ -339,12 +339,11 @@ def train(args) -> int:
     setup = SETUPS[args.optimizer](args, model, world)
     scheduler = make_scheduler(setup.optimizer, args)
     data = gpt.MarkovTokenStream(config.vocab_size, seed=args.seed + 1)
-    global_batch = args.batch_size * world
-    rows = slice(rank * args.batch_size, (rank + 1) * args.batch_size)
-    tokens_per_step = global_batch * args.micro_batches * seq_len
+    global_batch = args.batch_size * world * args.micro_batches  # sequences per step
+    tokens_per_step = global_batch * seq_len
     if rank == 0:
         print(f"{setup.label()} | model {args.model} ({numel:,} params) | world {world} on "
-              f"{device} | {args.dtype} | global batch {global_batch * args.micro_batches} x "
+              f"{device} | {args.dtype} | global batch {global_batch} x "
               f"{seq_len} tokens ({args.micro_batches} micro-batches)", flush=True)
 
     step_losses: List[torch.Tensor] = []
@@ -355,7 +354,10 @@ def train(args) -> int:
         started = time.perf_counter()
         step_loss = torch.zeros((), device=device)
         for micro in range(args.micro_batches):
-            inputs, targets = data.batch(step - 1, micro, global_batch, seq_len, rows)
+            # Micro-batch-major rows: (micro, rank) owns one batch_size slice of the step.
+            first_row = (micro * world + rank) * args.batch_size
+            inputs, targets = data.batch(step - 1, global_batch, seq_len,
+                                         slice(first_row, first_row + args.batch_size))
             inputs, targets = inputs.to(device), targets.to(device)
             with setup.accumulation_context(micro == args.micro_batches - 1):
                 with setup.autocast():
