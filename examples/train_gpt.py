@@ -133,6 +133,7 @@ class ZeroshardSetup:
         self.stage = args.stage
         self.fp16 = args.dtype == "fp16"
         self.model = model.to(DTYPES[args.dtype])
+        self.forward_module = self.model  # no wrapper: the optimizer's hooks reduce grads
         self.optimizer = zeroshard.ZeroAdamW(
             param_groups(self.model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
             eps=1e-8, weight_decay=args.weight_decay, stage=args.stage,
@@ -172,9 +173,10 @@ class DDPSetup:
         self.model = model
         self.device_type = next(model.parameters()).device.type
         self.dtype = DTYPES[args.dtype]
-        self.wrapped = model
+        self.forward_module = model
         if dist.is_initialized():
-            self.wrapped = torch.nn.parallel.DistributedDataParallel(
+            # Forward must go through the wrapper: DDP arms its reducer (and no_sync) there.
+            self.forward_module = torch.nn.parallel.DistributedDataParallel(
                 model, gradient_as_bucket_view=True)
         self.optimizer = self.make_optimizer(args, model)
         self.scaler = torch.amp.GradScaler(self.device_type, enabled=args.dtype == "fp16")
@@ -185,9 +187,9 @@ class DDPSetup:
                                  betas=(0.9, 0.95), eps=1e-8, weight_decay=args.weight_decay)
 
     def accumulation_context(self, last_micro_batch: bool):
-        if last_micro_batch or self.wrapped is self.model:
+        if last_micro_batch or self.forward_module is self.model:
             return contextlib.nullcontext()
-        return self.wrapped.no_sync()
+        return self.forward_module.no_sync()
 
     def autocast(self):
         if self.dtype == torch.float32:
@@ -361,7 +363,7 @@ def train(args) -> int:
             inputs, targets = inputs.to(device), targets.to(device)
             with setup.accumulation_context(micro == args.micro_batches - 1):
                 with setup.autocast():
-                    loss = setup.model(inputs, targets) / args.micro_batches
+                    loss = setup.forward_module(inputs, targets) / args.micro_batches
                 setup.backward(loss)
             step_loss += loss.detach()
         setup.clip_and_step(args.clip)

@@ -63,10 +63,11 @@ def test_ddp_learns_at_world_size_1_and_2(ddp_runs):
     for metrics in ddp_runs.values():
         assert_learns(metrics)
     assert ddp_runs[(2, 1)]["world_size"] == 2
-    # Same global batch cut into rank slices (or micro-batches): the same first-step loss.
-    first = ddp_runs[(1, 1)]["first_loss"]
-    assert ddp_runs[(2, 1)]["first_loss"] == pytest.approx(first, abs=1e-5)
-    assert ddp_runs[(2, 2)]["first_loss"] == pytest.approx(first, abs=1e-5)
+    # The same global batch cut into rank slices and micro-batches must train the same model:
+    # this fails if gradients are not averaged over ranks or no_sync loses a micro-batch.
+    single = ddp_runs[(1, 1)]["losses"]
+    assert ddp_runs[(2, 1)]["losses"] == pytest.approx(single, abs=2e-3)
+    assert ddp_runs[(2, 2)]["losses"] == pytest.approx(single, abs=2e-3)
 
 
 def test_ddp_memory_is_16_bytes_per_param(ddp_runs):
