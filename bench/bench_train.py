@@ -106,7 +106,7 @@ def summarise(metrics: Dict, warmup_steps: int) -> Dict:
             "params": metrics["params"]}
 
 
-def print_table(results: Dict[str, Dict], args) -> None:
+def print_table(results: Dict[str, Dict]) -> None:
     base = results.get("ddp", {})
     header = (f"{'row':<36} {'step ms':>8} {'xDDP':>5} | {'peak RSS MiB/rank':>18} {'xDDP':>5} | "
               f"{'model state MiB/rank':>20} {'xDDP':>5} | {'formula':<28} | {'loss':>6}")
@@ -142,7 +142,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if first:
         print(f"\nΨ = {first['params']:,} params; model state = params + grads + master + "
               f"optimizer state (+ zeroshard's comm buffers), measured on each rank")
-    print_table(results, args)
+    print_table(results)
     if importlib.util.find_spec("deepspeed") is None:
         print("DeepSpeed ZeRO-1/2: not run, `import deepspeed` fails here (not installed).")
     else:

@@ -201,6 +201,7 @@ class MarkovTokenStream:
         last_choice = self.successors.shape[1] - 1
         for t in range(1, seq_len + 1):
             current = tokens[:, t - 1]
-            choice = (uniforms[:, t:t + 1] > self.cumulative[current]).sum(1).clamp_(max=last_choice)
+            passed = uniforms[:, t:t + 1] > self.cumulative[current]  # inverse-CDF sampling
+            choice = passed.sum(1).clamp_(max=last_choice)
             tokens[:, t] = self.successors[current, choice]
         return tokens[:, :-1], tokens[:, 1:]

@@ -40,7 +40,8 @@ def run_train(tmp_path, nproc, extra, micro_batches=1):
                PYTHONPATH=os.pathsep.join(filter(None, [os.path.join(REPO, "python"),
                                                         os.environ.get("PYTHONPATH")])))
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"train_gpt.py failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert done.returncode == 0, (f"train_gpt.py failed:\n{done.stdout[-3000:]}\n"
+                                  f"{done.stderr[-3000:]}")
     assert "final loss" in done.stdout and "measured this rank" in done.stdout, done.stdout
     with open(metrics) as source:
         return json.load(source)
