@@ -1,0 +1,419 @@
+"""Train the example GPT (examples/gpt.py) on synthetic tokens with zeroshard or a torch baseline.
+
+    torchrun --nproc_per_node=2 examples/train_gpt.py --device cpu --model tiny --stage 2
+    python examples/train_gpt.py --optimizer ddp --steps 50          # world size 1, no torchrun
+
+Owns the training loop: process-group setup, the per-optimizer ways to accumulate, clip and step
+(`ZeroshardSetup`, `DDPSetup`, `TorchZeroSetup`), the progress line, and the closing comparison of
+this rank's model-state memory against DDP + AdamW. `--batch-size` is per rank and micro-batch, so
+one optimizer step sees batch_size * micro_batches * world_size sequences.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import resource
+import sys
+import time
+from typing import Dict, Iterable, List, Optional
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gpt  # noqa: E402  (the example's model, next to this file)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MiB = 2 ** 20
+
+
+# ---------------------------------------------------------------- arguments and process group
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--optimizer", choices=["zeroshard", "ddp", "torch-zero"],
+                        default="zeroshard", help="ddp = torch DDP + AdamW (the baseline); "
+                        "torch-zero = DDP + torch ZeroRedundancyOptimizer(AdamW)")
+    parser.add_argument("--stage", type=int, default=None,
+                        help="ZeRO stage 0|1|2 for --optimizer zeroshard (default 2)")
+    parser.add_argument("--model", default="tiny", help=f"one of {sorted(gpt.PRESETS)}")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="zeroshard: dtype of the model's params (fp32 master inside the "
+                             "optimizer); ddp/torch-zero: fp32 params under torch.autocast")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--micro-batches", type=int, default=1, help="gradient accumulation")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per rank and "
+                                                                  "micro-batch")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per sequence (default: the preset's)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="linear warm-up steps before the cosine decay (default steps//10)")
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--clip", type=float, default=1.0, help="max grad norm; 0 = no clipping")
+    parser.add_argument("--bucket-mb", type=float, default=25.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-every", type=int, default=None,
+                        help="steps between progress lines (default steps//10)")
+    parser.add_argument("--metrics-json", default=None,
+                        help="rank 0 writes step times, losses and every rank's memory here")
+    args = parser.parse_args(argv)
+
+    for name in ("steps", "micro_batches", "batch_size"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.seq_len is not None and args.seq_len <= 0:
+        parser.error("--seq-len must be positive")
+    if args.lr <= 0 or args.clip < 0 or args.weight_decay < 0 or args.bucket_mb <= 0:
+        parser.error("--lr and --bucket-mb must be positive; --clip and --weight-decay >= 0")
+    if args.model not in gpt.PRESETS:
+        parser.error(f"--model {args.model!r} is unknown; pick one of {sorted(gpt.PRESETS)}")
+    if args.optimizer == "zeroshard":
+        args.stage = 2 if args.stage is None else args.stage
+        if args.stage not in (0, 1, 2):
+            parser.error(f"--stage must be 0, 1 or 2, got {args.stage}")
+    elif args.stage is not None:
+        parser.error(f"--stage applies to --optimizer zeroshard only, not {args.optimizer}")
+    args.warmup = args.steps // 10 if args.warmup is None else args.warmup
+    if not 0 <= args.warmup < args.steps:
+        parser.error(f"--warmup must be in [0, --steps), got {args.warmup}")
+    args.log_every = max(1, args.steps // 10) if args.log_every is None else args.log_every
+    if args.log_every <= 0:
+        parser.error("--log-every must be positive")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no GPU; use --device cpu")
+    return args
+
+
+def init_distributed(device_kind: str):
+    """(rank, world_size, device). Under torchrun: a gloo (CPU) or nccl (CUDA) group. Run as a
+    plain script: world size 1 and no process group at all."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device_kind)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device_kind == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> List[Dict]:
+    """Decay matrices and embeddings; leave biases and LayerNorm gains alone (GPT-2 practice)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind `tensors` (views of one bucket count once)."""
+    seen = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+# ---------------------------------------------------------------- one setup per --optimizer
+
+class ZeroshardSetup:
+    """zeroshard.ZeroAdamW on the plain model: no DDP wrapper, the optimizer reduces gradients."""
+
+    def __init__(self, args, model, world_size: int) -> None:
+        import zeroshard  # only this path needs the compiled package
+
+        self.stage = args.stage
+        self.fp16 = args.dtype == "fp16"
+        self.model = model.to(DTYPES[args.dtype])
+        self.forward_module = self.model  # no wrapper: the optimizer's hooks reduce grads
+        self.optimizer = zeroshard.ZeroAdamW(
+            param_groups(self.model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
+            eps=1e-8, weight_decay=args.weight_decay, stage=args.stage,
+            bucket_mb=args.bucket_mb)
+        self.skipped_steps = 0
+
+    def accumulation_context(self, last_micro_batch: bool):
+        return contextlib.nullcontext() if last_micro_batch else self.optimizer.no_sync()
+
+    def autocast(self):
+        return contextlib.nullcontext()  # the params already are in --dtype
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.fp16:
+            self.optimizer.backward(loss)
+        else:
+            loss.backward()
+
+    def clip_and_step(self, max_norm: float) -> None:
+        if max_norm > 0:
+            self.optimizer.clip_grad_norm_(max_norm)
+        self.optimizer.step()
+        self.skipped_steps += int(self.optimizer.last_step_skipped)
+
+    def memory(self) -> Dict[str, int]:
+        return dict(self.optimizer.memory_report())
+
+    def label(self) -> str:
+        return f"zeroshard ZeroAdamW stage {self.stage}"
+
+
+class DDPSetup:
+    """torch DDP + torch.optim.AdamW, fp32 params; bf16/fp16 through torch.autocast (+GradScaler
+    for fp16). gradient_as_bucket_view=True keeps one grad copy: the strongest DDP baseline."""
+
+    def __init__(self, args, model, world_size: int) -> None:
+        self.model = model
+        self.device_type = next(model.parameters()).device.type
+        self.dtype = DTYPES[args.dtype]
+        self.forward_module = model
+        if dist.is_initialized():
+            # Forward must go through the wrapper: DDP arms its reducer (and no_sync) there.
+            self.forward_module = torch.nn.parallel.DistributedDataParallel(
+                model, gradient_as_bucket_view=True)
+        self.optimizer = self.make_optimizer(args, model)
+        self.scaler = torch.amp.GradScaler(self.device_type, enabled=args.dtype == "fp16")
+        self.skipped_steps = 0
+
+    def make_optimizer(self, args, model):
+        return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
+                                 betas=(0.9, 0.95), eps=1e-8, weight_decay=args.weight_decay)
+
+    def accumulation_context(self, last_micro_batch: bool):
+        if last_micro_batch or self.forward_module is self.model:
+            return contextlib.nullcontext()
+        return self.forward_module.no_sync()
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def clip_and_step(self, max_norm: float) -> None:
+        if max_norm > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scaler.is_enabled() and self.scaler.get_scale() < scale_before:
+            self.skipped_steps += 1  # GradScaler shrinks the scale only when it skipped
+
+    def optimizer_state_tensors(self) -> List[torch.Tensor]:
+        return [t for state in self.optimizer.state.values() for t in state.values()
+                if torch.is_tensor(t)]
+
+    def memory(self) -> Dict[str, int]:
+        params = list(self.model.parameters())
+        report = {"model_params": storage_bytes(params),
+                  "grads": storage_bytes(p.grad for p in params if p.grad is not None),
+                  "master_params": 0,
+                  "optimizer_state": storage_bytes(self.optimizer_state_tensors()),
+                  "comm_buffers": 0}
+        report["total"] = sum(report.values())
+        return report
+
+    def label(self) -> str:
+        return "torch DDP + AdamW"
+
+
+class TorchZeroSetup(DDPSetup):
+    """DDP + torch.distributed.optim.ZeroRedundancyOptimizer(AdamW): torch's own ZeRO-1."""
+
+    def make_optimizer(self, args, model):
+        if not dist.is_initialized():
+            raise RuntimeError("--optimizer torch-zero needs a process group: launch with "
+                               "torchrun (--nproc_per_node=1 is fine)")
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        return ZeroRedundancyOptimizer(
+            param_groups(model, args.weight_decay), optimizer_class=torch.optim.AdamW,
+            lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=args.weight_decay)
+
+    def optimizer_state_tensors(self) -> List[torch.Tensor]:
+        local = self.optimizer.optim  # this rank's AdamW over its partition
+        return [t for state in local.state.values() for t in state.values() if torch.is_tensor(t)]
+
+    def label(self) -> str:
+        return "torch DDP + ZeroRedundancyOptimizer(AdamW)"
+
+
+SETUPS = {"zeroshard": ZeroshardSetup, "ddp": DDPSetup, "torch-zero": TorchZeroSetup}
+
+
+# ---------------------------------------------------------------- reporting
+
+def zero_formula(optimizer: str, stage: Optional[int], mixed: bool, numel: int, world: int):
+    """(text, bytes) of the ZeRO paper's model-state formula for this run (Adam: K = 12 bytes
+    per param mixed precision (fp32 master + 2 moments), 8 in fp32)."""
+    if optimizer == "zeroshard":
+        param, grad, k = (2, 2, 12) if mixed else (4, 4, 8)
+        if stage == 0:
+            return f"stage 0 {param + grad + k}Ψ", (param + grad + k) * numel
+        if stage == 1:
+            return (f"ZeRO-1 {param + grad}Ψ+{k}Ψ/N",
+                    (param + grad) * numel + k * numel / world)
+        return f"ZeRO-2 {param}Ψ+{grad + k}Ψ/N", param * numel + (grad + k) * numel / world
+    if optimizer == "torch-zero":  # fp32 params and grads kept whole, Adam moments sharded
+        return "ZeRO-1 (fp32 params) 8Ψ+8Ψ/N", 8 * numel + 8 * numel / world
+    return "DDP 16Ψ", 16 * numel
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def device_peak_bytes(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
+
+
+def global_mean(value: torch.Tensor, world_size: int) -> float:
+    value = value.detach().float().clone()
+    if world_size > 1:
+        dist.all_reduce(value)
+    return float(value) / world_size if value.dim() == 0 else (value / world_size).tolist()
+
+
+def progress_line(step: int, steps: int, loss: float, lr: float, tokens_per_s: float,
+                  state_bytes: int, peak_bytes: int, device: torch.device) -> str:
+    width = 20
+    filled = int(width * step / steps)
+    peak_name = "cuda peak" if device.type == "cuda" else "peak RSS"
+    return (f"step {step:>{len(str(steps))}}/{steps} [{'#' * filled}{'.' * (width - filled)}] "
+            f"loss {loss:.4f} | lr {lr:.2e} | {tokens_per_s:,.0f} tok/s | "
+            f"model state {state_bytes / MiB:.2f} MiB | {peak_name} {peak_bytes / MiB:.0f} MiB")
+
+
+def closing_report(args, setup, memory: Dict[str, int], numel: int, world: int, rank: int,
+                   first_loss: float, final_loss: float, floor: float) -> str:
+    mixed = args.dtype != "fp32"
+    ddp_bytes = 16 * numel
+    formula_text, formula_bytes = zero_formula(args.optimizer, args.stage, mixed, numel, world)
+    parts = " | ".join(f"{k} {v / MiB:.2f}" for k, v in memory.items() if k != "total")
+    lines = [
+        f"== model-state memory on rank {rank} of N={world}: Ψ={numel:,} params, "
+        f"--dtype {args.dtype}, {setup.label()} ==",
+        f"  DDP + AdamW formula 16Ψ        : {ddp_bytes / MiB:9.2f} MiB  (1.00x)"]
+    if args.optimizer != "ddp":
+        lines.append(f"  {formula_text:<31}: {formula_bytes / MiB:9.2f} MiB  "
+                     f"({formula_bytes / ddp_bytes:.2f}x)")
+    lines += [
+        f"  measured this rank             : {memory['total'] / MiB:9.2f} MiB  "
+        f"({memory['total'] / ddp_bytes:.2f}x)  [MiB: {parts}]",
+        f"final loss {final_loss:.4f} (first step {first_loss:.4f}; synthetic-data floor "
+        f"~{floor:.3f} nats); skipped steps {setup.skipped_steps}",
+    ]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- training loop
+
+def make_scheduler(optimizer, args):
+    """Linear warm-up to --lr, then cosine decay to a tenth of it, with torch's schedulers."""
+    sched = torch.optim.lr_scheduler
+    cosine = sched.CosineAnnealingLR(optimizer, T_max=args.steps - args.warmup,
+                                     eta_min=args.lr * 0.1)
+    if args.warmup == 0:
+        return cosine
+    warmup = sched.LinearLR(optimizer, start_factor=1.0 / (args.warmup + 1), end_factor=1.0,
+                            total_iters=args.warmup)
+    return sched.SequentialLR(optimizer, [warmup, cosine], milestones=[args.warmup])
+
+
+def train(args) -> int:
+    rank, world, device = init_distributed(args.device)
+    config = gpt.preset(args.model)
+    seq_len = config.default_seq_len if args.seq_len is None else args.seq_len
+    if seq_len > config.block_size:
+        raise ValueError(f"--seq-len {seq_len} exceeds model {args.model}'s block_size "
+                         f"{config.block_size}")
+    model = gpt.GPT(config, seed=args.seed).to(device)
+    numel = model.num_parameters()
+    setup = SETUPS[args.optimizer](args, model, world)
+    scheduler = make_scheduler(setup.optimizer, args)
+    data = gpt.MarkovTokenStream(config.vocab_size, seed=args.seed + 1)
+    global_batch = args.batch_size * world * args.micro_batches  # sequences per step
+    tokens_per_step = global_batch * seq_len
+    if rank == 0:
+        print(f"{setup.label()} | model {args.model} ({numel:,} params) | world {world} on "
+              f"{device} | {args.dtype} | global batch {global_batch} x "
+              f"{seq_len} tokens ({args.micro_batches} micro-batches)", flush=True)
+
+    step_losses: List[torch.Tensor] = []
+    step_times: List[float] = []
+    memory: Dict[str, int] = {}
+    last_log_time, last_log_step = time.perf_counter(), 0
+    for step in range(1, args.steps + 1):
+        started = time.perf_counter()
+        step_loss = torch.zeros((), device=device)
+        for micro in range(args.micro_batches):
+            # Micro-batch-major rows: (micro, rank) owns one batch_size slice of the step.
+            first_row = (micro * world + rank) * args.batch_size
+            inputs, targets = data.batch(step - 1, global_batch, seq_len,
+                                         slice(first_row, first_row + args.batch_size))
+            inputs, targets = inputs.to(device), targets.to(device)
+            with setup.accumulation_context(micro == args.micro_batches - 1):
+                with setup.autocast():
+                    loss = setup.forward_module(inputs, targets) / args.micro_batches
+                setup.backward(loss)
+            step_loss += loss.detach()
+        setup.clip_and_step(args.clip)
+        log_step = step % args.log_every == 0 or step in (1, args.steps)
+        if log_step:
+            memory = setup.memory()  # before zero_grad frees (set_to_none) the grads
+        setup.optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # honest step times
+        step_times.append(time.perf_counter() - started)
+        step_losses.append(step_loss)
+
+        if log_step:
+            mean_loss = global_mean(step_loss, world)  # every rank joins the all_reduce
+            now = time.perf_counter()
+            tokens_per_s = tokens_per_step * (step - last_log_step) / (now - last_log_time)
+            last_log_time, last_log_step = now, step
+            if rank == 0:
+                print(progress_line(step, args.steps, mean_loss, scheduler.get_last_lr()[0],
+                                    tokens_per_s, memory["total"], device_peak_bytes(device),
+                                    device),
+                      flush=True)
+
+    losses = global_mean(torch.stack(step_losses), world)
+    final_loss = sum(losses[-5:]) / len(losses[-5:])  # mean of the last steps: less noise
+    rank_metrics = {"rank": rank, "peak_rss_bytes": peak_rss_bytes(),
+                    "device_peak_bytes": device_peak_bytes(device), "memory": memory}
+    all_metrics = [None] * world
+    if world > 1:
+        dist.all_gather_object(all_metrics, rank_metrics)
+    else:
+        all_metrics = [rank_metrics]
+    if rank == 0:
+        print(closing_report(args, setup, memory, numel, world, rank, losses[0], final_loss,
+                             data.entropy_floor()), flush=True)
+        if args.metrics_json:
+            formula_text, formula_bytes = zero_formula(args.optimizer, args.stage,
+                                                       args.dtype != "fp32", numel, world)
+            with open(args.metrics_json, "w") as out:
+                json.dump({"optimizer": args.optimizer, "stage": args.stage, "dtype": args.dtype,
+                           "model": args.model, "params": numel, "world_size": world,
+                           "step_times_s": step_times, "losses": losses,
+                           "first_loss": losses[0], "final_loss": final_loss,
+                           "ddp_formula_bytes": 16 * numel, "formula": formula_text,
+                           "formula_bytes": formula_bytes, "ranks": all_metrics}, out, indent=1)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0 if math.isfinite(final_loss) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(train(parse_args()))
