@@ -43,6 +43,8 @@ class _GroupState:
         self.pending = list(self.expected)
         self.launched = [False] * layout.num_buckets
         self.staging: dict = {}  # bucket -> staging tensor for the current backward
+        # Stage 0 reduces straight into reduced_grads while it holds nothing yet (no staging).
+        self.direct = False
 
     def reset(self) -> None:
         self.pending = list(self.expected)
@@ -51,7 +53,8 @@ class _GroupState:
 
 class BucketReducer:
     def __init__(self, groups: List[FlatGroup], comm: Communicator, *, mode: str,
-                 overlap: bool = True, reduce_at_step: bool = False) -> None:
+                 overlap: bool = True, reduce_at_step: bool = False,
+                 max_in_flight: int = 2) -> None:
         if mode not in ("all_reduce", "reduce_scatter"):
             raise ValueError(f"mode must be 'all_reduce' or 'reduce_scatter', got {mode!r}")
         self.groups = groups
@@ -59,6 +62,9 @@ class BucketReducer:
         self.mode = mode
         self.overlap = overlap
         self.reduce_at_step = reduce_at_step
+        # Buckets whose collective may be outstanding at once: bounds staging memory to a few
+        # buckets (the oldest is finished before another starts), as DeepSpeed's IPG buckets do.
+        self.max_in_flight = max(1, max_in_flight)
         self.states = [_GroupState(g) for g in groups]
         self.in_flight: List[Tuple[Work, Callable[[], None]]] = []
         self.syncing = True
@@ -98,6 +104,9 @@ class BucketReducer:
             self.callback_queued = True
             if not self.saw_grads and self.on_round_start is not None:
                 self.on_round_start()
+            for g, st in zip(self.groups, self.states):
+                st.direct = (self.mode == "all_reduce" and self.syncing and not g.has_reduced
+                             and g.local_grads is None)
             Variable._execution_engine.queue_callback(self._on_backward_end)
         self.saw_grads = True
         self.boundary_reduce_due = self.boundary_reduce_due or self.reduce_at_step
@@ -107,6 +116,8 @@ class BucketReducer:
         if accumulate_locally:
             local = group.local_grads if group.local_grads is not None else group.ensure_local_grads()
             local[start:end].add_(flat)
+        elif state.direct:
+            group.reduced_grads[start:end].copy_(flat)
         else:
             for b in state.param_buckets[pi]:
                 b_start, b_end = group.bucket_ranges[b]
@@ -137,28 +148,34 @@ class BucketReducer:
                 for b in range(len(state.expected)):
                     if not state.launched[b]:
                         self._launch(gi, b)
-        for state in self.states:
+        for group, state in zip(self.groups, self.states):
+            if state.direct and any(state.launched):
+                group.has_reduced = True
+            state.direct = False
             state.reset()
 
     # ---- collectives -------------------------------------------------------------------------
 
-    def _bucket_input(self, gi: int, b: int) -> Tuple[torch.Tensor, bool]:
-        """The tensor to reduce for bucket b and whether it is a view of local_grads."""
+    def _bucket_input(self, gi: int, b: int) -> Tuple[torch.Tensor, str]:
+        """The tensor to reduce for bucket b and where it lives: "local" (a view of
+        local_grads), "direct" (a view of reduced_grads) or "staging"."""
         group, state = self.groups[gi], self.states[gi]
         b_start, b_end = group.bucket_ranges[b]
         if group.local_grads is not None:
-            return group.local_grads[b_start:b_end], True
+            return group.local_grads[b_start:b_end], "local"
+        if state.direct:
+            return group.reduced_grads[b_start:b_end], "direct"
         buf = state.staging.pop(b, None)
         if buf is None:  # no parameter of this bucket got a gradient this backward
             buf = torch.zeros(b_end - b_start, dtype=group.reduce_dtype, device=group.device)
         else:
             self.staging_bytes -= buf.numel() * buf.element_size()
-        return buf, False
+        return buf, "staging"
 
     def _launch(self, gi: int, b: int) -> None:
         group, state = self.groups[gi], self.states[gi]
         state.launched[b] = True
-        data, is_local = self._bucket_input(gi, b)
+        data, source = self._bucket_input(gi, b)
         if self.comm.world_size > 1:
             data.mul_(1.0 / self.comm.world_size)
         b_start, b_end = group.bucket_ranges[b]
@@ -166,8 +183,9 @@ class BucketReducer:
             work = self.comm.all_reduce(data)
 
             def finish() -> None:
-                group.reduced_grads[b_start:b_end].add_(data)
-                if is_local:
+                if source != "direct":
+                    group.reduced_grads[b_start:b_end].add_(data)
+                if source == "local":
                     data.zero_()
         else:
             s_start, s_end, shard_offset = group.bucket_slice(b)
@@ -176,9 +194,23 @@ class BucketReducer:
 
             def finish() -> None:
                 group.reduced_grads[shard_offset:shard_offset + part.numel()].add_(part)
-                if is_local:
+                if source == "local":
                     data.zero_()
         self.in_flight.append((work, finish))
+        # Only staged buckets cost extra memory while in flight (stage 1 reduces views of
+        # local_grads and stage 0 of reduced_grads), so only they are bounded.
+        if source == "staging":
+            self._retire_finished()
+
+    def _retire_finished(self) -> None:
+        """Finishes the oldest collectives that have already completed, freeing their staging
+        buffers during backward. Never blocks: a blocking wait inside an autograd hook made
+        gloo abort at process exit in our tests."""
+        while self.in_flight and len(self.in_flight) > self.max_in_flight \
+                and self.in_flight[0][0].is_completed():
+            oldest, finish_oldest = self.in_flight.pop(0)
+            oldest.wait()
+            finish_oldest()
 
     def wait(self) -> None:
         """Finishes every reduction started since the last wait (and, at stage 1, starts them)."""

@@ -48,6 +48,9 @@ class Work:
     def wait(self) -> None:
         return None
 
+    def is_completed(self) -> bool:
+        return True
+
 
 class _TorchWork(Work):
     def __init__(self, handle) -> None:
@@ -57,6 +60,9 @@ class _TorchWork(Work):
         if self._handle is not None:
             self._handle.wait()
             self._handle = None
+
+    def is_completed(self) -> bool:
+        return self._handle is None or self._handle.is_completed()
 
 
 class Communicator:
@@ -173,6 +179,9 @@ class _CudaWork(Work):
     def wait(self) -> None:
         # Join, don't block: the caller's stream waits for the comm stream's event.
         torch.cuda.current_stream(self._device).wait_event(self._event)
+
+    def is_completed(self) -> bool:
+        return self._event.query()
 
 
 class NcclCommunicator(Communicator):

@@ -50,6 +50,7 @@ class FlatGroup:
             self.local_grads = self._zeros(self.layout.buffer_numel)
         self.reduced_grads = self._zeros(self.layout.buffer_numel if stage == 0
                                          else self.layout.shard_numel)
+        self.has_reduced = False  # reduced_grads holds sums from an earlier backward
 
     # ---- index spaces ------------------------------------------------------------------------
 
@@ -88,6 +89,7 @@ class FlatGroup:
 
     def zero_grads(self) -> None:
         self.reduced_grads.zero_()
+        self.has_reduced = False
         if self.local_grads is not None:
             self.local_grads.zero_()
 

@@ -69,6 +69,7 @@ class GradientReducer:
         # storage and start this round's sums in fresh buffers.
         for g in self.groups:
             g.reduced_grads = torch.zeros_like(g.reduced_grads)
+            g.has_reduced = False
 
     def wait(self) -> None:
         """Finishes the reductions of every backward since the last wait()."""
