@@ -83,14 +83,15 @@ def sgd_reference(p0, grads, *, lr, momentum, dampening, weight_decay, nesterov,
 
 
 def assert_param_close(ours, ref, *, steps, lr, what="param"):
-    """Each fp32 step rounds p once (<= 2^-24 |p|) and evaluates an update of size <= ~lr*3
-    (|m_hat/sqrt(v_hat)| is O(1) for Gaussian gradients; SGD's lr*d likewise) in fp32 from
-    fp32 hyper-parameters: a relative error of at most a few 1e-7 of the update. Per step we
-    allow 2|p|*2^-24 + 1e-5*lr (well above both), summed over the steps. A wrong formula (bias
-    correction, beta, decay) moves p by >= ~1e-3*lr per step and fails this."""
+    """Per fp32 step, p is rounded at most twice (decoupled decay, then the update; 2^-24 |p|
+    each), (1 - lr*wd) is held in fp32 (another 2^-24 |p|), and the update, of size <= ~3*lr
+    (|m_hat/sqrt(v_hat)| is O(1) for Gaussian gradients; SGD's lr*d likewise), is evaluated in
+    fp32 from fp32 hyper-parameters: a few 1e-7 of it. We allow 4|p|*2^-24 + 1e-5*lr per step,
+    summed over the steps; torch's own fp32 Adam/AdamW uses about half of that against the same
+    float64 oracle. A wrong formula (bias correction, beta, decay) moves p by >= ~1e-3*lr."""
     ref = ref.to(torch.float64)
     err = (ours.double() - ref).abs()
-    tol = steps * (2 * U24 * ref.abs() + 1e-5 * lr)
+    tol = steps * (4 * U24 * ref.abs() + 1e-5 * lr)
     bad = (err > tol).nonzero()
     assert bad.numel() == 0, (f"{what}: {bad.numel()} elements off, worst err "
                               f"{err.max().item():.3g} (tol there {tol[err.argmax()].item():.3g})")
