@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -152,6 +153,17 @@ def time_steps(step: Callable[[], None], device: str, warmup: int, reps: int) ->
     return times
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def release(device):
     gc.collect()
     if device == "cuda":
@@ -235,7 +247,7 @@ def main(argv=None) -> int:
     settings = dict(device=args.device, torch=torch.__version__, python=platform.python_version(),
                     torch_threads=torch.get_num_threads(), zeroshard_threads=ops.num_threads(),
                     simd=ops.simd_level(), warmup=args.warmup, reps=args.reps,
-                    machine=platform.processor() or platform.machine(),
+                    cpu=cpu_model(), cores=os.cpu_count(),
                     deepspeed=("yes" if ds_factory else f"no ({ds_why})"))
     if args.device == "cuda":
         settings["gpu"] = torch.cuda.get_device_name()
