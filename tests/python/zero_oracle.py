@@ -147,7 +147,7 @@ def reference_optimizer(optimizer_class: type, params, **kwargs):
 
 def train_rank(model: nn.Module, opt, batches, rank: int, world_size: int, *,
                micro_batches: int = 1, use_no_sync: bool = False, scheduler=None,
-               clip: float = None) -> List[torch.Tensor]:
+               clip: float = None, norm_type: float = 2.0) -> List[torch.Tensor]:
     """This rank's training loop on its slice of each global batch; returns clip norms if clipping.
 
     With `micro_batches=k` the rank's slice is split into k micro-batches, each loss divided by k so
@@ -165,7 +165,7 @@ def train_rank(model: nn.Module, opt, batches, rank: int, world_size: int, *,
             with (opt.no_sync() if use_no_sync and not last else contextlib.nullcontext()):
                 loss.backward()
         if clip is not None:
-            norms.append(opt.clip_grad_norm_(clip).detach().clone())
+            norms.append(opt.clip_grad_norm_(clip, norm_type).detach().clone())
         opt.step()
         if scheduler is not None:
             scheduler.step()
@@ -173,7 +173,7 @@ def train_rank(model: nn.Module, opt, batches, rank: int, world_size: int, *,
 
 
 def train_oracle(model: nn.Module, opt: torch.optim.Optimizer, batches, *, scheduler=None,
-                 clip: float = None) -> List[torch.Tensor]:
+                 clip: float = None, norm_type: float = 2.0) -> List[torch.Tensor]:
     """Full-batch training with a stock optimizer; returns the clip norms if clipping."""
     norms = []
     for tokens, target in batches:
@@ -181,7 +181,7 @@ def train_oracle(model: nn.Module, opt: torch.optim.Optimizer, batches, *, sched
         mse_loss(model, tokens, target).backward()
         if clip is not None:
             params = [p for g in opt.param_groups for p in g["params"]]
-            norms.append(torch.nn.utils.clip_grad_norm_(params, clip).detach().clone())
+            norms.append(torch.nn.utils.clip_grad_norm_(params, clip, norm_type).detach().clone())
         opt.step()
         if scheduler is not None:
             scheduler.step()
