@@ -9,7 +9,7 @@ import torch
 
 import zeroshard
 from dist_harness import run_distributed
-from zero_oracle import (OPTIMIZERS, assert_params_close, assert_ranks_identical, build_optimizer,
+from zero_oracle import (OPTIMIZERS, TINY_BUCKET_MB, assert_params_close, assert_ranks_identical, build_optimizer,
                          make_batches, make_model, oracle_optimizer, param_snapshot, train_oracle,
                          train_rank)
 
@@ -34,7 +34,8 @@ def _train_all(rank, world_size, impl, kinds, stages):
     for kind in kinds:
         for stage in stages:
             model = make_model()
-            opt = build_optimizer(impl, kind, model.parameters(), stage=stage)
+            opt = build_optimizer(impl, kind, model.parameters(), stage=stage,
+                                  bucket_mb=TINY_BUCKET_MB)
             train_rank(model, opt, make_batches(STEPS), rank, world_size)
             results[f"{kind}/stage{stage}"] = param_snapshot(model)
     return results
@@ -70,7 +71,8 @@ def test_without_process_group_runs_as_world_size_one():
     assert not dist.is_initialized()
     for stage in STAGES:
         model = make_model()
-        opt = build_optimizer("zeroshard", "AdamW", model.parameters(), stage=stage)
+        opt = build_optimizer("zeroshard", "AdamW", model.parameters(), stage=stage,
+                              bucket_mb=TINY_BUCKET_MB)
         train_rank(model, opt, make_batches(STEPS), rank=0, world_size=1)
         assert_params_close(param_snapshot(model), oracle_params("AdamW"), f"stage {stage}, no group")
 
