@@ -7,9 +7,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 import zeroshard
 from dist_harness import run_distributed
-from zero_oracle import (TINY_BUCKET_MB, assert_params_close, assert_ranks_identical, make_batches,
-                         make_model, mse_loss, oracle_optimizer, param_snapshot, rank_slice,
-                         train_oracle)
+from zero_oracle import (TINY_BUCKET_MB, assert_params_close, assert_ranks_identical,
+                         make_batches, make_model, mse_loss, oracle_optimizer, param_snapshot,
+                         rank_slice, train_oracle)
 
 requires_reducer = pytest.mark.skipif(not hasattr(zeroshard, "ZeroAdamW"),
                                       reason="zeroshard.ZeroAdamW not implemented yet (issue 3)")
@@ -34,7 +34,8 @@ def _train(rank, world_size):
                      rank_slice(target, rank, world_size)).backward()
             getattr(reducer, wait_name)()
             if step == 0:
-                results[f"{kind}/first_grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
+                results[f"{kind}/first_grads"] = {n: p.grad.clone()
+                                                  for n, p in model.named_parameters()}
             opt.step()
         results[f"{kind}/params"] = param_snapshot(model)
 

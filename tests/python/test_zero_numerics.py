@@ -9,9 +9,9 @@ import torch
 
 import zeroshard
 from dist_harness import run_distributed
-from zero_oracle import (OPTIMIZERS, TINY_BUCKET_MB, assert_params_close, assert_ranks_identical, build_optimizer,
-                         make_batches, make_model, oracle_optimizer, param_snapshot, train_oracle,
-                         train_rank)
+from zero_oracle import (OPTIMIZERS, TINY_BUCKET_MB, assert_params_close, assert_ranks_identical,
+                         build_optimizer, make_batches, make_model, oracle_optimizer,
+                         param_snapshot, train_oracle, train_rank)
 
 requires_zero = pytest.mark.skipif(not hasattr(zeroshard, "ZeroAdamW"),
                                    reason="zeroshard.ZeroAdamW not implemented yet (issue 3)")

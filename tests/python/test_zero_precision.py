@@ -25,6 +25,8 @@ requires_zero = pytest.mark.skipif(not hasattr(zeroshard, "ZeroAdamW"),
                                    reason="zeroshard.ZeroAdamW not implemented yet (issue 3)")
 STEPS = 6
 STAGES = (0, 1, 2)
+# SGD too: Adam's update hardly changes if grads are summed instead of averaged; SGD's doubles.
+BF16_KINDS = ("AdamW", "SGD")
 LR = 2e-3             # small enough that bf16 params alone would lose many updates
 ULP_RTOL = {torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
 MIN_BITWISE_EQUAL = 0.9
@@ -34,11 +36,11 @@ SCALER = dict(loss_scale="dynamic", initial_scale=2.0 ** 8, growth_interval=3, h
 EXPECTED_SCALES = [256.0, 256.0, 128.0, 128.0, 128.0, 256.0]
 
 
-def master_oracle(dtype, world_size, scales, skipped=()):
+def master_oracle(dtype, world_size, scales, skipped=(), kind="AdamW"):
     """Emulated fp32-master training of a `dtype` model; scales[i] is the loss scale of step i."""
     model = make_model(dtype=dtype)
     master = [p.detach().float().clone() for p in model.parameters()]
-    opt = oracle_optimizer("AdamW", master, lr=LR)
+    opt = oracle_optimizer(kind, master, lr=LR)
     for step, (tokens, target) in enumerate(make_batches(STEPS)):
         if step in skipped:
             continue
@@ -96,13 +98,13 @@ def _bf16_reference_step(model, master, opt, tokens, target, world_size):
 
 def _train_bf16(rank, world_size, impl, stages):
     results = {}
-    for stage in stages:
+    for stage, kind in [(stage, kind) for stage in stages for kind in BF16_KINDS]:
         model = make_model(dtype=torch.bfloat16)
         if impl == "reference":
             master = [p.detach().float().clone() for p in model.parameters()]
-            opt = oracle_optimizer("AdamW", master, lr=LR)
+            opt = oracle_optimizer(kind, master, lr=LR)
         else:
-            opt = build_optimizer(impl, "AdamW", model.parameters(), stage=stage, lr=LR)
+            opt = build_optimizer(impl, kind, model.parameters(), stage=stage, lr=LR)
         for tokens, target in make_batches(STEPS):
             tokens, target = rank_slice(tokens, rank, world_size), rank_slice(target, rank, world_size)
             if impl == "reference":
@@ -111,7 +113,7 @@ def _train_bf16(rank, world_size, impl, stages):
             opt.zero_grad(set_to_none=True)
             opt.backward(mse_loss(model, tokens, target))
             opt.step()
-        results[f"stage{stage}"] = {
+        results[f"stage{stage}/{kind}"] = {
             "params": param_snapshot(model), "loss_scale": float(getattr(opt, "loss_scale", 1.0)),
             "dtypes": {n: p.dtype for n, p in model.named_parameters()}}
     return results
@@ -125,7 +127,8 @@ def _states_equal(a, b) -> bool:
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and torch.equal(a, b)
     if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_states_equal(a[k], b[k]) for k in a)
+        return (isinstance(b, dict) and a.keys() == b.keys()
+                and all(_states_equal(a[k], b[k]) for k in a))
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(_states_equal(x, y) for x, y in zip(a, b))
     return a == b
@@ -161,14 +164,16 @@ def _train_fp16(rank, world_size, stages, overflow_steps, scaler):
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_bf16_params_train_through_fp32_master(world_size):
     per_rank = run_distributed(_train_bf16, world_size, "zeroshard", STAGES, timeout_s=240)
-    expected = master_oracle(torch.bfloat16, world_size, [1.0] * STEPS)
-    for stage in STAGES:
-        key = f"stage{stage}"
-        result = per_rank[0][key]
-        assert set(result["dtypes"].values()) == {torch.bfloat16}, "model params must stay bf16"
-        assert result["loss_scale"] == 1.0, "bf16 needs no loss scaling"
-        assert_ranks_identical([r[key]["params"] for r in per_rank], f"bf16 {key}")
-        assert_within_one_ulp(result["params"], expected, torch.bfloat16, f"bf16 {key} ws={world_size}")
+    for kind in BF16_KINDS:
+        expected = master_oracle(torch.bfloat16, world_size, [1.0] * STEPS, kind=kind)
+        for stage in STAGES:
+            key = f"stage{stage}/{kind}"
+            result = per_rank[0][key]
+            assert set(result["dtypes"].values()) == {torch.bfloat16}, "params must stay bf16"
+            assert result["loss_scale"] == 1.0, "bf16 needs no loss scaling"
+            assert_ranks_identical([r[key]["params"] for r in per_rank], f"bf16 {key}")
+            assert_within_one_ulp(result["params"], expected, torch.bfloat16,
+                                  f"bf16 {key} ws={world_size}")
 
 
 @requires_zero
@@ -185,8 +190,9 @@ def test_fp16_overflow_on_one_rank_skips_the_step_everywhere():
             assert [e["skipped"] for e in log] == [s == OVERFLOW_STEP for s in range(STEPS)], \
                 f"{key} rank {rank}: last_step_skipped per step {[e['skipped'] for e in log]}"
             assert [e["scale"] for e in log] == EXPECTED_SCALES, f"{key} rank {rank}: scales"
-            assert log[OVERFLOW_STEP]["params_unchanged"], f"{key} rank {rank}: skipped step moved params"
-            assert log[OVERFLOW_STEP]["state_unchanged"], f"{key} rank {rank}: skipped step moved state"
+            skipped = log[OVERFLOW_STEP]
+            assert skipped["params_unchanged"], f"{key} rank {rank}: skipped step moved params"
+            assert skipped["state_unchanged"], f"{key} rank {rank}: skipped step moved state"
             assert not log[0]["params_unchanged"], f"{key} rank {rank}: a clean step did nothing"
         assert_ranks_identical([r[key]["params"] for r in per_rank], f"fp16 {key}")
         assert_within_one_ulp(per_rank[0][key]["params"], expected, torch.float16, f"fp16 {key}")
@@ -207,8 +213,11 @@ def test_oracle_side_holds_for_reference_stand_in():
     """The bf16 tolerance holds for a plain distributed fp32-master recipe, and discriminates: a
     pure-bf16 run (no master) and an fp16 run that did not skip fail the same check."""
     per_rank = run_distributed(_train_bf16, 2, "reference", (0,), timeout_s=120)
+    for kind in BF16_KINDS:
+        assert_within_one_ulp(per_rank[0][f"stage0/{kind}"]["params"],
+                              master_oracle(torch.bfloat16, 2, [1.0] * STEPS, kind=kind),
+                              torch.bfloat16, f"reference {kind}")
     expected = master_oracle(torch.bfloat16, 2, [1.0] * STEPS)
-    assert_within_one_ulp(per_rank[0]["stage0"]["params"], expected, torch.bfloat16, "reference")
     with pytest.raises(AssertionError):
         assert_within_one_ulp(pure_low_precision_oracle(torch.bfloat16), expected, torch.bfloat16,
                               "pure bf16")

@@ -45,8 +45,8 @@ def _one_step(rank, world_size):
             opt.reset_comm_stats()
             opt.backward(mse_loss(model, tokens, target))
             opt.step()
-            results[f"{dtype}/stage{stage}"] = {"memory": dict(opt.memory_report()),
-                                                "comm": {k: dict(v) for k, v in opt.comm_stats().items()}}
+            comm = {kind: dict(entry) for kind, entry in opt.comm_stats().items()}
+            results[f"{dtype}/stage{stage}"] = {"memory": dict(opt.memory_report()), "comm": comm}
     return results
 
 
