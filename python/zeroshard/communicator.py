@@ -79,6 +79,21 @@ class _TorchWork(Work):
                 "stopped responding; check the other ranks' logs.") from e
 
 
+class _SumAfterWork(Work):
+    """reduce_scatter through all_to_all: wait for the exchange, then sum the received parts."""
+
+    def __init__(self, work: Work, received: torch.Tensor, part: torch.Tensor,
+                 world_size: int) -> None:
+        self._work, self._received, self._part, self._world_size = work, received, part, world_size
+
+    def wait(self) -> None:
+        if self._work is None:
+            return
+        self._work.wait()
+        torch.sum(self._received.view(self._world_size, -1), dim=0, out=self._part)
+        self._work = self._received = None
+
+
 class Communicator:
     """Interface. `full` is the whole buffer (all_reduce's, reduce_scatter's input,
     all_gather's output); `part` is this rank's 1/world_size of it."""
@@ -146,7 +161,9 @@ class ProcessGroupCommunicator(Communicator):
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.timeout_s = timeout_s  # None: torch's own process-group timeout
-        self._reduce_scatter_native = True
+        # gloo's reduce_scatter_tensor runs to completion inside the call, so no timeout can
+        # reach it; its async all_to_all can be waited with one (same bytes moved).
+        self._reduce_scatter_native = dist.get_backend(group) != "gloo"
 
     def _work(self, kind: str, handle) -> Work:
         return _TorchWork(handle, kind, self.rank, self.timeout_s)
@@ -166,10 +183,9 @@ class ProcessGroupCommunicator(Communicator):
                 # Older gloo builds lack reduce_scatter; all_to_all moves the same bytes.
                 self._reduce_scatter_native = False
         received = torch.empty_like(full)
-        self._work("reduce_scatter", dist.all_to_all_single(received, full, group=self.group,
-                                                            async_op=True)).wait()
-        torch.sum(received.view(self.world_size, -1), dim=0, out=part)
-        return Work()
+        work = self._work("reduce_scatter", dist.all_to_all_single(received, full,
+                                                                   group=self.group, async_op=True))
+        return _SumAfterWork(work, received, part, self.world_size)
 
     def all_gather(self, full, part):
         self._check_split(part, full, self.world_size)
