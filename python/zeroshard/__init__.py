@@ -6,12 +6,15 @@ reduces gradients itself and keeps only this rank's shard of the optimizer state
 `zeroshard.ops` holds the fused kernels; `python -m zeroshard.env` reports the build.
 """
 from . import _core, ops
+from .communicator import CollectiveTimeout
 from .gradient_reducer import GradientReducer
 from .optimizers import ZeroAdam, ZeroAdamW, ZeroRedundancy, ZeroSGD
 from .zero_optimizer import ZeroOptimizer
+from . import checkpoint
 
 __version__ = _core.build_info()["version"]
 CoreError = _core.CoreError
 
 __all__ = ["ZeroAdamW", "ZeroAdam", "ZeroSGD", "ZeroRedundancy", "ZeroOptimizer",
-           "GradientReducer", "ops", "CoreError", "__version__"]
+           "GradientReducer", "ops", "CoreError", "CollectiveTimeout", "checkpoint",
+           "__version__"]

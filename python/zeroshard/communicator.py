@@ -42,6 +42,11 @@ class CommStats:
                     "bytes_sent": self.bytes_sent[k]} for k in KINDS}
 
 
+class CollectiveTimeout(RuntimeError):
+    """A collective did not finish: a peer rank died, stopped responding, or the timeout passed.
+    The message names the collective, this rank and the timeout."""
+
+
 class Work:
     """A finished collective: wait() does nothing."""
 
@@ -53,13 +58,43 @@ class Work:
 
 
 class _TorchWork(Work):
-    def __init__(self, handle) -> None:
+    """A torch.distributed work handle, waited with a timeout so that a dead or stuck peer ends
+    in CollectiveTimeout on every survivor instead of a hang."""
+
+    def __init__(self, handle, kind: str = "collective", rank: int = 0,
+                 timeout_s: Optional[float] = None) -> None:
         self._handle = handle
+        self._kind, self._rank, self._timeout_s = kind, rank, timeout_s
 
     def wait(self) -> None:
-        if self._handle is not None:
-            self._handle.wait()
-            self._handle = None
+        if self._handle is None:
+            return
+        handle, self._handle = self._handle, None
+        try:
+            if self._timeout_s is None:
+                handle.wait()
+            else:
+                handle.wait(timeout=datetime.timedelta(seconds=self._timeout_s))
+        except RuntimeError as e:
+            raise CollectiveTimeout(
+                f"{self._kind} did not complete on rank {self._rank} (timeout_s="
+                f"{self._timeout_s}): {str(e).strip()[:300]}. A peer rank probably died or "
+                "stopped responding; check the other ranks' logs.") from e
+
+
+class _SumAfterWork(Work):
+    """reduce_scatter through all_to_all: wait for the exchange, then sum the received parts."""
+
+    def __init__(self, work: Work, received: torch.Tensor, part: torch.Tensor,
+                 world_size: int) -> None:
+        self._work, self._received, self._part, self._world_size = work, received, part, world_size
+
+    def wait(self) -> None:
+        if self._work is None:
+            return
+        self._work.wait()
+        torch.sum(self._received.view(self._world_size, -1), dim=0, out=self._part)
+        self._work = self._received = None
 
     def is_completed(self) -> bool:
         return self._handle is None or self._handle.is_completed()
@@ -125,50 +160,60 @@ class LocalCommunicator(Communicator):
 
 
 class ProcessGroupCommunicator(Communicator):
-    def __init__(self, group: Optional[dist.ProcessGroup]) -> None:
+    def __init__(self, group: Optional[dist.ProcessGroup],
+                 timeout_s: Optional[float] = None) -> None:
         super().__init__()
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        self._reduce_scatter_native = True
+        self.timeout_s = timeout_s  # None: torch's own process-group timeout
+        # gloo's reduce_scatter_tensor runs to completion inside the call, so no timeout can
+        # reach it; its async all_to_all can be waited with one (same bytes moved).
+        self._reduce_scatter_native = dist.get_backend(group) != "gloo"
+
+    def _work(self, kind: str, handle) -> Work:
+        return _TorchWork(handle, kind, self.rank, self.timeout_s)
 
     def all_reduce(self, full):
         self._count("all_reduce", full)
-        return _TorchWork(dist.all_reduce(full, group=self.group, async_op=True))
+        return self._work("all_reduce", dist.all_reduce(full, group=self.group, async_op=True))
 
     def reduce_scatter(self, part, full):
         self._check_split(part, full, self.world_size)
         self._count("reduce_scatter", full)
         if self._reduce_scatter_native:
             try:
-                return _TorchWork(dist.reduce_scatter_tensor(part, full, group=self.group,
-                                                             async_op=True))
+                return self._work("reduce_scatter", dist.reduce_scatter_tensor(
+                    part, full, group=self.group, async_op=True))
             except (RuntimeError, NotImplementedError):
                 # Older gloo builds lack reduce_scatter; all_to_all moves the same bytes.
                 self._reduce_scatter_native = False
         received = torch.empty_like(full)
-        dist.all_to_all_single(received, full, group=self.group)
-        torch.sum(received.view(self.world_size, -1), dim=0, out=part)
-        return Work()
+        work = self._work("reduce_scatter", dist.all_to_all_single(received, full,
+                                                                   group=self.group, async_op=True))
+        return _SumAfterWork(work, received, part, self.world_size)
 
     def all_gather(self, full, part):
         self._check_split(part, full, self.world_size)
         self._count("all_gather", full)
         if _overlaps(part, full):
             part = part.clone()  # gloo may write `full` while still reading an aliased input
-        return _TorchWork(dist.all_gather_into_tensor(full, part, group=self.group, async_op=True))
+        return self._work("all_gather", dist.all_gather_into_tensor(full, part, group=self.group,
+                                                                   async_op=True))
 
     def control_all_reduce(self, tensor, op=dist.ReduceOp.SUM):
         """A small, synchronous reduction of control values (norms, overflow flags). Counted in
         stats.control_bytes, apart from the gradient and parameter traffic of ZeRO's formulas."""
         self.stats.control_bytes += tensor.numel() * tensor.element_size()
-        dist.all_reduce(tensor, op=op, group=self.group)
+        self._work("all_reduce (control)",
+                   dist.all_reduce(tensor, op=op, group=self.group, async_op=True)).wait()
         return tensor
 
     def broadcast(self, tensor, root=0):
         self._count("broadcast", tensor)
         src = dist.get_global_rank(self.group, root) if self.group is not None else root
-        return _TorchWork(dist.broadcast(tensor, src=src, group=self.group, async_op=True))
+        return self._work("broadcast", dist.broadcast(tensor, src=src, group=self.group,
+                                                      async_op=True))
 
 
 class _CudaWork(Work):
@@ -273,4 +318,5 @@ def make_communicator(process_group: Optional[dist.ProcessGroup], device: torch.
     if device.type == "cuda" and _core.gpu.built_with_cuda():
         seconds = timeout.total_seconds() if timeout is not None else default_timeout_s()
         return NcclCommunicator(process_group, device, seconds)
-    return ProcessGroupCommunicator(process_group)
+    return ProcessGroupCommunicator(process_group,
+                                    timeout.total_seconds() if timeout is not None else None)

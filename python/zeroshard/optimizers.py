@@ -151,7 +151,8 @@ class ZeroRedundancy(ZeroOptimizer):
     def __init__(self, params, optimizer_class: Type[torch.optim.Optimizer] = torch.optim.AdamW,
                  *, stage: int = 2, process_group=None, bucket_mb: float = 25,
                  overlap: bool = True, reduce_dtype=None, loss_scale: Any = "dynamic",
-                 assume_elementwise: bool = False, **optimizer_kwargs) -> None:
+                 assume_elementwise: bool = False, timeout_s: float = 300.0,
+                 **optimizer_kwargs) -> None:
         if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
             raise TypeError(f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}")
         if issubclass(optimizer_class, ZeroOptimizer):
@@ -170,7 +171,7 @@ class ZeroRedundancy(ZeroOptimizer):
         self.inner: Optional[torch.optim.Optimizer] = None
         super().__init__(params, defaults, stage=stage, process_group=process_group,
                          bucket_mb=bucket_mb, overlap=overlap, reduce_dtype=reduce_dtype,
-                         loss_scale=loss_scale)
+                         loss_scale=loss_scale, timeout_s=timeout_s)
         groups = []
         for fg, state in zip(self.flat_groups, self.shard_state):
             hyper = {k: v for k, v in self.param_groups[fg.group_index].items() if k != "params"}

@@ -15,6 +15,7 @@ all-gather the updated shards: reduce-scatter + all-gather moves what one all-re
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 from collections import OrderedDict
 from typing import Any, Dict, Iterable, List, Optional
@@ -75,13 +76,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults: Dict[str, Any], *, stage: int = 2,
                  process_group: Optional[dist.ProcessGroup] = None, bucket_mb: float = 25,
                  overlap: bool = True, reduce_dtype: Optional[torch.dtype] = None,
-                 loss_scale: Any = "dynamic", **scaler_kwargs) -> None:
+                 loss_scale: Any = "dynamic", timeout_s: float = 300.0,
+                 **scaler_kwargs) -> None:
         if stage not in (0, 1, 2):
             raise ValueError(f"stage must be 0, 1 or 2, got {stage!r} (stage 3 is not built yet)")
         if not (isinstance(bucket_mb, (int, float)) and bucket_mb > 0):
             raise ValueError(f"bucket_mb must be a positive number, got {bucket_mb!r}")
         if reduce_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"reduce_dtype must be None, float32, bfloat16 or float16, got {reduce_dtype}")
+        if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
+            raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
         unknown = set(scaler_kwargs) - set(_SCALER_KWARGS)
         if unknown:
             raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
@@ -104,7 +108,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
             if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
                 raise TypeError(f"{self._names[id(p)]} has dtype {p.dtype}; zeroshard trains "
                                 "float32, bfloat16 and float16 parameters")
-        self.comm: Communicator = make_communicator(process_group, self.device)
+        self.timeout_s = float(timeout_s)  # a collective not done by then raises CollectiveTimeout
+        self.comm: Communicator = make_communicator(
+            process_group, self.device, datetime.timedelta(seconds=self.timeout_s))
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
         self._check_ranks_agree(process_group, bucket_mb)
 
@@ -400,3 +406,35 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def _after_load(self) -> None:
         """Hook for subclasses whose state lives partly outside shard_state."""
+
+    # ---- sharded checkpoints (zeroshard.checkpoint) ------------------------------------------
+    # Accessors for zeroshard.checkpoint, which owns the file format and resharding. "State
+    # space" is the shard (stages 1/2) or the whole flat buffer (stage 0), as in shard_state.
+
+    def checkpoint_state(self, index: int):
+        """Flat group `index`'s state: (state-space tensors by name, JSON-able scalars)."""
+        state = self.shard_state[index]
+        tensors = {k: v.detach() for k, v in state.items() if isinstance(v, torch.Tensor)}
+        scalars = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
+        return tensors, scalars
+
+    def load_checkpoint_state(self, index: int, tensors: Dict[str, torch.Tensor],
+                              scalars: Dict[str, Any]) -> None:
+        """Copies already-validated state in (same keys and shapes as checkpoint_state)."""
+        state = self.shard_state[index]
+        with torch.no_grad():
+            for k, v in tensors.items():
+                state[k].copy_(v)
+        state.update(scalars)
+
+    def scaler_state(self) -> Optional[Dict[str, Any]]:
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def load_scaler_state(self, state: Optional[Dict[str, Any]]) -> None:
+        if self.scaler is not None and state is not None:
+            self.scaler.load_state_dict(state)
+
+    def finish_checkpoint_load(self) -> None:
+        """After a checkpoint load: drop pending gradients and run the subclass hook."""
+        self.zero_grad(set_to_none=True)
+        self._after_load()
