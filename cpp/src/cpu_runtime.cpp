@@ -86,8 +86,16 @@ class ThreadPool {
   void resize(int threads) {
     std::lock_guard<std::mutex> run_lock(run_mutex_);
     stop_workers();
-    stopping_ = false;
-    for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
+    uint64_t current;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = false;
+      current = generation_;
+    }
+    // New workers must not mistake the last finished job for a new one: they start having
+    // "seen" the current generation (else they decrement pending_ for a stale job and the
+    // next run() can return before its tasks are done).
+    for (int i = 1; i < threads; ++i) workers_.emplace_back([this, current] { worker_loop(current); });
   }
 
   // Runs task(t) for t in [0, tasks) over the workers and the caller.
@@ -124,8 +132,7 @@ class ThreadPool {
     t_in_pool_task = false;
   }
 
-  void worker_loop(int) {
-    uint64_t seen = 0;
+  void worker_loop(uint64_t seen) {
     for (;;) {
       {
         std::unique_lock<std::mutex> lock(mutex_);

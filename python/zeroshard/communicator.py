@@ -81,6 +81,9 @@ class _TorchWork(Work):
                 f"{self._timeout_s}): {str(e).strip()[:300]}. A peer rank probably died or "
                 "stopped responding; check the other ranks' logs.") from e
 
+    def is_completed(self) -> bool:
+        return self._handle is None or self._handle.is_completed()
+
 
 class _SumAfterWork(Work):
     """reduce_scatter through all_to_all: wait for the exchange, then sum the received parts."""
@@ -97,7 +100,7 @@ class _SumAfterWork(Work):
         self._work = self._received = None
 
     def is_completed(self) -> bool:
-        return self._handle is None or self._handle.is_completed()
+        return self._work is None or self._work.is_completed()
 
 
 class Communicator:

@@ -10,6 +10,8 @@
 #include <stdexcept>
 #include <string>
 #include <vector>
+#include <thread>
+#include <chrono>
 
 #include "check.hpp"
 #include "reference_numerics.hpp"
@@ -442,6 +444,32 @@ TEST(thread_pool_covers_range_and_propagates_exceptions) {
     CHECK(total.load() == 1000);
   }
   CHECK_THROWS(InvalidArgument, set_num_threads(0));
+  set_num_threads(saved);
+}
+
+// Regression: workers created by a resize once took the last finished job for a new one, so a
+// later parallel_for could return before its tasks ran (or hang). Resize in every order and
+// check each call's work is complete when it returns.
+TEST(thread_pool_resizes_without_losing_tasks) {
+  const int saved = num_threads();
+  const int orders[] = {1, 2, 3, 4, 3, 1, 4, 2, 2, 1};
+  for (int round = 0; round < 200; ++round) {
+    for (int threads : orders) {
+      set_num_threads(threads);
+      // Two calls per size, as a kernel does (finite check, then step): the first after a
+      // resize is where stale workers used to strike.
+      for (int call = 0; call < 2; ++call) {
+        const int64_t n = 256;
+        std::vector<std::atomic<int>> hits(n);
+        parallel_for(n, 1, [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) hits[i].fetch_add(1);
+        });
+        bool once = true;
+        for (auto& h : hits) once = once && h.load() == 1;
+        CHECK_MSG(once, "round " + std::to_string(round) + ", threads " + std::to_string(threads));
+      }
+    }
+  }
   set_num_threads(saved);
 }
 
