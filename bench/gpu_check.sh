@@ -132,5 +132,13 @@ else
   note "zs_bench" "absent"
 fi
 
+# ---- ZeRO on the GPU: the example over NCCL (world size 1), then a GPT-2-medium step ----------
+run example_nccl 150 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 \
+  examples/train_gpt.py --device cuda --model small --stage 2 --dtype bf16 --steps 30
+note "example (nccl)" "rc=$? $(grep -E '^final loss' "$OUT_DIR/example_nccl.log" | cut -c1-60)"
+run zero_step 200 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 \
+  bench/bench_zero_step.py --device cuda --model gpt2-medium --stage 2 --json "$OUT_DIR/zero_step.json"
+note "gpt2-medium step" "rc=$? $(grep -E '^ratio' "$OUT_DIR/zero_step.log")"
+
 printf '\n==== summary (%ss) ====\n' "$(( $(date +%s) - started ))" | tee "$OUT_DIR/summary.txt"
 printf '%s\n' "${SUMMARY[@]}" | tee -a "$OUT_DIR/summary.txt"

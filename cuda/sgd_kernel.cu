@@ -23,11 +23,8 @@ struct SgdPointers {
   void* param_copy;        // nullptr: none
 };
 
-// The same derived scalars the CPU entry point builds (cpp/src/cpu_kernels.cpp).
-struct SgdScalars {
-  float lr, momentum, dampening_complement, weight_decay, inv_grad_scale;
-  bool nesterov, first_step;
-};
+// The derived scalars, computed by sgd_scalars() for the CPU and CUDA kernels alike.
+using zeroshard::SgdScalars;
 
 __device__ __forceinline__ void sgd_update(float g, float& p, float* buf, const SgdScalars& s) {
   float d = __fmul_rn(g, s.inv_grad_scale);
@@ -121,7 +118,7 @@ void sgd_step(float* param, const void* grad, DType grad_dtype, float* momentum_
   const std::string null_but = " is null but n = " + std::to_string(n);
   ZS_REQUIRE(n == 0 || param != nullptr, "param" + null_but);
   ZS_REQUIRE(n == 0 || grad != nullptr, "grad" + null_but);
-  ZS_REQUIRE(cfg.momentum == 0.0f || n == 0 || momentum_buffer != nullptr,
+  ZS_REQUIRE(cfg.momentum == 0.0 || n == 0 || momentum_buffer != nullptr,
              "momentum_buffer is required when momentum != 0");
   ZS_REQUIRE(param_copy == nullptr || copy_dtype != DType::f32,
              "param_copy must be bfloat16 or float16 (a float32 copy is the param itself)");
@@ -129,9 +126,7 @@ void sgd_step(float* param, const void* grad, DType grad_dtype, float* momentum_
              "found_inf is required when check_finite is set: pass a 1-element int32 device "
              "tensor, zeroed before the first check");
   if (n == 0) return;
-  const detail::SgdScalars s{cfg.lr, cfg.momentum, 1.0f - cfg.dampening, cfg.weight_decay,
-                             static_cast<float>(1.0 / static_cast<double>(cfg.grad_scale)),
-                             cfg.nesterov, cfg.first_step};
+  const SgdScalars s = sgd_scalars(cfg);
   const auto cuda_stream = static_cast<cudaStream_t>(stream);
   if (cfg.check_finite) detail::launch_check_finite(grad, grad_dtype, n, found_inf, cuda_stream);
   detail::launch_sgd({param, grad, momentum_buffer, param_copy}, grad_dtype, copy_dtype, n, s,

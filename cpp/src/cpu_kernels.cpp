@@ -76,14 +76,12 @@ bool sgd_step(float* param, const void* grad, DType grad_dtype, float* momentum_
   ZS_REQUIRE(n >= 0, "n must be >= 0");
   require_buffer(param, n, "param");
   require_buffer(grad, n, "grad");
-  ZS_REQUIRE(cfg.momentum == 0.0f || n == 0 || momentum_buffer != nullptr,
+  ZS_REQUIRE(cfg.momentum == 0.0 || n == 0 || momentum_buffer != nullptr,
              "momentum_buffer is required when momentum != 0");
   require_copy_dtype(param_copy, copy_dtype);
   if (cfg.check_finite && !all_finite(grad, grad_dtype, n)) return true;
   const SgdBuffers b{param, grad, grad_dtype, momentum_buffer, param_copy, copy_dtype};
-  const SgdScalars s{cfg.lr, cfg.momentum, 1.0f - cfg.dampening, cfg.weight_decay,
-                     static_cast<float>(1.0 / static_cast<double>(cfg.grad_scale)), cfg.nesterov,
-                     cfg.first_step};
+  const SgdScalars s = sgd_scalars(cfg);
   const KernelTable& k = table();
   parallel_for(n, kGrain, [&](int64_t begin, int64_t end) { k.sgd(b, s, begin, end); });
   return false;

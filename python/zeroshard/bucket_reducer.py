@@ -57,7 +57,6 @@ class BucketReducer:
                  max_in_flight: int = 2) -> None:
         if mode not in ("all_reduce", "reduce_scatter"):
             raise ValueError(f"mode must be 'all_reduce' or 'reduce_scatter', got {mode!r}")
-        self.groups = groups
         self.comm = comm
         self.mode = mode
         self.overlap = overlap
@@ -65,7 +64,6 @@ class BucketReducer:
         # Buckets whose collective may be outstanding at once: bounds staging memory to a few
         # buckets (the oldest is finished before another starts), as DeepSpeed's IPG buckets do.
         self.max_in_flight = max(1, max_in_flight)
-        self.states = [_GroupState(g) for g in groups]
         self.in_flight: List[Tuple[Work, Callable[[], None]]] = []
         self.syncing = True
         self.callback_queued = False
@@ -75,7 +73,15 @@ class BucketReducer:
         self.peak_staging_bytes = 0
         self.on_round_start: Optional[Callable[[], None]] = None
         self._handles = []
-        for gi, group in enumerate(groups):
+        self.groups, self.states = [], []
+        self.add_groups(groups)
+
+    def add_groups(self, groups: List[FlatGroup]) -> None:
+        """Starts reducing the gradients of more FlatGroups (add_param_group)."""
+        for group in groups:
+            gi = len(self.groups)
+            self.groups.append(group)
+            self.states.append(_GroupState(group))
             for pi, p in enumerate(group.params):
                 self._handles.append(p.register_post_accumulate_grad_hook(
                     self._make_hook(gi, pi)))

@@ -316,10 +316,12 @@ def make_communicator(process_group: Optional[dist.ProcessGroup], device: torch.
         if process_group is not None:
             raise ValueError("process_group was given but torch.distributed is not initialised")
         return LocalCommunicator()
-    if dist.get_world_size(process_group) == 1:
-        return LocalCommunicator()
+    # CUDA tensors take the NCCL path even at world size 1, so that a one-GPU run exercises the
+    # same code as a multi-GPU one.
     if device.type == "cuda" and _core.gpu.built_with_cuda():
         seconds = timeout.total_seconds() if timeout is not None else default_timeout_s()
         return NcclCommunicator(process_group, device, seconds)
+    if dist.get_world_size(process_group) == 1:
+        return LocalCommunicator()
     return ProcessGroupCommunicator(process_group,
                                     timeout.total_seconds() if timeout is not None else None)

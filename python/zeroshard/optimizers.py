@@ -178,6 +178,12 @@ class ZeroRedundancy(ZeroOptimizer):
             groups.append(dict(hyper, params=[state["master"]]))
         self.inner = optimizer_class(groups, **optimizer_kwargs)
 
+    def _after_add_groups(self, added) -> None:
+        for fg in added:
+            state = self.shard_state[self.flat_groups.index(fg)]
+            hyper = {k: v for k, v in self.param_groups[fg.group_index].items() if k != "params"}
+            self.inner.add_param_group(dict(hyper, params=[state["master"]]))
+
     def _init_state(self, fg: FlatGroup) -> Dict[str, Any]:
         master = torch.empty(fg.shard_numel, dtype=torch.float32, device=fg.device)
         for b0, b1, s0 in fg.shard_slices():

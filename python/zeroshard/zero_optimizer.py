@@ -72,6 +72,18 @@ def _split_names(params) -> tuple:
     return strip(items, "params"), names
 
 
+def _reject_duplicates(params, names: Dict[int, str]) -> None:
+    """torch.optim only warns about a parameter listed twice; sharding it twice would corrupt it."""
+    flat = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) \
+        else list(params)
+    seen = set()
+    for p in flat:
+        if id(p) in seen:
+            raise ValueError(f"{names.get(id(p), 'a parameter')} is given twice (in one list or "
+                             "in two param groups); list each parameter once")
+        seen.add(id(p))
+
+
 class ZeroOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults: Dict[str, Any], *, stage: int = 2,
                  process_group: Optional[dist.ProcessGroup] = None, bucket_mb: float = 25,
@@ -90,6 +102,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if unknown:
             raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
         params, self._names = _split_names(params)
+        _reject_duplicates(params, self._names)
         self._building = True
         super().__init__(params, defaults)
         self._building = False
@@ -104,29 +117,20 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError(f"parameters are on several devices {sorted(map(str, devices))}; "
                              "one optimizer serves one device (move the model first)")
         self.device = devices.pop()
-        for p in trainable:
-            if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-                raise TypeError(f"{self._names[id(p)]} has dtype {p.dtype}; zeroshard trains "
-                                "float32, bfloat16 and float16 parameters")
+        self._check_dtypes(trainable)
         self.timeout_s = float(timeout_s)  # a collective not done by then raises CollectiveTimeout
+        self.process_group = process_group
         self.comm: Communicator = make_communicator(
             process_group, self.device, datetime.timedelta(seconds=self.timeout_s))
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
-        self._check_ranks_agree(process_group, bucket_mb)
+        self.bucket_mb = float(bucket_mb)
+        self._check_ranks_agree([p for g in self.param_groups for p in g["params"]])
 
         elem = torch.tensor([], dtype=self.reduce_dtype).element_size()
-        bucket_elems = max(1, int(bucket_mb * 2 ** 20) // elem)
+        self.bucket_elems = max(1, int(bucket_mb * 2 ** 20) // elem)
         self.flat_groups: List[FlatGroup] = []
-        for gi, group in enumerate(self.param_groups):
-            by_dtype: "OrderedDict[torch.dtype, list]" = OrderedDict()
-            for p in group["params"]:
-                if p.requires_grad:
-                    by_dtype.setdefault(p.dtype, []).append(p)
-            for ps in by_dtype.values():
-                self.flat_groups.append(FlatGroup(
-                    ps, [self._names[id(p)] for p in ps], gi, rank=self.rank,
-                    world_size=self.world_size, stage=stage, bucket_elems=bucket_elems,
-                    reduce_dtype=self.reduce_dtype))
+        for gi in range(len(self.param_groups)):
+            self.flat_groups.extend(self._flatten_group(gi))
         self.reducer = BucketReducer(self.flat_groups, self.comm,
                                      mode="all_reduce" if stage == 0 else "reduce_scatter",
                                      overlap=overlap, reduce_at_step=(stage == 1))
@@ -146,22 +150,68 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     # ---- construction ------------------------------------------------------------------------
 
-    def add_param_group(self, param_group: dict) -> None:
-        if not getattr(self, "_building", True):
-            raise NotImplementedError(
-                "zeroshard optimizers flatten and shard their parameters at construction; "
-                "pass every param group to the constructor instead of add_param_group()")
-        super().add_param_group(param_group)
+    def _check_dtypes(self, params) -> None:
+        for p in params:
+            if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise TypeError(f"{self._names[id(p)]} has dtype {p.dtype}; zeroshard trains "
+                                "float32, bfloat16 and float16 parameters")
 
-    def _check_ranks_agree(self, process_group, bucket_mb) -> None:
+    def _flatten_group(self, gi: int) -> List[FlatGroup]:
+        """One FlatGroup per dtype among param group gi's trainable parameters."""
+        by_dtype: "OrderedDict[torch.dtype, list]" = OrderedDict()
+        for p in self.param_groups[gi]["params"]:
+            if p.requires_grad:
+                by_dtype.setdefault(p.dtype, []).append(p)
+        return [FlatGroup(ps, [self._names[id(p)] for p in ps], gi, rank=self.rank,
+                          world_size=self.world_size, stage=self.stage,
+                          bucket_elems=self.bucket_elems, reduce_dtype=self.reduce_dtype)
+                for ps in by_dtype.values()]
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As torch.optim: the new group's parameters are flattened and sharded like the rest.
+        Every rank must call it with the same group (checked with one small collective)."""
+        if getattr(self, "_building", True):
+            super().add_param_group(param_group)
+            return
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        groups, names = _split_names([param_group])
+        group = groups[0]
+        self._names.update(names)
+        existing = [p for g in self.param_groups for p in g["params"]]
+        _reject_duplicates(existing + list(group["params"]), self._names)
+        new = [p for p in group["params"] if p.requires_grad]
+        for p in new:
+            if p.device != self.device:
+                raise ValueError(f"{self._names[id(p)]} is on {p.device}, the optimizer's other "
+                                 f"parameters on {self.device}")
+        self._check_dtypes(new)
+        if self.scaler is None and any(p.dtype == torch.float16 for p in new) and any(
+                fg.dtype != torch.float16 for fg in self.flat_groups):
+            raise ValueError("float16 parameters need loss scaling set up at construction; "
+                             "construct the optimizer with them instead of add_param_group()")
+        self._check_ranks_agree(list(group["params"]))
+        self._reduced()  # finish any reduction in flight before the buffers change
+        super().add_param_group(group)
+        added = self._flatten_group(len(self.param_groups) - 1)
+        self.flat_groups.extend(added)
+        self.reducer.add_groups(added)
+        self.shard_state.extend(self._init_state(fg) for fg in added)
+        self._after_add_groups(added)
+
+    def _after_add_groups(self, added: List[FlatGroup]) -> None:
+        """Hook for subclasses that keep per-FlatGroup objects outside shard_state."""
+
+    def _check_ranks_agree(self, params) -> None:
         """One small collective so that ranks with different models or settings fail at once,
         naming the difference, instead of hanging or corrupting a later collective."""
         if self.world_size == 1:
             return
+        process_group = self.process_group
         mine = {
-            "stage": self.stage, "bucket_mb": float(bucket_mb), "reduce_dtype": str(self.reduce_dtype),
+            "stage": self.stage, "bucket_mb": self.bucket_mb, "reduce_dtype": str(self.reduce_dtype),
             "params": [(self._names[id(p)], tuple(p.shape), str(p.dtype), bool(p.requires_grad))
-                       for g in self.param_groups for p in g["params"]],
+                       for p in params],
         }
         everyone: List[Any] = [None] * self.world_size
         dist.all_gather_object(everyone, mine, group=process_group)

@@ -120,9 +120,9 @@ def check_adam(p, m, v, copy, p0, grads, *, decoupled, grad_scale=1.0, hp=ADAM_H
     gmax = max((g.double().abs().max().item() / grad_scale for g in grads if g.numel()), default=0)
     # m: lerp with an fp32 beta1 (relative error 2^-24), a few roundings per step.
     assert_moment_close(m, ref_m, rtol=8 * steps * U24, atol=8 * steps * U24 * gmax, what="exp_avg")
-    # v: the core holds beta2 as float32; 0.999f differs from 0.999 by 1.3e-8, which is 1.3e-5
-    # relative to 1 - beta2. It cancels in v/(1 - beta2^t) (same fp32 beta2), so p is unaffected.
-    assert_moment_close(v, ref_v, rtol=2e-5, atol=0.0, what="exp_avg_sq")
+    # v: 1 - beta2 is formed in double from the Python float (a float32 beta2 would be off by
+    # 1.3e-5 relative), then a few fp32 roundings per step.
+    assert_moment_close(v, ref_v, rtol=8 * steps * U24, atol=0.0, what="exp_avg_sq")
     if copy is not None:
         assert_bitwise(copy, p.to(copy.dtype), "param_copy vs param.to()")
 

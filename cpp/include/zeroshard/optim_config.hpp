@@ -7,27 +7,29 @@
 namespace zeroshard {
 
 // torch.optim.Adam / AdamW semantics. `step` is the step number after increment (1 first).
+// Hyper-parameters are double, as Python floats are: 1 - beta2 computed from a float beta2 of
+// 0.999 is off by 1.3e-5 relative, which would show in exp_avg_sq against torch.
 struct AdamConfig {
-  float lr = 1e-3f;
-  float beta1 = 0.9f;
-  float beta2 = 0.999f;
-  float eps = 1e-8f;
-  float weight_decay = 0.0f;
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.0;
   int64_t step = 1;
   bool decoupled = true;     // true: AdamW (param *= 1 - lr*wd); false: Adam (grad += wd*param)
-  float grad_scale = 1.0f;   // the gradient is divided by this (loss scale, clip factor)
+  double grad_scale = 1.0;   // the gradient is divided by this (loss scale, clip factor)
   bool check_finite = true;  // false: the caller already knows the gradient is finite
 };
 
 // torch.optim.SGD semantics. `first_step` initialises the momentum buffer to the gradient.
 struct SgdConfig {
-  float lr = 1e-3f;
-  float momentum = 0.0f;
-  float dampening = 0.0f;
-  float weight_decay = 0.0f;
+  double lr = 1e-3;
+  double momentum = 0.0;
+  double dampening = 0.0;
+  double weight_decay = 0.0;
   bool nesterov = false;
   bool first_step = true;
-  float grad_scale = 1.0f;
+  double grad_scale = 1.0;
   bool check_finite = true;
 };
 
@@ -42,9 +44,15 @@ struct AdamScalars {
   bool decoupled;
 };
 
+struct SgdScalars {
+  float lr, momentum, dampening_complement, weight_decay, inv_grad_scale;
+  bool nesterov, first_step;
+};
+
 // Throws InvalidArgument naming the bad field (e.g. "lr must be >= 0").
 void validate(const AdamConfig& cfg);
 void validate(const SgdConfig& cfg);
 AdamScalars adam_scalars(const AdamConfig& cfg);
+SgdScalars sgd_scalars(const SgdConfig& cfg);
 
 }  // namespace zeroshard

@@ -28,11 +28,6 @@ struct SgdBuffers {
   DType copy_dtype;
 };
 
-struct SgdScalars {
-  float lr, momentum, dampening_complement, weight_decay, inv_grad_scale;
-  bool nesterov, first_step;
-};
-
 struct KernelTable {
   void (*adam)(const AdamBuffers&, const AdamScalars&, int64_t begin, int64_t end);
   void (*sgd)(const SgdBuffers&, const SgdScalars&, int64_t begin, int64_t end);
