@@ -70,9 +70,13 @@ def run_row(name: str, args, workdir: str) -> Dict:
                "--warmup", "0", "--log-every", str(args.steps),
                "--metrics-json", metrics_path] + ROWS[name][1]
     env = dict(os.environ)
-    # zeroshard from this checkout (its _core is built into python/zeroshard) wins.
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.join(REPO, "python")] + [p for p in [env.get("PYTHONPATH")] if p])
+    # Ranks import the zeroshard this process imported (a developer build or the installed one).
+    try:
+        import zeroshard
+        root = os.path.dirname(os.path.dirname(os.path.abspath(zeroshard.__file__)))
+    except ImportError:  # not installed: the checkout's developer build
+        root = os.path.join(REPO, "python")
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
     env.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank: ranks share the cores
     started = time.perf_counter()
     try:

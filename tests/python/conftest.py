@@ -5,15 +5,17 @@ thread count) back after a test changes them. Knows nothing of what the tests ch
 """
 from __future__ import annotations
 
+import glob
 import os
 import sys
 
 import pytest
 
 # Developer builds drop _core*.so into python/zeroshard; let `pytest tests/python` find it
-# without PYTHONPATH. An installed wheel on the path wins when the source tree has no build.
+# without PYTHONPATH. Without such a build (a clean clone, CI) the installed package is used.
 _SOURCE_TREE = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "python")
-if os.path.isdir(os.path.join(_SOURCE_TREE, "zeroshard")):
+if glob.glob(os.path.join(_SOURCE_TREE, "zeroshard", "_core*.so")) and not os.environ.get(
+        "ZEROSHARD_TEST_INSTALLED"):
     sys.path.insert(0, os.path.abspath(_SOURCE_TREE))
 
 import torch  # noqa: E402

@@ -20,6 +20,10 @@ GLOBAL_BATCH = 8
 COMMON = ["--device", "cpu", "--model", "tiny", "--steps", "20", "--seq-len", "32",
           "--lr", "3e-3", "--log-every", "10", "--seed", "3"]
 
+# The zeroshard this test imported (a developer build or the installed wheel) is the one the
+# child processes must use.
+ZEROSHARD_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(zeroshard.__file__)))
+
 needs_zero_api = pytest.mark.skipif(
     not hasattr(zeroshard, "ZeroAdamW"),
     reason="zeroshard.ZeroAdamW is not in this build yet (ZeRO API, issue 3)")
@@ -37,7 +41,7 @@ def run_train(tmp_path, nproc, extra, micro_batches=1):
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                    f"--nproc_per_node={nproc}", TRAIN_SCRIPT] + args
     env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [os.path.join(REPO, "python"),
+               PYTHONPATH=os.pathsep.join(filter(None, [ZEROSHARD_ROOT,
                                                         os.environ.get("PYTHONPATH")])))
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (f"train_gpt.py failed:\n{done.stdout[-3000:]}\n"
