@@ -11,9 +11,10 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 py="$venv/bin/python"
-if ! "$py" -c "import torch, pybind11, scikit_build_core, pytest, pytest_timeout, numpy" 2>/dev/null; then
+if ! "$py" -c "import torch, pybind11, scikit_build_core, pytest, pytest_timeout, numpy, safetensors" 2>/dev/null; then
   "$py" -m pip install -q --upgrade pip
-  "$py" -m pip install -q "$torch_spec" numpy pybind11 scikit-build-core ninja pytest pytest-timeout
+  "$py" -m pip install -q "$torch_spec" numpy pybind11 scikit-build-core ninja pytest pytest-timeout \
+    safetensors
 fi
 variant="${ZEROSHARD_CUDA:-OFF}"
 build_dir="build/wheel-$(echo "$variant" | tr 'A-Z' 'a-z')"

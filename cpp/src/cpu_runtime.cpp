@@ -170,8 +170,12 @@ class ThreadPool {
 };
 
 ThreadPool& pool() {
-  static ThreadPool instance(initial_threads());
-  return instance;
+  // Never destroyed: at process exit the workers may already be gone or blocked inside a
+  // library (gloo, torch) that tears itself down in an order we do not control, and joining
+  // them from a static destructor made processes abort ("terminate called without an active
+  // exception"). The OS reclaims the threads.
+  static ThreadPool* instance = new ThreadPool(initial_threads());
+  return *instance;
 }
 
 }  // namespace
