@@ -20,6 +20,7 @@ import torch.distributed as dist
 from .bucket_reducer import BucketReducer
 from .communicator import make_communicator
 from .flat_group import FlatGroup
+from .zero_optimizer import reject_ddp_wrapped
 
 
 class GradientReducer:
@@ -49,6 +50,7 @@ class GradientReducer:
         if len(devices) > 1:
             raise ValueError(f"parameters are on several devices {sorted(map(str, devices))}")
         device = devices.pop()
+        reject_ddp_wrapped(trainable, {})
         self.mode = mode
         self.comm = make_communicator(process_group, device)
         bucket_elems = max(1, int(bucket_mb * 2 ** 20) // 4)

@@ -72,6 +72,24 @@ def _split_names(params) -> tuple:
     return strip(items, "params"), names
 
 
+def reject_ddp_wrapped(params, names: Dict[int, str]) -> None:
+    """A DistributedDataParallel module already all-reduces these parameters' gradients; a
+    second reduction by zeroshard would be wasted traffic at best. DDP leaves no mark on its
+    parameters, so look for live DDP modules (once, at construction)."""
+    import gc
+
+    ddp_type = torch.nn.parallel.DistributedDataParallel
+    mine = {id(p) for p in params}
+    for obj in gc.get_objects():
+        if isinstance(obj, ddp_type):
+            for name, p in obj.module.named_parameters():
+                if id(p) in mine:
+                    raise ValueError(
+                        f"{names.get(id(p), name)} belongs to a model wrapped in "
+                        "DistributedDataParallel, which already reduces its gradients. Drop the "
+                        "DDP wrapper: zeroshard's optimizer does the data-parallel reduction.")
+
+
 def _reject_duplicates(params, names: Dict[int, str]) -> None:
     """torch.optim only warns about a parameter listed twice; sharding it twice would corrupt it."""
     flat = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) \
@@ -118,6 +136,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                              "one optimizer serves one device (move the model first)")
         self.device = devices.pop()
         self._check_dtypes(trainable)
+        reject_ddp_wrapped(trainable, self._names)
         self.timeout_s = float(timeout_s)  # a collective not done by then raises CollectiveTimeout
         self.process_group = process_group
         self.comm: Communicator = make_communicator(
