@@ -411,6 +411,9 @@ def train(args) -> int:
                            "ddp_formula_bytes": 16 * numel, "formula": formula_text,
                            "formula_bytes": formula_bytes, "ranks": all_metrics}, out, indent=1)
     if dist.is_initialized():
+        # Every rank done with collectives (rank 0 was still writing its report) before the
+        # process group goes away: gloo tears down badly when peers leave at different times.
+        dist.barrier()
         dist.destroy_process_group()
     return 0 if math.isfinite(final_loss) else 1
 

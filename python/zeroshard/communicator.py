@@ -13,7 +13,10 @@ Bytes are counted with the core's ring model (`ring_bytes_sent`), the same for e
 """
 from __future__ import annotations
 
+import atexit
 import datetime
+import gc
+import time
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -162,10 +165,34 @@ class LocalCommunicator(Communicator):
         return Work()
 
 
+_exit_drain_registered = False
+
+
+def _drain_gloo_workers_at_exit() -> None:
+    """[Note: gloo at exit] A gloo worker thread drops its last reference to a finished work
+    (and so to the tensors the work held) a moment after the work completes. If Python is
+    already finalizing then, releasing a tensor's Python object needs the GIL, the thread is
+    torn down, and the process aborts with "terminate called without an active exception"
+    (core dump: AsyncBarrierWork/AsyncAllgatherWork destructors in ProcessGroupGloo::runLoop;
+    pytorch/pytorch#190489, #179291). Running while the interpreter is still whole, this lets
+    those threads finish their releases first. It cannot prove they have; it makes the window
+    far smaller than the time it takes."""
+    gc.collect()
+    time.sleep(0.05)
+
+
+def _register_exit_drain() -> None:
+    global _exit_drain_registered
+    if not _exit_drain_registered:
+        atexit.register(_drain_gloo_workers_at_exit)
+        _exit_drain_registered = True
+
+
 class ProcessGroupCommunicator(Communicator):
     def __init__(self, group: Optional[dist.ProcessGroup],
                  timeout_s: Optional[float] = None) -> None:
         super().__init__()
+        _register_exit_drain()
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
