@@ -5,7 +5,12 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-ZEROSHARD_CUDA="${ZEROSHARD_CUDA:-AUTO}" bash scripts/setup_env.sh >/dev/null
+# The CUDA variant where there is a GPU to run it; the CPU variant otherwise (a CUDA compiler
+# alone, as on the dev machines, is no reason to build CUDA code for the main job).
+if [ -z "${ZEROSHARD_CUDA:-}" ]; then
+  if nvidia-smi -L >/dev/null 2>&1; then ZEROSHARD_CUDA=AUTO; else ZEROSHARD_CUDA=OFF; fi
+fi
+ZEROSHARD_CUDA="$ZEROSHARD_CUDA" bash scripts/setup_env.sh >/dev/null
 py="${ZEROSHARD_VENV:-$root/.venv}/bin/python"
 gpus=$("$py" -c "import torch; print(torch.cuda.device_count())")
 if [ "$gpus" -gt 0 ]; then

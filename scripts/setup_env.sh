@@ -17,6 +17,11 @@ if ! "$py" -c "import torch, pybind11, scikit_build_core, pytest, pytest_timeout
     safetensors
 fi
 variant="${ZEROSHARD_CUDA:-OFF}"
+if [ "$variant" != OFF ] && command -v nvcc >/dev/null 2>&1; then
+  # The CUDA variant compiles against the NCCL headers of the wheel matching nvcc's major.
+  cuda_major=$(nvcc --version | sed -n 's/.*release \([0-9]*\)\..*/\1/p')
+  "$py" -c "import nvidia.nccl" 2>/dev/null || "$py" -m pip install -q "nvidia-nccl-cu$cuda_major"
+fi
 build_dir="build/wheel-$(echo "$variant" | tr 'A-Z' 'a-z')"
 ZEROSHARD_CUDA="$variant" "$py" -m pip install -q --no-build-isolation --no-deps \
   -Cbuild-dir="$build_dir" "$root"
