@@ -102,6 +102,14 @@ def init_distributed(device_kind: str):
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
+        # Every optimizer path (the DDP baselines too) gets zeroshard's guard against gloo's
+        # abort at interpreter exit ([Note: gloo at exit] in zeroshard/communicator.py).
+        try:
+            from zeroshard.communicator import register_exit_drain
+        except ImportError:  # the torch baselines also run where zeroshard is not built
+            pass
+        else:
+            register_exit_drain()
     return dist.get_rank(), dist.get_world_size(), device
 
 

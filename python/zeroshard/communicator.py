@@ -181,7 +181,9 @@ def _drain_gloo_workers_at_exit() -> None:
     time.sleep(0.05)
 
 
-def _register_exit_drain() -> None:
+def register_exit_drain() -> None:
+    """Registers _drain_gloo_workers_at_exit once (see [Note: gloo at exit]); scripts that use
+    gloo without a zeroshard communicator (a DDP baseline) can call it too."""
     global _exit_drain_registered
     if not _exit_drain_registered:
         atexit.register(_drain_gloo_workers_at_exit)
@@ -192,7 +194,7 @@ class ProcessGroupCommunicator(Communicator):
     def __init__(self, group: Optional[dist.ProcessGroup],
                  timeout_s: Optional[float] = None) -> None:
         super().__init__()
-        _register_exit_drain()
+        register_exit_drain()
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
