@@ -120,8 +120,7 @@ class BucketReducer:
         flat = grad.detach().reshape(-1)
         accumulate_locally = self.reduce_at_step or not self.syncing or group.local_grads is not None
         if accumulate_locally:
-            local = group.local_grads if group.local_grads is not None else group.ensure_local_grads()
-            local[start:end].add_(flat)
+            group.ensure_local_grads()[start:end].add_(flat)
         elif state.direct:
             group.reduced_grads[start:end].copy_(flat)
         else:

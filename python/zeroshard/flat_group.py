@@ -73,6 +73,18 @@ class FlatGroup:
             out.append((r.start, r.end, self.layout.bucket_slice_shard_offset(b)))
         return out
 
+    def shard_as_fp32(self) -> torch.Tensor:
+        """A new fp32 tensor (shard space) holding this rank's shard of the flat parameters."""
+        out = torch.empty(self.shard_numel, dtype=torch.float32, device=self.device)
+        for b0, b1, s0 in self.shard_slices():
+            out[s0:s0 + (b1 - b0)].copy_(self.flat_param[b0:b1])
+        return out
+
+    def write_shard(self, shard: torch.Tensor) -> None:
+        """Copies a shard-space tensor back into this rank's slices of the flat parameters."""
+        for b0, b1, s0 in self.shard_slices():
+            self.flat_param[b0:b1].copy_(shard[s0:s0 + (b1 - b0)])
+
     def bucket_slice(self, bucket: int):
         r = self.layout.bucket_slice(bucket, self.rank)
         return r.start, r.end, self.layout.bucket_slice_shard_offset(bucket)

@@ -185,10 +185,7 @@ class ZeroRedundancy(ZeroOptimizer):
             self.inner.add_param_group(dict(hyper, params=[state["master"]]))
 
     def _init_state(self, fg: FlatGroup) -> Dict[str, Any]:
-        master = torch.empty(fg.shard_numel, dtype=torch.float32, device=fg.device)
-        for b0, b1, s0 in fg.shard_slices():
-            master[s0:s0 + (b1 - b0)].copy_(fg.flat_param[b0:b1])
-        return {"master": torch.nn.Parameter(master, requires_grad=True)}
+        return {"master": torch.nn.Parameter(fg.shard_as_fp32(), requires_grad=True)}
 
     def _step_group(self, fg, state, group, grad_scale) -> None:
         index = self.flat_groups.index(fg)
@@ -201,8 +198,7 @@ class ZeroRedundancy(ZeroOptimizer):
         master.grad = grad.mul(1.0 / grad_scale) if grad_scale != 1.0 else grad.clone()
         self.inner.step()
         master.grad = None
-        for b0, b1, s0 in fg.shard_slices():
-            fg.flat_param[b0:b1].copy_(master.detach()[s0:s0 + (b1 - b0)])
+        fg.write_shard(master.detach())
 
     def state_dict(self) -> Dict[str, Any]:
         sd = super().state_dict()

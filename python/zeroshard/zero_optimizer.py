@@ -261,12 +261,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def _master(self, fg: FlatGroup) -> Optional[torch.Tensor]:
         """An fp32 master shard for low-precision params (None for fp32: params are master)."""
-        if fg.dtype == torch.float32:
-            return None
-        master = torch.empty(fg.shard_numel, dtype=torch.float32, device=fg.device)
-        for b0, b1, s0 in fg.shard_slices():
-            master[s0:s0 + (b1 - b0)].copy_(fg.flat_param[b0:b1])
-        return master
+        return None if fg.dtype == torch.float32 else fg.shard_as_fp32()
 
     # ---- training step -----------------------------------------------------------------------
 
