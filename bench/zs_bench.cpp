@@ -224,8 +224,8 @@ void bench_cpu(const Options& o, int64_t n, std::vector<Row>& rows) {
     cfg.check_finite = var.check;
     const double ms = time_host_ms(o, [&] {
       ++cfg.step;
-      if (zs::cpu::adam_step(p.get(), var.grad, var.grad_dtype, m.get(), v.get(), var.copy,
-                             zs::DType::bf16, n, cfg))
+      if (zs::cpu::adam_step(p.get(), var.grad, var.grad_dtype, m.get(), v.get(), nullptr,
+                             var.copy, zs::DType::bf16, n, cfg))
         throw std::runtime_error("benchmark gradient reported non-finite");
     });
     const double grad_bytes = static_cast<double>(zs::dtype_size(var.grad_dtype));
@@ -352,8 +352,8 @@ void bench_gpu(const Options& o, int64_t n, std::vector<Row>& rows) {
     const double ms = time_device_ms(o, stream, [&] {
       ++cfg.step;
       zs::gpu::adam_step(p.as<float>(), var.grad, var.grad_dtype, m.as<float>(), v.as<float>(),
-                         var.copy, zs::DType::bf16, n, cfg, var.check ? flag.as<int32_t>() : nullptr,
-                         stream);
+                         nullptr, var.copy, zs::DType::bf16, n, cfg,
+                         var.check ? flag.as<int32_t>() : nullptr, stream);
     });
     const double grad_bytes = static_cast<double>(zs::dtype_size(var.grad_dtype));
     rows.push_back({"gpu", var.name, n, ms, 24 + grad_bytes + (var.copy ? 2 : 0),

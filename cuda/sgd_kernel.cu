@@ -1,4 +1,4 @@
-// Fused SGD step (momentum, dampening, Nesterov, weight decay) on the GPU, with torch.optim.SGD
+// Fused SGD step (momentum, dampening, Nesterov, weight decay, maximize) on the GPU, with torch.optim.SGD
 // semantics and the CPU kernels' arithmetic operation for operation (cpp/src/simd/kernels.inl),
 // including the optional bf16/fp16 param copy written in the same pass.
 #include <cuda_runtime.h>
@@ -27,7 +27,7 @@ struct SgdPointers {
 using zeroshard::SgdScalars;
 
 __device__ __forceinline__ void sgd_update(float g, float& p, float* buf, const SgdScalars& s) {
-  float d = __fmul_rn(g, s.inv_grad_scale);
+  float d = __fmul_rn(g, s.grad_factor);  // also negates the gradient when maximizing
   if (s.weight_decay != 0.0f) d = __fmaf_rn(p, s.weight_decay, d);
   if (s.momentum != 0.0f) {
     const float b = s.first_step

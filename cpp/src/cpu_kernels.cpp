@@ -53,17 +53,19 @@ bool all_finite(const void* x, DType dtype, int64_t n) {
 }
 
 bool adam_step(float* param, const void* grad, DType grad_dtype, float* exp_avg,
-               float* exp_avg_sq, void* param_copy, DType copy_dtype, int64_t n,
-               const AdamConfig& cfg) {
+               float* exp_avg_sq, float* max_exp_avg_sq, void* param_copy, DType copy_dtype,
+               int64_t n, const AdamConfig& cfg) {
   validate(cfg);
   ZS_REQUIRE(n >= 0, "n must be >= 0");
   require_buffer(param, n, "param");
   require_buffer(grad, n, "grad");
   require_buffer(exp_avg, n, "exp_avg");
   require_buffer(exp_avg_sq, n, "exp_avg_sq");
+  require_amsgrad_buffer(cfg, max_exp_avg_sq, n);
   require_copy_dtype(param_copy, copy_dtype);
   if (cfg.check_finite && !all_finite(grad, grad_dtype, n)) return true;
-  const AdamBuffers b{param, grad, grad_dtype, exp_avg, exp_avg_sq, param_copy, copy_dtype};
+  const AdamBuffers b{param, grad, grad_dtype, exp_avg, exp_avg_sq, max_exp_avg_sq, param_copy,
+                      copy_dtype};
   const AdamScalars s = adam_scalars(cfg);
   const KernelTable& k = table();
   parallel_for(n, kGrain, [&](int64_t begin, int64_t end) { k.adam(b, s, begin, end); });

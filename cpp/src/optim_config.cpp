@@ -41,6 +41,16 @@ void validate(const SgdConfig& c) {
              "grad_scale must be finite and > 0, got " + std::to_string(c.grad_scale));
 }
 
+void require_amsgrad_buffer(const AdamConfig& c, const float* max_exp_avg_sq, int64_t n) {
+  if (c.amsgrad)
+    ZS_REQUIRE(n == 0 || max_exp_avg_sq != nullptr,
+               "amsgrad needs max_exp_avg_sq: pass a float32 buffer of n elements, zeroed "
+               "before the first step");
+  else
+    ZS_REQUIRE(max_exp_avg_sq == nullptr,
+               "max_exp_avg_sq was given but amsgrad is off: set amsgrad or pass no buffer");
+}
+
 AdamScalars adam_scalars(const AdamConfig& c) {
   const double step = static_cast<double>(c.step);
   const double bc1 = 1.0 - std::pow(static_cast<double>(c.beta1), step);
@@ -58,15 +68,17 @@ AdamScalars adam_scalars(const AdamConfig& c) {
   s.decay_factor = c.decoupled ? static_cast<float>(1.0 - static_cast<double>(c.lr) *
                                                               static_cast<double>(c.weight_decay))
                                : 1.0;
-  s.inv_grad_scale = static_cast<float>(1.0 / static_cast<double>(c.grad_scale));
+  s.grad_factor = static_cast<float>((c.maximize ? -1.0 : 1.0) / c.grad_scale);
   s.decoupled = c.decoupled;
+  s.amsgrad = c.amsgrad;
   return s;
 }
 
 SgdScalars sgd_scalars(const SgdConfig& c) {
   return SgdScalars{static_cast<float>(c.lr), static_cast<float>(c.momentum),
                     static_cast<float>(1.0 - c.dampening), static_cast<float>(c.weight_decay),
-                    static_cast<float>(1.0 / c.grad_scale), c.nesterov, c.first_step};
+                    static_cast<float>((c.maximize ? -1.0 : 1.0) / c.grad_scale), c.nesterov,
+                    c.first_step};
 }
 
 }  // namespace zeroshard

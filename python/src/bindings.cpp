@@ -40,6 +40,8 @@ void bind_configs(py::module_& m) {
       .def_readwrite("weight_decay", &zs::AdamConfig::weight_decay)
       .def_readwrite("step", &zs::AdamConfig::step)
       .def_readwrite("decoupled", &zs::AdamConfig::decoupled)
+      .def_readwrite("amsgrad", &zs::AdamConfig::amsgrad)
+      .def_readwrite("maximize", &zs::AdamConfig::maximize)
       .def_readwrite("grad_scale", &zs::AdamConfig::grad_scale)
       .def_readwrite("check_finite", &zs::AdamConfig::check_finite)
       .def("validate", [](const zs::AdamConfig& c) { zs::validate(c); });
@@ -51,6 +53,7 @@ void bind_configs(py::module_& m) {
       .def_readwrite("weight_decay", &zs::SgdConfig::weight_decay)
       .def_readwrite("nesterov", &zs::SgdConfig::nesterov)
       .def_readwrite("first_step", &zs::SgdConfig::first_step)
+      .def_readwrite("maximize", &zs::SgdConfig::maximize)
       .def_readwrite("grad_scale", &zs::SgdConfig::grad_scale)
       .def_readwrite("check_finite", &zs::SgdConfig::check_finite)
       .def("validate", [](const zs::SgdConfig& c) { zs::validate(c); });
@@ -100,11 +103,12 @@ void bind_cpu(py::module_& m) {
   auto cpu = m.def_submodule("cpu", "CPU kernels over raw pointers");
   cpu.def(
       "adam_step",
-      [](uintptr_t p, uintptr_t g, int gd, uintptr_t ea, uintptr_t eas, uintptr_t copy, int cd,
-         int64_t n, const zs::AdamConfig& cfg) {
+      [](uintptr_t p, uintptr_t g, int gd, uintptr_t ea, uintptr_t eas, uintptr_t max_eas,
+         uintptr_t copy, int cd, int64_t n, const zs::AdamConfig& cfg) {
         py::gil_scoped_release release;
         return zs::cpu::adam_step(ptr<float>(p), ptr<const void>(g), dtype(gd), ptr<float>(ea),
-                                  ptr<float>(eas), ptr<void>(copy), dtype(cd), n, cfg);
+                                  ptr<float>(eas), ptr<float>(max_eas), ptr<void>(copy),
+                                  dtype(cd), n, cfg);
       });
   cpu.def("sgd_step", [](uintptr_t p, uintptr_t g, int gd, uintptr_t buf, uintptr_t copy, int cd,
                          int64_t n, const zs::SgdConfig& cfg) {
@@ -152,11 +156,11 @@ void bind_gpu(py::module_& m) {
     zs::gpu::check_finite(ptr<const void>(x), dtype(d), n, ptr<int32_t>(flag), ptr<void>(s));
   });
   gpu.def("adam_step", [](uintptr_t p, uintptr_t g, int gd, uintptr_t ea, uintptr_t eas,
-                          uintptr_t copy, int cd, int64_t n, const zs::AdamConfig& cfg,
-                          uintptr_t flag, uintptr_t s) {
+                          uintptr_t max_eas, uintptr_t copy, int cd, int64_t n,
+                          const zs::AdamConfig& cfg, uintptr_t flag, uintptr_t s) {
     zs::gpu::adam_step(ptr<float>(p), ptr<const void>(g), dtype(gd), ptr<float>(ea),
-                       ptr<float>(eas), ptr<void>(copy), dtype(cd), n, cfg, ptr<int32_t>(flag),
-                       ptr<void>(s));
+                       ptr<float>(eas), ptr<float>(max_eas), ptr<void>(copy), dtype(cd), n, cfg,
+                       ptr<int32_t>(flag), ptr<void>(s));
   });
   gpu.def("sgd_step", [](uintptr_t p, uintptr_t g, int gd, uintptr_t buf, uintptr_t copy, int cd,
                          int64_t n, const zs::SgdConfig& cfg, uintptr_t flag, uintptr_t s) {

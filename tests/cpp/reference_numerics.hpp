@@ -3,6 +3,7 @@
 // AdamW and SGD update rules evaluated in double.
 #pragma once
 
+#include <algorithm>
 #include <cfenv>
 #include <cmath>
 #include <cstdint>
@@ -80,16 +81,20 @@ struct AdamParams {
   double lr, beta1, beta2, eps, weight_decay, grad_scale;
   int64_t step;
   bool decoupled;
+  bool amsgrad = false;
+  bool maximize = false;
 };
 
 struct AdamState {
   double param, exp_avg, exp_avg_sq;
+  double max_exp_avg_sq = 0.0;  // AMSGrad only
 };
 
-// One torch.optim.Adam/AdamW element update, in double.
+// One torch.optim.Adam/AdamW element update, in double (torch/optim/adam.py,
+// _single_tensor_adam: negate for maximize first; AMSGrad takes the max after updating v).
 inline AdamState adam_reference(const AdamParams& h, double param, double grad, double exp_avg,
-                                double exp_avg_sq) {
-  double g = grad / h.grad_scale;
+                                double exp_avg_sq, double max_exp_avg_sq = 0.0) {
+  double g = (h.maximize ? -grad : grad) / h.grad_scale;
   if (h.weight_decay != 0.0) {
     if (h.decoupled) param *= 1.0 - h.lr * h.weight_decay;
     else g += h.weight_decay * param;
@@ -98,19 +103,22 @@ inline AdamState adam_reference(const AdamParams& h, double param, double grad, 
   exp_avg_sq = h.beta2 * exp_avg_sq + (1.0 - h.beta2) * g * g;
   const double bias_correction1 = 1.0 - std::pow(h.beta1, static_cast<double>(h.step));
   const double bias_correction2 = 1.0 - std::pow(h.beta2, static_cast<double>(h.step));
-  const double denom = std::sqrt(exp_avg_sq) / std::sqrt(bias_correction2) + h.eps;
+  if (h.amsgrad) max_exp_avg_sq = std::max(max_exp_avg_sq, exp_avg_sq);
+  const double second_moment = h.amsgrad ? max_exp_avg_sq : exp_avg_sq;
+  const double denom = std::sqrt(second_moment) / std::sqrt(bias_correction2) + h.eps;
   param -= h.lr / bias_correction1 * exp_avg / denom;
-  return {param, exp_avg, exp_avg_sq};
+  return {param, exp_avg, exp_avg_sq, max_exp_avg_sq};
 }
 
 struct SgdParams {
   double lr, momentum, dampening, weight_decay, grad_scale;
   bool nesterov, first_step;
+  bool maximize = false;
 };
 
 // One torch.optim.SGD element update, in double; returns {param, momentum_buffer}.
 inline AdamState sgd_reference(const SgdParams& h, double param, double grad, double buf) {
-  double d = grad / h.grad_scale;
+  double d = (h.maximize ? -grad : grad) / h.grad_scale;
   if (h.weight_decay != 0.0) d += h.weight_decay * param;
   if (h.momentum != 0.0) {
     buf = h.first_step ? d : h.momentum * buf + (1.0 - h.dampening) * d;

@@ -84,33 +84,47 @@ std::string where(SimdLevel level, int64_t n, int64_t i, DType g, const char* wh
          std::to_string(i) + " grad=" + dtype_name(g) + " " + what;
 }
 
+struct AdamVariant {
+  bool decoupled, amsgrad, maximize;
+};
+// Both decays plain, and AMSGrad / maximize each with either decay.
+const AdamVariant kAdamVariants[] = {{true, false, false}, {false, false, false},
+                                     {true, true, false},  {false, true, true},
+                                     {true, false, true}};
+
 // Runs `steps` Adam steps and compares each against the double reference applied to the same
 // inputs; the copy must be exactly the rounded fp32 param.
 void check_adam(SimdLevel level, int64_t n, int64_t offset, DType grad_dtype, bool has_copy,
-                DType copy_dtype, bool decoupled, int steps) {
+                DType copy_dtype, const AdamVariant& variant, int steps) {
   set_simd_level(level);
+  // max_exp_avg_sq starts in v's range, so both sides of the max are taken.
   std::vector<float> p0 = uniform(n + offset, -1, 1, 1), m0 = uniform(n + offset, -0.1f, 0.1f, 2),
-                     v0 = uniform(n + offset, 0, 0.01f, 3);
+                     v0 = uniform(n + offset, 0, 0.01f, 3), vmax0 = uniform(n + offset, 0, 0.01f, 4);
   float* p = p0.data() + offset;
   float* m = m0.data() + offset;
   float* v = v0.data() + offset;
+  float* vmax = variant.amsgrad ? vmax0.data() + offset : nullptr;
   TypedBuffer grad(grad_dtype, n, offset), copy(copy_dtype, n, offset);
   AdamConfig cfg;
   cfg.lr = 1e-2f, cfg.beta1 = 0.8f, cfg.beta2 = 0.95f, cfg.eps = 1e-6f, cfg.weight_decay = 0.1f;
-  cfg.decoupled = decoupled, cfg.grad_scale = 4.0f;
+  cfg.decoupled = variant.decoupled, cfg.grad_scale = 4.0f;
+  cfg.amsgrad = variant.amsgrad, cfg.maximize = variant.maximize;
   for (int step = 1; step <= steps; ++step) {
     const std::vector<float> g = uniform(n, -2, 2, 10 + step);
     for (int64_t i = 0; i < n; ++i) grad.set(i, g[i]);
     const std::vector<float> p_in(p, p + n), m_in(m, m + n), v_in(v, v + n);
+    const std::vector<float> vmax_in(vmax0.begin() + offset, vmax0.begin() + offset + n);
     cfg.step = step;
-    const bool skipped = adam_step(p, grad.data(), grad_dtype, m, v,
+    const bool skipped = adam_step(p, grad.data(), grad_dtype, m, v, vmax,
                                    has_copy ? copy.data() : nullptr, copy_dtype, n, cfg);
     CHECK(!skipped);
-    const zs_ref::AdamParams h{cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay,
-                               cfg.grad_scale, step, decoupled};
+    zs_ref::AdamParams h{cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay,
+                         cfg.grad_scale, step, variant.decoupled};
+    h.amsgrad = variant.amsgrad, h.maximize = variant.maximize;
     for (int64_t i = 0; i < n; ++i) {
       const double gi = grad.get(i);
-      const zs_ref::AdamState r = zs_ref::adam_reference(h, p_in[i], gi, m_in[i], v_in[i]);
+      const zs_ref::AdamState r =
+          zs_ref::adam_reference(h, p_in[i], gi, m_in[i], v_in[i], vmax_in[i]);
       const double step_len = std::fabs(r.param - p_in[i]);
       CHECK_MSG(close(p[i], r.param, 3e-7 * (std::fabs(r.param) + std::fabs(p_in[i])) + 1e-5 * step_len + 1e-30),
                 where(level, n, i, grad_dtype, "param"));
@@ -118,6 +132,9 @@ void check_adam(SimdLevel level, int64_t n, int64_t offset, DType grad_dtype, bo
                 where(level, n, i, grad_dtype, "exp_avg"));
       CHECK_MSG(close(v[i], r.exp_avg_sq, 1e-5 * r.exp_avg_sq + 1e-30),
                 where(level, n, i, grad_dtype, "exp_avg_sq"));
+      if (variant.amsgrad)
+        CHECK_MSG(close(vmax[i], r.max_exp_avg_sq, 1e-5 * r.max_exp_avg_sq + 1e-30),
+                  where(level, n, i, grad_dtype, "max_exp_avg_sq"));
       if (has_copy)
         CHECK_MSG(static_cast<uint16_t*>(copy.data())[i] == narrow(p[i], copy_dtype),
                   where(level, n, i, grad_dtype, "param_copy"));
@@ -128,6 +145,7 @@ void check_adam(SimdLevel level, int64_t n, int64_t offset, DType grad_dtype, bo
 struct SgdCase {
   float momentum, dampening, weight_decay;
   bool nesterov;
+  bool maximize = false;
 };
 
 void check_sgd(SimdLevel level, int64_t n, int64_t offset, DType grad_dtype, bool has_copy,
@@ -140,6 +158,7 @@ void check_sgd(SimdLevel level, int64_t n, int64_t offset, DType grad_dtype, boo
   SgdConfig cfg;
   cfg.lr = 1e-2f, cfg.momentum = c.momentum, cfg.dampening = c.dampening;
   cfg.weight_decay = c.weight_decay, cfg.nesterov = c.nesterov, cfg.grad_scale = 2.0f;
+  cfg.maximize = c.maximize;
   for (int step = 1; step <= steps; ++step) {
     const std::vector<float> g = uniform(n, -2, 2, 20 + step);
     for (int64_t i = 0; i < n; ++i) grad.set(i, g[i]);
@@ -148,7 +167,7 @@ void check_sgd(SimdLevel level, int64_t n, int64_t offset, DType grad_dtype, boo
     CHECK(!sgd_step(p, grad.data(), grad_dtype, c.momentum != 0 ? buf : nullptr,
                     has_copy ? copy.data() : nullptr, copy_dtype, n, cfg));
     const zs_ref::SgdParams h{cfg.lr, cfg.momentum, cfg.dampening, cfg.weight_decay,
-                              cfg.grad_scale, cfg.nesterov, cfg.first_step};
+                              cfg.grad_scale, cfg.nesterov, cfg.first_step, c.maximize};
     for (int64_t i = 0; i < n; ++i) {
       const zs_ref::AdamState r = zs_ref::sgd_reference(h, p_in[i], grad.get(i), b_in[i]);
       const double step_len = std::fabs(r.param - p_in[i]);
@@ -183,15 +202,19 @@ TEST(adam_matches_torch_reference_on_every_path) {
         int combo = 0;
         for (DType g : kDTypes)
           for (const CopyChoice& c : kCopies)
-            for (bool decoupled : {true, false}) {
-              if (big && (combo++ % 2) != 0) continue;
-              check_adam(level, n, offset, g, c.has_copy, c.dtype, decoupled, big ? 1 : 3);
+            for (const AdamVariant& variant : kAdamVariants) {
+              if (big && (combo++ % 3) != 0) continue;
+              check_adam(level, n, offset, g, c.has_copy, c.dtype, variant, big ? 1 : 3);
             }
       }
 }
 
 TEST(sgd_matches_torch_reference_on_every_path) {
-  const SgdCase cases[] = {{0, 0, 0, false}, {0.9f, 0.1f, 0.05f, false}, {0.9f, 0, 0.01f, true}};
+  const SgdCase cases[] = {{0, 0, 0, false},
+                           {0.9f, 0.1f, 0.05f, false},
+                           {0.9f, 0, 0.01f, true},
+                           {0.9f, 0.1f, 0.05f, false, /*maximize=*/true},
+                           {0, 0, 0.05f, false, /*maximize=*/true}};
   for (SimdLevel level : available_levels())
     for (int64_t n : kSizes)
       for (int64_t offset : {0, 1}) {
@@ -201,7 +224,7 @@ TEST(sgd_matches_torch_reference_on_every_path) {
         for (DType g : kDTypes)
           for (const CopyChoice& c : kCopies)
             for (const SgdCase& sc : cases) {
-              if (big && (combo++ % 3) != 0) continue;
+              if (big && (combo++ % 4) != 0) continue;
               check_sgd(level, n, offset, g, c.has_copy, c.dtype, sc, big ? 1 : 2);
             }
       }
@@ -225,7 +248,11 @@ TEST(nonfinite_gradient_leaves_everything_untouched) {
           const auto copy_in = copy.storage;
           AdamConfig acfg;
           acfg.weight_decay = 0.1f;
-          CHECK(adam_step(p.data(), grad.data(), g, m.data(), v.data(), copy.data(), DType::bf16, n, acfg));
+          std::vector<float> vmax = uniform(n, 0, 1, 12);
+          const auto vmax_in = vmax;
+          acfg.amsgrad = true;
+          CHECK(adam_step(p.data(), grad.data(), g, m.data(), v.data(), vmax.data(), copy.data(),
+                          DType::bf16, n, acfg));
           SgdConfig scfg;
           scfg.momentum = 0.9f;
           CHECK(sgd_step(p.data(), grad.data(), g, buf.data(), copy.data(), DType::bf16, n, scfg));
@@ -233,6 +260,7 @@ TEST(nonfinite_gradient_leaves_everything_untouched) {
           CHECK_MSG(std::memcmp(p.data(), p_in.data(), n * 4) == 0, ctx);
           CHECK_MSG(std::memcmp(m.data(), m_in.data(), n * 4) == 0, ctx);
           CHECK_MSG(std::memcmp(v.data(), v_in.data(), n * 4) == 0, ctx);
+          CHECK_MSG(vmax == vmax_in, ctx);
           CHECK_MSG(std::memcmp(buf.data(), buf_in.data(), n * 4) == 0, ctx);
           CHECK_MSG(copy.storage == copy_in, ctx);
           CHECK_MSG(!all_finite(grad.data(), g, n), ctx);
@@ -378,7 +406,8 @@ TEST(results_identical_across_thread_counts) {
       CHECK(num_threads() == threads);
       std::vector<float> p = uniform(n, -1, 1, 15), m(n, 0.0f), v(n, 0.0f);
       AdamConfig cfg;
-      CHECK(!adam_step(p.data(), x.data(), DType::f32, m.data(), v.data(), nullptr, DType::bf16, n, cfg));
+      CHECK(!adam_step(p.data(), x.data(), DType::f32, m.data(), v.data(), nullptr, nullptr,
+                       DType::bf16, n, cfg));
       const float norm = l2_norm_sq(x.data(), DType::f32, n).sum_sq;
       if (threads == 1) {
         first_p = p;
@@ -406,9 +435,13 @@ TEST(every_path_matches_scalar_bitwise) {
     for (int64_t i = 0; i < n; ++i) g.set(i, gv[i]);
     AdamConfig cfg;
     cfg.weight_decay = 0.01f, cfg.step = 7, cfg.grad_scale = 3.0f;
-    adam_step(p.data(), g.data(), DType::bf16, m.data(), v.data(), nullptr, DType::bf16, n, cfg);
+    std::vector<float> vmax = uniform(n, 0, 1, 20);
+    cfg.amsgrad = true, cfg.maximize = true;
+    adam_step(p.data(), g.data(), DType::bf16, m.data(), v.data(), vmax.data(), nullptr,
+              DType::bf16, n, cfg);
     p.insert(p.end(), m.begin(), m.end());
     p.insert(p.end(), v.begin(), v.end());
+    p.insert(p.end(), vmax.begin(), vmax.end());
     results.push_back(p);
   }
   for (std::size_t k = 1; k < results.size(); ++k)
@@ -476,18 +509,24 @@ TEST(thread_pool_resizes_without_losing_tasks) {
 TEST(bad_arguments_throw) {
   float x = 0;
   AdamConfig cfg;
-  CHECK_THROWS(InvalidArgument, adam_step(&x, &x, DType::f32, &x, &x, nullptr, DType::bf16, -1, cfg));
-  CHECK_THROWS(InvalidArgument, adam_step(nullptr, &x, DType::f32, &x, &x, nullptr, DType::bf16, 1, cfg));
-  CHECK_THROWS(InvalidArgument, adam_step(&x, &x, DType::f32, &x, &x, &x, DType::f32, 1, cfg));
+  CHECK_THROWS(InvalidArgument, adam_step(&x, &x, DType::f32, &x, &x, nullptr, nullptr, DType::bf16, -1, cfg));
+  CHECK_THROWS(InvalidArgument, adam_step(nullptr, &x, DType::f32, &x, &x, nullptr, nullptr, DType::bf16, 1, cfg));
+  CHECK_THROWS(InvalidArgument, adam_step(&x, &x, DType::f32, &x, &x, nullptr, &x, DType::f32, 1, cfg));
+  // max_exp_avg_sq exactly when amsgrad: either mismatch is refused before anything is written.
+  CHECK_THROWS(InvalidArgument, adam_step(&x, &x, DType::f32, &x, &x, &x, nullptr, DType::bf16, 1, cfg));
+  cfg.amsgrad = true;
+  CHECK_THROWS(InvalidArgument, adam_step(&x, &x, DType::f32, &x, &x, nullptr, nullptr, DType::bf16, 1, cfg));
+  CHECK(x == 0);
+  cfg.amsgrad = false;
   cfg.lr = -1;
-  CHECK_THROWS(InvalidArgument, adam_step(&x, &x, DType::f32, &x, &x, nullptr, DType::bf16, 1, cfg));
+  CHECK_THROWS(InvalidArgument, adam_step(&x, &x, DType::f32, &x, &x, nullptr, nullptr, DType::bf16, 1, cfg));
   SgdConfig scfg;
   scfg.momentum = 0.9f;
   CHECK_THROWS(InvalidArgument, sgd_step(&x, &x, DType::f32, nullptr, nullptr, DType::bf16, 1, scfg));
   CHECK_THROWS(InvalidArgument, l2_norm_sq(nullptr, DType::f32, 3));
   CHECK_THROWS(InvalidArgument, cast(&x, DType::f32, nullptr, DType::bf16, 1));
   // Zero-size calls accept null pointers.
-  CHECK(!adam_step(nullptr, nullptr, DType::f32, nullptr, nullptr, nullptr, DType::bf16, 0, AdamConfig{}));
+  CHECK(!adam_step(nullptr, nullptr, DType::f32, nullptr, nullptr, nullptr, nullptr, DType::bf16, 0, AdamConfig{}));
 }
 
 int main() { return zs_test::run_tests(); }

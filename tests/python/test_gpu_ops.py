@@ -133,8 +133,8 @@ def test_check_finite_requires_flag():
     cfg = _core.AdamConfig()
     cfg.check_finite = True
     with pytest.raises(ValueError, match="found_inf"):
-        _core.gpu.adam_step(p.data_ptr(), g.data_ptr(), 0, m.data_ptr(), v.data_ptr(), 0, 0, n,
-                            cfg, 0, torch.cuda.current_stream().cuda_stream)
+        _core.gpu.adam_step(p.data_ptr(), g.data_ptr(), 0, m.data_ptr(), v.data_ptr(), 0, 0, 0,
+                            n, cfg, 0, torch.cuda.current_stream().cuda_stream)
 
 
 # ---- SGD --------------------------------------------------------------------------------------

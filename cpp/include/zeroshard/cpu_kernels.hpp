@@ -15,10 +15,11 @@
 namespace zeroshard::cpu {
 
 // Returns true when the step was skipped because the gradient held inf/NaN (only checked when
-// cfg.check_finite); then nothing was written.
+// cfg.check_finite); then nothing was written. `max_exp_avg_sq` (float32, zeros before the
+// first step) is required when cfg.amsgrad and must be nullptr otherwise.
 bool adam_step(float* param, const void* grad, DType grad_dtype, float* exp_avg,
-               float* exp_avg_sq, void* param_copy, DType copy_dtype, int64_t n,
-               const AdamConfig& cfg);
+               float* exp_avg_sq, float* max_exp_avg_sq, void* param_copy, DType copy_dtype,
+               int64_t n, const AdamConfig& cfg);
 
 // momentum_buffer may be nullptr only when cfg.momentum == 0.
 bool sgd_step(float* param, const void* grad, DType grad_dtype, float* momentum_buffer,

@@ -27,10 +27,11 @@ void check_finite(const void* x, DType dtype, int64_t n, int32_t* found_inf, Str
 // Fused Adam/AdamW over flat buffers (see cpu_kernels.hpp for the element types). When
 // cfg.check_finite, first ORs the gradient's finiteness into *found_inf (required then). The
 // step kernel returns without writing anything when found_inf is given and *found_inf != 0, so
-// one flag can guard several buffers: check them all, then step them all.
+// one flag can guard several buffers: check them all, then step them all. `max_exp_avg_sq` as
+// in cpu::adam_step (required exactly when cfg.amsgrad).
 void adam_step(float* param, const void* grad, DType grad_dtype, float* exp_avg,
-               float* exp_avg_sq, void* param_copy, DType copy_dtype, int64_t n,
-               const AdamConfig& cfg, int32_t* found_inf, Stream stream);
+               float* exp_avg_sq, float* max_exp_avg_sq, void* param_copy, DType copy_dtype,
+               int64_t n, const AdamConfig& cfg, int32_t* found_inf, Stream stream);
 
 void sgd_step(float* param, const void* grad, DType grad_dtype, float* momentum_buffer,
               void* param_copy, DType copy_dtype, int64_t n, const SgdConfig& cfg,

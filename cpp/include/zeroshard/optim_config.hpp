@@ -17,6 +17,8 @@ struct AdamConfig {
   double weight_decay = 0.0;
   int64_t step = 1;
   bool decoupled = true;     // true: AdamW (param *= 1 - lr*wd); false: Adam (grad += wd*param)
+  bool amsgrad = false;      // keep max(exp_avg_sq) over steps and divide by its root instead
+  bool maximize = false;     // ascend: the gradient is negated before anything else
   double grad_scale = 1.0;   // the gradient is divided by this (loss scale, clip factor)
   bool check_finite = true;  // false: the caller already knows the gradient is finite
 };
@@ -29,6 +31,7 @@ struct SgdConfig {
   double weight_decay = 0.0;
   bool nesterov = false;
   bool first_step = true;
+  bool maximize = false;  // ascend: the gradient is negated before weight decay and momentum
   double grad_scale = 1.0;
   bool check_finite = true;
 };
@@ -40,18 +43,25 @@ struct AdamScalars {
   float step_size;            // lr / (1 - beta1^step)
   float bias_correction2_sqrt; // sqrt(1 - beta2^step)
   float decay_factor;         // 1 - lr*wd for decoupled decay, else 1
-  float inv_grad_scale;
-  bool decoupled;
+  // The gradient is multiplied by this: 1/grad_scale, negated when maximizing. Negation is
+  // exact, so folding it in gives torch's -grad bit for bit at no cost.
+  float grad_factor;
+  bool decoupled, amsgrad;
 };
 
 struct SgdScalars {
-  float lr, momentum, dampening_complement, weight_decay, inv_grad_scale;
+  float lr, momentum, dampening_complement, weight_decay;
+  float grad_factor;  // as in AdamScalars: +-1/grad_scale
+
   bool nesterov, first_step;
 };
 
 // Throws InvalidArgument naming the bad field (e.g. "lr must be >= 0").
 void validate(const AdamConfig& cfg);
 void validate(const SgdConfig& cfg);
+// max_exp_avg_sq must be non-null (for n > 0) exactly when cfg.amsgrad: a buffer without the
+// flag, or the flag without a buffer, means the caller's state and hyper-parameters disagree.
+void require_amsgrad_buffer(const AdamConfig& cfg, const float* max_exp_avg_sq, int64_t n);
 AdamScalars adam_scalars(const AdamConfig& cfg);
 SgdScalars sgd_scalars(const SgdConfig& cfg);
 

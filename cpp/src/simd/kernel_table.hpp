@@ -15,6 +15,7 @@ struct AdamBuffers {
   DType grad_dtype;
   float* exp_avg;
   float* exp_avg_sq;
+  float* max_exp_avg_sq;  // nullptr unless amsgrad
   void* param_copy;  // nullptr: none
   DType copy_dtype;
 };

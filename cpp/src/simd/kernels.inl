@@ -24,7 +24,7 @@ void adam_span_typed(const AdamBuffers& b, const AdamScalars& s, int64_t begin, 
   auto body = [&](auto tag, int64_t i) {
     using V = decltype(tag);
     using F = typename V::F;
-    F g = V::mul(load_as_float<V, G>(b.grad, i), V::set1(s.inv_grad_scale));
+    F g = V::mul(load_as_float<V, G>(b.grad, i), V::set1(s.grad_factor));
     F p = V::load_f32(b.param + i);
     if (s.weight_decay != 0.0f) {
       if (s.decoupled) p = V::mul(p, V::set1(s.decay_factor));
@@ -34,7 +34,12 @@ void adam_span_typed(const AdamBuffers& b, const AdamScalars& s, int64_t begin, 
     F v = V::load_f32(b.exp_avg_sq + i);
     m = V::fmadd(V::set1(s.one_minus_beta1), V::sub(g, m), m);  // lerp(m, g, 1 - beta1)
     v = V::fmadd(V::set1(s.one_minus_beta2), V::mul(g, g), V::mul(V::set1(s.beta2), v));
-    F denom = V::add(V::div(V::sqrt(v), V::set1(s.bias_correction2_sqrt)), V::set1(s.eps));
+    F v_used = v;  // AMSGrad divides by the largest second moment seen so far instead
+    if (s.amsgrad) {
+      v_used = V::max(V::load_f32(b.max_exp_avg_sq + i), v);
+      V::store_f32(b.max_exp_avg_sq + i, v_used);
+    }
+    F denom = V::add(V::div(V::sqrt(v_used), V::set1(s.bias_correction2_sqrt)), V::set1(s.eps));
     p = V::sub(p, V::mul(V::set1(s.step_size), V::div(m, denom)));
     V::store_f32(b.exp_avg + i, m);
     V::store_f32(b.exp_avg_sq + i, v);
@@ -68,7 +73,7 @@ void sgd_span_typed(const SgdBuffers& b, const SgdScalars& s, int64_t begin, int
   auto body = [&](auto tag, int64_t i) {
     using V = decltype(tag);
     using F = typename V::F;
-    F d = V::mul(load_as_float<V, G>(b.grad, i), V::set1(s.inv_grad_scale));
+    F d = V::mul(load_as_float<V, G>(b.grad, i), V::set1(s.grad_factor));
     F p = V::load_f32(b.param + i);
     if (s.weight_decay != 0.0f) d = V::fmadd(p, V::set1(s.weight_decay), d);
     if (s.momentum != 0.0f) {

@@ -15,6 +15,7 @@ struct Avx2Vec {
   static F div(F a, F b) { return _mm256_div_ps(a, b); }
   static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static F sqrt(F a) { return _mm256_sqrt_ps(a); }
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }  // b when either is NaN
   static float reduce_add(F a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

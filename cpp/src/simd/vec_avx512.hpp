@@ -16,6 +16,7 @@ struct Avx512Vec {
   static F div(F a, F b) { return _mm512_div_ps(a, b); }
   static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static F sqrt(F a) { return _mm512_sqrt_ps(a); }
+  static F max(F a, F b) { return _mm512_max_ps(a, b); }  // b when either is NaN
   static float reduce_add(F a) { return _mm512_reduce_add_ps(a); }
 
   struct SumSq {

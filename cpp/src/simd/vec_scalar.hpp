@@ -16,6 +16,8 @@ struct ScalarVec {
   static F div(F a, F b) { return a / b; }
   static F fmadd(F a, F b, F c) { return __builtin_fmaf(a, b, c); }  // a*b + c, one rounding
   static F sqrt(F a) { return __builtin_sqrtf(a); }
+  // a > b ? a : b, so b when either is NaN: the rule of x86 max instructions, kept everywhere.
+  static F max(F a, F b) { return a > b ? a : b; }
   static float reduce_add(F a) { return a; }
 
   // Sum of squares kept in double lanes: a norm over 1e9 elements stays accurate to ~1e-7.
