@@ -39,12 +39,16 @@ def _device_flag(found_inf: Optional[torch.Tensor], device: torch.device) -> tor
 def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
               exp_avg_sq: torch.Tensor, *, lr: float, betas: Tuple[float, float] = (0.9, 0.999),
               eps: float = 1e-8, weight_decay: float = 0.0, step: int, decoupled: bool = True,
-              grad_scale: float = 1.0, param_copy: Optional[torch.Tensor] = None,
-              check_finite: bool = True, found_inf: Optional[torch.Tensor] = None) -> Flag:
+              amsgrad: bool = False, max_exp_avg_sq: Optional[torch.Tensor] = None,
+              maximize: bool = False, grad_scale: float = 1.0,
+              param_copy: Optional[torch.Tensor] = None, check_finite: bool = True,
+              found_inf: Optional[torch.Tensor] = None) -> Flag:
     """One Adam (decoupled=False) or AdamW (decoupled=True) step, in place, with torch.optim's
     semantics. `step` is the step number after increment (1 on the first step). The gradient is
-    divided by `grad_scale`. `param_copy` (bf16/fp16, same size) receives the updated params in
-    the same pass. Returns True when a non-finite gradient made the step a no-op.
+    divided by `grad_scale`, and negated first when `maximize`. `amsgrad=True` needs
+    `max_exp_avg_sq` (fp32, same size, zeros before the first step), torch's running maximum of
+    exp_avg_sq. `param_copy` (bf16/fp16, same size) receives the updated params in the same pass.
+    Returns True when a non-finite gradient made the step a no-op.
 
     CUDA: `found_inf` (int32, 1 element) may be passed to share one overflow flag between calls;
     the returned 0-dim tensor is `found_inf != 0`.
@@ -54,6 +58,14 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     require_tensor("grad", grad, dtypes=GRAD_DTYPES, numel=n, device=dev)
     require_tensor("exp_avg", exp_avg, dtypes=F32, numel=n, device=dev)
     require_tensor("exp_avg_sq", exp_avg_sq, dtypes=F32, numel=n, device=dev)
+    if amsgrad:
+        if max_exp_avg_sq is None:
+            raise ValueError("amsgrad=True needs max_exp_avg_sq: pass a float32 tensor shaped "
+                             "like exp_avg_sq, zeros before the first step")
+        require_tensor("max_exp_avg_sq", max_exp_avg_sq, dtypes=F32, numel=n, device=dev)
+    elif max_exp_avg_sq is not None:
+        raise ValueError("max_exp_avg_sq was given but amsgrad=False: pass amsgrad=True to use "
+                         "it, or drop it")
     _check_optional_copy(param_copy, n, dev)
     if not isinstance(step, int) or isinstance(step, bool):
         raise TypeError(f"step must be an int (the step number after increment), got {step!r}")
@@ -62,32 +74,36 @@ def adam_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
     cfg = _core.AdamConfig()
     cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps = float(lr), (float(betas[0]), float(betas[1])), float(eps)
     cfg.weight_decay, cfg.step, cfg.decoupled = float(weight_decay), step, bool(decoupled)
+    cfg.amsgrad, cfg.maximize = bool(amsgrad), bool(maximize)
     cfg.grad_scale, cfg.check_finite = float(grad_scale), bool(check_finite)
     cfg.validate()
     copy_code = dtype_code(param_copy.dtype) if param_copy is not None else 0
+    max_sq = address(max_exp_avg_sq) if amsgrad else 0
     if dev.type == "cpu":
         if found_inf is not None:
             raise ValueError("found_inf is for CUDA tensors; CPU calls return the flag as a bool")
         return _core.cpu.adam_step(param.data_ptr(), grad.data_ptr(), dtype_code(grad.dtype),
-                                   exp_avg.data_ptr(), exp_avg_sq.data_ptr(), address(param_copy),
-                                   copy_code, n, cfg)
+                                   exp_avg.data_ptr(), exp_avg_sq.data_ptr(), max_sq,
+                                   address(param_copy), copy_code, n, cfg)
     flag = _device_flag(found_inf, dev) if check_finite or found_inf is not None else None
     with torch.cuda.device(dev):
         _core.gpu.adam_step(param.data_ptr(), grad.data_ptr(), dtype_code(grad.dtype),
-                            exp_avg.data_ptr(), exp_avg_sq.data_ptr(), address(param_copy),
-                            copy_code, n, cfg, address(flag), cuda_stream(dev))
+                            exp_avg.data_ptr(), exp_avg_sq.data_ptr(), max_sq,
+                            address(param_copy), copy_code, n, cfg, address(flag),
+                            cuda_stream(dev))
     return (flag[0] != 0) if flag is not None else torch.zeros((), dtype=torch.bool, device=dev)
 
 
 def sgd_step(param: torch.Tensor, grad: torch.Tensor,
              momentum_buffer: Optional[torch.Tensor] = None, *, lr: float, momentum: float = 0.0,
              dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
-             first_step: bool = False, grad_scale: float = 1.0,
+             first_step: bool = False, maximize: bool = False, grad_scale: float = 1.0,
              param_copy: Optional[torch.Tensor] = None, check_finite: bool = True,
              found_inf: Optional[torch.Tensor] = None) -> Flag:
     """One torch.optim.SGD step in place. With momentum, `momentum_buffer` (fp32, same size) is
     required; `first_step=True` initialises it to the gradient as torch does when the buffer is
-    new. Returns True when a non-finite gradient made the step a no-op (see adam_step)."""
+    new. `maximize` negates the gradient before weight decay and momentum, as torch does.
+    Returns True when a non-finite gradient made the step a no-op (see adam_step)."""
     require_tensor("param", param, dtypes=F32)
     n, dev = param.numel(), param.device
     require_tensor("grad", grad, dtypes=GRAD_DTYPES, numel=n, device=dev)
@@ -99,6 +115,7 @@ def sgd_step(param: torch.Tensor, grad: torch.Tensor,
     cfg = _core.SgdConfig()
     cfg.lr, cfg.momentum, cfg.dampening = float(lr), float(momentum), float(dampening)
     cfg.weight_decay, cfg.nesterov, cfg.first_step = float(weight_decay), bool(nesterov), bool(first_step)
+    cfg.maximize = bool(maximize)
     cfg.grad_scale, cfg.check_finite = float(grad_scale), bool(check_finite)
     cfg.validate()
     buf = momentum_buffer if momentum != 0 else None

@@ -59,22 +59,28 @@ def make_grads(n, dtype, steps=STEPS, scale=1.0, seed=0):
             for _ in range(steps)]
 
 
-def adam_reference(p0, grads, *, lr, betas, eps, weight_decay, decoupled, grad_scale):
-    """torch.optim.Adam/AdamW on float64 copies; returns (param, exp_avg, exp_avg_sq)."""
+def adam_reference(p0, grads, *, lr, betas, eps, weight_decay, decoupled, grad_scale,
+                   amsgrad=False, maximize=False):
+    """torch.optim.Adam/AdamW on float64 copies; returns (param, exp_avg, exp_avg_sq,
+    max_exp_avg_sq or None)."""
     p = p0.double().clone()
     cls = torch.optim.AdamW if decoupled else torch.optim.Adam
-    opt = cls([p], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=False)
+    opt = cls([p], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+              maximize=maximize, foreach=False)
     for g in grads:
         p.grad = g.double() / grad_scale
         opt.step()
-    state = opt.state[p] if len(p) else {"exp_avg": p.clone(), "exp_avg_sq": p.clone()}
-    return p, state["exp_avg"], state["exp_avg_sq"]
+    state = opt.state[p] if len(p) else {k: p.clone() for k in ("exp_avg", "exp_avg_sq",
+                                                                 "max_exp_avg_sq")}
+    return p, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq")
 
 
-def sgd_reference(p0, grads, *, lr, momentum, dampening, weight_decay, nesterov, grad_scale):
+def sgd_reference(p0, grads, *, lr, momentum, dampening, weight_decay, nesterov, grad_scale,
+                  maximize=False):
     p = p0.double().clone()
     opt = torch.optim.SGD([p], lr=lr, momentum=momentum, dampening=dampening,
-                          weight_decay=weight_decay, nesterov=nesterov, foreach=False)
+                          weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                          foreach=False)
     for g in grads:
         p.grad = g.double() / grad_scale
         opt.step()
@@ -101,12 +107,17 @@ def assert_moment_close(ours, ref, *, rtol, atol, what):
     torch.testing.assert_close(ours.double(), ref.double(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
-def run_adam(p0, grads, *, copy_dtype=None, grad_scale=1.0, **hp):
+def run_adam(p0, grads, *, copy_dtype=None, grad_scale=1.0, max_out=None, **hp):
+    """With amsgrad=True in hp, `max_out` (a list) receives the max_exp_avg_sq tensor."""
     p, m, v = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
+    v_max = torch.zeros_like(p0) if hp.get("amsgrad") else None
     copy = None if copy_dtype is None else torch.empty(p0.numel(), dtype=copy_dtype)
     for step, g in enumerate(grads, start=1):
-        skipped = ops.adam_step(p, g, m, v, step=step, grad_scale=grad_scale, param_copy=copy, **hp)
+        skipped = ops.adam_step(p, g, m, v, step=step, grad_scale=grad_scale, param_copy=copy,
+                                max_exp_avg_sq=v_max, **hp)
         assert skipped is False
+    if max_out is not None:
+        max_out.append(v_max)
     return p, m, v, copy
 
 
@@ -114,7 +125,8 @@ ADAM_HP = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
 
 
 def check_adam(p, m, v, copy, p0, grads, *, decoupled, grad_scale=1.0, hp=ADAM_HP):
-    ref_p, ref_m, ref_v = adam_reference(p0, grads, decoupled=decoupled, grad_scale=grad_scale, **hp)
+    ref_p, ref_m, ref_v, _ = adam_reference(p0, grads, decoupled=decoupled, grad_scale=grad_scale,
+                                            **hp)
     steps = len(grads)
     assert_param_close(p, ref_p, steps=steps, lr=hp["lr"])
     gmax = max((g.double().abs().max().item() / grad_scale for g in grads if g.numel()), default=0)
@@ -196,6 +208,65 @@ def test_adam_unaligned_views(simd_level, offset):
         assert (outside == 7.0).all(), f"{name}: wrote outside its view"
 
 
+# torch.optim flags beyond the plain update: AMSGrad and maximize, against float64 torch.optim.
+ADAM_FLAGS = {
+    "amsgrad": dict(amsgrad=True, maximize=False),
+    "maximize": dict(amsgrad=False, maximize=True),
+    "amsgrad+maximize": dict(amsgrad=True, maximize=True),
+}
+
+
+@pytest.mark.parametrize("flags", list(ADAM_FLAGS))
+@pytest.mark.parametrize("decoupled", [False, True], ids=["adam", "adamw"])
+@pytest.mark.parametrize("grad_dtype", GRAD_DTYPES, ids=dtype_id)
+def test_adam_flags_match_torch(simd_level, grad_dtype, decoupled, flags):
+    n = 1021
+    grad_scale = 1024.0 if grad_dtype == torch.float16 else 1.0
+    p0 = torch.randn(n, generator=torch.Generator().manual_seed(12))
+    # Shrinking gradients make exp_avg_sq fall below its running max, so the max matters.
+    grads = [g * (0.25 ** k) for k, g in enumerate(make_grads(n, torch.float64, steps=4,
+                                                              scale=grad_scale))]
+    grads = [g.to(grad_dtype) for g in grads]
+    # beta2 = 0.9: exp_avg_sq follows the shrinking gradients quickly, far below its max.
+    hp = dict(ADAM_HP, betas=(0.9, 0.9), **ADAM_FLAGS[flags])
+    v_max = []
+    p, m, v, _ = run_adam(p0, grads, grad_scale=grad_scale, decoupled=decoupled, max_out=v_max,
+                          **hp)
+    ref_p, ref_m, ref_v, ref_max = adam_reference(p0, grads, decoupled=decoupled,
+                                                  grad_scale=grad_scale, **hp)
+    steps = len(grads)
+    assert_param_close(p, ref_p, steps=steps, lr=hp["lr"])
+    gmax = max(g.double().abs().max().item() / grad_scale for g in grads)
+    assert_moment_close(m, ref_m, rtol=8 * steps * U24, atol=8 * steps * U24 * gmax, what="exp_avg")
+    assert_moment_close(v, ref_v, rtol=8 * steps * U24, atol=0.0, what="exp_avg_sq")
+    if hp["amsgrad"]:
+        assert_moment_close(v_max[0], ref_max, rtol=8 * steps * U24, atol=0.0, what="max_exp_avg_sq")
+        assert (v_max[0] > v).any(), "the max never differed from exp_avg_sq: the test proves nothing"
+    # The flag is honoured, not ignored: the plain update lands elsewhere.
+    plain_hp = dict(hp, amsgrad=False, maximize=False)
+    plain = run_adam(p0, grads, grad_scale=grad_scale, decoupled=decoupled, **plain_hp)[0]
+    assert (p - plain).abs().max() > 1e-4
+
+
+def test_adam_amsgrad_views_leave_neighbours_alone(simd_level):
+    """max_exp_avg_sq as a view into a bigger buffer (as ZeroAdam passes shard pieces)."""
+    n, offset = 1037, 3
+    p0 = torch.randn(n, generator=torch.Generator().manual_seed(13))
+    grads = make_grads(n, torch.bfloat16)
+    expected_max = []
+    expected = run_adam(p0, grads, decoupled=True, amsgrad=True, max_out=expected_max, **ADAM_HP)
+    store = torch.full((n + 8,), 7.0)
+    p, m, v = p0.clone(), torch.zeros(n), torch.zeros(n)
+    view = store[offset:offset + n]
+    view.zero_()
+    for step, g in enumerate(grads, start=1):
+        assert not ops.adam_step(p, g, m, v, step=step, decoupled=True, amsgrad=True,
+                                 max_exp_avg_sq=view, **ADAM_HP)
+    assert_bitwise(p, expected[0], "param")
+    assert_bitwise(view, expected_max[0], "max_exp_avg_sq view")
+    assert (torch.cat([store[:offset], store[offset + n:]]) == 7.0).all()
+
+
 # ---- SGD -------------------------------------------------------------------------------------
 
 SGD_CASES = {
@@ -203,6 +274,10 @@ SGD_CASES = {
     "momentum": dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.01),
     "dampening": dict(momentum=0.9, dampening=0.3, nesterov=False, weight_decay=0.0),
     "nesterov": dict(momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.05),
+    # maximize negates the gradient before weight decay and momentum, as torch does.
+    "maximize": dict(momentum=0.9, dampening=0.3, nesterov=False, weight_decay=0.05, maximize=True),
+    "maximize plain": dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.05,
+                           maximize=True),
 }
 
 
@@ -340,6 +415,12 @@ BAD_CALLS = {
     "weight_decay negative": (_adam_call(weight_decay=-0.1), ValueError, "weight_decay"),
     "grad_scale 0": (_adam_call(grad_scale=0.0), ValueError, "grad_scale"),
     "found_inf on cpu": (_adam_call(found_inf=torch.zeros(1, dtype=torch.int32)), ValueError, "found_inf"),
+    "amsgrad without max_exp_avg_sq": (_adam_call(amsgrad=True), ValueError, "max_exp_avg_sq"),
+    "max_exp_avg_sq without amsgrad": (_adam_call(max_exp_avg_sq=torch.zeros(8)), ValueError, "amsgrad"),
+    "max_exp_avg_sq dtype": (_adam_call(amsgrad=True, max_exp_avg_sq=torch.zeros(8, dtype=torch.float16)),
+                             TypeError, "max_exp_avg_sq"),
+    "max_exp_avg_sq size": (_adam_call(amsgrad=True, max_exp_avg_sq=torch.zeros(9)), ValueError,
+                            "max_exp_avg_sq"),
     "sgd no momentum_buffer": (_sgd_call(momentum_buffer=None), ValueError, "momentum_buffer"),
     "sgd momentum_buffer dtype": (_sgd_call(momentum_buffer=torch.zeros(8, dtype=torch.bfloat16)),
                                   TypeError, "momentum_buffer"),
