@@ -40,6 +40,17 @@ _STORAGE_CLASSES = {torch.float32: "FloatStorage", torch.float16: "HalfStorage",
                     torch.uint8: "ByteStorage", torch.bool: "BoolStorage"}
 
 
+# torch.optim's param-group flags per zeroshard class, filled in when a checkpoint lacks them.
+_ADAM_FLAGS = (("amsgrad", False), ("maximize", False), ("foreach", None), ("capturable", False),
+               ("differentiable", False), ("fused", None))
+_TORCH_GROUP_DEFAULTS = {
+    "ZeroAdamW": _ADAM_FLAGS + (("decoupled_weight_decay", True),),
+    "ZeroAdam": _ADAM_FLAGS + (("decoupled_weight_decay", False),),
+    "ZeroSGD": (("nesterov", False), ("maximize", False), ("foreach", None),
+                ("differentiable", False), ("fused", None)),
+}
+
+
 class _LazyTensor:
     """A tensor not yet read: its dtype, shape and how to produce it."""
 
@@ -183,10 +194,12 @@ class _Checkpoint:
         for saved in om["param_groups"]:
             group = {k: (tuple(v) if k == "betas" else v) for k, v in saved.items()
                      if k != "param_names"}
-            if om["class"] in ("ZeroAdamW", "ZeroAdam"):
-                for k, v in (("amsgrad", False), ("maximize", False), ("foreach", None),
-                             ("capturable", False), ("differentiable", False), ("fused", None)):
-                    group.setdefault(k, v)
+            # Checkpoints from before these flags were stored: torch's defaults.
+            for k, v in _TORCH_GROUP_DEFAULTS.get(om["class"], ()):
+                group.setdefault(k, v)
+            # zeroshard keeps max_exp_avg_sq for every group once one uses AMSGrad; torch has it
+            # only for params of groups with amsgrad on, and so does the export.
+            skip = {"param", "master"} | (set() if group.get("amsgrad") else {"max_exp_avg_sq"})
             group["params"] = []
             for name in saved["param_names"]:
                 group["params"].append(index)
@@ -199,7 +212,7 @@ class _Checkpoint:
                         entry["step"] = _LazyTensor(torch.float32, (),
                                                     lambda s=step: torch.tensor(s))
                     for key in gm["keys"]:
-                        if key not in ("param", "master"):
+                        if key not in skip:
                             entry[key] = _LazyTensor(
                                 fmt.DTYPES[gm["keys"][key]], shapes[name],
                                 lambda g=g, j=j, key=key, shape=shapes[name]:

@@ -6,18 +6,70 @@ checkpoints) is ZeroOptimizer's.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Dict, Optional, Tuple, Type
 
 import torch
 
 from . import ops
 from .flat_group import FlatGroup
-from .zero_optimizer import ZeroOptimizer
+from .zero_optimizer import _SCALER_KWARGS, ZeroOptimizer
+
+# [Note: torch.optim arguments] Every argument of torch.optim.Adam/AdamW/SGD is honoured or
+# refused, never ignored. Maths flags (amsgrad, maximize, decoupled_weight_decay) run in the
+# kernels and are read per param group at each step, as torch reads them. foreach/fused choose
+# torch's implementation, not the maths: zeroshard always runs its own fused kernels, so they are
+# accepted and stored in the groups like torch does. capturable and differentiable promise
+# things a sharded, communicating, in-place step cannot give, so they are refused.
 
 
 def _check_betas(betas: Tuple[float, float]) -> None:
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+
+
+def _check_lr(lr) -> None:
+    # torch accepts a 1-element tensor lr; it is read with float() at each step, so changing it
+    # in place (lr.fill_(...)) takes effect as it does in torch.
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError(f"a Tensor lr must have one element, got shape {tuple(lr.shape)}")
+    if not lr >= 0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+
+
+def _zero_keywords() -> Tuple[str, ...]:
+    """ZeroOptimizer's own keyword arguments (stage, process_group, bucket_mb, ...)."""
+    params = inspect.signature(ZeroOptimizer.__init__).parameters.values()
+    return tuple(p.name for p in params if p.kind == p.KEYWORD_ONLY) + tuple(_SCALER_KWARGS)
+
+
+def _check_zero_kwargs(cls_name: str, torch_args: Tuple[str, ...], zero_kwargs: Dict[str, Any]) -> None:
+    unknown = set(zero_kwargs) - set(_zero_keywords())
+    if unknown:
+        raise TypeError(f"{cls_name} got unexpected keyword arguments {sorted(unknown)}. It "
+                        f"accepts torch.optim's {', '.join(torch_args)} and zeroshard's "
+                        f"{', '.join(_zero_keywords())}")
+
+
+def _check_group_flags(cls_name: str, torch_name: str, group: Dict[str, Any]) -> None:
+    """Refuses the implementation flags zeroshard cannot honour (see [Note: torch.optim
+    arguments]); called for the defaults and for every param group."""
+    if group.get("capturable", False):
+        raise ValueError(
+            f"{cls_name} does not support capturable=True: it makes torch's step safe to capture "
+            "in a CUDA graph, and a zeroshard step cannot be captured (it communicates between "
+            "ranks and decides on the host whether to skip a step). Leave capturable=False; the "
+            "fused kernels need no graph capture to avoid per-tensor launches.")
+    if group.get("differentiable", False):
+        raise ValueError(
+            f"{cls_name} does not support differentiable=True: zeroshard updates flat parameter "
+            "shards in place under torch.no_grad(), so no autograd graph can run through step(). "
+            f"To differentiate through the optimizer step, use torch.optim.{torch_name}(..., "
+            "differentiable=True) without sharding.")
+    if group.get("foreach") and group.get("fused"):
+        raise ValueError("fused=True and foreach=True cannot be set together (torch.optim refuses "
+                         "it too); zeroshard always runs its own fused kernels, so leave both unset")
+    _check_lr(group.get("lr", 0.0))
 
 
 def _shard_pieces(fg: FlatGroup, master: Optional[torch.Tensor]):
@@ -35,19 +87,39 @@ def _shard_pieces(fg: FlatGroup, master: Optional[torch.Tensor]):
             yield master[s0:s0 + n], grad, fg.flat_param[b0:b1], s0, n
 
 
-class _ZeroAdamBase(ZeroOptimizer):
-    decoupled = True
+class _TorchArgumentsMixin:
+    """Checks each param group's flags as it is added (at construction and later)."""
+    torch_name = ""
 
-    def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 1e-2, **zero_kwargs) -> None:
-        if not lr >= 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
+    def add_param_group(self, param_group: dict) -> None:
+        if isinstance(param_group, dict):
+            _check_group_flags(type(self).__name__, self.torch_name, {**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+
+ADAM_ARGS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "foreach", "maximize", "capturable",
+             "differentiable", "fused")
+
+
+class _ZeroAdamBase(_TorchArgumentsMixin, ZeroOptimizer):
+    torch_name = "Adam"
+
+    def _construct(self, params, *, lr, betas, eps, weight_decay, amsgrad, foreach, maximize,
+                   capturable, differentiable, fused, decoupled_weight_decay, zero_kwargs,
+                   torch_args) -> None:
+        _check_zero_kwargs(type(self).__name__, torch_args, zero_kwargs)
+        _check_lr(lr)
         if not eps >= 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
         if not weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        betas = tuple(float(b) for b in betas)  # torch turns 1-element tensor betas into scalars
         _check_betas(betas)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=capturable,
+                        differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        _check_group_flags(type(self).__name__, self.torch_name, defaults)
         super().__init__(params, defaults, **zero_kwargs)
 
     def _init_state(self, fg: FlatGroup) -> Dict[str, Any]:
@@ -56,6 +128,10 @@ class _ZeroAdamBase(ZeroOptimizer):
             "exp_avg": torch.zeros(fg.shard_numel, dtype=torch.float32, device=fg.device),
             "exp_avg_sq": torch.zeros(fg.shard_numel, dtype=torch.float32, device=fg.device),
         }
+        # For every group when any has it, so a scheduler may switch it on for another group.
+        if any(g["amsgrad"] for g in self.param_groups):
+            state["max_exp_avg_sq"] = torch.zeros(fg.shard_numel, dtype=torch.float32,
+                                                  device=fg.device)
         master = self._master(fg)
         if master is not None:
             state["master"] = master
@@ -63,42 +139,85 @@ class _ZeroAdamBase(ZeroOptimizer):
 
     def _step_group(self, fg, state, group, grad_scale) -> None:
         _check_betas(group["betas"])
+        amsgrad = bool(group["amsgrad"])
+        if amsgrad and "max_exp_avg_sq" not in state:
+            raise ValueError(f"amsgrad was switched on after construction; construct "
+                             f"{type(self).__name__} with amsgrad=True (in the defaults or this "
+                             "param group) so that max_exp_avg_sq is allocated")
         state["step"] += 1
         for param, grad, copy, s0, n in _shard_pieces(fg, state.get("master")):
             ops.adam_step(param, grad, state["exp_avg"][s0:s0 + n],
-                          state["exp_avg_sq"][s0:s0 + n], lr=group["lr"], betas=group["betas"],
-                          eps=group["eps"], weight_decay=group["weight_decay"],
-                          step=state["step"], decoupled=self.decoupled, grad_scale=grad_scale,
+                          state["exp_avg_sq"][s0:s0 + n], lr=float(group["lr"]),
+                          betas=group["betas"], eps=group["eps"],
+                          weight_decay=group["weight_decay"], step=state["step"],
+                          decoupled=bool(group["decoupled_weight_decay"]), amsgrad=amsgrad,
+                          max_exp_avg_sq=state["max_exp_avg_sq"][s0:s0 + n] if amsgrad else None,
+                          maximize=bool(group["maximize"]), grad_scale=grad_scale,
                           param_copy=copy, check_finite=False)
 
 
 class ZeroAdamW(_ZeroAdamBase):
     """torch.optim.AdamW, partitioned (stage 0/1/2) over the data-parallel ranks.
 
-    ZeroAdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, stage=2,
-              process_group=None, bucket_mb=25, overlap=True, reduce_dtype=None,
-              loss_scale="dynamic")
+    ZeroAdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
+              *, maximize=False, foreach=None, capturable=False, differentiable=False,
+              fused=None, stage=2, process_group=None, bucket_mb=25, overlap=True,
+              reduce_dtype=None, loss_scale="dynamic", timeout_s=300)
+    amsgrad and maximize are honoured (per param group too); foreach and fused are accepted
+    and stored (zeroshard is always fused); capturable and differentiable are refused.
     """
-    decoupled = True
+    torch_name = "AdamW"
+
+    def __init__(self, params, lr=1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
+                 maximize: bool = False, foreach: Optional[bool] = None,
+                 capturable: bool = False, differentiable: bool = False,
+                 fused: Optional[bool] = None, **zero_kwargs) -> None:
+        self._construct(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, foreach=foreach, maximize=maximize,
+                        capturable=capturable, differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=True, zero_kwargs=zero_kwargs,
+                        torch_args=ADAM_ARGS)
 
 
 class ZeroAdam(_ZeroAdamBase):
-    """torch.optim.Adam (L2 weight decay added to the gradient), partitioned."""
-    decoupled = False
+    """torch.optim.Adam (L2 weight decay added to the gradient; decoupled_weight_decay=True
+    makes it AdamW, as in torch), partitioned. Arguments as ZeroAdamW's, plus
+    decoupled_weight_decay."""
+    torch_name = "Adam"
 
-    def __init__(self, params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, **zero_kwargs) -> None:
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         **zero_kwargs)
+    def __init__(self, params, lr=1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False, *,
+                 foreach: Optional[bool] = None, maximize: bool = False,
+                 capturable: bool = False, differentiable: bool = False,
+                 fused: Optional[bool] = None, decoupled_weight_decay: bool = False,
+                 **zero_kwargs) -> None:
+        self._construct(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, foreach=foreach, maximize=maximize,
+                        capturable=capturable, differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay, zero_kwargs=zero_kwargs,
+                        torch_args=ADAM_ARGS + ("decoupled_weight_decay",))
 
 
-class ZeroSGD(ZeroOptimizer):
-    """torch.optim.SGD (momentum, dampening, nesterov, weight decay), partitioned."""
+SGD_ARGS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize", "foreach",
+            "differentiable", "fused")
 
-    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False, **zero_kwargs) -> None:
-        if not lr >= 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
+
+class ZeroSGD(_TorchArgumentsMixin, ZeroOptimizer):
+    """torch.optim.SGD (momentum, dampening, nesterov, weight decay, maximize), partitioned.
+
+    ZeroSGD(params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
+            maximize=False, foreach=None, differentiable=False, fused=None, stage=2, ...)
+    foreach and fused are accepted and stored; differentiable is refused.
+    """
+    torch_name = "SGD"
+
+    def __init__(self, params, lr=1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, differentiable: bool = False,
+                 fused: Optional[bool] = None, **zero_kwargs) -> None:
+        _check_zero_kwargs(type(self).__name__, SGD_ARGS, zero_kwargs)
+        _check_lr(lr)
         if not momentum >= 0:
             raise ValueError(f"momentum must be >= 0, got {momentum}")
         if not weight_decay >= 0:
@@ -106,7 +225,9 @@ class ZeroSGD(ZeroOptimizer):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("nesterov requires momentum > 0 and dampening == 0")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
-                        weight_decay=weight_decay, nesterov=nesterov)
+                        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                        foreach=foreach, differentiable=differentiable, fused=fused)
+        _check_group_flags(type(self).__name__, self.torch_name, defaults)
         super().__init__(params, defaults, **zero_kwargs)
 
     def _init_state(self, fg: FlatGroup) -> Dict[str, Any]:
@@ -127,10 +248,11 @@ class ZeroSGD(ZeroOptimizer):
                              "with momentum > 0 in the param group instead")
         for param, grad, copy, s0, n in _shard_pieces(fg, state.get("master")):
             buf = state["momentum_buffer"][s0:s0 + n] if momentum != 0 else None
-            ops.sgd_step(param, grad, buf, lr=group["lr"], momentum=momentum,
+            ops.sgd_step(param, grad, buf, lr=float(group["lr"]), momentum=momentum,
                          dampening=group["dampening"], weight_decay=group["weight_decay"],
                          nesterov=group["nesterov"], first_step=state["step"] == 1,
-                         grad_scale=grad_scale, param_copy=copy, check_finite=False)
+                         maximize=bool(group["maximize"]), grad_scale=grad_scale,
+                         param_copy=copy, check_finite=False)
 
 
 # torch optimizers whose update of an element depends only on that element's own history.
