@@ -15,6 +15,10 @@ Modes:
 - "reduce_scatter" with reduce_at_step=True (stage 1): backward only adds into `local_grads`;
   wait() reduce-scatters every bucket once per optimizer step.
 Ranks pre-divide by world size and reduce with SUM (every backend has SUM; AVG is not universal).
+
+Whether a backward reduces is decided once, when its first gradient arrives: not inside
+`no_sync()`, and `sync_predicate()` (the optimizer's check of the model's
+`require_backward_grad_sync`, DDP's switch that scripts set) must allow it.
 """
 from __future__ import annotations
 
@@ -66,6 +70,8 @@ class BucketReducer:
         self.max_in_flight = max(1, max_in_flight)
         self.in_flight: List[Tuple[Work, Callable[[], None]]] = []
         self.syncing = True
+        self.round_sync = True  # the current backward reduces (decided at its first gradient)
+        self.sync_predicate: Optional[Callable[[], bool]] = None
         self.callback_queued = False
         self.saw_grads = False  # some gradient arrived since the last consume()
         self.boundary_reduce_due = False  # stage 1: local grads not yet reduced
@@ -108,17 +114,20 @@ class BucketReducer:
                                "dense flat buffers only (use sparse=False in nn.Embedding)")
         if not self.callback_queued:
             self.callback_queued = True
+            self.round_sync = self.syncing and (self.sync_predicate is None
+                                                or bool(self.sync_predicate()))
             if not self.saw_grads and self.on_round_start is not None:
                 self.on_round_start()
             for g, st in zip(self.groups, self.states):
-                st.direct = (self.mode == "all_reduce" and self.syncing and not g.has_reduced
+                st.direct = (self.mode == "all_reduce" and self.round_sync and not g.has_reduced
                              and g.local_grads is None)
             Variable._execution_engine.queue_callback(self._on_backward_end)
         self.saw_grads = True
         self.boundary_reduce_due = self.boundary_reduce_due or self.reduce_at_step
         start, end = group.param_ranges[pi]
         flat = grad.detach().reshape(-1)
-        accumulate_locally = self.reduce_at_step or not self.syncing or group.local_grads is not None
+        accumulate_locally = (self.reduce_at_step or not self.round_sync
+                              or group.local_grads is not None)
         if accumulate_locally:
             group.ensure_local_grads()[start:end].add_(flat)
         elif state.direct:
@@ -129,7 +138,7 @@ class BucketReducer:
                 lo, hi = max(start, b_start), min(end, b_end)
                 self._staging(gi, b)[lo - b_start:hi - b_start].copy_(flat[lo - start:hi - start])
         param.grad = None  # the bucket holds it now; keep peak memory at one gradient
-        if self.syncing and not self.reduce_at_step:
+        if self.round_sync and not self.reduce_at_step:
             for b in state.param_buckets[pi]:
                 state.pending[b] -= 1
                 if state.pending[b] == 0 and self.overlap:
@@ -148,7 +157,7 @@ class BucketReducer:
 
     def _on_backward_end(self) -> None:
         self.callback_queued = False
-        if self.syncing and not self.reduce_at_step:
+        if self.round_sync and not self.reduce_at_step:
             for gi, state in enumerate(self.states):
                 for b in range(len(state.expected)):
                     if not state.launched[b]:

@@ -51,6 +51,56 @@ class FlatGroup:
         self.reduced_grads = self._zeros(self.layout.buffer_numel if stage == 0
                                          else self.layout.shard_numel)
         self.has_reduced = False  # reduced_grads holds sums from an earlier backward
+        # Which elements of each parameter this rank's state holds, and where:
+        # (param_start, param_end, state_start), in the index space of reduced_grads and of the
+        # optimizer's state (the whole buffer at stage 0, the shard at stages 1/2).
+        self.param_shard_pieces: List[List[tuple]] = [[] for _ in self.params]
+        if stage == 0:
+            for j, (start, end) in enumerate(self.param_ranges):
+                if end > start:
+                    self.param_shard_pieces[j].append((0, end - start, start))
+        else:
+            for piece in self.layout.shard_pieces(rank):
+                r = piece.param_range
+                if r.end > r.start:
+                    self.param_shard_pieces[piece.param].append(
+                        (r.start, r.end, piece.shard_range.start))
+
+    # ---- parameters as views of the flat buffer -----------------------------------------------
+
+    def is_attached(self, j: int) -> bool:
+        p = self.params[j]
+        start, end = self.param_ranges[j]
+        if end == start:  # an empty tensor has no address to compare
+            return p.dtype == self.dtype and p.device == self.device and p.numel() == 0
+        return (p.data_ptr() == self.flat_param.data_ptr() + start * self.flat_param.element_size()
+                and p.dtype == self.dtype and p.device == self.device)
+
+    def reattach(self) -> int:
+        """Points parameters that no longer view the flat buffer back at it, adopting their
+        current values. model.to(device) after construction copies every parameter (even to
+        the same device, e.g. 'cpu:0'); without this, the optimizer would update a buffer the
+        model no longer reads. Returns how many were re-attached; raises, changing nothing,
+        when a parameter changed device, dtype or shape (the buffers cannot follow)."""
+        moved = [j for j in range(len(self.params)) if not self.is_attached(j)]
+        for j in moved:
+            p = self.params[j]
+            start, end = self.param_ranges[j]
+            if p.device != self.device or p.dtype != self.dtype or p.numel() != end - start:
+                raise ValueError(
+                    f"{self.names[j]} is now {p.dtype} on {p.device} with shape "
+                    f"{tuple(p.shape)}, but the optimizer was built when it was {self.dtype} on "
+                    f"{self.device} with {end - start} elements (model.to(), .half(), .cuda() or "
+                    "a resize after the optimizer was created). zeroshard keeps parameters in "
+                    "flat buffers that cannot follow: move or cast the model first, then build "
+                    "the optimizer.")
+        with torch.no_grad():
+            for j in moved:
+                p = self.params[j]
+                view = self.flat_param[self.param_ranges[j][0]:self.param_ranges[j][1]]
+                view.copy_(p.detach().reshape(-1))
+                p.data = view.view_as(p)
+        return len(moved)
 
     # ---- index spaces ------------------------------------------------------------------------
 
@@ -98,6 +148,10 @@ class FlatGroup:
         if self.local_grads is None:
             self.local_grads = self._zeros(self.layout.buffer_numel)
         return self.local_grads
+
+    def param_grad_pieces(self, j: int) -> List[torch.Tensor]:
+        """This rank's part of parameter j's reduced gradient, as views of reduced_grads."""
+        return [self.reduced_grads[s0:s0 + (p1 - p0)] for p0, p1, s0 in self.param_shard_pieces[j]]
 
     def zero_grads(self) -> None:
         self.reduced_grads.zero_()

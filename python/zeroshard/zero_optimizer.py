@@ -25,9 +25,11 @@ import torch.distributed as dist
 
 from . import ops
 from .bucket_reducer import BucketReducer
-from .communicator import Communicator, make_communicator
+from .communicator import Communicator, _TorchWork, make_communicator
 from .flat_group import FlatGroup
+from .exposed_grads import ExposedGrads
 from .loss_scaler import LossScaler
+from .owning_modules import NoSyncMethod, ddp_wrapper_name, root_modules
 
 STATE_FORMAT = 1
 _SCALER_KWARGS = ("initial_scale", "growth_interval", "hysteresis", "min_scale")
@@ -72,22 +74,19 @@ def _split_names(params) -> tuple:
     return strip(items, "params"), names
 
 
-def reject_ddp_wrapped(params, names: Dict[int, str]) -> None:
+def reject_ddp_wrapped(params, names: Dict[int, str], *, after: bool = False) -> None:
     """A DistributedDataParallel module already all-reduces these parameters' gradients; a
-    second reduction by zeroshard would be wasted traffic at best. DDP leaves no mark on its
-    parameters, so look for live DDP modules (once, at construction)."""
-    import gc
-
-    ddp_type = torch.nn.parallel.DistributedDataParallel
-    mine = {id(p) for p in params}
-    for obj in gc.get_objects():
-        if isinstance(obj, ddp_type):
-            for name, p in obj.module.named_parameters():
-                if id(p) in mine:
-                    raise ValueError(
-                        f"{names.get(id(p), name)} belongs to a model wrapped in "
-                        "DistributedDataParallel, which already reduces its gradients. Drop the "
-                        "DDP wrapper: zeroshard's optimizer does the data-parallel reduction.")
+    second reduction by zeroshard would be wasted traffic at best (and DDP would reduce the
+    zeros left by zeroshard's hooks)."""
+    name = ddp_wrapper_name(params, names)
+    if name is not None:
+        when = ("was wrapped in DistributedDataParallel after the optimizer was built"
+                if after else "belongs to a model wrapped in DistributedDataParallel")
+        raise ValueError(
+            f"{name} {when}, which reduces its gradients a second time. Drop the DDP wrapper: "
+            "zeroshard's optimizer does the data-parallel reduction itself. (With the Hugging "
+            "Face Trainer, which wraps models in DDP, use "
+            "zeroshard.integrations.transformers.ZeroTrainer.)")
 
 
 def _reject_duplicates(params, names: Dict[int, str]) -> None:
@@ -119,6 +118,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         unknown = set(scaler_kwargs) - set(_SCALER_KWARGS)
         if unknown:
             raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
+        module = params if isinstance(params, torch.nn.Module) else None
         params, self._names = _split_names(params)
         _reject_duplicates(params, self._names)
         self._building = True
@@ -137,6 +137,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.device = devices.pop()
         self._check_dtypes(trainable)
         reject_ddp_wrapped(trainable, self._names)
+        # The models these parameters belong to: their buffers are broadcast at construction,
+        # their DDP-style switches (require_backward_grad_sync, no_sync) are honoured, and
+        # their parameter names make error messages readable.
+        self.modules: List[torch.nn.Module] = (
+            [module] if module is not None else
+            root_modules(p for g in self.param_groups for p in g["params"]))
+        self._name_from_modules()
         self.timeout_s = float(timeout_s)  # a collective not done by then raises CollectiveTimeout
         self.process_group = process_group
         self.comm: Communicator = make_communicator(
@@ -150,9 +157,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.flat_groups: List[FlatGroup] = []
         for gi in range(len(self.param_groups)):
             self.flat_groups.extend(self._flatten_group(gi))
+        self._broadcast_from_rank0()
         self.reducer = BucketReducer(self.flat_groups, self.comm,
                                      mode="all_reduce" if stage == 0 else "reduce_scatter",
                                      overlap=overlap, reduce_at_step=(stage == 1))
+        self.reducer.sync_predicate = self._models_want_sync
+        self.exposed = ExposedGrads(self)
+        self.exposed.add_groups(0, self.flat_groups)
+        self._install_no_sync()
+        self._ddp_checked = False  # DDP wrappers added after construction: checked at backward
+        self._grads_dirty = False  # gradients arrived since they were last zeroed
         self.scaler: Optional[LossScaler] = None
         if any(fg.dtype == torch.float16 for fg in self.flat_groups) and loss_scale is not None:
             if loss_scale == "dynamic":
@@ -197,6 +211,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         groups, names = _split_names([param_group])
         group = groups[0]
         self._names.update(names)
+        self._name_from_modules()
         existing = [p for g in self.param_groups for p in g["params"]]
         _reject_duplicates(existing + list(group["params"]), self._names)
         new = [p for p in group["params"] if p.requires_grad]
@@ -213,13 +228,68 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._reduced()  # finish any reduction in flight before the buffers change
         super().add_param_group(group)
         added = self._flatten_group(len(self.param_groups) - 1)
+        first = len(self.flat_groups)
         self.flat_groups.extend(added)
+        self._broadcast_from_rank0(added)
         self.reducer.add_groups(added)
+        self.exposed.add_groups(first, added)
         self.shard_state.extend(self._init_state(fg) for fg in added)
         self._after_add_groups(added)
 
     def _after_add_groups(self, added: List[FlatGroup]) -> None:
         """Hook for subclasses that keep per-FlatGroup objects outside shard_state."""
+
+    def _broadcast_from_rank0(self, groups: Optional[List[FlatGroup]] = None) -> None:
+        """Every rank starts from rank 0's weights, as DDP makes it at construction: scripts
+        that seed each rank differently would otherwise train an average of mismatched
+        models. At construction this covers the flat parameters, the other (frozen)
+        parameters and the buffers of the models found; add_param_group covers its groups."""
+        if self.world_size == 1:
+            return
+        if groups is None:
+            groups = self.flat_groups
+            flat_ids = {id(p) for fg in groups for p in fg.params}
+            others, seen = [], set(flat_ids)
+            candidates = [p for g in self.param_groups for p in g["params"]]
+            for m in self.modules:
+                candidates += list(m.parameters()) + list(m.buffers())
+            for t in candidates:
+                if id(t) not in seen and t.device == self.device and t.numel() > 0:
+                    seen.add(id(t))
+                    others.append(t)
+        else:
+            others = []
+        tensors = [fg.flat_param for fg in groups] + [t.data for t in others]
+        src = dist.get_global_rank(self.process_group, 0) if self.process_group is not None else 0
+        works = []
+        with torch.no_grad():
+            for t in tensors:
+                staged = t if t.is_contiguous() else t.contiguous()
+                self.comm.stats.control_bytes += staged.numel() * staged.element_size()
+                works.append((t, staged, _TorchWork(
+                    dist.broadcast(staged, src=src, group=self.process_group, async_op=True),
+                    "broadcast of rank 0's parameters", self.rank, self.timeout_s)))
+            for t, staged, work in works:
+                work.wait()
+                if staged is not t:
+                    t.copy_(staged)
+
+    def _name_from_modules(self) -> None:
+        for m in self.modules:
+            for name, p in m.named_parameters(remove_duplicate=False):
+                if self._names.get(id(p), "params[").startswith(("params[", "param_groups[")):
+                    if id(p) in self._names:
+                        self._names[id(p)] = name
+
+    def _install_no_sync(self) -> None:
+        for m in self.modules:
+            current = getattr(m, "no_sync", None)
+            if current is None or isinstance(current, NoSyncMethod):
+                m.no_sync = NoSyncMethod(self)
+
+    def _models_want_sync(self) -> bool:
+        """DDP's switch, which scripts set on the model for gradient accumulation."""
+        return all(getattr(m, "require_backward_grad_sync", True) for m in self.modules)
 
     def _check_ranks_agree(self, params) -> None:
         """One small collective so that ranks with different models or settings fail at once,
@@ -288,6 +358,45 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if self.reducer.consume():
             self._grads_present = True
 
+    # [Note: what the script does between steps] Scripts written for torch.optim + DDP move the
+    # model after building the optimizer, zero gradients through the model or not at all, and
+    # wrap the model in DDP late. The first gradient of each backward (ExposedGrads' tensor
+    # hook) and every step() check for these, so each either works or raises.
+
+    def _on_backward_start(self) -> None:
+        if not self._ddp_checked:
+            self._ddp_checked = True
+            reject_ddp_wrapped([p for fg in self.flat_groups for p in fg.params], self._names,
+                               after=True)
+        self._reattach()
+        self.exposed.withdraw()
+        self._grads_dirty = True
+
+    def _on_backward_end(self) -> None:
+        if self.reducer.callback_queued and self.reducer.round_sync:
+            self.exposed.expose()
+
+    def _reattach(self) -> None:
+        for fg in self.flat_groups:
+            fg.reattach()
+
+    def _poll_peers(self, where: str) -> None:
+        """Fails fast when another rank waits in a zeroshard call this rank did not make
+        (checkpoint.save on rank 0 only), before this rank blocks in a collective."""
+        if self.world_size > 1:
+            from .rendezvous import rendezvous_for
+            rendezvous_for(self.process_group, self.timeout_s).poll(where)
+
+    def _consume_grads(self) -> None:
+        """After step(): the next backward starts from zero, however the script zeroes."""
+        self.exposed.withdraw(apply_script_changes=False)
+        if self._grads_dirty:
+            for fg in self.flat_groups:
+                fg.zero_grads()
+            self._grads_dirty = False
+        self._grads_present = False
+        self._clip_coef = 1.0
+
     def _shard_grad_pieces(self):
         for fg in self.flat_groups:
             for b0, b1, s0 in fg.shard_slices():
@@ -303,6 +412,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError(f"max_norm must be > 0, got {max_norm}")
         if not (norm_type > 0):
             raise ValueError(f"norm_type must be > 0 or inf, got {norm_type}")
+        self._poll_peers(f"{type(self).__name__}.clip_grad_norm_")
+        self._reattach()
+        self.exposed.withdraw(remove=False)
         self._reduced()
         # Partial results stay on the device; one host sync for the whole norm.
         total = torch.zeros(1, dtype=torch.float64, device=self.device)
@@ -337,22 +449,26 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._poll_peers(f"{type(self).__name__}.step")
+        self._reattach()
+        self.exposed.withdraw()
         self._reduced()
         if not self._grads_present:
+            self._consume_grads()
             return loss  # no backward since zero_grad: torch.optim skips params without grads
         self.last_step_skipped = False
         if self.scaler is not None and self._overflowed():
             self.last_step_skipped = True
             self.scaler.update(overflow=True)
-            self._clip_coef = 1.0
+            self._consume_grads()
             return loss
         grad_scale = self.loss_scale / self._clip_coef
-        self._clip_coef = 1.0
         for fg, state in zip(self.flat_groups, self.shard_state):
             self._step_group(fg, state, self.param_groups[fg.group_index], grad_scale)
         self._gather_params()
         if self.scaler is not None:
             self.scaler.update(overflow=False)
+        self._consume_grads()
         return loss
 
     def _gather_params(self) -> None:
@@ -368,14 +484,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
             w.wait()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zeroes the reduced gradients (p.grad becomes None whatever set_to_none says: the
+        gradients live in zeroshard's buffers)."""
         self.reducer.wait()
         self.reducer.consume()
+        self._grads_dirty = True
+        self._consume_grads()
         for fg in self.flat_groups:
-            fg.zero_grads()
             for p in fg.params:
                 p.grad = None
-        self._grads_present = False
-        self._clip_coef = 1.0
 
     # ---- reports -----------------------------------------------------------------------------
 
@@ -411,7 +528,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> Dict[str, Any]:
         """This rank's shard of the optimizer state, torch.optim-shaped ('state' keyed by flat
         group, 'param_groups' with hyper-parameters) plus a 'zeroshard' section describing the
-        layout. Loads back at the same world size and stage."""
+        layout. Loads back on the same rank at the same world size and stage; not a
+        collective, so it may be called on one rank. For a rank-independent state dict see
+        full_state_dict(); for sharded checkpoints, zeroshard.checkpoint."""
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         groups = []
         for g in self.param_groups:
@@ -427,16 +546,32 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Validates everything first, then loads: on error nothing has changed."""
+        if not isinstance(state_dict, dict) or "state" not in state_dict \
+                or "param_groups" not in state_dict:
+            raise ValueError("not an optimizer state_dict (needs 'state' and 'param_groups')")
         meta = state_dict.get("zeroshard")
-        if meta is None:
-            raise ValueError("not a zeroshard optimizer state_dict (no 'zeroshard' section)")
+        if meta is None:  # torch.optim's format: the stock optimizer's state_dict
+            self._load_full_state_dict(state_dict)
+            return
         if meta["format"] > STATE_FORMAT:
             raise ValueError(f"state_dict format {meta['format']} is newer than this zeroshard "
                              f"understands ({STATE_FORMAT}); upgrade zeroshard")
-        for key, mine in (("world_size", self.world_size), ("stage", self.stage)):
-            if meta[key] != mine:
-                raise ValueError(f"state_dict was saved with {key}={meta[key]}, this optimizer "
-                                 f"has {key}={mine}; use zeroshard.checkpoint to reshard")
+        if meta.get("consolidated"):
+            self._load_full_state_dict(state_dict)
+            return
+        saved_rank = meta.get("rank", self.rank)
+        if meta["world_size"] != self.world_size or (self.stage != 0 and saved_rank != self.rank):
+            raise ValueError(
+                f"this state_dict is rank {saved_rank}'s part of a world-size-"
+                f"{meta['world_size']} run (optimizer.state_dict() holds only the calling "
+                f"rank's shard), and this is rank {self.rank} of {self.world_size}. Save "
+                "opt.full_state_dict() instead (every rank calls it; it loads on any rank and "
+                "world size), use zeroshard.checkpoint.save/load (sharded, reshards), or give "
+                "each rank its own opt.state_dict() file.")
+        if meta["stage"] != self.stage:
+            raise ValueError(f"state_dict was saved with stage={meta['stage']}, this optimizer "
+                             f"has stage={self.stage}; use opt.full_state_dict() or "
+                             "zeroshard.checkpoint to change stage")
         if meta["flat_groups"] != self._layout_signature():
             raise ValueError("state_dict's parameter layout differs from this optimizer's "
                              "(different model, param groups or dtypes)")
@@ -470,6 +605,124 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def _after_load(self) -> None:
         """Hook for subclasses whose state lives partly outside shard_state."""
+
+    # ---- rank-independent state dicts ----------------------------------------------------------
+
+    def full_state_dict(self) -> Dict[str, Any]:
+        """The whole optimizer state in torch.optim's format: 'state' keyed by parameter index
+        (in param_groups order) with tensors shaped like the parameters ('step', 'exp_avg',
+        'exp_avg_sq'...; 'master' too for bf16/fp16 parameters), and 'param_groups'. It loads
+        back into a zeroshard optimizer on any rank, world size and stage, and into the stock
+        torch.optim optimizer. A collective: every rank must call it (each gets the same dict);
+        a call on one rank only fails with an error that says so."""
+        if hasattr(self, "inner"):
+            raise NotImplementedError(
+                "ZeroRedundancy keeps its state in an inner torch optimizer, which "
+                "full_state_dict() does not consolidate yet; use ZeroAdamW/ZeroAdam/ZeroSGD, "
+                "or save opt.state_dict() per rank")
+        if self.world_size > 1:
+            from .rendezvous import rendezvous_for
+            rendezvous_for(self.process_group, self.timeout_s).enter(
+                f"{type(self).__name__}.full_state_dict")
+        self._reattach()
+        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        state: Dict[int, Dict[str, Any]] = {}
+        for fg, shard_state in zip(self.flat_groups, self.shard_state):
+            whole = {k: self._whole_state(fg, v) for k, v in shard_state.items()
+                     if isinstance(v, torch.Tensor)}
+            for j, p in enumerate(fg.params):
+                start, end = fg.param_ranges[j]
+                entry: Dict[str, Any] = {
+                    "step": torch.tensor(float(shard_state.get("step", 0)))}
+                for k, t in whole.items():
+                    entry[k] = t[start:end].view(p.shape).clone()
+                state[index[id(p)]] = entry
+        groups = []
+        for g in self.param_groups:
+            entry = {k: v for k, v in g.items() if k != "params"}
+            entry["params"] = [index[id(p)] for p in g["params"]]
+            groups.append(entry)
+        return {"state": state, "param_groups": groups,
+                "zeroshard": {"format": STATE_FORMAT, "consolidated": True,
+                              "loss_scaler": self.scaler.state_dict() if self.scaler else None}}
+
+    def _whole_state(self, fg: FlatGroup, tensor: torch.Tensor) -> torch.Tensor:
+        """A state tensor over the whole flat buffer: all-gathered from every rank's shard."""
+        if self.stage == 0:
+            return tensor.detach()
+        whole = torch.zeros(fg.layout.buffer_numel, dtype=tensor.dtype, device=tensor.device)
+        for b0, b1, s0 in fg.shard_slices():
+            whole[b0:b1].copy_(tensor[s0:s0 + (b1 - b0)])
+        works = []
+        for b, (b_start, b_end) in enumerate(fg.bucket_ranges):
+            s_start, s_end, _ = fg.bucket_slice(b)
+            works.append(self.comm.all_gather(whole[b_start:b_end], whole[s_start:s_end]))
+        for w in works:
+            w.wait()
+        return whole
+
+    def _load_full_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Loads a torch.optim-format state dict (full_state_dict(), or the stock torch
+        optimizer's): each rank takes its shard of every tensor. Validates first."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer "
+                             f"{len(self.param_groups)}")
+        for gi, (mine, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(mine["params"]):
+                raise ValueError(f"state_dict's param group {gi} has {len(saved['params'])} "
+                                 f"parameters, this optimizer's {len(mine['params'])}")
+        key_of = {}
+        for mine, saved in zip(self.param_groups, saved_groups):
+            for p, key in zip(mine["params"], saved["params"]):
+                key_of[id(p)] = key
+        saved_state = state_dict["state"]
+        copies = []  # (state tensor, [(state_start, saved values)]) for every parameter
+        step_counts = []  # (shard_state, step)
+        for fg, shard_state in zip(self.flat_groups, self.shard_state):
+            steps = set()
+            for j, p in enumerate(fg.params):
+                entry = saved_state.get(key_of[id(p)], saved_state.get(str(key_of[id(p)])))
+                name = fg.names[j]
+                if not entry:
+                    raise ValueError(f"state_dict has no state for {name}; it was saved before "
+                                     "the optimizer's first step, or for another model")
+                for k, v in shard_state.items():
+                    if not isinstance(v, torch.Tensor) or (k == "master" and k not in entry):
+                        continue
+                    if k not in entry:
+                        raise ValueError(f"state_dict's state for {name} has no '{k}' (it has "
+                                         f"{sorted(entry)})")
+                    saved_t = entry[k]
+                    if not isinstance(saved_t, torch.Tensor) or saved_t.numel() != p.numel():
+                        raise ValueError(f"state_dict's '{k}' for {name} has shape "
+                                         f"{tuple(getattr(saved_t, 'shape', ()))}, the "
+                                         f"parameter {tuple(p.shape)}")
+                    flat = saved_t.detach().reshape(-1)
+                    copies.append((shard_state[k], [(s0, flat[p0:p1])
+                                                    for p0, p1, s0 in fg.param_shard_pieces[j]]))
+                if "step" in entry:
+                    step = entry["step"]
+                    steps.add(int(step.item() if isinstance(step, torch.Tensor) else step))
+            if "step" in shard_state:
+                step_counts.append((shard_state, max(steps) if steps else 0))
+        with torch.no_grad():
+            for fg, shard_state in zip(self.flat_groups, self.shard_state):
+                if "master" in shard_state:  # refreshed from the parameters unless saved
+                    shard_state["master"].copy_(fg.shard_as_fp32())
+            for target, pieces in copies:
+                for s0, values in pieces:
+                    target[s0:s0 + values.numel()].copy_(values)
+        for shard_state, step in step_counts:
+            shard_state["step"] = step
+        for mine, saved in zip(self.param_groups, saved_groups):
+            for k, v in saved.items():
+                if k != "params":
+                    mine[k] = v
+        meta = state_dict.get("zeroshard") or {}
+        if self.scaler is not None and meta.get("loss_scaler") is not None:
+            self.scaler.load_state_dict(meta["loss_scaler"])
+        self._after_load()
 
     # ---- sharded checkpoints (zeroshard.checkpoint) ------------------------------------------
     # Accessors for zeroshard.checkpoint, which owns the file format and resharding. "State
