@@ -18,7 +18,7 @@ import contextlib
 import datetime
 import math
 from collections import OrderedDict
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,10 +28,10 @@ from .bucket_reducer import BucketReducer
 from .communicator import Communicator, _TorchWork, make_communicator
 from .flat_group import FlatGroup
 from .exposed_grads import ExposedGrads
+from . import state_dicts
 from .loss_scaler import LossScaler
 from .owning_modules import NoSyncMethod, ddp_wrapper_name, root_modules
 
-STATE_FORMAT = 1
 _SCALER_KWARGS = ("initial_scale", "growth_interval", "hysteresis", "min_scale")
 
 
@@ -520,209 +520,27 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     # ---- checkpoints -------------------------------------------------------------------------
 
-    def _layout_signature(self) -> List[Dict[str, Any]]:
-        return [{"group_index": fg.group_index, "dtype": str(fg.dtype),
-                 "numels": [p.numel() for p in fg.params], "buffer_numel": fg.layout.buffer_numel,
-                 "shard_numel": fg.shard_numel} for fg in self.flat_groups]
-
     def state_dict(self) -> Dict[str, Any]:
-        """This rank's shard of the optimizer state, torch.optim-shaped ('state' keyed by flat
-        group, 'param_groups' with hyper-parameters) plus a 'zeroshard' section describing the
-        layout. Loads back on the same rank at the same world size and stage; not a
-        collective, so it may be called on one rank. For a rank-independent state dict see
-        full_state_dict(); for sharded checkpoints, zeroshard.checkpoint."""
-        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        groups = []
-        for g in self.param_groups:
-            entry = {k: v for k, v in g.items() if k != "params"}
-            entry["params"] = [index[id(p)] for p in g["params"]]
-            groups.append(entry)
-        state = {i: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
-                 for i, s in enumerate(self.shard_state)}
-        return {"state": state, "param_groups": groups,
-                "zeroshard": {"format": STATE_FORMAT, "stage": self.stage, "rank": self.rank,
-                              "world_size": self.world_size, "flat_groups": self._layout_signature(),
-                              "loss_scaler": self.scaler.state_dict() if self.scaler else None}}
+        """This rank's shard of the optimizer state, torch.optim-shaped, with a 'zeroshard'
+        section describing the layout. Not a collective (scripts call it on rank 0 only), so it
+        loads back only on the same rank, world size and stage; see full_state_dict() for a
+        rank-independent one and zeroshard.checkpoint for sharded files."""
+        return state_dicts.shard_state_dict(self)
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Validates everything first, then loads: on error nothing has changed."""
-        if not isinstance(state_dict, dict) or "state" not in state_dict \
-                or "param_groups" not in state_dict:
-            raise ValueError("not an optimizer state_dict (needs 'state' and 'param_groups')")
-        meta = state_dict.get("zeroshard")
-        if meta is None:  # torch.optim's format: the stock optimizer's state_dict
-            self._load_full_state_dict(state_dict)
-            return
-        if meta["format"] > STATE_FORMAT:
-            raise ValueError(f"state_dict format {meta['format']} is newer than this zeroshard "
-                             f"understands ({STATE_FORMAT}); upgrade zeroshard")
-        if meta.get("consolidated"):
-            self._load_full_state_dict(state_dict)
-            return
-        saved_rank = meta.get("rank", self.rank)
-        if meta["world_size"] != self.world_size or (self.stage != 0 and saved_rank != self.rank):
-            raise ValueError(
-                f"this state_dict is rank {saved_rank}'s part of a world-size-"
-                f"{meta['world_size']} run (optimizer.state_dict() holds only the calling "
-                f"rank's shard), and this is rank {self.rank} of {self.world_size}. Save "
-                "opt.full_state_dict() instead (every rank calls it; it loads on any rank and "
-                "world size), use zeroshard.checkpoint.save/load (sharded, reshards), or give "
-                "each rank its own opt.state_dict() file.")
-        if meta["stage"] != self.stage:
-            raise ValueError(f"state_dict was saved with stage={meta['stage']}, this optimizer "
-                             f"has stage={self.stage}; use opt.full_state_dict() or "
-                             "zeroshard.checkpoint to change stage")
-        if meta["flat_groups"] != self._layout_signature():
-            raise ValueError("state_dict's parameter layout differs from this optimizer's "
-                             "(different model, param groups or dtypes)")
-        if len(state_dict["param_groups"]) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(state_dict['param_groups'])} param groups, "
-                             f"this optimizer {len(self.param_groups)}")
-        loaded = state_dict["state"]
-        for i, current in enumerate(self.shard_state):
-            saved = loaded.get(i, loaded.get(str(i)))
-            if saved is None or set(saved) != set(current):
-                raise ValueError(f"state_dict's state for flat group {i} has keys "
-                                 f"{sorted(saved or [])}, expected {sorted(current)}")
-            for k, v in current.items():
-                if isinstance(v, torch.Tensor) and saved[k].shape != v.shape:
-                    raise ValueError(f"state_dict's {k} of flat group {i} has shape "
-                                     f"{tuple(saved[k].shape)}, expected {tuple(v.shape)}")
-        with torch.no_grad():
-            for i, current in enumerate(self.shard_state):
-                for k, v in loaded.get(i, loaded.get(str(i))).items():
-                    if isinstance(current[k], torch.Tensor):
-                        current[k].copy_(v)
-                    else:
-                        current[k] = v
-        for mine, saved in zip(self.param_groups, state_dict["param_groups"]):
-            for k, v in saved.items():
-                if k != "params":
-                    mine[k] = v
-        if self.scaler is not None and meta["loss_scaler"] is not None:
-            self.scaler.load_state_dict(meta["loss_scaler"])
-        self._after_load()
+        """Loads a state_dict() of this rank, or a full_state_dict() / stock torch.optim state
+        dict on any rank. Validates everything first: on error nothing has changed."""
+        state_dicts.load_state_dict(self, state_dict)
+
+    def full_state_dict(self) -> Dict[str, Any]:
+        """The whole optimizer state in torch.optim's format ('state' keyed by parameter index
+        with tensors shaped like the parameters, 'param_groups'); loads on any rank, world size
+        and stage, and into the stock torch.optim optimizer. A collective: every rank must call
+        it (each gets the same dict); a call on one rank only fails with an error saying so."""
+        return state_dicts.full_state_dict(self)
 
     def _after_load(self) -> None:
         """Hook for subclasses whose state lives partly outside shard_state."""
-
-    # ---- rank-independent state dicts ----------------------------------------------------------
-
-    def full_state_dict(self) -> Dict[str, Any]:
-        """The whole optimizer state in torch.optim's format: 'state' keyed by parameter index
-        (in param_groups order) with tensors shaped like the parameters ('step', 'exp_avg',
-        'exp_avg_sq'...; 'master' too for bf16/fp16 parameters), and 'param_groups'. It loads
-        back into a zeroshard optimizer on any rank, world size and stage, and into the stock
-        torch.optim optimizer. A collective: every rank must call it (each gets the same dict);
-        a call on one rank only fails with an error that says so."""
-        if hasattr(self, "inner"):
-            raise NotImplementedError(
-                "ZeroRedundancy keeps its state in an inner torch optimizer, which "
-                "full_state_dict() does not consolidate yet; use ZeroAdamW/ZeroAdam/ZeroSGD, "
-                "or save opt.state_dict() per rank")
-        if self.world_size > 1:
-            from .rendezvous import rendezvous_for
-            rendezvous_for(self.process_group, self.timeout_s).enter(
-                f"{type(self).__name__}.full_state_dict")
-        self._reattach()
-        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        state: Dict[int, Dict[str, Any]] = {}
-        for fg, shard_state in zip(self.flat_groups, self.shard_state):
-            whole = {k: self._whole_state(fg, v) for k, v in shard_state.items()
-                     if isinstance(v, torch.Tensor)}
-            for j, p in enumerate(fg.params):
-                start, end = fg.param_ranges[j]
-                entry: Dict[str, Any] = {
-                    "step": torch.tensor(float(shard_state.get("step", 0)))}
-                for k, t in whole.items():
-                    entry[k] = t[start:end].view(p.shape).clone()
-                state[index[id(p)]] = entry
-        groups = []
-        for g in self.param_groups:
-            entry = {k: v for k, v in g.items() if k != "params"}
-            entry["params"] = [index[id(p)] for p in g["params"]]
-            groups.append(entry)
-        return {"state": state, "param_groups": groups,
-                "zeroshard": {"format": STATE_FORMAT, "consolidated": True,
-                              "loss_scaler": self.scaler.state_dict() if self.scaler else None}}
-
-    def _whole_state(self, fg: FlatGroup, tensor: torch.Tensor) -> torch.Tensor:
-        """A state tensor over the whole flat buffer: all-gathered from every rank's shard."""
-        if self.stage == 0:
-            return tensor.detach()
-        whole = torch.zeros(fg.layout.buffer_numel, dtype=tensor.dtype, device=tensor.device)
-        for b0, b1, s0 in fg.shard_slices():
-            whole[b0:b1].copy_(tensor[s0:s0 + (b1 - b0)])
-        works = []
-        for b, (b_start, b_end) in enumerate(fg.bucket_ranges):
-            s_start, s_end, _ = fg.bucket_slice(b)
-            works.append(self.comm.all_gather(whole[b_start:b_end], whole[s_start:s_end]))
-        for w in works:
-            w.wait()
-        return whole
-
-    def _load_full_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Loads a torch.optim-format state dict (full_state_dict(), or the stock torch
-        optimizer's): each rank takes its shard of every tensor. Validates first."""
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer "
-                             f"{len(self.param_groups)}")
-        for gi, (mine, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(saved["params"]) != len(mine["params"]):
-                raise ValueError(f"state_dict's param group {gi} has {len(saved['params'])} "
-                                 f"parameters, this optimizer's {len(mine['params'])}")
-        key_of = {}
-        for mine, saved in zip(self.param_groups, saved_groups):
-            for p, key in zip(mine["params"], saved["params"]):
-                key_of[id(p)] = key
-        saved_state = state_dict["state"]
-        copies = []  # (state tensor, [(state_start, saved values)]) for every parameter
-        step_counts = []  # (shard_state, step)
-        for fg, shard_state in zip(self.flat_groups, self.shard_state):
-            steps = set()
-            for j, p in enumerate(fg.params):
-                entry = saved_state.get(key_of[id(p)], saved_state.get(str(key_of[id(p)])))
-                name = fg.names[j]
-                if not entry:
-                    raise ValueError(f"state_dict has no state for {name}; it was saved before "
-                                     "the optimizer's first step, or for another model")
-                for k, v in shard_state.items():
-                    if not isinstance(v, torch.Tensor) or (k == "master" and k not in entry):
-                        continue
-                    if k not in entry:
-                        raise ValueError(f"state_dict's state for {name} has no '{k}' (it has "
-                                         f"{sorted(entry)})")
-                    saved_t = entry[k]
-                    if not isinstance(saved_t, torch.Tensor) or saved_t.numel() != p.numel():
-                        raise ValueError(f"state_dict's '{k}' for {name} has shape "
-                                         f"{tuple(getattr(saved_t, 'shape', ()))}, the "
-                                         f"parameter {tuple(p.shape)}")
-                    flat = saved_t.detach().reshape(-1)
-                    copies.append((shard_state[k], [(s0, flat[p0:p1])
-                                                    for p0, p1, s0 in fg.param_shard_pieces[j]]))
-                if "step" in entry:
-                    step = entry["step"]
-                    steps.add(int(step.item() if isinstance(step, torch.Tensor) else step))
-            if "step" in shard_state:
-                step_counts.append((shard_state, max(steps) if steps else 0))
-        with torch.no_grad():
-            for fg, shard_state in zip(self.flat_groups, self.shard_state):
-                if "master" in shard_state:  # refreshed from the parameters unless saved
-                    shard_state["master"].copy_(fg.shard_as_fp32())
-            for target, pieces in copies:
-                for s0, values in pieces:
-                    target[s0:s0 + values.numel()].copy_(values)
-        for shard_state, step in step_counts:
-            shard_state["step"] = step
-        for mine, saved in zip(self.param_groups, saved_groups):
-            for k, v in saved.items():
-                if k != "params":
-                    mine[k] = v
-        meta = state_dict.get("zeroshard") or {}
-        if self.scaler is not None and meta.get("loss_scaler") is not None:
-            self.scaler.load_state_dict(meta["loss_scaler"])
-        self._after_load()
 
     # ---- sharded checkpoints (zeroshard.checkpoint) ------------------------------------------
     # Accessors for zeroshard.checkpoint, which owns the file format and resharding. "State

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import zeroshard
-from dist_harness import DistributedTestError, run_distributed
+from dist_harness import run_distributed
 from zero_oracle import (SMALL_BUCKET_MB, assert_params_close, assert_ranks_identical,
                          make_batches, make_model, mse_loss, oracle_optimizer, param_snapshot,
                          rank_slice, train_oracle)
@@ -79,14 +79,12 @@ def test_model_moved_one_process_repro():
             o.step()
             o.zero_grad()
     torch.testing.assert_close(m.weight, ref.weight, rtol=1e-5, atol=1e-6)
-    assert (m.weight - m.weight.detach().clone()).abs().sum() == 0  # sanity: same tensor
-    assert m.weight.data_ptr() == opt.flat_groups[0].flat_param.data_ptr() or \
-        opt.flat_groups[0].is_attached(0)
+    assert opt.flat_groups[0].is_attached(0), "the weight views the flat buffer again"
 
 
 def test_cast_or_move_to_other_dtype_is_a_clear_error():
     model = make_model()
-    opt = zeroshard.ZeroAdamW(model.parameters(), stage=1)
+    zeroshard.ZeroAdamW(model.parameters(), stage=1)
     model.to(torch.float64)
     tokens, target = make_batches(1)[0]
     with pytest.raises(ValueError, match=r"fc1.weight.*float64.*build the optimizer|"
@@ -350,7 +348,7 @@ def test_p_grad_reads_whole_gradient_at_stage0_and_errors_at_stage2():
 
 def _ddp_after(rank, world_size):
     model = make_model()
-    opt = _zero(model, 2)
+    _zero(model, 2)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     try:
         mse_loss(ddp, *_local(make_batches(1)[0], rank, world_size)).backward()
