@@ -7,6 +7,9 @@ Owns the save/load protocol: which rank writes what, the atomic commit, validati
 change, and mapping a saved layout onto the loading one (resharding). The bytes on disk are
 checkpoint_format.py's. With an optimizer, save and load are collective over its process group
 (every rank calls them); without one, over the default group when torch.distributed is up.
+Their object collectives go through the group's Rendezvous (rendezvous.py): a rank that skips
+the call (save under `if rank == 0:`) makes every rank raise instead of hanging, and each wait
+is bounded by the optimizer's timeout_s.
 
 Every rank writes its own shard of every flat group: its slice of the flat parameter buffer
 (the model's trainable params, in their dtype) and of each state tensor (exp_avg, master...).
@@ -37,38 +40,50 @@ import torch.distributed as dist
 
 from . import checkpoint_format as fmt
 from .checkpoint_format import CheckpointError
+from .rendezvous import rendezvous_for
 from .zero_optimizer import ZeroOptimizer
 
 __all__ = ["save", "load", "CheckpointError"]
 
 
 class _Ranks:
-    """The ranks taking part in one save/load and the few object collectives it needs."""
+    """The ranks taking part in one save/load and the few object collectives it needs, all
+    through the group's Rendezvous: a rank that skips the call makes the others fail fast (or
+    after timeout_s) instead of hanging them."""
 
-    def __init__(self, optimizer: Optional[ZeroOptimizer]) -> None:
-        self.group = None
+    def __init__(self, optimizer: Optional[ZeroOptimizer], timeout_s: float) -> None:
+        group = None
         if optimizer is not None:
-            self.group = getattr(optimizer.comm, "group", None)
+            group = getattr(optimizer.comm, "group", None)
             self.rank, self.world_size = optimizer.comm.rank, optimizer.comm.world_size
         elif dist.is_available() and dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         else:
             self.rank, self.world_size = 0, 1
+        # A world-size-1 communicator may sit on a bigger default group: nothing to agree on.
+        self.rendezvous = rendezvous_for(group, timeout_s) if self.world_size > 1 else None
+
+    def enter(self, op: str) -> None:
+        if self.rendezvous is not None:
+            self.rendezvous.enter(op)
 
     def all_gather(self, obj: Any) -> List[Any]:
-        if self.world_size == 1:
-            return [obj]
-        out: List[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
+        return self.rendezvous.all_gather_object(obj) if self.rendezvous is not None else [obj]
 
     def broadcast(self, obj: Any) -> Any:
-        if self.world_size == 1:
-            return obj
-        box = [obj]
-        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
-        dist.broadcast_object_list(box, src=src, group=self.group)
-        return box[0]
+        return self.rendezvous.broadcast_object(obj, 0) if self.rendezvous is not None else obj
+
+
+DEFAULT_TIMEOUT_S = 300.0
+
+
+def _timeout(optimizer, timeout_s) -> float:
+    """timeout_s if given, else the optimizer's, else DEFAULT_TIMEOUT_S."""
+    if timeout_s is None:
+        return float(getattr(optimizer, "timeout_s", None) or DEFAULT_TIMEOUT_S)
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    return float(timeout_s)
 
 
 def _check_args(path, model, optimizer) -> str:
@@ -190,14 +205,17 @@ def _commit(path: str, directory: str, meta: Dict[str, Any]) -> None:
 
 
 def save(path, *, model: torch.nn.Module, optimizer: Optional[ZeroOptimizer] = None,
-         extra: Any = None, rng: bool = False) -> None:
+         extra: Any = None, rng: bool = False, timeout_s: Optional[float] = None) -> None:
     """Saves model (and optimizer) state to the directory `path`, atomically.
 
-    Every rank of the optimizer's group must call it. `extra` (small, picklable: scheduler
-    state, epoch...) comes back from load(). `rng=True` also saves each rank's torch and
-    Python RNG states (restored by load(rng=True) at the same world size)."""
+    Every rank of the optimizer's group must call it (not only rank 0): a rank that does not
+    makes the others raise CollectiveCallError. `extra` (small, picklable: scheduler state,
+    epoch...) comes back from load(). `rng=True` also saves each rank's torch and Python RNG
+    states (restored by load(rng=True) at the same world size). `timeout_s` bounds each wait for
+    the other ranks (default: the optimizer's timeout_s, else 300)."""
     path = _check_args(path, model, optimizer)
-    ranks = _Ranks(optimizer)
+    ranks = _Ranks(optimizer, _timeout(optimizer, timeout_s))
+    ranks.enter("zeroshard.checkpoint.save")
     tensors = _model_tensors(model)
     names = {id(t): n for n, t in tensors.items()}
     flat = _flat_locations(tensors, optimizer)
@@ -386,14 +404,16 @@ def _stage_model(meta, tensors, readers) -> Dict[str, torch.Tensor]:
 
 
 def load(path, *, model: torch.nn.Module, optimizer: Optional[ZeroOptimizer] = None,
-         rng: bool = False) -> Any:
+         rng: bool = False, timeout_s: Optional[float] = None) -> Any:
     """Loads a checkpoint saved by save(), at any world size and stage; returns `extra`.
 
     Validates the metadata, the model's parameter names/shapes/dtypes and every chunk read
     against its checksum, reading into new tensors; only when every rank succeeded does it copy
-    into the model and optimizer. On error nothing has changed and every rank raises."""
+    into the model and optimizer. On error nothing has changed and every rank raises. Every
+    rank must call it; `timeout_s` as for save()."""
     path = _check_args(path, model, optimizer)
-    ranks = _Ranks(optimizer)
+    ranks = _Ranks(optimizer, _timeout(optimizer, timeout_s))
+    ranks.enter("zeroshard.checkpoint.load")
     tensors = _model_tensors(model)
     names = {id(t): n for n, t in tensors.items()}
     error: Optional[BaseException] = None

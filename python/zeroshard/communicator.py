@@ -82,7 +82,9 @@ class _TorchWork(Work):
             raise CollectiveTimeout(
                 f"{self._kind} did not complete on rank {self._rank} (timeout_s="
                 f"{self._timeout_s}): {str(e).strip()[:300]}. A peer rank probably died or "
-                "stopped responding; check the other ranks' logs.") from e
+                "stopped responding, or a rank is inside a call that this rank did not make "
+                "(e.g. zeroshard.checkpoint.save called on rank 0 only); check the other "
+                "ranks' logs.") from e
 
     def is_completed(self) -> bool:
         return self._handle is None or self._handle.is_completed()
