@@ -104,6 +104,7 @@ def load_state_dict(opt, state_dict: Dict[str, Any]) -> None:
                 mine[k] = v
     if opt.scaler is not None and meta["loss_scaler"] is not None:
         opt.scaler.load_state_dict(meta["loss_scaler"])
+    opt._master_check_due = True  # the model may be loaded after the optimizer
     opt._after_load()
 
 
@@ -223,4 +224,5 @@ def load_full_state_dict(opt, state_dict: Dict[str, Any]) -> None:
     meta = state_dict.get("zeroshard") or {}
     if opt.scaler is not None and meta.get("loss_scaler") is not None:
         opt.scaler.load_state_dict(meta["loss_scaler"])
+    opt._master_check_due = True  # the model may be loaded after the optimizer
     opt._after_load()

@@ -167,6 +167,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._install_no_sync()
         self._ddp_checked = False  # DDP wrappers added after construction: checked at backward
         self._grads_dirty = False  # gradients arrived since they were last zeroed
+        self._master_check_due = True  # see _adopt_changed_params
         self.scaler: Optional[LossScaler] = None
         if any(fg.dtype == torch.float16 for fg in self.flat_groups) and loss_scale is not None:
             if loss_scale == "dynamic":
@@ -463,6 +464,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._consume_grads()
             return loss
         grad_scale = self.loss_scale / self._clip_coef
+        if self._master_check_due:
+            self._adopt_changed_params()
         for fg, state in zip(self.flat_groups, self.shard_state):
             self._step_group(fg, state, self.param_groups[fg.group_index], grad_scale)
         self._gather_params()
@@ -470,6 +473,23 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self.scaler.update(overflow=False)
         self._consume_grads()
         return loss
+
+    def _adopt_changed_params(self) -> None:
+        """A separate fp32 master shard (bf16/fp16 parameters, ZeroRedundancy) is copied from
+        the parameters at construction. A script that then loads weights into the model
+        (model.load_state_dict after building the optimizer, or after loading optimizer state)
+        would have them silently reverted by the first update. So before the first step after
+        construction or a load, every element whose parameter no longer equals its master
+        (rounded to the parameter's dtype) takes the parameter's value."""
+        self._master_check_due = False
+        for fg, state in zip(self.flat_groups, self.shard_state):
+            master = state.get("master")
+            if master is None:
+                continue
+            current = fg.shard_as_fp32()
+            changed = current.to(fg.dtype) != master.detach().to(fg.dtype)
+            if bool(changed.any()):
+                master.data[changed] = current[changed]
 
     def _gather_params(self) -> None:
         if self.stage == 0:
@@ -572,4 +592,5 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def finish_checkpoint_load(self) -> None:
         """After a checkpoint load: drop pending gradients and run the subclass hook."""
         self.zero_grad(set_to_none=True)
+        self._master_check_due = True
         self._after_load()

@@ -413,3 +413,24 @@ def test_no_sync_method_does_not_travel_with_the_model(tmp_path):
         pass
     with copy.deepcopy(model).no_sync():
         pass
+
+
+# ---- weights loaded into the model after the optimizer exists --------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_weights_loaded_after_construction_are_not_reverted(dtype):
+    """bf16 parameters (fp32 master) and ZeroRedundancy (fp32 master for any dtype) keep a copy
+    of the weights; loading new weights into the model afterwards must not be undone."""
+    pretrained = make_model(seed=5, dtype=dtype)
+    model = make_model(seed=0, dtype=dtype)
+    if dtype == torch.float32:
+        opt = zeroshard.ZeroRedundancy(model.parameters(), optimizer_class=torch.optim.SGD,
+                                       lr=0.0, stage=2)
+    else:
+        opt = zeroshard.ZeroAdamW(model.parameters(), lr=0.0, weight_decay=0.0, stage=2)
+    model.load_state_dict(pretrained.state_dict())  # e.g. a fine-tuning script's checkpoint
+    tokens, target = make_batches(1)[0]
+    mse_loss(model, tokens, target).backward()
+    opt.step()  # lr 0: the weights must stay the loaded ones
+    assert_params_close(param_snapshot(model), param_snapshot(pretrained), "after lr=0 step",
+                        rtol=0, atol=0)
