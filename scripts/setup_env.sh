@@ -11,10 +11,17 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 py="$venv/bin/python"
-if ! "$py" -c "import torch, pybind11, scikit_build_core, pytest, pytest_timeout, numpy, safetensors" 2>/dev/null; then
+# transformers and accelerate: the Hugging Face Trainer tests (tests/python/test_hf_trainer.py);
+# pinned because ZeroTrainer overrides Trainer hooks whose names and order change between releases.
+transformers_version=5.23.0
+accelerate_version=1.15.0
+if ! "$py" -c "import torch, pybind11, scikit_build_core, pytest, pytest_timeout, numpy, safetensors
+import transformers, accelerate
+assert transformers.__version__ == '$transformers_version'
+assert accelerate.__version__ == '$accelerate_version'" 2>/dev/null; then
   "$py" -m pip install -q --upgrade pip
   "$py" -m pip install -q "$torch_spec" numpy pybind11 scikit-build-core ninja pytest pytest-timeout \
-    safetensors
+    safetensors "transformers==$transformers_version" "accelerate==$accelerate_version"
 fi
 variant="${ZEROSHARD_CUDA:-OFF}"
 if [ "$variant" != OFF ] && command -v nvcc >/dev/null 2>&1; then
