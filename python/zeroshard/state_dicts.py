@@ -17,6 +17,7 @@ from typing import Any, Dict, List
 import torch
 
 from .flat_group import FlatGroup
+from .rendezvous import rendezvous_for
 
 STATE_FORMAT = 1
 
@@ -121,7 +122,6 @@ def full_state_dict(opt) -> Dict[str, Any]:
             "full_state_dict() does not consolidate yet; use ZeroAdamW/ZeroAdam/ZeroSGD, "
             "or save opt.state_dict() per rank")
     if opt.world_size > 1:
-        from .rendezvous import rendezvous_for
         rendezvous_for(opt.process_group, opt.timeout_s).enter(
             f"{type(opt).__name__}.full_state_dict")
     opt._reattach()

@@ -31,6 +31,7 @@ from .exposed_grads import ExposedGrads
 from . import state_dicts
 from .loss_scaler import LossScaler
 from .owning_modules import NoSyncMethod, ddp_wrapper_name, root_modules
+from .rendezvous import rendezvous_for
 
 _SCALER_KWARGS = ("initial_scale", "growth_interval", "hysteresis", "min_scale")
 
@@ -303,8 +304,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             "params": [(self._names[id(p)], tuple(p.shape), str(p.dtype), bool(p.requires_grad))
                        for p in params],
         }
-        everyone: List[Any] = [None] * self.world_size
-        dist.all_gather_object(everyone, mine, group=process_group)
+        # With the timeout: a rank that never builds its optimizer must not hang the others.
+        everyone = rendezvous_for(process_group, self.timeout_s).all_gather_object(mine)
         ref = everyone[0]
         for r, other in enumerate(everyone):
             for key in ("stage", "bucket_mb", "reduce_dtype"):
@@ -385,7 +386,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """Fails fast when another rank waits in a zeroshard call this rank did not make
         (checkpoint.save on rank 0 only), before this rank blocks in a collective."""
         if self.world_size > 1:
-            from .rendezvous import rendezvous_for
             rendezvous_for(self.process_group, self.timeout_s).poll(where)
 
     def _consume_grads(self) -> None:

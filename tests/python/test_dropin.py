@@ -434,3 +434,30 @@ def test_weights_loaded_after_construction_are_not_reverted(dtype):
     opt.step()  # lr 0: the weights must stay the loaded ones
     assert_params_close(param_snapshot(model), param_snapshot(pretrained), "after lr=0 step",
                         rtol=0, atol=0)
+
+
+# ---- 5. collectives called on rank 0 only ----------------------------------------------------
+
+def _full_state_dict_on_rank0_only(rank, world_size):
+    import time
+    model = make_model()
+    opt = _zero(model, 2, timeout_s=60)
+    start = time.monotonic()
+    try:
+        for batch in make_batches(STEPS):
+            mse_loss(model, *_local(batch, rank, world_size)).backward()
+            opt.step()
+            opt.zero_grad()
+            if rank == 0:
+                torch.save(opt.full_state_dict(), os.devnull)  # the usual `if rank == 0:` save
+    except zeroshard.CollectiveTimeout as e:
+        return str(e), time.monotonic() - start
+    return None, time.monotonic() - start
+
+
+def test_full_state_dict_on_one_rank_fails_fast_everywhere():
+    per_rank = run_distributed(_full_state_dict_on_rank0_only, 2)
+    for rank, (message, seconds) in enumerate(per_rank):
+        assert message is not None, f"rank {rank} did not raise"
+        assert "full_state_dict" in message and "every rank" in message, message
+        assert seconds < 30, f"rank {rank} took {seconds:.1f} s (timeout_s is 60)"
