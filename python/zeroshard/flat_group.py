@@ -82,7 +82,10 @@ class FlatGroup:
         the same device, e.g. 'cpu:0'); without this, the optimizer would update a buffer the
         model no longer reads. Returns how many were re-attached; raises, changing nothing,
         when a parameter changed device, dtype or shape (the buffers cannot follow)."""
-        moved = [j for j in range(len(self.params)) if not self.is_attached(j)]
+        base, elem = self.flat_param.data_ptr(), self.flat_param.element_size()
+        moved = [j for j, (p, (start, end)) in enumerate(zip(self.params, self.param_ranges))
+                 if (p.data_ptr() != base + start * elem if end > start
+                     else not self.is_attached(j))]
         for j in moved:
             p = self.params[j]
             start, end = self.param_ranges[j]

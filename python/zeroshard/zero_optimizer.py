@@ -414,7 +414,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if not (norm_type > 0):
             raise ValueError(f"norm_type must be > 0 or inf, got {norm_type}")
         self._poll_peers(f"{type(self).__name__}.clip_grad_norm_")
-        self._reattach()
         self.exposed.withdraw(remove=False)
         self._reduced()
         # Partial results stay on the device; one host sync for the whole norm.
