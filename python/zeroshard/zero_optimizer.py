@@ -118,7 +118,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
         unknown = set(scaler_kwargs) - set(_SCALER_KWARGS)
         if unknown:
-            raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
+            raise TypeError(
+                f"unexpected keyword arguments {sorted(unknown)}; zeroshard's own are stage, "
+                "process_group, bucket_mb, overlap, reduce_dtype, loss_scale, timeout_s and the "
+                f"loss scaler's {', '.join(_SCALER_KWARGS)}")
         module = params if isinstance(params, torch.nn.Module) else None
         params, self._names = _split_names(params)
         _reject_duplicates(params, self._names)
