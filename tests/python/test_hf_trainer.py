@@ -352,3 +352,20 @@ def test_importing_zeroshard_does_not_import_transformers():
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_zero_trainer_without_torchrun_matches_trainer(tmp_path):
+    """`python train.py` (one process, no process group) trains like the Trainer too."""
+    args = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[], disable_tqdm=True, seed=0,
+                per_device_train_batch_size=PER_DEVICE_BATCH,
+                gradient_accumulation_steps=GRAD_ACCUM, max_steps=3, learning_rate=1e-2,
+                max_grad_norm=MAX_GRAD_NORM, logging_steps=1, save_strategy="no")
+    logged = []
+    for trainer_class in (transformers.Trainer, ZeroTrainer):
+        trainer = trainer_class(model=_tiny_gpt2(), args=transformers.TrainingArguments(**args),
+                                train_dataset=_Sequences(SAMPLES))
+        trainer.train()
+        logged.append(_logged(trainer))
+    assert logged[1]["steps"] == logged[0]["steps"] == [1, 2, 3]
+    torch.testing.assert_close(logged[1]["loss"], logged[0]["loss"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(logged[1]["grad_norm"], logged[0]["grad_norm"], rtol=1e-5, atol=0)
