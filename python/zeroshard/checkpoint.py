@@ -16,7 +16,8 @@ Every rank writes its own shard of every flat group: its slice of the flat param
 Model params are saved as shards rather than whole by rank 0 because the shards are what each
 rank owns at stages 1/2 (for fp32 params the param shard *is* the master), writes are spread
 evenly over ranks, and no rank gathers the model. Tensors outside the flat groups (frozen
-params, buffers) are replicated, so rank 0 writes them whole.
+params, buffers) are replicated, so rank 0 writes them whole. A tied tensor is saved once under
+its first state_dict name; its other names are recorded as aliases, for export.
 
 Atomicity: a save writes PATH/ckpt-<token>/ (data, fsync, metadata, fsync), then replaces
 PATH/LATEST atomically (write, fsync, rename, fsync the directory) and only then deletes older
@@ -102,13 +103,30 @@ def _check_args(path, model, optimizer) -> str:
 
 
 def _model_tensors(model: torch.nn.Module) -> "OrderedDict[str, torch.Tensor]":
-    """The model's state_dict tensors (params and persistent buffers), tied ones once."""
+    """The model's state_dict tensors (params and persistent buffers), tied ones once, under
+    their first name."""
     out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     seen = set()
     for name, t in model.state_dict(keep_vars=True).items():
         if isinstance(t, torch.Tensor) and id(t) not in seen:
             seen.add(id(t))
             out[name] = t
+    return out
+
+
+def _tied_aliases(model: torch.nn.Module) -> Dict[str, Tuple[str, int]]:
+    """alias -> (first name, alias's position among the state_dict's tensors) for every key that
+    names a tensor an earlier key already names (tied weights: GPT-2's lm_head.weight is
+    transformer.wte.weight). Saved so that export can write every key of the state_dict."""
+    first: Dict[int, str] = {}
+    out: Dict[str, Tuple[str, int]] = {}
+    tensors = [(n, t) for n, t in model.state_dict(keep_vars=True).items()
+               if isinstance(t, torch.Tensor)]
+    for position, (name, t) in enumerate(tensors):
+        if id(t) in first:
+            out[name] = (first[id(t)], position)
+        else:
+            first[id(t)] = name
     return out
 
 
@@ -270,6 +288,7 @@ def save(path, *, model: torch.nn.Module, optimizer: Optional[ZeroOptimizer] = N
                            "flat": list(flat[id(t)]) if id(t) in flat else None}
                           for n, t in tensors.items()],
                 "replicated": info["replicated"],
+                "aliases": [[a, n, pos] for a, (n, pos) in _tied_aliases(model).items()],
                 "optimizer": None if optimizer is None else {
                     "class": type(optimizer).__name__, "param_groups": groups_meta,
                     "loss_scaler": optimizer.scaler_state(),
@@ -294,11 +313,20 @@ def _zeroshard_version() -> str:
 
 # ---- load ---------------------------------------------------------------------------------
 
-def _check_model(meta: Dict[str, Any], tensors) -> None:
+def _saved_names(meta: Dict[str, Any], model, tensors) -> Dict[str, str]:
+    """The saved record of each of the model's tensors: name -> saved name. A tied weight may be
+    saved under another of its names, and a model that unties it reads both from the one saved
+    tensor; checkpoints before tied weights were recorded have no "aliases" (none then)."""
     saved = {m["name"]: m for m in meta["model"]}
-    problems = []
+    saved_alias = {a: n for a, n, _ in meta.get("aliases", [])}
+
+    def source(name: str) -> Optional[str]:
+        return name if name in saved else saved_alias.get(name)
+
+    problems, out = [], {}
     for name, t in tensors.items():
-        m = saved.get(name)
+        src = source(name)
+        m = saved.get(src)
         if m is None:
             problems.append(f"{name} is in the model but not in the checkpoint")
         elif list(t.shape) != m["shape"]:
@@ -307,11 +335,20 @@ def _check_model(meta: Dict[str, Any], tensors) -> None:
         elif fmt.dtype_name(t.dtype) != m["dtype"]:
             problems.append(f"{name} is {fmt.dtype_name(t.dtype)} in the model, {m['dtype']} in "
                             "the checkpoint")
-    problems += [f"{n} is in the checkpoint but not in the model" for n in saved if n not in tensors]
+        else:
+            out[name] = src
+    for alias, (name, _) in _tied_aliases(model).items():
+        if source(alias) is not None and source(name) is not None and \
+                source(alias) != source(name):  # reading one would drop the other silently
+            problems.append(f"{alias} and {name} are one tied tensor in the model but two "
+                            "tensors in the checkpoint")
+    keys = set(model.state_dict(keep_vars=True))
+    problems += [f"{n} is in the checkpoint but not in the model" for n in saved if n not in keys]
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise CheckpointError(f"the model does not match checkpoint {meta['_dir']}: "
                               + "; ".join(problems[:5]) + more)
+    return out
 
 
 def _open_rank_files(meta: Dict[str, Any]) -> Dict[int, fmt.RecordReader]:
@@ -382,7 +419,7 @@ def _stage_optimizer(meta, optimizer, names: Dict[int, str], readers) -> List[tu
     return staged
 
 
-def _stage_model(meta, tensors, readers) -> Dict[str, torch.Tensor]:
+def _stage_model(meta, tensors, saved_names, readers) -> Dict[str, torch.Tensor]:
     by_name = {m["name"]: m for m in meta["model"]}
     om = meta["optimizer"]
     pieces = [fmt.saved_piece_index(gm) for gm in om["flat_groups"]] if om else []
@@ -391,9 +428,9 @@ def _stage_model(meta, tensors, readers) -> Dict[str, torch.Tensor]:
         values = {}
         for name, t in tensors.items():
             out = torch.empty(t.shape, dtype=t.dtype)
-            flat = by_name[name]["flat"]
+            flat = by_name[saved_names[name]]["flat"]
             if flat is None:
-                replicated.read_into(name, 0, out.view(-1))
+                replicated.read_into(saved_names[name], 0, out.view(-1))
             else:
                 g, j = flat
                 fmt.read_param_range(readers, f"g{g}.param", pieces[g][j], 0, out.view(-1))
@@ -415,15 +452,15 @@ def load(path, *, model: torch.nn.Module, optimizer: Optional[ZeroOptimizer] = N
     ranks = _Ranks(optimizer, _timeout(optimizer, timeout_s))
     ranks.enter("zeroshard.checkpoint.load")
     tensors = _model_tensors(model)
-    names = {id(t): n for n, t in tensors.items()}
     error: Optional[BaseException] = None
     staged = None
     try:
         meta = fmt.read_metadata(path)
-        _check_model(meta, tensors)
+        saved_names = _saved_names(meta, model, tensors)
+        names = {id(t): saved_names[n] for n, t in tensors.items()}  # as the checkpoint has them
         readers = _open_rank_files(meta) if meta["optimizer"] is not None else {}
         try:
-            values = _stage_model(meta, tensors, readers)
+            values = _stage_model(meta, tensors, saved_names, readers)
             opt_state = (_stage_optimizer(meta, optimizer, names, readers)
                          if optimizer is not None else None)
         finally:

@@ -17,6 +17,9 @@ Owns how bytes are laid out and verified; knows nothing of optimizers or ranks' 
 
 A record is {"offset", "nbytes", "dtype", "crc32": [one per CHUNK_BYTES chunk]}: a reader needs
 only the chunks overlapping the range it wants, so a rank reads about what it needs.
+Metadata "aliases" lists [alias, name, position] for each state_dict key naming a tensor saved
+under another name (tied weights), position counting the state_dict's tensors; a checkpoint
+without it has none.
 Flat group metadata lists "pieces" [param, param_start, param_end, rank, shard_start]: which
 rank-file shard range holds which param range (param space), so a loader at any world size
 maps its own shard pieces to saved byte ranges without re-deriving the saving layout.

@@ -11,6 +11,11 @@ the largest tensor, not the model: the `.pt` zip archive and its pickle are writ
 pickle refers to storages by key, exactly as torch.save's does) because torch.save needs every
 tensor in memory at once. Floating-point weights come out fp32 (the fp32 master where a
 low-precision parameter has one); integer buffers keep their dtype.
+
+Every key of the model's state_dict is written, tied weights included (GPT-2's lm_head.weight
+tied to transformer.wte.weight), so that `model.load_state_dict(..., strict=True)` takes the
+file: in `.pt` the tied keys share one storage, as torch.save of model.state_dict() has them; in
+`.safetensors`, which refuses shared tensors, each tied key is its own copy.
 """
 from __future__ import annotations
 
@@ -57,6 +62,16 @@ class _LazyTensor:
     def __init__(self, dtype: torch.dtype, shape, produce: Callable[[], torch.Tensor]) -> None:
         self.dtype, self.shape, self.produce = dtype, tuple(shape), produce
         self.key: Optional[str] = None
+        self.storage = _StorageRef(self)  # shared by its aliases: one storage, written once
+
+    def alias(self) -> "_LazyTensor":
+        """Another tensor on this one's storage, as a tied weight is in a torch state_dict."""
+        twin = _LazyTensor(self.dtype, self.shape, self.produce)
+        twin.storage = self.storage
+        return twin
+
+    def copy(self) -> "_LazyTensor":
+        return _LazyTensor(self.dtype, self.shape, self.produce)
 
     @property
     def numel(self) -> int:
@@ -72,7 +87,7 @@ class _LazyTensor:
             stride.insert(0, acc)
             acc *= max(s, 1)
         return (torch._utils._rebuild_tensor_v2,
-                (_StorageRef(self), 0, self.shape, tuple(stride), False, OrderedDict()))
+                (self.storage, 0, self.shape, tuple(stride), False, OrderedDict()))
 
 
 class _StorageRef:
@@ -88,8 +103,9 @@ class _Pickler(pickle.Pickler):
     def persistent_id(self, obj):
         if isinstance(obj, _StorageRef):
             lazy = obj.lazy
-            lazy.key = str(len(self.lazies))
-            self.lazies.append(lazy)
+            if lazy.key is None:  # the first tensor on this storage: write the storage once
+                lazy.key = str(len(self.lazies))
+                self.lazies.append(lazy)
             storage_class = getattr(torch, _STORAGE_CLASSES[lazy.dtype])
             return ("storage", storage_class, lazy.key, "cpu", lazy.numel)
         return None
@@ -163,7 +179,9 @@ class _Checkpoint:
         fmt.read_param_range(self.readers, f"g{g}.{key}", self.pieces[g][j], 0, out.view(-1))
         return out
 
-    def model_tensors(self) -> "OrderedDict[str, _LazyTensor]":
+    def model_tensors(self, share_tied: bool = True) -> "OrderedDict[str, _LazyTensor]":
+        """Every state_dict key of the saved model; a tied key shares its tensor's storage if
+        `share_tied`, else it is a copy."""
         out: "OrderedDict[str, _LazyTensor]" = OrderedDict()
         for m in self.meta["model"]:
             dtype, shape = fmt.DTYPES[m["dtype"]], tuple(m["shape"])
@@ -179,7 +197,14 @@ class _Checkpoint:
                     self.replicated.read_into(name, 0, t.view(-1))
                     return t.to(target)
             out[m["name"]] = _LazyTensor(target, shape, produce)
-        return out
+        # [alias, name, position in the state_dict]; absent from checkpoints before tied weights.
+        aliases = sorted(self.meta.get("aliases", []), key=lambda a: a[2])
+        if not aliases:
+            return out
+        keys = list(out.items())
+        for alias, name, position in aliases:
+            keys.insert(position, (alias, out[name].alias() if share_tied else out[name].copy()))
+        return OrderedDict(keys)
 
     def optimizer_state_dict(self) -> Dict[str, Any]:
         """torch.optim's state_dict format: state by param index, param groups with indices."""
@@ -232,7 +257,7 @@ def export(checkpoint: str, out: str, optimizer_out: Optional[str] = None) -> No
         raise ValueError(f"optimizer_out must end in .pt or .pth, got {optimizer_out!r}")
     ckpt = _Checkpoint(checkpoint)
     try:
-        tensors = ckpt.model_tensors()
+        tensors = ckpt.model_tensors(share_tied=not out.endswith(".safetensors"))
         if out.endswith(".safetensors"):
             write_safetensors(out, tensors)
         else:
