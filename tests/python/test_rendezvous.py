@@ -213,3 +213,21 @@ def test_world_size_1_is_a_no_op():
         rendezvous_for(None, 0)
     with pytest.raises(ValueError, match="op must be the name of the call"):
         rendezvous.enter("")
+
+
+def _save_on_rank0_load_on_rank1(rank, world_size, root):
+    model, opt = _make(1, LONG_TIMEOUT_S)
+    path = os.path.join(root, "ck")
+    if rank == 0:
+        return _raised(lambda: zeroshard.checkpoint.save(path, model=model, optimizer=opt))
+    return _raised(lambda: zeroshard.checkpoint.load(path, model=model, optimizer=opt))
+
+
+def test_different_calls_on_different_ranks_fail_fast(tmp_path):
+    reports = run_distributed(_save_on_rank0_load_on_rank1, 2, str(tmp_path))
+    assert all(r is not None and r["type"] == "CollectiveCallError" for r in reports), reports
+    # Whichever rank came second sees the other's call; the first learns it was abandoned.
+    second = [r for r in reports if "in the same order" in r["message"]]
+    assert len(second) == 1, reports
+    assert any("but rank" in r["message"] and "instead" in r["message"] for r in reports), reports
+    assert all(r["seconds"] < LONG_TIMEOUT_S / 2 for r in reports), reports
