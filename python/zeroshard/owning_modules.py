@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import warnings
 import weakref
 from typing import Dict, Iterable, List, Optional
 
@@ -60,10 +59,9 @@ def ddp_wrapper_name(params: Iterable[torch.Tensor], names: Dict[int, str]) -> O
 
 
 def _live_objects() -> list:
-    # isinstance() on some deprecated torch objects warns; the scan is ours, not the user's.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return [o for o in gc.get_objects() if isinstance(o, torch.nn.Module)]
+    """Every live nn.Module. type(), not isinstance(): isinstance reads __class__, which on
+    some deprecated torch objects (torch.distributed.reduce_op) emits a FutureWarning."""
+    return [o for o in gc.get_objects() if issubclass(type(o), torch.nn.Module)]
 
 
 class NoSyncMethod:
