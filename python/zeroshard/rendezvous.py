@@ -13,17 +13,22 @@ nothing of optimizers or checkpoints: callers name their op.
 [Note: one-rank calls] torch's object collectives (all_gather_object, broadcast_object_list)
 have no timeout, so `save()` under `if rank == 0:` used to hang rank 0 forever while rank 1 blamed
 a dead peer. Now each such call begins with enter(op): the rank marks its arrival under the
-group's next sequence number and waits for every rank's mark. A rank that goes on training calls
-poll() in its step and finds a sequence number it has not entered: it raises at once and marks
-the op abandoned, which makes the waiting rank raise at once too. A rank that neither enters nor
-polls (idle, or blocked elsewhere) leaves the waiting rank to raise when timeout_s passes, naming
-the missing ranks.
+group's next sequence number and waits for every rank's mark.
 
-poll() must not fire on a rank that is merely late: at stage 0 a rank can finish step N and enter
-save() while its peer is still in step N. So enter() records how many polls the entering rank had
-made, and a poller raises only once it has polled more often than that, i.e. it has gone past
-the point where the entering rank made the call. This needs every rank to poll equally often per
-step, which SPMD training code does (the polls sit in optimizer.step()/clip on every rank).
+Each poll() adds one to this rank's poll counter for the next sequence number (one store.add:
+the whole cost in the training step). The first rank to enter an op records how often it had
+polled since its previous op, then adds _ENTERED to every rank's counter for that sequence
+number. So whichever comes first is seen by the other:
+- a rank that had already polled more often than the entering rank has gone past the point of
+  the call (it trains on, or waits in the next step's collective): enter() raises at once;
+- a rank that polls afterwards gets a counter >= _ENTERED back: once it has polled more often
+  than the entering rank, it raises at once and marks the op abandoned, and the waiting ranks
+  raise at once too.
+A rank merely late (at stage 0 a rank can finish step N and enter save() while its peer is still
+in step N) has not polled more often, and is left alone. This needs every rank to poll equally
+often between two ops, as SPMD training code does (the polls sit in optimizer.step() and clip on
+every rank). A rank that neither enters nor polls (idle, or blocked elsewhere) leaves the
+waiting ranks to raise when timeout_s passes, naming the missing ranks.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ __all__ = ["Rendezvous", "rendezvous_for", "CollectiveCallError"]
 
 # torch 2.13 renamed all_gather_into_tensor (and warns on the old name); older torch lacks the new.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_ENTERED = 1 << 40  # added to poll counters when an op is entered; far above any poll count
 _FIRST_WAIT_S, _LONGEST_WAIT_S = 0.002, 0.05  # store polling interval while waiting in enter()
 
 
@@ -58,7 +64,7 @@ class _GroupProgress:
                  store: Optional[dist.Store]) -> None:
         self.group, self.rank, self.world_size, self.store = group, rank, world_size, store
         self.entered = 0  # sequence number of the last op this rank entered
-        self.polls = 0
+        self.polls = 0  # since this rank's last enter()
         self.current_op = "zeroshard object collective"
         self.broken: Optional[str] = None  # why the ranks are out of step, once they are
 
@@ -158,8 +164,19 @@ class Rendezvous:
     def _enter(self, op: str) -> None:
         p = self._progress
         seq, store = p.entered, p.store
-        mine = json.dumps({"op": op, "rank": p.rank, "polls": p.polls})
+        polls, p.polls = p.polls, 0
+        mine = json.dumps({"op": op, "rank": p.rank, "polls": polls})
         first = json.loads(store.compare_set(f"{seq}/op", "", mine))
+        if first["rank"] == p.rank:  # the first to enter: tell pollers, find ranks gone past
+            gone = [r for r in range(p.world_size) if r != p.rank and
+                    store.add(f"{seq}/polls{r}", _ENTERED) - _ENTERED > polls]
+            if gone:
+                why = f"{_ranks(gone)} went on past it without calling it"
+                self._abandon(seq, why)
+                p.broken = why
+                raise CollectiveCallError(
+                    f"{op} was called on rank {p.rank} but {why} (they are already in a later "
+                    f"training step): every rank must call {_short(op)}, not only rank {p.rank}")
         if first["op"] != op:
             message = (f"rank {p.rank} called {op} while rank {first['rank']} called "
                        f"{first['op']} at the same point: every rank must make the same zeroshard "
@@ -202,7 +219,7 @@ class Rendezvous:
 
     def poll(self, where: str) -> None:
         """Raises CollectiveCallError at once if another rank waits in a zeroshard call that this
-        rank has gone past without making (see [Note: one-rank calls]); one store lookup."""
+        rank has gone past without making (see [Note: one-rank calls]); one store.add."""
         p = self._progress
         if p.world_size == 1 or p.store is None:
             return
@@ -216,8 +233,8 @@ class Rendezvous:
 
     def _poll(self, where: str) -> None:
         p, seq = self._progress, self._progress.entered + 1
-        if not p.store.check([f"{seq}/op"]):
-            return
+        if p.store.add(f"{seq}/polls{p.rank}", 1) < _ENTERED:
+            return  # no rank has entered the next op
         first = json.loads(p.store.get(f"{seq}/op"))
         if p.polls <= first["polls"]:
             return  # this rank has not yet reached the point where the other rank made the call

@@ -10,6 +10,7 @@ it collects the survivors' reports and kills the rest.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 
@@ -77,15 +78,49 @@ def test_save_on_rank0_only_fails_fast_on_both_ranks(tmp_path):
     saver, trainer = run_distributed(_save_on_rank0_while_rank1_trains, 2, str(tmp_path))
     assert saver is not None and trainer is not None, (saver, trainer)
     assert saver["type"] == trainer["type"] == "CollectiveCallError"
-    assert saver["message"].startswith(
-        "zeroshard.checkpoint.save was called on rank 0 but rank 1 reached ZeroAdamW.step "
-        "instead: every rank must call save(), not only rank 0"), saver["message"]
-    assert trainer["message"].startswith(
-        "rank 0 is waiting in zeroshard.checkpoint.save, which every rank must call; this rank "
-        "(1) reached ZeroAdamW.step instead"), trainer["message"]
+    # Rank 1's poll either comes after rank 0 entered (rank 1 raises first, "reached ...
+    # instead") or before (rank 0 sees it went past); either way both raise at once.
+    assert re.match(r"zeroshard\.checkpoint\.save was called on rank 0 but rank 1 (reached "
+                    r"ZeroAdamW\.step instead|went on past it without calling it \(.*\)): every "
+                    r"rank must call save\(\), not only rank 0$", saver["message"]), saver
+    assert re.match(r"rank 0 (is waiting in|called) zeroshard\.checkpoint\.save.*, which every "
+                    r"rank must call; this rank \(1\) reached ZeroAdamW\.step instead",
+                    trainer["message"]), trainer
     for report in (saver, trainer):
         assert report["seconds"] < LONG_TIMEOUT_S / 2, report
     assert not os.path.exists(tmp_path / "ck" / "LATEST")  # nothing committed
+
+
+def _save_on_rank0_after_rank1_went_on(rank, world_size, root):
+    model, opt = _make(2, LONG_TIMEOUT_S)
+    _train(model, opt, 1, rank, world_size)
+    rendezvous = rendezvous_for(opt.process_group, opt.timeout_s)
+    went_on, saved = os.path.join(root, "rank1-went-on"), os.path.join(root, "rank0-saved")
+    if rank == 0:
+        while not os.path.exists(went_on):  # rank 0 is slower: it evaluates, logs...
+            time.sleep(0.05)
+        report = _raised(lambda: zeroshard.checkpoint.save(os.path.join(root, "ck"), model=model,
+                                                           optimizer=opt))
+        open(saved, "w").close()
+        return report
+    rendezvous.poll("ZeroAdamW.step")  # the next step, before rank 0 called save()
+    open(went_on, "w").close()
+    while not os.path.exists(saved):  # blocked in that step (a collective rank 0 never joins)
+        time.sleep(0.05)
+    return _raised(lambda: rendezvous.poll("ZeroAdamW.step"))
+
+
+def test_save_on_rank0_after_peer_went_on_fails_fast(tmp_path):
+    saver, trainer = run_distributed(_save_on_rank0_after_rank1_went_on, 2, str(tmp_path))
+    assert saver is not None and saver["type"] == "CollectiveCallError", saver
+    assert saver["message"] == (
+        "zeroshard.checkpoint.save was called on rank 0 but rank 1 went on past it without "
+        "calling it (they are already in a later training step): every rank must call save(), "
+        "not only rank 0"), saver
+    assert saver["seconds"] < LONG_TIMEOUT_S / 2, saver
+    assert trainer is not None and trainer["message"].startswith(
+        "rank 0 called zeroshard.checkpoint.save (rank 1 went on past it without calling it), "
+        "which every rank must call; this rank (1) reached ZeroAdamW.step instead"), trainer
 
 
 def _save_on_rank0_while_rank1_idles(rank, world_size, root):
