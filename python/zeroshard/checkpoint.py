@@ -232,6 +232,8 @@ def save(path, *, model: torch.nn.Module, optimizer: Optional[ZeroOptimizer] = N
     states (restored by load(rng=True) at the same world size). `timeout_s` bounds each wait for
     the other ranks (default: the optimizer's timeout_s, else 300)."""
     path = _check_args(path, model, optimizer)
+    if optimizer is not None:
+        optimizer._reattach()  # parameters moved by model.to() since construction
     ranks = _Ranks(optimizer, _timeout(optimizer, timeout_s))
     ranks.enter("zeroshard.checkpoint.save")
     tensors = _model_tensors(model)
@@ -449,6 +451,8 @@ def load(path, *, model: torch.nn.Module, optimizer: Optional[ZeroOptimizer] = N
     into the model and optimizer. On error nothing has changed and every rank raises. Every
     rank must call it; `timeout_s` as for save()."""
     path = _check_args(path, model, optimizer)
+    if optimizer is not None:
+        optimizer._reattach()  # parameters moved by model.to() since construction
     ranks = _Ranks(optimizer, _timeout(optimizer, timeout_s))
     ranks.enter("zeroshard.checkpoint.load")
     tensors = _model_tensors(model)

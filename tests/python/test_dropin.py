@@ -461,3 +461,18 @@ def test_full_state_dict_on_one_rank_fails_fast_everywhere():
         assert message is not None, f"rank {rank} did not raise"
         assert "full_state_dict" in message and "every rank" in message, message
         assert seconds < 30, f"rank {rank} took {seconds:.1f} s (timeout_s is 60)"
+
+
+def test_checkpoint_after_model_moved_and_reloaded(tmp_path):
+    """model.to() then model.load_state_dict() after construction, then a checkpoint: the saved
+    weights are the loaded ones, not the flat buffer's stale copy."""
+    model = make_model(seed=0)
+    opt = zeroshard.ZeroAdamW(model.parameters(), stage=2)
+    model.to("cpu:0")
+    model.load_state_dict(make_model(seed=3).state_dict())
+    zeroshard.checkpoint.save(tmp_path / "ckpt", model=model, optimizer=opt)
+    fresh = make_model(seed=9)
+    zeroshard.checkpoint.load(tmp_path / "ckpt", model=fresh,
+                              optimizer=zeroshard.ZeroAdamW(fresh.parameters(), stage=2))
+    assert_params_close(param_snapshot(fresh), param_snapshot(make_model(seed=3)), "reloaded",
+                        rtol=0, atol=0)
