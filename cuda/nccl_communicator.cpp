@@ -1,12 +1,15 @@
-// NcclCommunicator over the dlopen'ed NCCL (nccl_library.hpp). Communicators are created
-// non-blocking (config.blocking = 0) so that no NCCL call can hang the process: whenever NCCL
-// answers ncclInProgress we poll ncclCommGetAsyncError, and past timeout_s we abort the
-// communicator and throw. Byte counters follow ring_bytes_sent (collective_volume.cpp).
+// NcclCommunicator over the dlopen'ed NCCL (nccl_library.hpp). Blocking communicators whose
+// init and teardown run on helper threads bounded by timeout_s; see [Note: blocking
+// communicator] in nccl_communicator.hpp. Byte counters follow ring_bytes_sent
+// (collective_volume.cpp).
 #include <cuda_runtime_api.h>
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -68,74 +71,83 @@ void require_count(int64_t count, const void* send, const void* recv, const char
              std::string("send and recv must be device pointers when ") + what + " > 0");
 }
 
+// State shared between a constructor or destroy() and the helper thread that makes the one
+// blocking NCCL call that may wait for peers. The caller waits up to its timeout; if it gives up
+// it sets `abandoned` and the helper, still owning the communicator, cleans up when (if ever)
+// NCCL returns. Nobody frees a communicator while NCCL may still be using it on another thread.
+struct HelperCall {
+  std::mutex mutex;
+  std::condition_variable cv;
+  bool finished = false;   // the helper's NCCL call returned
+  bool abandoned = false;  // the caller stopped waiting
+  ncclComm_t comm = nullptr;
+  ncclResult_t result = ncclSuccess;
+  std::string error;  // built on the helper thread: NCCL's last-error text is per thread
+
+  // Waits up to timeout_s; true if the helper finished, else marks the call abandoned.
+  bool wait(double timeout_s) {
+    std::unique_lock<std::mutex> lock(mutex);
+    const auto limit = std::chrono::duration<double>(timeout_s);
+    if (cv.wait_for(lock, limit, [this] { return finished; })) return true;
+    abandoned = true;
+    return false;
+  }
+};
+
 }  // namespace
 
 struct NcclCommunicator::Impl {
   const detail::NcclApi* api = nullptr;
-  ncclComm_t comm = nullptr;
+  // Read without a lock by collectives (abort() must be able to interrupt one in flight);
+  // replaced by nullptr, under lifecycle_mutex, when aborted or destroyed.
+  std::atomic<ncclComm_t> comm{nullptr};
+  std::atomic<bool> aborted{false};
+  std::atomic<bool> destroyed{false};
+  // Serializes abort(), async_error() and destroy(), so that no thread queries a
+  // communicator another thread is freeing.
+  mutable std::mutex lifecycle_mutex;
   int rank = 0;
   int world_size = 0;
   int device = 0;
-  double timeout_s = 0;
-  bool aborted = false;
+  std::atomic<double> timeout_s{0};
   int group_depth = 0;               // > 0 between group_start() and group_end()
   cudaEvent_t sync_event = nullptr;  // recorded by synchronize()
   mutable std::mutex counters_mutex;
   CollectiveCounters counters;
 
-  void require_usable(const char* what) const {
-    if (aborted || comm == nullptr) {
+  ncclComm_t usable(const char* what) const {
+    const ncclComm_t c = comm.load(std::memory_order_acquire);
+    if (c == nullptr) {
       throw_error(__FILE__, __LINE__,
-                  std::string(what) + ": the NCCL communicator was aborted (after a timeout or "
-                                      "an error); create a new one");
+                  std::string(what) +
+                      (destroyed ? ": the NCCL communicator was destroyed"
+                                 : ": the NCCL communicator was aborted (after a timeout or an "
+                                   "error); create a new one"));
     }
+    return c;
   }
 
   void abort_comm() {
-    if (comm != nullptr) (void)api->comm_abort(comm);
-    comm = nullptr;
+    std::lock_guard<std::mutex> lock(lifecycle_mutex);
+    const ncclComm_t c = comm.exchange(nullptr);
+    if (c == nullptr) return;
     aborted = true;
+    // Also from the watchdog's thread while this rank's main thread is inside a collective
+    // call: ncclCommAbort is how NCCL releases a blocking call stuck on a peer.
+    (void)api->comm_abort(c);
   }
 
-  // Polls until the communicator leaves ncclInProgress; aborts and throws on error or timeout.
-  void wait_ready(const char* call, const char* file, int line) {
-    const auto deadline = Clock::now() + std::chrono::duration<double>(timeout_s);
-    for (;;) {
-      ncclResult_t state = ncclSuccess;
-      const ncclResult_t r = api->comm_get_async_error(comm, &state);
-      if (r != ncclSuccess) state = r;
-      if (state == ncclSuccess) return;
-      if (state != ncclInProgress) {
-        const ncclComm_t failed = comm;
-        std::string message;
-        try {
-          detail::throw_nccl_error(call, state, failed, file, line);
-        } catch (const Error& e) {
-          message = e.what();
-        }
-        abort_comm();
-        throw Error(message + "; communicator aborted");
-      }
-      if (Clock::now() > deadline) {
-        abort_comm();
-        throw_error(file, line,
-                    std::string(call) + " did not complete within timeout_s = " +
-                        std::to_string(timeout_s) + " s (a rank missing or stuck?); "
-                        "communicator aborted");
-      }
-      std::this_thread::sleep_for(std::chrono::microseconds(50));
-    }
-  }
-
-  // A call that may answer ncclInProgress in non-blocking mode. Inside a group the work is only
-  // queued, so waiting happens at group_end().
-  void check_call(ncclResult_t r, const char* call, const char* file, int line) {
+  // A failed collective leaves the communicator unusable: abort it and throw NCCL's message.
+  void check_call(ncclResult_t r, ncclComm_t c, const char* call, const char* file, int line) {
     if (r == ncclSuccess) return;
-    if (r == ncclInProgress) {
-      if (group_depth == 0) wait_ready(call, file, line);
-      return;
+    if (aborted) {
+      throw_error(file, line,
+                  std::string(call) + ": the NCCL communicator was aborted while the call ran "
+                                      "(a timeout on this rank, or an error)");
     }
-    detail::throw_nccl_error(call, r, comm, file, line);
+    const std::string message = detail::nccl_error_message(call, r, c);
+    abort_comm();
+    throw_error(file, line, message + "; communicator aborted");
   }
 
   void count(CollectiveKind kind, int64_t payload_bytes) {
@@ -149,7 +161,8 @@ struct NcclCommunicator::Impl {
 };
 
 // `name` is the NCCL function, so messages read "ncclAllReduce failed: ...".
-#define ZS_NCCL_CALL(impl, name, call) (impl).check_call((call), name, __FILE__, __LINE__)
+#define ZS_NCCL_CALL(impl, comm, name, call) \
+  (impl).check_call((call), (comm), name, __FILE__, __LINE__)
 
 NcclCommunicator::NcclCommunicator(const std::string& unique_id, int rank, int world_size,
                                    int device, double timeout_s)
@@ -174,29 +187,65 @@ NcclCommunicator::NcclCommunicator(const std::string& unique_id, int rank, int w
 
   ncclUniqueId id;
   unique_id.copy(id.internal, sizeof(id.internal));
-  ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
-  config.blocking = 0;
-  DeviceGuard guard(device);
-  const ncclResult_t r = s.api->comm_init_rank_config(&s.comm, world_size, id, rank, &config);
-  if (r != ncclSuccess && r != ncclInProgress) {
-    const ncclComm_t failed = s.comm;
-    if (failed != nullptr) (void)s.api->comm_abort(failed);
-    s.comm = nullptr;
-    detail::throw_nccl_error("ncclCommInitRankConfig", r, failed, __FILE__, __LINE__);
+  auto call = std::make_shared<HelperCall>();
+  const detail::NcclApi* api = s.api;
+  std::thread([call, api, id, rank, world_size, device] {
+    ncclComm_t comm = nullptr;
+    ncclResult_t r = ncclSuccess;
+    std::string error;
+    // A new thread starts on device 0, and NCCL binds a communicator to the current device.
+    const cudaError_t e = cudaSetDevice(device);
+    if (e != cudaSuccess) {
+      r = ncclUnhandledCudaError;
+      error = "cudaSetDevice(" + std::to_string(device) + ") failed: " + cudaGetErrorString(e);
+    } else {
+      ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+      config.blocking = 1;
+      r = api->comm_init_rank_config(&comm, world_size, id, rank, &config);
+      if (r != ncclSuccess) error = detail::nccl_error_message("ncclCommInitRankConfig", r, comm);
+    }
+    std::lock_guard<std::mutex> lock(call->mutex);
+    if (call->abandoned) {
+      if (comm != nullptr) (void)api->comm_abort(comm);  // the constructor has given up on it
+      return;
+    }
+    call->finished = true;
+    call->comm = comm;
+    call->result = r;
+    call->error = error;
+    call->cv.notify_all();
+  }).detach();
+
+  if (!call->wait(timeout_s)) {
+    throw_error(__FILE__, __LINE__,
+                "ncclCommInitRankConfig did not complete within timeout_s = " +
+                    std::to_string(timeout_s) + " s on rank " + std::to_string(rank) +
+                    " (a rank missing or stuck?); the communicator is abandoned and aborted if "
+                    "its init ever returns");
   }
-  s.wait_ready("ncclCommInitRankConfig", __FILE__, __LINE__);
+  if (call->result != ncclSuccess) {
+    if (call->comm != nullptr) {
+      DeviceGuard guard(device);
+      (void)api->comm_abort(call->comm);
+    }
+    throw_error(__FILE__, __LINE__, call->error);
+  }
+  s.comm = call->comm;
 }
 
 NcclCommunicator::~NcclCommunicator() {
   if (!impl_) return;
-  Impl& s = *impl_;
-  if (s.sync_event != nullptr) (void)cudaEventDestroy(s.sync_event);
-  // Destroy flushes this rank's queued work; never throw from a destructor.
-  if (s.comm != nullptr && !s.aborted) (void)s.api->comm_destroy(s.comm);
+  try {
+    destroy();
+  } catch (...) {
+    // Never throw from a destructor; destroy() already aborted or abandoned what it could not
+    // finish.
+  }
 }
 
 int NcclCommunicator::rank() const { return impl_->rank; }
 int NcclCommunicator::world_size() const { return impl_->world_size; }
+int NcclCommunicator::device() const { return impl_->device; }
 double NcclCommunicator::timeout_s() const { return impl_->timeout_s; }
 void NcclCommunicator::set_timeout_s(double timeout_s) {
   require_timeout(timeout_s);
@@ -207,11 +256,11 @@ void NcclCommunicator::all_reduce(const void* send, void* recv, int64_t count, D
                                   ReduceOp op, Stream stream) {
   Impl& s = *impl_;
   require_count(count, send, recv, "count");
-  s.require_usable("all_reduce");
+  const ncclComm_t c = s.usable("all_reduce");
   DeviceGuard guard(s.device);
-  ZS_NCCL_CALL(s, "ncclAllReduce",
+  ZS_NCCL_CALL(s, c, "ncclAllReduce",
                s.api->all_reduce(send, recv, static_cast<size_t>(count), nccl_dtype(dtype),
-                                 nccl_op(op), s.comm, static_cast<cudaStream_t>(stream)));
+                                 nccl_op(op), c, static_cast<cudaStream_t>(stream)));
   s.count(CollectiveKind::all_reduce, count * static_cast<int64_t>(dtype_size(dtype)));
 }
 
@@ -221,11 +270,11 @@ void NcclCommunicator::reduce_scatter(const void* send, void* recv, int64_t recv
   require_count(recv_count, send, recv, "recv_count");
   ZS_REQUIRE(recv_count <= std::numeric_limits<int64_t>::max() / s.world_size / 4,
              "recv_count is too large");
-  s.require_usable("reduce_scatter");
+  const ncclComm_t c = s.usable("reduce_scatter");
   DeviceGuard guard(s.device);
-  ZS_NCCL_CALL(s, "ncclReduceScatter",
+  ZS_NCCL_CALL(s, c, "ncclReduceScatter",
                s.api->reduce_scatter(send, recv, static_cast<size_t>(recv_count),
-                                     nccl_dtype(dtype), nccl_op(op), s.comm,
+                                     nccl_dtype(dtype), nccl_op(op), c,
                                      static_cast<cudaStream_t>(stream)));
   s.count(CollectiveKind::reduce_scatter,
           recv_count * s.world_size * static_cast<int64_t>(dtype_size(dtype)));
@@ -237,11 +286,11 @@ void NcclCommunicator::all_gather(const void* send, void* recv, int64_t send_cou
   require_count(send_count, send, recv, "send_count");
   ZS_REQUIRE(send_count <= std::numeric_limits<int64_t>::max() / s.world_size / 4,
              "send_count is too large");
-  s.require_usable("all_gather");
+  const ncclComm_t c = s.usable("all_gather");
   DeviceGuard guard(s.device);
-  ZS_NCCL_CALL(s, "ncclAllGather",
+  ZS_NCCL_CALL(s, c, "ncclAllGather",
                s.api->all_gather(send, recv, static_cast<size_t>(send_count),
-                                 nccl_dtype(dtype), s.comm, static_cast<cudaStream_t>(stream)));
+                                 nccl_dtype(dtype), c, static_cast<cudaStream_t>(stream)));
   s.count(CollectiveKind::all_gather,
           send_count * s.world_size * static_cast<int64_t>(dtype_size(dtype)));
 }
@@ -256,33 +305,37 @@ void NcclCommunicator::broadcast(const void* send, void* recv, int64_t count, DT
   ZS_REQUIRE(count == 0 || recv != nullptr, "recv must be a device pointer when count > 0");
   ZS_REQUIRE(count == 0 || s.rank != root || send != nullptr,
              "send must be a device pointer on the root rank");
-  s.require_usable("broadcast");
+  const ncclComm_t c = s.usable("broadcast");
   DeviceGuard guard(s.device);
-  ZS_NCCL_CALL(s, "ncclBroadcast",
+  ZS_NCCL_CALL(s, c, "ncclBroadcast",
                s.api->broadcast(send, recv, static_cast<size_t>(count), nccl_dtype(dtype), root,
-                                s.comm, static_cast<cudaStream_t>(stream)));
+                                c, static_cast<cudaStream_t>(stream)));
   s.count(CollectiveKind::broadcast, count * static_cast<int64_t>(dtype_size(dtype)));
 }
 
 void NcclCommunicator::group_start() {
   Impl& s = *impl_;
-  s.require_usable("group_start");
-  ZS_NCCL_CHECK("ncclGroupStart", s.api->group_start(), s.comm);
+  const ncclComm_t c = s.usable("group_start");
+  ZS_NCCL_CHECK("ncclGroupStart", s.api->group_start(), c);
   ++s.group_depth;
 }
 
 void NcclCommunicator::group_end() {
   Impl& s = *impl_;
   ZS_REQUIRE(s.group_depth > 0, "group_end() without a matching group_start()");
-  s.require_usable("group_end");
   --s.group_depth;
+  // Close NCCL's group even if the communicator was aborted meanwhile: the group state is
+  // per thread and would swallow this thread's next NCCL calls.
+  const ncclComm_t c = s.comm.load(std::memory_order_acquire);
   DeviceGuard guard(s.device);
-  ZS_NCCL_CALL(s, "ncclGroupEnd", s.api->group_end());
+  const ncclResult_t r = s.api->group_end();
+  if (c == nullptr) (void)s.usable("group_end");  // throws: aborted or destroyed
+  ZS_NCCL_CALL(s, c, "ncclGroupEnd", r);
 }
 
 void NcclCommunicator::synchronize(Stream stream) {
   Impl& s = *impl_;
-  s.require_usable("synchronize");
+  (void)s.usable("synchronize");
   DeviceGuard guard(s.device);
   if (s.sync_event == nullptr) {
     ZS_CUDA_CHECK(cudaEventCreateWithFlags(&s.sync_event, cudaEventDisableTiming));
@@ -290,29 +343,102 @@ void NcclCommunicator::synchronize(Stream stream) {
   ZS_CUDA_CHECK(cudaEventRecord(s.sync_event, static_cast<cudaStream_t>(stream)));
   // Poll instead of cudaEventSynchronize: a collective whose peer never arrives would block
   // that call forever; here we see NCCL's async errors and the deadline.
-  const auto deadline = Clock::now() + std::chrono::duration<double>(s.timeout_s);
+  const double timeout = s.timeout_s;
+  const auto deadline = Clock::now() + std::chrono::duration<double>(timeout);
   for (;;) {
     const cudaError_t q = cudaEventQuery(s.sync_event);
     if (q == cudaSuccess) return;
     if (q != cudaErrorNotReady) ZS_CUDA_CHECK(q);
-    ncclResult_t state = ncclSuccess;
-    const ncclResult_t r = s.api->comm_get_async_error(s.comm, &state);
-    if (r != ncclSuccess || (state != ncclSuccess && state != ncclInProgress)) {
-      s.wait_ready("synchronize (ncclCommGetAsyncError)", __FILE__, __LINE__);  // aborts, throws
+    const std::string error = async_error();
+    if (!error.empty()) {
+      s.abort_comm();
+      throw_error(__FILE__, __LINE__, "synchronize: " + error + "; communicator aborted");
     }
+    if (s.aborted) (void)s.usable("synchronize");  // aborted by another thread: throws
     if (Clock::now() > deadline) {
       s.abort_comm();
       throw_error(__FILE__, __LINE__,
                   "synchronize: the stream's work did not finish within timeout_s = " +
-                      std::to_string(s.timeout_s) + " s (a rank missing or stuck?); "
-                      "communicator aborted");
+                      std::to_string(timeout) + " s on rank " + std::to_string(s.rank) +
+                      " (a rank missing or stuck?); communicator aborted");
     }
     std::this_thread::sleep_for(std::chrono::microseconds(50));
   }
 }
 
-void NcclCommunicator::abort() { impl_->abort_comm(); }
+void NcclCommunicator::abort() {
+  Impl& s = *impl_;
+  DeviceGuard guard(s.device);
+  s.abort_comm();
+}
+
 bool NcclCommunicator::aborted() const { return impl_->aborted; }
+
+std::string NcclCommunicator::async_error() const {
+  const Impl& s = *impl_;
+  std::lock_guard<std::mutex> lock(s.lifecycle_mutex);
+  const ncclComm_t c = s.comm.load(std::memory_order_acquire);
+  if (c == nullptr) return "";
+  ncclResult_t state = ncclSuccess;
+  const ncclResult_t r = s.api->comm_get_async_error(c, &state);
+  if (r != ncclSuccess) return detail::nccl_error_message("ncclCommGetAsyncError", r, c);
+  if (state == ncclSuccess || state == ncclInProgress) return "";
+  return detail::nccl_error_message("NCCL (asynchronous error)", state, c);
+}
+
+void NcclCommunicator::destroy() {
+  Impl& s = *impl_;
+  ncclComm_t c = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(s.lifecycle_mutex);
+    c = s.comm.exchange(nullptr);
+    if (c != nullptr) s.destroyed = true;
+  }
+  if (s.sync_event != nullptr) {
+    DeviceGuard guard(s.device);
+    (void)cudaEventDestroy(s.sync_event);
+    s.sync_event = nullptr;
+  }
+  if (c == nullptr) return;  // aborted (abort freed it) or destroyed already
+  // ncclCommFinalize waits for this rank's queued work, which a dead peer can hold forever:
+  // run finalize + destroy on a helper thread and wait at most timeout_s. With a blocking
+  // communicator both return only when NCCL's own threads are done, so a finished helper means
+  // nothing of NCCL's is left running for this communicator at process exit.
+  auto call = std::make_shared<HelperCall>();
+  const detail::NcclApi* api = s.api;
+  const int device = s.device;
+  std::thread([call, api, c, device] {
+    ncclResult_t r = ncclSuccess;
+    std::string error;
+    if (cudaSetDevice(device) != cudaSuccess) r = ncclUnhandledCudaError;
+    if (r == ncclSuccess) {
+      r = api->comm_finalize(c);
+      if (r != ncclSuccess) error = detail::nccl_error_message("ncclCommFinalize", r, c);
+    }
+    if (r == ncclSuccess) {
+      r = api->comm_destroy(c);
+      if (r != ncclSuccess) error = detail::nccl_error_message("ncclCommDestroy", r, c);
+    } else {
+      (void)api->comm_abort(c);  // finalize failed: release what it left, without peers
+    }
+    std::lock_guard<std::mutex> lock(call->mutex);
+    call->finished = true;
+    call->result = r;
+    call->error = error;
+    call->cv.notify_all();
+  }).detach();
+  if (!call->wait(s.timeout_s)) {
+    throw_error(__FILE__, __LINE__,
+                "destroy: ncclCommFinalize did not complete within timeout_s = " +
+                    std::to_string(static_cast<double>(s.timeout_s)) + " s on rank " +
+                    std::to_string(s.rank) +
+                    " (a peer gone with collectives outstanding?); left to its thread");
+  }
+  if (call->result != ncclSuccess) {
+    throw_error(__FILE__, __LINE__,
+                call->error.empty() ? "destroy: cudaSetDevice failed" : call->error);
+  }
+}
 
 CollectiveCounters NcclCommunicator::counters() const {
   std::lock_guard<std::mutex> lock(impl_->counters_mutex);

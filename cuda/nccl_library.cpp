@@ -58,6 +58,7 @@ void load_locked(const std::string& path) {
   resolve(handle, "ncclGetUniqueId", api.get_unique_id, true);
   resolve(handle, "ncclCommInitRankConfig", api.comm_init_rank_config, true);
   resolve(handle, "ncclCommGetAsyncError", api.comm_get_async_error, true);
+  resolve(handle, "ncclCommFinalize", api.comm_finalize, true);
   resolve(handle, "ncclCommAbort", api.comm_abort, true);
   resolve(handle, "ncclCommDestroy", api.comm_destroy, true);
   resolve(handle, "ncclAllReduce", api.all_reduce, true);
@@ -91,8 +92,7 @@ const NcclApi& nccl_api() {
   return g_api;
 }
 
-void throw_nccl_error(const char* call, ncclResult_t result, ncclComm_t comm, const char* file,
-                      int line) {
+std::string nccl_error_message(const char* call, ncclResult_t result, ncclComm_t comm) {
   std::string what = std::string(call) + " failed: ";
   what += g_api.get_error_string ? g_api.get_error_string(result)
                                  : ("ncclResult_t " + std::to_string(static_cast<int>(result)));
@@ -100,7 +100,12 @@ void throw_nccl_error(const char* call, ncclResult_t result, ncclComm_t comm, co
     const char* detail = g_api.get_last_error(comm);
     if (detail != nullptr && *detail != '\0') what += std::string(" (") + detail + ")";
   }
-  throw_error(file, line, what);
+  return what;
+}
+
+void throw_nccl_error(const char* call, ncclResult_t result, ncclComm_t comm, const char* file,
+                      int line) {
+  throw_error(file, line, nccl_error_message(call, result, comm));
 }
 
 }  // namespace detail

@@ -15,6 +15,7 @@ struct NcclApi {
   decltype(&::ncclGetUniqueId) get_unique_id;
   decltype(&::ncclCommInitRankConfig) comm_init_rank_config;
   decltype(&::ncclCommGetAsyncError) comm_get_async_error;
+  decltype(&::ncclCommFinalize) comm_finalize;
   decltype(&::ncclCommAbort) comm_abort;
   decltype(&::ncclCommDestroy) comm_destroy;
   decltype(&::ncclAllReduce) all_reduce;
@@ -30,6 +31,10 @@ struct NcclApi {
 
 // The loaded table; loads with the default search (an already loaded copy first) if needed.
 const NcclApi& nccl_api();
+
+// "<call> failed: <ncclGetErrorString> (<ncclGetLastError>)". Built on the thread that saw the
+// failure: NCCL keeps its last-error text per thread.
+std::string nccl_error_message(const char* call, ncclResult_t result, ncclComm_t comm);
 
 // "<call> failed: <ncclGetErrorString> (<ncclGetLastError>) [file:line]"
 [[noreturn]] void throw_nccl_error(const char* call, ncclResult_t result, ncclComm_t comm,

@@ -46,6 +46,7 @@ NcclCommunicator::NcclCommunicator(const std::string&, int, int, int, double) {
 NcclCommunicator::~NcclCommunicator() = default;
 int NcclCommunicator::rank() const { no_cuda("NcclCommunicator"); }
 int NcclCommunicator::world_size() const { no_cuda("NcclCommunicator"); }
+int NcclCommunicator::device() const { no_cuda("NcclCommunicator"); }
 double NcclCommunicator::timeout_s() const { no_cuda("NcclCommunicator"); }
 void NcclCommunicator::set_timeout_s(double) { no_cuda("NcclCommunicator"); }
 void NcclCommunicator::all_reduce(const void*, void*, int64_t, DType, ReduceOp, Stream) {
@@ -65,6 +66,8 @@ void NcclCommunicator::group_end() { no_cuda("NcclCommunicator"); }
 void NcclCommunicator::synchronize(Stream) { no_cuda("NcclCommunicator"); }
 void NcclCommunicator::abort() { no_cuda("NcclCommunicator"); }
 bool NcclCommunicator::aborted() const { no_cuda("NcclCommunicator"); }
+std::string NcclCommunicator::async_error() const { no_cuda("NcclCommunicator"); }
+void NcclCommunicator::destroy() { no_cuda("NcclCommunicator"); }
 CollectiveCounters NcclCommunicator::counters() const { no_cuda("NcclCommunicator"); }
 void NcclCommunicator::reset_counters() { no_cuda("NcclCommunicator"); }
 

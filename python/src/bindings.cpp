@@ -180,11 +180,21 @@ void bind_gpu(py::module_& m) {
     zs::gpu::cast(ptr<const void>(src), dtype(sd), ptr<void>(dst), dtype(dd), n, ptr<void>(s));
   });
 
-  gpu.def("load_nccl", &zs::gpu::load_nccl, py::arg("path") = "");
+  // Every NCCL call runs without the GIL: init and teardown may wait for peers, and a
+  // collective may block while NCCL connects, so the watchdog thread must be able to run.
+  gpu.def("load_nccl", &zs::gpu::load_nccl, py::arg("path") = "",
+          py::call_guard<py::gil_scoped_release>());
   gpu.def("nccl_loaded", &zs::gpu::nccl_loaded);
   gpu.def("nccl_version_loaded", &zs::gpu::nccl_version_loaded);
   gpu.def("nccl_version_linked", &zs::gpu::nccl_version_linked);
-  gpu.def("nccl_unique_id", [] { return py::bytes(zs::gpu::nccl_unique_id()); });
+  gpu.def("nccl_unique_id", [] {
+    std::string id;
+    {
+      py::gil_scoped_release release;
+      id = zs::gpu::nccl_unique_id();
+    }
+    return py::bytes(id);
+  });
   gpu.def("ring_bytes_sent", [](const std::string& kind, int64_t payload, int world) {
     for (int k = 0; k < zs::gpu::kNumCollectiveKinds; ++k) {
       const auto ck = static_cast<zs::gpu::CollectiveKind>(k);
@@ -199,41 +209,64 @@ void bind_gpu(py::module_& m) {
       .value("avg", zs::gpu::ReduceOp::avg)
       .value("max", zs::gpu::ReduceOp::max);
   using Comm = zs::gpu::NcclCommunicator;
+  using release_gil = py::call_guard<py::gil_scoped_release>;
   py::class_<Comm>(gpu, "NcclCommunicator")
       .def(py::init([](py::bytes uid, int rank, int world, int device, double timeout) {
+             std::string id(uid);
              py::gil_scoped_release release;
-             return new Comm(std::string(uid), rank, world, device, timeout);
+             return new Comm(id, rank, world, device, timeout);
            }),
            py::arg("unique_id"), py::arg("rank"), py::arg("world_size"), py::arg("device"),
            py::arg("timeout_s"))
       .def_property_readonly("rank", &Comm::rank)
       .def_property_readonly("world_size", &Comm::world_size)
+      .def_property_readonly("device", &Comm::device)
       .def_property("timeout_s", &Comm::timeout_s, &Comm::set_timeout_s)
       .def("all_reduce", [](Comm& c, uintptr_t send, uintptr_t recv, int64_t count, int d,
                             zs::gpu::ReduceOp op, uintptr_t s) {
-        c.all_reduce(ptr<const void>(send), ptr<void>(recv), count, dtype(d), op, ptr<void>(s));
+        const auto dt = dtype(d);
+        py::gil_scoped_release release;
+        c.all_reduce(ptr<const void>(send), ptr<void>(recv), count, dt, op, ptr<void>(s));
       })
       .def("reduce_scatter", [](Comm& c, uintptr_t send, uintptr_t recv, int64_t count, int d,
                                 zs::gpu::ReduceOp op, uintptr_t s) {
-        c.reduce_scatter(ptr<const void>(send), ptr<void>(recv), count, dtype(d), op,
-                         ptr<void>(s));
+        const auto dt = dtype(d);
+        py::gil_scoped_release release;
+        c.reduce_scatter(ptr<const void>(send), ptr<void>(recv), count, dt, op, ptr<void>(s));
       })
       .def("all_gather", [](Comm& c, uintptr_t send, uintptr_t recv, int64_t count, int d,
                             uintptr_t s) {
-        c.all_gather(ptr<const void>(send), ptr<void>(recv), count, dtype(d), ptr<void>(s));
+        const auto dt = dtype(d);
+        py::gil_scoped_release release;
+        c.all_gather(ptr<const void>(send), ptr<void>(recv), count, dt, ptr<void>(s));
       })
       .def("broadcast", [](Comm& c, uintptr_t send, uintptr_t recv, int64_t count, int d,
                            int root, uintptr_t s) {
-        c.broadcast(ptr<const void>(send), ptr<void>(recv), count, dtype(d), root, ptr<void>(s));
+        const auto dt = dtype(d);
+        py::gil_scoped_release release;
+        c.broadcast(ptr<const void>(send), ptr<void>(recv), count, dt, root, ptr<void>(s));
       })
-      .def("group_start", &Comm::group_start)
-      .def("group_end", &Comm::group_end)
+      .def("group_start", &Comm::group_start, release_gil())
+      .def("group_end", &Comm::group_end, release_gil())
       .def("synchronize", [](Comm& c, uintptr_t s) {
         py::gil_scoped_release release;
         c.synchronize(ptr<void>(s));
       })
-      .def("abort", &Comm::abort)
+      .def("abort", &Comm::abort, release_gil())
       .def_property_readonly("aborted", &Comm::aborted)
+      .def(
+          "async_error",
+          [](const Comm& c) -> py::object {
+            std::string error;
+            {
+              py::gil_scoped_release release;
+              error = c.async_error();
+            }
+            if (error.empty()) return py::none();
+            return py::str(error);
+          },
+          "NCCL's asynchronous error as a message, or None")
+      .def("destroy", &Comm::destroy, release_gil())
       .def("counters", [](const Comm& c) {
         const auto k = c.counters();
         py::dict out;

@@ -1,5 +1,6 @@
 // NcclCommunicator: one NCCL communicator over raw device pointers and a stream, with byte
 // counters per collective kind and a timeout that aborts instead of hanging.
+// See [Note: blocking communicator] below.
 //
 // libnccl.so.2 is opened at run time (dlopen), never linked: in a process where torch already
 // loaded NCCL we use that same library (RTLD_NOLOAD first), otherwise the path given to
@@ -43,17 +44,28 @@ int nccl_version_loaded();  // e.g. 22809 for 2.28.9; throws if not loaded
 int nccl_version_linked();  // NCCL_VERSION_CODE of the headers we compiled against; 0 on CPU
 std::string nccl_unique_id();  // ncclUniqueId bytes (128) to share through the store
 
+// [Note: blocking communicator]
+// The communicator is created blocking (config.blocking = 1): every collective and group_end()
+// returns as soon as its work is enqueued on the stream, with no host wait (a non-blocking
+// communicator answers ncclInProgress to each ungrouped collective in NCCL >= 2.28 and must be
+// polled). What blocking mode gives up is a bounded init, so init runs on a helper thread that
+// the constructor waits for up to timeout_s; past it the constructor throws and the helper owns
+// the half-made communicator (it aborts it if init ever returns). Hangs after init are the
+// caller's watchdog's job: it polls completion events and async_error() and calls abort(),
+// which is safe from any thread, also while another thread is inside a collective call.
 class NcclCommunicator {
  public:
-  // Non-blocking init on `device`; waits up to timeout_s for all ranks, else aborts and throws.
+  // Blocking init on `device` (a helper thread, bounded by timeout_s; throws naming the timeout).
   NcclCommunicator(const std::string& unique_id, int rank, int world_size, int device,
                    double timeout_s);
+  // destroy(); never throws.
   ~NcclCommunicator();
   NcclCommunicator(const NcclCommunicator&) = delete;
   NcclCommunicator& operator=(const NcclCommunicator&) = delete;
 
   int rank() const;
   int world_size() const;
+  int device() const;
   double timeout_s() const;
   void set_timeout_s(double timeout_s);
 
@@ -75,8 +87,19 @@ class NcclCommunicator {
   // timeout_s aborts the communicator and throws Error naming the timeout. Not for the hot path:
   // the Python layer joins streams with events and calls this only where it must wait.
   void synchronize(Stream stream);
+
+  // ncclCommAbort, once; later calls and collectives see aborted(). Thread-safe.
   void abort();
   bool aborted() const;
+  // The communicator's asynchronous error (ncclCommGetAsyncError) as a message, or "" when there
+  // is none or the communicator is already aborted or destroyed. Thread-safe; for the watchdog.
+  std::string async_error() const;
+
+  // Orderly teardown of a healthy communicator: ncclCommFinalize (waits for this rank's queued
+  // work) then ncclCommDestroy, both returning only after NCCL's own threads are done. Bounded
+  // by timeout_s: past it (a peer gone) the communicator is aborted instead. An aborted one is
+  // never destroyed (abort already freed it). Idempotent.
+  void destroy();
 
   CollectiveCounters counters() const;
   void reset_counters();
