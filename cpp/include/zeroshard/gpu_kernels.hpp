@@ -37,8 +37,9 @@ void sgd_step(float* param, const void* grad, DType grad_dtype, float* momentum_
               void* param_copy, DType copy_dtype, int64_t n, const SgdConfig& cfg,
               int32_t* found_inf, Stream stream);
 
-// Deterministic squared L2 norm: fixed grid, fixed summation order, fp32 partials summed in
-// double. `workspace` is device memory of l2_norm_workspace_bytes(); *out receives the fp32
+// Deterministic squared L2 norm: fp32 chunk sums added in double in a fixed order, the same
+// bits for the same input on GPUs of one SM count ([Note: norm determinism], norm_kernel.cu).
+// `workspace` is device memory of l2_norm_workspace_bytes(); *out receives the fp32
 // result; *nonfinite (optional) is set to 1 when an element is inf/NaN.
 int64_t l2_norm_workspace_bytes();
 void l2_norm_sq(const void* x, DType dtype, int64_t n, float* out, int32_t* nonfinite,
