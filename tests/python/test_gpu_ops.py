@@ -186,30 +186,139 @@ def test_sgd_skips_nonfinite():
 
 # ---- norm, finiteness, scale, cast ------------------------------------------------------------
 
+# Sizes: empty, shorter than one chunk, tail only, one block's worth minus one, 2^20 + 3 (not
+# a multiple of anything), and sizes that run the unrolled loop several times (8 loads per thread
+# over a one-wave grid: 8 * 132 * 4 * 256 chunks per step on 132 SMs) with a tail.
+NORM_BIG = 26_000_005
+NORM_SIZES = [0, 1, 7, 1023, 1003, (1 << 20) + 3, 2_000_003, NORM_BIG]
+# Offsets in elements: 0 keeps the 16-byte vector loads, the others force the scalar path.
+NORM_OFFSETS = (0, 1, 3, 5)
+
+
 @pytest.mark.parametrize("dtype", GRAD_DTYPES)
-@pytest.mark.parametrize("n", [0, 1, 7, 1003, 2_000_003])
+@pytest.mark.parametrize("n", NORM_SIZES)
 def test_l2_norm_sq_is_accurate_and_deterministic(dtype, n):
     x = grad_values(n, dtype, 5)
-    expected = float((x.double() ** 2).sum())
-    results = [ops.l2_norm_sq(at_offset(x, off)) for off in (0, 1, 3, 0)]
+    expected = float(torch.linalg.vector_norm(x.double()) ** 2)  # torch in float64
+    results = [ops.l2_norm_sq(at_offset(x, off)) for off in NORM_OFFSETS]
+    results.append(ops.l2_norm_sq(at_offset(x, 0)))  # a second run on fresh memory
     assert results[0].dtype == torch.float32 and results[0].device.type == "cuda"
-    for r in results[1:]:  # same bits whatever the alignment and the run
-        assert_bitwise(r, results[0], "norm")
+    for off, r in zip(NORM_OFFSETS + (0,), results):  # same bits whatever the alignment and the run
+        assert_bitwise(r, results[0], f"norm at offset {off} vs offset 0")
+    # fp32 chunk sums of 8 squares, added in double: a few fp32 roundings relative, no more.
     assert float(results[0]) == pytest.approx(expected, rel=1e-6, abs=1e-30)
 
 
+def test_l2_norm_sq_same_bits_on_another_stream():
+    x = grad_values((1 << 20) + 3, torch.bfloat16, 11).to(DEV)
+    first = ops.l2_norm_sq(x)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        second = ops.l2_norm_sq(x)
+    torch.cuda.current_stream().wait_stream(side)
+    assert_bitwise(second, first, "norm on a side stream")
+
+
+# ---- the documented summation order, emulated on the CPU ----------------------------------------
+# [Note: norm determinism] in cuda/norm_kernel.cu: G = min(SMs * 4, ceil(chunks / 256)) blocks
+# of 256 threads; logical thread t sums chunks t, t + 256 G, ...; each chunk's 8 squares in fp32
+# by fused multiply-add; chunk sums into a double in order; block 0 thread 0 adds the tail chunk;
+# fixed trees over each block and over the partials. Emulating it gives the exact expected bits.
+
+NORM_BLOCKS_PER_SM, NORM_THREADS, NORM_CHUNK, NORM_MAX_BLOCKS = 4, 256, 8, 4096
+
+
+def _fma_f32(a, b, c):
+    """fp32 fused multiply-add of float32 numpy arrays, rounded once (as __fmaf_rn)."""
+    import numpy as np
+    product = a.astype(np.float64) * b.astype(np.float64)  # exact: 24 + 24 bits < 53
+    addend = c.astype(np.float64)
+    d = product + addend
+    back = d - product  # TwoSum: d + err is the exact sum
+    err = (product - (d - back)) + (addend - back)
+    out = d.astype(np.float32)
+    # Rounding through double errs only where d is exactly a float32 midpoint and inexact: the
+    # exact sum then lies on err's side of the midpoint.
+    midpoint = (d.view(np.uint64) & np.uint64(0x1FFFFFFF)) == np.uint64(0x10000000)
+    up, down = midpoint & (err > 0), midpoint & (err < 0)
+    ref = np.float64(0) + d  # the midpoint itself; out holds one of its two neighbours
+    out[up & (out < ref)] = np.nextafter(out[up & (out < ref)], np.float32(np.inf))
+    out[down & (out > ref)] = np.nextafter(out[down & (out > ref)], np.float32(-np.inf))
+    return out
+
+
+def _tree(lanes):
+    """The kernels' block_sum over the last axis (256 doubles), width halving each round."""
+    lanes = lanes.copy()
+    width = lanes.shape[-1] // 2
+    while width:
+        lanes[..., :width] += lanes[..., width:2 * width]
+        width //= 2
+    return lanes[..., 0]
+
+
+def emulated_l2_norm_sq(x: torch.Tensor, sms: int):
+    import numpy as np
+    v = x.float().numpy()
+    n = v.size
+    full = n // NORM_CHUNK
+    blocks = max(1, min(-(-full // NORM_THREADS), min(sms * NORM_BLOCKS_PER_SM, NORM_MAX_BLOCKS)))
+    threads = blocks * NORM_THREADS
+    chunks = v[:full * NORM_CHUNK].reshape(full, NORM_CHUNK)
+    chunk_sums = np.zeros(full, dtype=np.float32)
+    for k in range(NORM_CHUNK):
+        chunk_sums = _fma_f32(chunks[:, k], chunks[:, k], chunk_sums)
+    rows = -(-full // threads)
+    padded = np.zeros(rows * threads)  # + 0.0 leaves a double sum unchanged
+    padded[:full] = chunk_sums
+    per_thread = np.zeros(threads)
+    for row in padded.reshape(rows, threads):  # each thread's chunks in index order
+        per_thread += row
+    tail = np.zeros(1, dtype=np.float32)
+    for value in v[full * NORM_CHUNK:]:
+        tail = _fma_f32(np.array([value]), np.array([value]), tail)
+    per_thread[0] += np.float64(tail[0])
+    partials = _tree(per_thread.reshape(blocks, NORM_THREADS))
+    final_rows = -(-blocks // NORM_THREADS)
+    padded = np.zeros(final_rows * NORM_THREADS)
+    padded[:blocks] = partials
+    lanes = np.zeros(NORM_THREADS)
+    for row in padded.reshape(final_rows, NORM_THREADS):  # thread t: partials t, t + 256, ...
+        lanes += row
+    return np.float32(_tree(lanes))
+
+
 @pytest.mark.parametrize("dtype", GRAD_DTYPES)
-def test_l2_norm_sq_flags_nonfinite(dtype):
-    x = grad_values(5000, dtype, 6).to(DEV)
+@pytest.mark.parametrize("n", [1, 7, 1023, (1 << 20) + 3, NORM_BIG])
+def test_l2_norm_sq_bits_follow_the_documented_order(dtype, n):
+    x = grad_values(n, dtype, 12)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    got = ops.l2_norm_sq(at_offset(x, 1 if n > 1 else 0))
+    expected = emulated_l2_norm_sq(x, sms)
+    assert float(got) == float(expected), (
+        f"GPU {float(got)!r} vs the documented order {float(expected)!r} ({sms} SMs): the kernel's "
+        "order and [Note: norm determinism] disagree")
+
+
+@pytest.mark.parametrize("dtype", GRAD_DTYPES)
+@pytest.mark.parametrize("n,where", [(5000, 4999), (5000, 0), ((1 << 20) + 3, (1 << 20) + 2),
+                                     (NORM_BIG, NORM_BIG // 2)])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_l2_norm_sq_flags_nonfinite(dtype, n, where, offset):
+    x = at_offset(grad_values(n, dtype, 6), offset)
     flag = torch.zeros(1, dtype=torch.int32, device=DEV)
     ops.l2_norm_sq(x, nonfinite=flag)
     assert int(flag) == 0
-    x[4999] = float("nan")
+    x[where] = float("nan")
     ops.l2_norm_sq(x, nonfinite=flag)
     assert int(flag) == 1
-    x[4999] = 0.0
+    x[where] = 0.0
     ops.l2_norm_sq(x, nonfinite=flag)
     assert int(flag) == 1, "the flag is never reset to 0"
+    flag.zero_()
+    x[where] = float("-inf")
+    assert torch.isinf(ops.l2_norm_sq(x, nonfinite=flag)) and int(flag) == 1
 
 
 @pytest.mark.parametrize("dtype", GRAD_DTYPES)
