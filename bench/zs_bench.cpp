@@ -1,14 +1,18 @@
 // zs_bench: times the core's Adam step against the machine's own copy bandwidth, measured in
-// the same run, with no Python in the way. CPU always; in the CUDA variant also the GPU step,
-// a device-to-device copy and NCCL collectives at world size 1.
+// the same run, with no Python in the way. `--device cpu` (the default) times the CPU kernels;
+// `--device gpu` (CUDA variant only) times only the GPU: a device-to-device copy, the fused step,
+// the L2 norm and NCCL collectives at world size 1; `--device all` does both.
 //
 //   zs_bench --sizes 1e6,1e8 --reps 10 --threads 2 --json out.json
+//   zs_bench --device gpu --gpu-sizes 1e9 --threads 16 --nccl /path/libnccl.so.2
 //
 // Bytes per parameter come from the dtypes: p, m, v read and written (24 B) + grad read + the
-// optional copy written. The finite check reads the grad once more; it is shown separately
-// ("28+4") and counted in GB/s and in % of the copy ceiling, which are about bytes actually moved.
-// The copy ceiling moves a buffer as large as the fp32 step's inputs (16 B/param) and counts
-// bytes read + written (see cpu_memcpy_ms / cpu_in_place_ms).
+// optional copy written: bf16 grad in + bf16 copy out = 24 + 2 + 2 = 28 B; fp32 grad, no copy =
+// 28 B too. The separate finite check reads the grad once more; it is shown as "28+2" (bf16) or
+// "28+4" (fp32) and counted in GB/s and in % of the copy ceiling, which are about bytes actually
+// moved: 30 B/param for the checked mixed-precision step. The norm reads its input once (2 or 4
+// B/param). The copy ceiling moves a buffer of 16 B/param and counts bytes read + written (see
+// cpu_memcpy_ms / cpu_in_place_ms and the d2d copy row).
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -49,8 +53,8 @@ struct Options {
   std::string simd;  // empty: the best the CPU has
   std::string json;
   std::string nccl_path;
-  bool cpu = true;
-  bool gpu = true;
+  bool cpu = true;   // --device cpu|all
+  bool gpu = false;  // --device gpu|all: GPU rows only when asked for
 };
 
 // One measured line of the table.
@@ -73,7 +77,8 @@ struct Row {
                "zs_bench: %s\n"
                "usage: zs_bench [--sizes 1e6,1e8] [--gpu-sizes 1e8,1e9] [--reps 10] [--warmup 2]\n"
                "                [--threads 2] [--simd scalar|avx2|avx512] [--json out.json]\n"
-               "                [--nccl /path/libnccl.so.2 (or ZEROSHARD_NCCL_PATH)] [--no-cpu] [--no-gpu]\n",
+               "                [--nccl /path/libnccl.so.2 (or ZEROSHARD_NCCL_PATH)]\n"
+               "                [--device cpu|gpu|all (default cpu; gpu needs the CUDA variant)]\n",
                why.c_str());
   std::exit(2);
 }
@@ -114,8 +119,12 @@ Options parse(int argc, char** argv) {
     else if (a == "--simd") o.simd = value();
     else if (a == "--json") o.json = value();
     else if (a == "--nccl") o.nccl_path = value();
-    else if (a == "--no-cpu") o.cpu = false;
-    else if (a == "--no-gpu") o.gpu = false;
+    else if (a == "--device") {
+      const std::string d = value();
+      if (d != "cpu" && d != "gpu" && d != "all") usage("--device must be cpu, gpu or all");
+      o.cpu = d != "gpu";
+      o.gpu = d != "cpu";
+    }
     else if (a == "--help" || a == "-h") usage("help");
     else usage("unknown argument '" + a + "'");
   }
@@ -276,9 +285,8 @@ double time_device_ms(const Options& o, cudaStream_t stream, const std::function
 }
 
 void upload_pattern(float* dst, int64_t n, float scale) {
-  std::vector<float> host(static_cast<std::size_t>(n));
-  for (int64_t i = 0; i < n; ++i) host[i] = pattern(i, scale);
-  BENCH_CUDA(cudaMemcpy(dst, host.data(), n * sizeof(float), cudaMemcpyHostToDevice));
+  auto host = host_buffer<float>(n, [scale](int64_t i) { return pattern(i, scale); });
+  BENCH_CUDA(cudaMemcpy(dst, host.get(), n * sizeof(float), cudaMemcpyHostToDevice));
 }
 
 void bench_nccl(const Options& o, int64_t n, const DeviceBuffer& send, const DeviceBuffer& recv,
@@ -363,6 +371,28 @@ void bench_gpu(const Options& o, int64_t n, std::vector<Row>& rows) {
   BENCH_CUDA(cudaMemcpy(&found_inf, flag.ptr, sizeof(found_inf), cudaMemcpyDeviceToHost));
   if (found_inf != 0) throw std::runtime_error("benchmark gradient reported non-finite on the GPU");
 
+  // The deterministic L2 norm (what clip_grad_norm_ runs over the gradient shard): reads its
+  // input once, so its ceiling is the same copy bandwidth.
+  {
+    DeviceBuffer workspace(static_cast<std::size_t>(zs::gpu::l2_norm_workspace_bytes())),
+        out(sizeof(float));
+    const struct {
+      const char* name;
+      const void* x;
+      zs::DType dtype;
+    } norms[] = {{"l2 norm bf16", g16.ptr, zs::DType::bf16}, {"l2 norm fp32", g32.ptr, zs::DType::f32}};
+    for (const auto& nv : norms) {
+      const double ms = time_device_ms(o, stream, [&] {
+        zs::gpu::l2_norm_sq(nv.x, nv.dtype, n, out.as<float>(), flag.as<int32_t>(), workspace.ptr,
+                            stream);
+      });
+      rows.push_back({"gpu", nv.name, n, ms, static_cast<double>(zs::dtype_size(nv.dtype)), 0,
+                      ceiling_gbps});
+    }
+    BENCH_CUDA(cudaMemcpy(&found_inf, flag.ptr, sizeof(found_inf), cudaMemcpyDeviceToHost));
+    if (found_inf != 0) throw std::runtime_error("the norm reported a non-finite benchmark value");
+  }
+
   // NCCL at world size 1: the cost of a collective call with no peer (launch + local copy).
   // Payload GB/s counts the buffer once (a lower bound on bytes moved). A missing libnccl skips
   // these rows, not the kernel rows above.
@@ -436,12 +466,18 @@ int run(const Options& o) {
     for (int64_t n : o.sizes) bench_cpu(o, n, rows);
   }
 #ifdef ZEROSHARD_WITH_CUDA
-  if (o.gpu && zs::gpu::device_count() > 0) {
+  if (o.gpu) {
+    if (zs::gpu::device_count() == 0)
+      throw std::runtime_error("--device " + std::string(o.cpu ? "all" : "gpu") +
+                               ": no CUDA device is visible (driver missing or "
+                               "CUDA_VISIBLE_DEVICES empty)");
     std::printf("gpu: %s\n", zs::gpu::device_name(0).c_str());
     for (int64_t n : o.gpu_sizes) bench_gpu(o, n, rows);
-  } else if (o.gpu) {
-    std::printf("gpu: no CUDA device; GPU rows skipped\n");
   }
+#else
+  if (o.gpu)
+    throw std::runtime_error("--device gpu/all: this zs_bench is the CPU variant; build with "
+                             "-DZEROSHARD_CUDA=ON");
 #endif
   print_table(rows);
   if (!o.json.empty()) write_json(o.json, o, simd, rows);
