@@ -6,6 +6,9 @@ zeroshard steps GPT-2 as ONE flat buffer holding all parameters, as the ZeRO opt
 out; torch steps the 292 tensors. Variants: fp32 (fp32 grads and params) and mixed (bf16 grads
 in, fp32 master and moments, bf16 copy of the params out). In mixed, torch and DeepSpeed do the
 same work the way a user must today: cast the grads to fp32, step, cast the params to bf16.
+Mixed also has "torch fused + copy": fp32 grads already there (no cast), the fused step and a
+separate bf16 copy of the params -- the baseline of the GPU target (zeroshard >= 1.3x faster on
+the GPT-2-medium shapes; DESIGN.md's H100 anchor: 5.38 ms).
 
 Timing: warm-up steps, then the median of --reps steps (CUDA: events around each step).
 GB/s counts the bytes a fused step must move per parameter, from the dtypes: p, m, v read and
@@ -74,9 +77,16 @@ def _filled(shape, dtype, device, bound):
     return torch.empty(shape, dtype=dtype, device=device).uniform_(-bound, bound)
 
 
-def torch_step_fn(shapes, mixed, device, impl, optimizer_cls=None) -> Callable[[], None]:
+def torch_step_fn(shapes, mixed, device, impl, optimizer_cls=None,
+                  cast_grads=True) -> Callable[[], None]:
+    """torch's step over `shapes`. Mixed: bf16 copy of the params out; with `cast_grads` the
+    bf16 grads are cast to fp32 first, without it the fp32 grads are simply there."""
     params = [_filled(s, torch.float32, device, 1.0) for s in shapes]
-    if mixed:
+    if mixed and not cast_grads:
+        copies = [torch.empty(s, dtype=torch.bfloat16, device=device) for s in shapes]
+        for p in params:
+            p.grad = _filled(p.shape, torch.float32, device, 1e-2)
+    elif mixed:
         grads_in = [_filled(s, torch.bfloat16, device, 1e-2) for s in shapes]
         copies = [torch.empty(s, dtype=torch.bfloat16, device=device) for s in shapes]
         for p in params:
@@ -92,7 +102,7 @@ def torch_step_fn(shapes, mixed, device, impl, optimizer_cls=None) -> Callable[[
         opt = optimizer_cls(params)
 
     def step():
-        if mixed:
+        if mixed and cast_grads:
             torch._foreach_copy_(fp32_grads, grads_in)  # bf16 grads -> fp32
         opt.step()
         if mixed:
@@ -177,6 +187,9 @@ def bench_case(case, shapes, variant, args, ds_factory) -> List[Dict]:
     makers = [("zeroshard", lambda: zeroshard_step_fn(numel, mixed, args.device)),
               ("torch foreach", lambda: torch_step_fn(shapes, mixed, args.device, "foreach")),
               ("torch fused", lambda: torch_step_fn(shapes, mixed, args.device, "fused"))]
+    if mixed:
+        makers.append(("torch fused + copy", lambda: torch_step_fn(
+            shapes, mixed, args.device, "fused", cast_grads=False)))
     if ds_factory is not None:
         name = "deepspeed FusedAdam" if args.device == "cuda" else "deepspeed CPUAdam"
         makers.append((name, lambda: torch_step_fn(shapes, mixed, args.device, "ds", ds_factory)))

@@ -10,11 +10,14 @@ and the ratio zeroshard/torch (<= 1.0 means zeroshard is no slower).
     python bench/bench_zero_step.py --device cuda --model gpt2-medium          # GPU machine
     python bench/bench_zero_step.py --device cpu --model tiny --reps 3         # smoke run
 Runs at world size 1 unless launched by torchrun; with CUDA under torchrun, gradients go through
-zeroshard's NCCL communicator.
+zeroshard's NCCL communicator. `--trace out.json.gz` profiles two more zeroshard steps after the
+timed ones with torch.profiler (CPU + CUDA) and saves the gzipped Chrome trace: every kernel,
+copy and NCCL collective of a step on one timeline (open it in Perfetto or chrome://tracing).
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import statistics
@@ -71,19 +74,47 @@ def run_torch(args, device, x, y):
 def run_zeroshard(args, device, x, y):
     model = GPT(preset(args.model)).to(device=device, dtype=torch.bfloat16)
     opt = zeroshard.ZeroAdamW(model.parameters(), lr=1e-4, weight_decay=0.1, stage=args.stage)
-    step_ms, opt_ms = [], []
-    for it in range(args.warmup + args.reps):
-        t0 = timer(device)
+
+    def train_step():
         loss = model(x, y)
         opt.backward(loss)
         t1 = timer(device)
         opt.step()
         opt.zero_grad()
+        return t1
+
+    step_ms, opt_ms = [], []
+    for it in range(args.warmup + args.reps):
+        t0 = timer(device)
+        t1 = train_step()
         t2 = timer(device)
         if it >= args.warmup:
             step_ms.append((t2 - t0) * 1e3)
             opt_ms.append((t2 - t1) * 1e3)
+    if args.trace:  # every rank steps (collectives); each writes its own file
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        save_trace(args.trace if rank == 0 else f"{args.trace}.rank{rank}", device, train_step)
     return statistics.median(step_ms), statistics.median(opt_ms), opt.memory_report()
+
+
+def save_trace(path: str, device: torch.device, train_step, steps: int = 2) -> None:
+    """Profile `steps` training steps and write the Chrome trace, gzipped when path ends .gz."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            with record_function(f"zeroshard_step_{i}"):
+                train_step()
+        timer(device)
+    raw = path[:-3] if path.endswith(".gz") else path
+    prof.export_chrome_trace(raw)
+    if raw != path:
+        with open(raw, "rb") as src, gzip.open(path, "wb") as dst:
+            dst.write(src.read())
+        os.remove(raw)
+    print(f"trace: {path} ({os.path.getsize(path) / 1e6:.1f} MB, {steps} steps)")
 
 
 def main(argv=None) -> int:
@@ -96,6 +127,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--json", default="")
+    parser.add_argument("--trace", default="", help="save a torch.profiler Chrome trace of two "
+                        "zeroshard steps here (.json or .json.gz)")
     args = parser.parse_args(argv)
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
@@ -114,7 +147,7 @@ def main(argv=None) -> int:
             "torch_step_ms": torch_step, "torch_opt_ms": torch_opt,
             "zeroshard_step_ms": ours_step, "zeroshard_opt_ms": ours_opt,
             "opt_ratio": ours_opt / torch_opt, "step_ratio": ours_step / torch_step,
-            "zeroshard_memory": memory}
+            "zeroshard_memory": memory, "trace": args.trace}
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"model {args.model} ({numel/1e6:.1f}M params, bf16) on {device}, batch "
               f"{args.batch_size}x{x.shape[1]}, zeroshard stage {args.stage}")
