@@ -17,8 +17,10 @@ import atexit
 import datetime
 import gc
 import time
+import warnings
+import weakref
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -108,6 +110,21 @@ class _SumAfterWork(Work):
         return self._work is None or self._work.is_completed()
 
 
+class _AllWork(Work):
+    """Several works waited as one (in launch order)."""
+
+    def __init__(self, works: List[Work]) -> None:
+        self._works = works
+
+    def wait(self) -> None:
+        works, self._works = self._works, []
+        for w in works:
+            w.wait()
+
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self._works)
+
+
 class Communicator:
     """Interface. `full` is the whole buffer (all_reduce's, reduce_scatter's input,
     all_gather's output); `part` is this rank's 1/world_size of it."""
@@ -129,6 +146,15 @@ class Communicator:
 
     def broadcast(self, tensor: torch.Tensor, root: int = 0) -> Work:
         raise NotImplementedError
+
+    def all_gather_buckets(self, pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Work:
+        """all_gather(full, part) for each (full, part) pair, as one operation: NCCL fuses them
+        into one group launch; other backends run them one by one. Counted as len(pairs)
+        all_gather calls, as if made separately. One Work for all of them."""
+        pairs = list(pairs)
+        for full, part in pairs:
+            self._check_split(part, full, self.world_size)
+        return _AllWork([self.all_gather(full, part) for full, part in pairs])
 
     def control_all_reduce(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
         return tensor  # world size 1: nothing to combine
@@ -251,11 +277,18 @@ class ProcessGroupCommunicator(Communicator):
 
 
 class _CudaWork(Work):
-    def __init__(self, event: torch.cuda.Event, device: torch.device) -> None:
+    """Collectives launched on the communicator's stream, done when `event` is. wait() joins the
+    caller's stream to it (no host wait) after asking the watchdog whether the communicator was
+    aborted: a collective that never finishes surfaces as CollectiveTimeout, not a hang."""
+
+    def __init__(self, event: torch.cuda.Event, device: torch.device,
+                 check: Callable[[], None]) -> None:
         self._event = event
         self._device = device
+        self._check = check
 
     def wait(self) -> None:
+        self._check()
         # Join, don't block: the caller's stream waits for the comm stream's event.
         torch.cuda.current_stream(self._device).wait_event(self._event)
 
@@ -263,8 +296,72 @@ class _CudaWork(Work):
         return self._event.query()
 
 
+class _LaunchRecord:
+    """is_done for the watchdog, tracked before the launch: false until the completion event is
+    recorded (a blocking NCCL call can itself wait for a missing peer while it connects)."""
+
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        self.event: Optional[torch.cuda.Event] = None
+
+    def is_done(self) -> bool:
+        return self.event is not None and self.event.query()
+
+
+def _make_watchdog(comm, rank: int, timeout_s: float):
+    """The watchdog of [Note: NCCL watchdog] (nccl_watchdog.py), or None where that module is
+    missing (then collectives are unguarded after init, as before it existed)."""
+    try:
+        from .nccl_watchdog import Watchdog
+    except ImportError:
+        return None
+    return Watchdog(timeout_s=timeout_s, rank=rank, abort=comm.abort,
+                    async_error=comm.async_error)
+
+
+def _cuda_device(device: torch.device) -> torch.device:
+    """`device` with its index: a bare "cuda" means the current device, as torch reads it."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"NcclCommunicator needs a CUDA device, got {device}")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.device("cuda", index)
+
+
+def _object_collective_device(group: Optional[dist.ProcessGroup],
+                              device: torch.device) -> Optional[torch.device]:
+    """The device for broadcast_object_list over `group`. Left to itself, torch puts an NCCL
+    group's object tensor on torch.cuda.current_device(), which is GPU 0 on every rank of a
+    script that never called torch.cuda.set_device; gloo (also in a mixed "cpu:gloo,cuda:nccl"
+    group) takes CPU tensors, which torch picks for it."""
+    backend = str(dist.get_backend(group)).lower()
+    if "gloo" in backend or "nccl" not in backend:
+        return None
+    return device
+
+
+def _teardown_nccl(watchdog, comm_box: list) -> None:
+    """Close the watchdog, then finalize and destroy the communicator (bounded by its timeout;
+    see NcclCommunicator.destroy in the core). Runs at close(), garbage collection or exit."""
+    if watchdog is not None:
+        watchdog.close()
+    if not comm_box:
+        return
+    comm = comm_box.pop()
+    try:
+        comm.destroy()
+    except Exception as e:  # at exit nothing can act on it; say what was left behind
+        warnings.warn(f"zeroshard: NCCL communicator teardown: {e}", RuntimeWarning,
+                      stacklevel=2)
+
+
 class NcclCommunicator(Communicator):
-    """CUDA tensors through the core's NCCL communicator on a dedicated stream."""
+    """CUDA tensors through the core's NCCL communicator on a dedicated stream.
+
+    Collectives enqueue and return at once (a blocking NCCL communicator, called without the
+    GIL; see [Note: blocking communicator] in nccl_communicator.hpp); a watchdog thread
+    enforces timeout_s on each (see [Note: NCCL watchdog] in nccl_watchdog.py)."""
 
     def __init__(self, group: Optional[dist.ProcessGroup], device: torch.device,
                  timeout_s: float) -> None:
@@ -274,26 +371,50 @@ class NcclCommunicator(Communicator):
         self.group = group
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
         self.world_size = dist.get_world_size(group) if dist.is_initialized() else 1
-        self.device = device
+        # The parameters' device, never torch's current device: a script that does not call
+        # torch.cuda.set_device still gets one GPU per rank.
+        self.device = _cuda_device(device)
         _core.gpu.load_nccl(nccl_library_path())
         uid = [_core.gpu.nccl_unique_id() if self.rank == 0 else None]
         if self.world_size > 1:
             src = dist.get_global_rank(group, 0) if group is not None else 0
-            dist.broadcast_object_list(uid, src=src, group=group)
+            dist.broadcast_object_list(uid, src=src, group=group,
+                                       device=_object_collective_device(group, self.device))
         self._comm = _core.gpu.NcclCommunicator(uid[0], self.rank, self.world_size,
-                                                device.index or 0, float(timeout_s))
-        self.stream = torch.cuda.Stream(device=device)
+                                                self.device.index, float(timeout_s))
+        with torch.cuda.device(self.device):
+            self.stream = torch.cuda.Stream(device=self.device)
+        self._watchdog = _make_watchdog(self._comm, self.rank, float(timeout_s))
+        self._comm_box = [self._comm]
+        self._finalizer = weakref.finalize(self, _teardown_nccl, self._watchdog, self._comm_box)
 
-    def _launch(self, kind: str, counted: torch.Tensor, fn, *tensors: torch.Tensor) -> Work:
-        self._count(kind, counted)
+    def close(self) -> None:
+        """Stop the watchdog and destroy the NCCL communicator (also done at exit). Idempotent."""
+        self._finalizer()
+
+    def _check(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.check()
+
+    def _launch(self, kind: str, counted: Sequence[torch.Tensor], fn,
+                tensors: Sequence[torch.Tensor]) -> Work:
+        self._check()
+        if not self._comm_box:
+            raise RuntimeError(f"{kind}: this NcclCommunicator was closed")
         caller = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(caller)  # inputs were written on the caller's stream
         for t in tensors:
             t.record_stream(self.stream)  # keep the allocator from reusing them early
+        record = _LaunchRecord()
+        if self._watchdog is not None:
+            self._watchdog.track(kind, record.is_done)
         fn(self.stream.cuda_stream)
+        for t in counted:
+            self._count(kind, t)
         done = torch.cuda.Event()
         done.record(self.stream)
-        return _CudaWork(done, self.device)
+        record.event = done
+        return _CudaWork(done, self.device, self._check)
 
     def control_all_reduce(self, tensor, op=dist.ReduceOp.SUM):
         self.stats.control_bytes += tensor.numel() * tensor.element_size()
@@ -303,26 +424,45 @@ class NcclCommunicator(Communicator):
 
     def all_reduce(self, full):
         code = _dtype(full)
-        return self._launch("all_reduce", full, lambda s: self._comm.all_reduce(
-            full.data_ptr(), full.data_ptr(), full.numel(), code, _core.gpu.ReduceOp.sum, s), full)
+        return self._launch("all_reduce", [full], lambda s: self._comm.all_reduce(
+            full.data_ptr(), full.data_ptr(), full.numel(), code, _core.gpu.ReduceOp.sum, s),
+            [full])
 
     def reduce_scatter(self, part, full):
         self._check_split(part, full, self.world_size)
         code = _dtype(full)
-        return self._launch("reduce_scatter", full, lambda s: self._comm.reduce_scatter(
+        return self._launch("reduce_scatter", [full], lambda s: self._comm.reduce_scatter(
             full.data_ptr(), part.data_ptr(), part.numel(), code, _core.gpu.ReduceOp.sum, s),
-            part, full)
+            [part, full])
 
     def all_gather(self, full, part):
-        self._check_split(part, full, self.world_size)
-        code = _dtype(full)
-        return self._launch("all_gather", full, lambda s: self._comm.all_gather(
-            part.data_ptr(), full.data_ptr(), part.numel(), code, s), part, full)
+        return self.all_gather_buckets([(full, part)])
+
+    def all_gather_buckets(self, pairs):
+        pairs = list(pairs)
+        for full, part in pairs:
+            self._check_split(part, full, self.world_size)
+        if not pairs:
+            return Work()
+        codes = [_dtype(full) for full, _ in pairs]
+
+        def launch(stream: int) -> None:
+            # One NCCL group: one launch for all buckets of the step instead of one per bucket.
+            self._comm.group_start()
+            try:
+                for (full, part), code in zip(pairs, codes):
+                    self._comm.all_gather(part.data_ptr(), full.data_ptr(), part.numel(), code,
+                                          stream)
+            finally:
+                self._comm.group_end()
+
+        return self._launch("all_gather", [full for full, _ in pairs], launch,
+                            [t for pair in pairs for t in pair])
 
     def broadcast(self, tensor, root=0):
         code = _dtype(tensor)
-        return self._launch("broadcast", tensor, lambda s: self._comm.broadcast(
-            tensor.data_ptr(), tensor.data_ptr(), tensor.numel(), code, root, s), tensor)
+        return self._launch("broadcast", [tensor], lambda s: self._comm.broadcast(
+            tensor.data_ptr(), tensor.data_ptr(), tensor.numel(), code, root, s), [tensor])
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -496,14 +496,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def _gather_params(self) -> None:
         if self.stage == 0:
             return
-        works = []
+        # Every bucket of the step in one grouped call: one NCCL launch, not one per bucket.
+        pairs = []
         for fg in self.flat_groups:
             for b, (b_start, b_end) in enumerate(fg.bucket_ranges):
                 s_start, s_end, _ = fg.bucket_slice(b)
-                works.append(self.comm.all_gather(fg.flat_param[b_start:b_end],
-                                                  fg.flat_param[s_start:s_end]))
-        for w in works:
-            w.wait()
+                pairs.append((fg.flat_param[b_start:b_end], fg.flat_param[s_start:s_end]))
+        self.comm.all_gather_buckets(pairs).wait()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zeroes the reduced gradients (p.grad becomes None whatever set_to_none says: the

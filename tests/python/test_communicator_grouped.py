@@ -1,0 +1,141 @@
+"""Communicator.all_gather_buckets (the grouped all-gather of one optimizer step) and the CPU-
+testable parts of NcclCommunicator's wiring: which device the unique-id bootstrap uses, the
+device index, and _CudaWork asking the watchdog before it joins streams.
+
+The NCCL path itself (one ncclGroupStart/End around the buckets, the watchdog aborting a stuck
+communicator) needs GPUs: tests/python/test_gpu_nccl.py covers one GPU; a dead peer needs two.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from dist_harness import run_distributed
+from zeroshard import CollectiveTimeout, communicator
+from zeroshard.communicator import (LocalCommunicator, ProcessGroupCommunicator, _CudaWork,
+                                    _LaunchRecord)
+
+
+def _buckets(world_size: int, rank: int):
+    """Two flat buffers of different dtypes, awkward sizes; each bucket's part is this rank's
+    slice of it (in place, as ZeroOptimizer gathers), filled with rank-specific values."""
+    pairs, expected = [], []
+    for numel_per_rank, dtype in ((7, torch.float32), (13, torch.bfloat16), (1, torch.float32)):
+        full = torch.full((numel_per_rank * world_size,), -1.0, dtype=dtype)
+        part = full[rank * numel_per_rank:(rank + 1) * numel_per_rank]
+        part.copy_(torch.arange(numel_per_rank, dtype=dtype) + 100 * rank)
+        pairs.append((full, part))
+        expected.append(torch.cat([torch.arange(numel_per_rank, dtype=dtype) + 100 * r
+                                   for r in range(world_size)]))
+    return pairs, expected
+
+
+def test_local_all_gather_buckets_counts_each_bucket():
+    comm = LocalCommunicator()
+    pairs, expected = _buckets(1, 0)
+    work = comm.all_gather_buckets(pairs)
+    work.wait()
+    assert work.is_completed()
+    for (full, _), want in zip(pairs, expected):
+        assert torch.equal(full, want)
+    assert comm.stats.calls["all_gather"] == 3
+    assert comm.stats.payload_bytes["all_gather"] == 7 * 4 + 13 * 2 + 1 * 4
+
+
+def test_all_gather_buckets_rejects_a_bad_pair_before_launching_any():
+    comm = LocalCommunicator()
+    good_full = torch.zeros(4)
+    with pytest.raises(ValueError, match="collective sizes disagree"):
+        comm.all_gather_buckets([(good_full, good_full), (torch.zeros(5), torch.zeros(4))])
+    assert comm.stats.calls["all_gather"] == 0
+
+
+def _gather_on_ranks(rank, world_size):
+    comm = ProcessGroupCommunicator(None, timeout_s=60.0)
+    pairs, expected = _buckets(world_size, rank)
+    comm.all_gather_buckets(pairs).wait()
+    return {"ok": [torch.equal(full, want) for (full, _), want in zip(pairs, expected)],
+            "stats": comm.stats.as_dict()["all_gather"],
+            "object_device": communicator._object_collective_device(
+                None, torch.device("cuda", 1))}
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_process_group_all_gather_buckets(world_size):
+    results = run_distributed(_gather_on_ranks, world_size, timeout_s=90)
+    payload = (7 * 4 + 13 * 2 + 1 * 4) * world_size
+    for r in results:
+        assert r["ok"] == [True, True, True]
+        assert r["stats"]["calls"] == 3 and r["stats"]["payload_bytes"] == payload
+        assert r["object_device"] is None  # gloo: torch's CPU default, never a GPU
+
+
+@pytest.mark.parametrize("backend, expected", [
+    ("nccl", torch.device("cuda", 3)),
+    ("cpu:gloo,cuda:nccl", None),  # torch picks CPU when gloo serves the group
+    ("gloo", None),
+])
+def test_object_collective_device_names_the_parameters_gpu_for_nccl(monkeypatch, backend,
+                                                                    expected):
+    monkeypatch.setattr(communicator.dist, "get_backend", lambda group=None: backend)
+    assert communicator._object_collective_device(None, torch.device("cuda", 3)) == expected
+
+
+def test_cuda_device_keeps_the_given_index_and_refuses_cpu():
+    assert communicator._cuda_device(torch.device("cuda", 5)) == torch.device("cuda", 5)
+    assert communicator._cuda_device("cuda:2").index == 2
+    with pytest.raises(ValueError, match="CUDA device"):
+        communicator._cuda_device(torch.device("cpu"))
+
+
+class _FakeEvent:
+    def __init__(self, done: bool) -> None:
+        self.done = done
+
+    def query(self) -> bool:
+        return self.done
+
+
+def test_cuda_work_wait_raises_the_watchdogs_timeout_before_joining_streams():
+    def fired():
+        raise CollectiveTimeout("all_gather on rank 1 did not complete (timeout_s=5)")
+
+    work = _CudaWork(_FakeEvent(False), torch.device("cuda", 0), fired)
+    with pytest.raises(CollectiveTimeout, match="all_gather on rank 1"):
+        work.wait()  # raises before torch.cuda is touched (there is no GPU here)
+
+
+def test_launch_record_is_not_done_until_its_event_is_recorded_and_finished():
+    record = _LaunchRecord()
+    assert not record.is_done()  # the NCCL call has not returned yet
+    record.event = _FakeEvent(False)
+    assert not record.is_done()
+    record.event.done = True
+    assert record.is_done()
+
+
+def test_make_watchdog_wires_the_communicators_abort_and_async_error():
+    pytest.importorskip("zeroshard.nccl_watchdog")
+
+    class FakeComm:
+        aborted = 0
+
+        def abort(self):
+            FakeComm.aborted += 1
+
+        def async_error(self):
+            return "ncclRemoteError: remote process exited"
+
+    watchdog = communicator._make_watchdog(FakeComm(), 2, 30.0)
+    try:
+        record = _LaunchRecord()
+        watchdog.track("all_reduce", record.is_done)
+        with pytest.raises(CollectiveTimeout, match="rank 2"):
+            for _ in range(200):  # the polling thread sees the async error within a poll
+                watchdog.check()
+                time.sleep(0.02)
+        assert FakeComm.aborted == 1
+    finally:
+        watchdog.close()
