@@ -66,14 +66,20 @@ if(Python3_Interpreter_FOUND)
     list(APPEND _zs_nccl_hints "${_zs_wheel_nccl}")
   endif()
 endif()
-# The empty normal variable set above would count as "found" and skip the search (CMP0125).
+# Search afresh on every configure: the empty normal variable set above would count as "found"
+# (CMP0125), and a cached result may name the previous pip build's isolated environment, since
+# deleted, which find_path would keep.
 unset(ZEROSHARD_NCCL_INCLUDE_DIR)
+unset(ZEROSHARD_NCCL_INCLUDE_DIR CACHE)
 find_path(ZEROSHARD_NCCL_INCLUDE_DIR nccl.h HINTS ${NCCL_INCLUDE_DIR} ${_zs_nccl_hints}
           PATHS ${CUDAToolkit_INCLUDE_DIRS} /usr/include /usr/local/include)
 if(NOT ZEROSHARD_NCCL_INCLUDE_DIR)
+  # A plain `pip install .` gets the wheel as a build requirement (pep517/zeroshard_backend.py);
+  # this is reached with --no-build-isolation, or a compiler the backend did not see.
   message(FATAL_ERROR "CUDA variant needs nccl.h: pip install nvidia-nccl-cu${_zs_cuda_major} "
-                      "into the Python running the build (use --no-build-isolation), or set "
-                      "NCCL_HOME / -DNCCL_INCLUDE_DIR=...")
+                      "into the Python running the build (with --no-build-isolation), or set "
+                      "NCCL_HOME / -DNCCL_INCLUDE_DIR=..., or build the CPU variant with "
+                      "ZEROSHARD_CUDA=OFF")
 endif()
 set(ZEROSHARD_WITH_CUDA ON)
 message(STATUS "zeroshard: CUDA ${CMAKE_CUDA_COMPILER_VERSION}, archs ${CMAKE_CUDA_ARCHITECTURES}, "
