@@ -1,8 +1,8 @@
 """`python -m zeroshard.env`: what this zeroshard build contains and what it finds here.
 
 Prints the version, build variant, CUDA architectures, NCCL linked and loaded, the CPU SIMD path
-and thread count, torch's version and whether it fits this build, and the GPUs seen. Never needs a
-GPU or a driver.
+and thread count, torch's version, whether it fits this build and whether CI tests it, and the
+GPUs seen. Never needs a GPU or a driver.
 """
 from __future__ import annotations
 
@@ -11,7 +11,12 @@ import os
 import sys
 from typing import Dict, List, Tuple
 
+# The floor the package installs with: every torch API the Python layer calls exists since 2.4.
 MIN_TORCH = (2, 4)
+# The torch minors a test run backs: CI (scripts/test.sh) runs the suite with the pinned 2.13
+# only. PyPI serves no CPU build of 2.4 (its Linux wheels are CUDA builds with several GB of
+# nvidia-* wheels), so the claim is narrowed to what CI proves rather than tested at 2.4.
+TESTED_TORCH = ((2, 13),)
 
 
 def _version_tuple(text: str) -> Tuple[int, ...]:
@@ -58,6 +63,15 @@ def torch_compatibility(variant: str) -> Tuple[bool, str]:
     return True, "ok"
 
 
+def torch_tested_note(version: str) -> str:
+    """Whether CI tests this torch minor, in words for the report."""
+    tested = ", ".join(f"{major}.{minor}" for major, minor in TESTED_TORCH)
+    if _version_tuple(version)[:2] in TESTED_TORCH:
+        return f"tested in CI (CI tests torch {tested})"
+    return (f"untested: CI tests torch {tested} only; "
+            f">= {MIN_TORCH[0]}.{MIN_TORCH[1]} is expected to work, not proven")
+
+
 def report() -> List[Tuple[str, str]]:
     import torch
 
@@ -84,7 +98,8 @@ def report() -> List[Tuple[str, str]]:
     rows.append(("cpu simd", f"{_core.cpu.simd_level()} (best here: {_core.cpu.detected_simd_level()})"))
     rows.append(("cpu threads", str(_core.cpu.num_threads())))
     ok, why = torch_compatibility(variant)
-    rows.append(("torch", f"{torch.__version__} ({'compatible' if ok else 'INCOMPATIBLE'}: {why})"))
+    rows.append(("torch", f"{torch.__version__} ({'compatible' if ok else 'INCOMPATIBLE'}: {why}; "
+                          f"{torch_tested_note(torch.__version__)})"))
     count = _core.gpu.device_count()
     gpus = [f"{i}: {_core.gpu.device_name(i)}" for i in range(count)]
     rows.append(("gpus", "; ".join(gpus) if gpus else "none seen"))
