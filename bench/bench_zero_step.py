@@ -138,7 +138,8 @@ def main(argv=None) -> int:
         else torch.device("cpu")
     config = preset(args.model)
     x, y = batch(config, args.batch_size, min(args.seq_len, config.block_size), device)
-    numel = sum(p.numel() for p in GPT(config).parameters())
+    with torch.device("meta"):  # sizes only: no 355M-parameter init on the CPU
+        numel = sum(p.numel() for p in GPT(config).parameters())
     torch_step, torch_opt = run_torch(args, device, x, y)
     if device.type == "cuda":
         torch.cuda.empty_cache()
