@@ -1,8 +1,10 @@
 """NcclCommunicator at world size 1 on one GPU: unique ids, the four collectives, grouped calls,
-byte counters, abort, argument checks and the loaded NCCL version. Skips without a GPU.
+byte counters, abort, async errors, teardown, argument checks and the loaded NCCL version; the
+Python NcclCommunicator's grouped all-gather and its exit. Skips without a GPU.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -36,15 +38,40 @@ def stream() -> int:
     return torch.cuda.current_stream().cuda_stream
 
 
+def _mapped_nccl_libraries() -> list:
+    with open("/proc/self/maps") as maps:
+        return sorted({line.split()[-1] for line in maps
+                       if "libnccl.so" in line and line.split()[-1].startswith("/")})
+
+
+def _torch_nccl_code():
+    """torch's NCCL version as 22809, or None. torch.cuda.nccl.version() is a tuple of 3 or 4
+    fields (a suffix in newer torch), an int in old ones."""
+    try:
+        v = torch.cuda.nccl.version()
+    except Exception:
+        return None
+    if isinstance(v, int):
+        return v if v >= 10000 else None
+    major, minor, patch = (int(x) for x in tuple(v)[:3])
+    return major * 10000 + minor * 100 + patch
+
+
 def test_versions():
     gpu.load_nccl(nccl_library_path())
     assert gpu.nccl_loaded()
     loaded = gpu.nccl_version_loaded()
     assert loaded >= 21800
     assert gpu.nccl_version_linked() >= 21800
-    if torch.cuda.nccl.version():  # the same library torch uses: one NCCL per process
-        major, minor, patch = torch.cuda.nccl.version()
-        assert loaded == major * 10000 + minor * 100 + patch
+    # The core reports the library really in this process: one NCCL, asked directly.
+    libraries = _mapped_nccl_libraries()
+    assert len(libraries) == 1, f"more than one NCCL in the process: {libraries}"
+    version = ctypes.c_int(0)
+    assert ctypes.CDLL(libraries[0]).ncclGetVersion(ctypes.byref(version)) == 0
+    assert loaded == version.value
+    torch_code = _torch_nccl_code()
+    if torch_code is not None:  # torch reports the runtime version of the NCCL it uses: ours
+        assert torch_code == loaded, (torch.cuda.nccl.version(), loaded)
 
 
 def test_unique_ids_are_fresh():
@@ -119,38 +146,106 @@ def test_argument_checks():
         gpu.NcclCommunicator(uid, 0, 1, 0, 0.0)
 
 
-def test_timeout_property_and_abort():
+def test_timeout_property_abort_and_async_error():
     gpu.load_nccl(nccl_library_path())
     c = gpu.NcclCommunicator(gpu.nccl_unique_id(), 0, 1, 0, 30.0)
-    assert c.timeout_s == 30.0
+    assert c.timeout_s == 30.0 and c.device == 0
     c.timeout_s = 5.0
     assert c.timeout_s == 5.0
     with pytest.raises(ValueError, match="timeout_s"):
         c.timeout_s = -1.0
+    assert c.async_error() is None
     assert not c.aborted
     c.abort()
     assert c.aborted
+    assert c.async_error() is None  # nothing left to ask
     x = torch.ones(8, device="cuda")
     with pytest.raises(zeroshard.CoreError, match="aborted"):
         c.all_reduce(x.data_ptr(), x.data_ptr(), 8, F32, gpu.ReduceOp.sum, stream())
     c.abort()  # idempotent
+    c.destroy()  # an aborted communicator is never destroyed again
+
+
+def test_destroy_finalizes_and_later_calls_say_so():
+    gpu.load_nccl(nccl_library_path())
+    c = gpu.NcclCommunicator(gpu.nccl_unique_id(), 0, 1, 0, 30.0)
+    x = torch.ones(1 << 20, device="cuda")
+    c.all_reduce(x.data_ptr(), x.data_ptr(), x.numel(), F32, gpu.ReduceOp.sum, stream())
+    c.destroy()  # finalize waits for the queued all_reduce, then destroy
+    assert not c.aborted
+    with pytest.raises(zeroshard.CoreError, match="destroyed"):
+        c.all_reduce(x.data_ptr(), x.data_ptr(), 8, F32, gpu.ReduceOp.sum, stream())
+    c.destroy()  # idempotent
+
+
+def test_python_communicator_grouped_all_gather_and_clean_exit():
+    # World size 1 without torch.distributed; in a child so that its exit (the communicator's
+    # atexit teardown: watchdog closed, ncclCommFinalize + ncclCommDestroy) is checked too.
+    code = textwrap.dedent("""
+        import torch, zeroshard
+        from zeroshard.communicator import NcclCommunicator
+        comm = NcclCommunicator(None, torch.device("cuda", 0), 60.0)
+        fulls = [torch.zeros(n, device="cuda", dtype=d)
+                 for n, d in ((7, torch.float32), (13, torch.bfloat16))]
+        for f in fulls:
+            f.copy_(torch.arange(f.numel(), dtype=f.dtype))
+        work = comm.all_gather_buckets([(f, f) for f in fulls])
+        work.wait()
+        torch.cuda.synchronize()
+        assert all(torch.equal(f, torch.arange(f.numel(), dtype=f.dtype, device="cuda"))
+                   for f in fulls)
+        assert comm.stats.calls["all_gather"] == 2
+        assert comm._comm.counters()["all_gather"]["calls"] == 2
+        comm.all_reduce(fulls[0]).wait()
+        print("OK", comm.device)
+    """)
+    done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c", code],
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert done.returncode == 0 and "OK cuda:0" in done.stdout, done.stdout + done.stderr
+    assert "Warning" not in done.stderr, done.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs two GPUs")
+def test_communicator_on_a_device_that_is_not_current():
+    # A script that never calls torch.cuda.set_device: the parameters' device decides.
+    from zeroshard.communicator import NcclCommunicator
+
+    assert torch.cuda.current_device() == 0
+    comm = NcclCommunicator(None, torch.device("cuda", 1), 60.0)
+    try:
+        assert comm._comm.device == 1 and comm.stream.device == torch.device("cuda", 1)
+        x = torch.arange(11.0, device="cuda:1")
+        with torch.cuda.device(1):
+            comm.all_reduce(x).wait()
+            torch.cuda.synchronize(1)
+        assert torch.equal(x, torch.arange(11.0, device="cuda:1"))
+        assert torch.cuda.current_device() == 0
+    finally:
+        comm.close()
 
 
 def test_init_times_out_when_peers_never_come():
-    # world_size 2 with only rank 0 present: init must abort and raise, not hang. In a child
-    # process so that a hang fails this test instead of stalling the suite.
+    # world_size 2 with only rank 0 present: init must raise within its timeout, not hang, and
+    # the process must still exit cleanly with the abandoned init thread. In a child process so
+    # that a hang fails this test instead of stalling the suite.
     code = textwrap.dedent("""
-        import torch, zeroshard
+        import time, torch, zeroshard
         from zeroshard import _core
         from zeroshard.env import nccl_library_path
         _core.gpu.load_nccl(nccl_library_path())
+        start = time.monotonic()
         try:
             _core.gpu.NcclCommunicator(_core.gpu.nccl_unique_id(), 0, 2, 0, 3.0)
             print("NO ERROR")
         except zeroshard.CoreError as err:
             print("CoreError:", err)
+        print("waited", round(time.monotonic() - start))
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, env=dict(os.environ))
     assert "CoreError:" in done.stdout, done.stdout + done.stderr
-    assert "timeout_s" in done.stdout and "aborted" in done.stdout
+    assert "timeout_s" in done.stdout and "rank 0" in done.stdout
+    waited = int(done.stdout.split("waited")[-1])
+    assert waited <= 10, done.stdout
+    assert done.returncode == 0, done.stdout + done.stderr
