@@ -34,6 +34,10 @@ from .owning_modules import NoSyncMethod, ddp_wrapper_name, root_modules
 from .rendezvous import rendezvous_for
 
 _SCALER_KWARGS = ("initial_scale", "growth_interval", "hysteresis", "min_scale")
+# Ranks reach the optimizer's construction after loading data and models at their own pace, so
+# its collectives wait at least this long even when timeout_s (meant for training-step
+# collectives) is short; it still bounds a rank that never builds its optimizer.
+CONSTRUCTION_TIMEOUT_S = 600.0
 
 
 def _split_names(params) -> tuple:
@@ -273,7 +277,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 self.comm.stats.control_bytes += staged.numel() * staged.element_size()
                 works.append((t, staged, _TorchWork(
                     dist.broadcast(staged, src=src, group=self.process_group, async_op=True),
-                    "broadcast of rank 0's parameters", self.rank, self.timeout_s)))
+                    "broadcast of rank 0's parameters", self.rank,
+                    max(self.timeout_s, CONSTRUCTION_TIMEOUT_S))))
             for t, staged, work in works:
                 work.wait()
                 if staged is not t:
@@ -308,7 +313,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                        for p in params],
         }
         # With the timeout: a rank that never builds its optimizer must not hang the others.
-        everyone = rendezvous_for(process_group, self.timeout_s).all_gather_object(mine)
+        everyone = rendezvous_for(process_group, max(self.timeout_s, CONSTRUCTION_TIMEOUT_S)
+                                  ).all_gather_object(mine)
         ref = everyone[0]
         for r, other in enumerate(everyone):
             for key in ("stage", "bucket_mb", "reduce_dtype"):
