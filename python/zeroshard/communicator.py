@@ -298,26 +298,43 @@ class _CudaWork(Work):
 
 class _LaunchRecord:
     """is_done for the watchdog, tracked before the launch: false until the completion event is
-    recorded (a blocking NCCL call can itself wait for a missing peer while it connects)."""
+    recorded (a blocking NCCL call can itself wait for a missing peer while it connects). Queried
+    on the watchdog's thread under the communicator's device, as every CUDA call of ours is:
+    a thread's current device starts as GPU 0, and a CUDA call there would create a context on
+    GPU 0 on every rank."""
 
-    __slots__ = ("event",)
+    __slots__ = ("event", "device")
 
-    def __init__(self) -> None:
+    def __init__(self, device: Optional[torch.device] = None) -> None:
         self.event: Optional[torch.cuda.Event] = None
+        self.device = device
 
     def is_done(self) -> bool:
-        return self.event is not None and self.event.query()
+        if self.event is None:
+            return False
+        if self.device is None:
+            return self.event.query()
+        with torch.cuda.device(self.device):
+            return self.event.query()
 
 
-def _make_watchdog(comm, rank: int, timeout_s: float):
+def _on_device(device: torch.device, fn: Callable):
+    """fn, called with `device` current (see _LaunchRecord)."""
+    def call(*args):
+        with torch.cuda.device(device):
+            return fn(*args)
+    return call
+
+
+def _make_watchdog(comm, rank: int, timeout_s: float, device: Optional[torch.device] = None):
     """The watchdog of [Note: NCCL watchdog] (nccl_watchdog.py), or None where that module is
     missing (then collectives are unguarded after init, as before it existed)."""
     try:
         from .nccl_watchdog import Watchdog
     except ImportError:
         return None
-    return Watchdog(timeout_s=timeout_s, rank=rank, abort=comm.abort,
-                    async_error=comm.async_error)
+    abort = comm.abort if device is None else _on_device(device, comm.abort)
+    return Watchdog(timeout_s=timeout_s, rank=rank, abort=abort, async_error=comm.async_error)
 
 
 def _cuda_device(device: torch.device) -> torch.device:
@@ -341,7 +358,7 @@ def _object_collective_device(group: Optional[dist.ProcessGroup],
     return device
 
 
-def _teardown_nccl(watchdog, comm_box: list) -> None:
+def _teardown_nccl(watchdog, comm_box: list, device: torch.device) -> None:
     """Close the watchdog, then finalize and destroy the communicator (bounded by its timeout;
     see NcclCommunicator.destroy in the core). Runs at close(), garbage collection or exit."""
     if watchdog is not None:
@@ -350,7 +367,7 @@ def _teardown_nccl(watchdog, comm_box: list) -> None:
         return
     comm = comm_box.pop()
     try:
-        comm.destroy()
+        _on_device(device, comm.destroy)()
     except Exception as e:  # at exit nothing can act on it; say what was left behind
         warnings.warn(f"zeroshard: NCCL communicator teardown: {e}", RuntimeWarning,
                       stacklevel=2)
@@ -380,13 +397,17 @@ class NcclCommunicator(Communicator):
             src = dist.get_global_rank(group, 0) if group is not None else 0
             dist.broadcast_object_list(uid, src=src, group=group,
                                        device=_object_collective_device(group, self.device))
-        self._comm = _core.gpu.NcclCommunicator(uid[0], self.rank, self.world_size,
-                                                self.device.index, float(timeout_s))
+        # Every CUDA/NCCL call of ours runs with self.device current (torch's device guard puts
+        # the previous one back without creating a context there), so that neither NCCL's nor
+        # our own save/restore of the current device touches GPU 0 on every rank.
         with torch.cuda.device(self.device):
+            self._comm = _core.gpu.NcclCommunicator(uid[0], self.rank, self.world_size,
+                                                    self.device.index, float(timeout_s))
             self.stream = torch.cuda.Stream(device=self.device)
-        self._watchdog = _make_watchdog(self._comm, self.rank, float(timeout_s))
+        self._watchdog = _make_watchdog(self._comm, self.rank, float(timeout_s), self.device)
         self._comm_box = [self._comm]
-        self._finalizer = weakref.finalize(self, _teardown_nccl, self._watchdog, self._comm_box)
+        self._finalizer = weakref.finalize(self, _teardown_nccl, self._watchdog, self._comm_box,
+                                           self.device)
 
     def close(self) -> None:
         """Stop the watchdog and destroy the NCCL communicator (also done at exit). Idempotent."""
@@ -405,10 +426,11 @@ class NcclCommunicator(Communicator):
         self.stream.wait_stream(caller)  # inputs were written on the caller's stream
         for t in tensors:
             t.record_stream(self.stream)  # keep the allocator from reusing them early
-        record = _LaunchRecord()
+        record = _LaunchRecord(self.device)
         if self._watchdog is not None:
             self._watchdog.track(kind, record.is_done)
-        fn(self.stream.cuda_stream)
+        with torch.cuda.device(self.device):
+            fn(self.stream.cuda_stream)
         for t in counted:
             self._count(kind, t)
         done = torch.cuda.Event()
