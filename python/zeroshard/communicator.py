@@ -28,6 +28,10 @@ import torch.distributed as dist
 from . import _core
 
 KINDS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast")
+# torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single and warns on the
+# old names; torch before that has only the old ones. Use whichever the running torch recommends.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 @dataclass
@@ -243,7 +247,7 @@ class ProcessGroupCommunicator(Communicator):
         self._count("reduce_scatter", full)
         if self._reduce_scatter_native:
             try:
-                return self._work("reduce_scatter", dist.reduce_scatter_tensor(
+                return self._work("reduce_scatter", reduce_scatter_single(
                     part, full, group=self.group, async_op=True))
             except (RuntimeError, NotImplementedError):
                 # Older gloo builds lack reduce_scatter; all_to_all moves the same bytes.
@@ -258,8 +262,8 @@ class ProcessGroupCommunicator(Communicator):
         self._count("all_gather", full)
         if _overlaps(part, full):
             part = part.clone()  # gloo may write `full` while still reading an aliased input
-        return self._work("all_gather", dist.all_gather_into_tensor(full, part, group=self.group,
-                                                                   async_op=True))
+        return self._work("all_gather", all_gather_single(full, part, group=self.group,
+                                                          async_op=True))
 
     def control_all_reduce(self, tensor, op=dist.ReduceOp.SUM):
         """A small, synchronous reduction of control values (norms, overflow flags). Counted in

@@ -40,12 +40,10 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from .communicator import CollectiveTimeout, _TorchWork
+from .communicator import CollectiveTimeout, _TorchWork, all_gather_single
 
 __all__ = ["Rendezvous", "rendezvous_for", "CollectiveCallError"]
 
-# torch 2.13 renamed all_gather_into_tensor (and warns on the old name); older torch lacks the new.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _ENTERED = 1 << 40  # added to poll counters when an op is entered; far above any poll count
 _FIRST_WAIT_S, _LONGEST_WAIT_S = 0.002, 0.05  # store polling interval while waiting in enter()
 
@@ -267,7 +265,7 @@ class Rendezvous:
         device = self._device()
         data = _to_bytes(obj, device)
         sizes = torch.empty(p.world_size, dtype=torch.int64, device=device)
-        self._wait("all_gather_object", _all_gather_single(
+        self._wait("all_gather_object", all_gather_single(
             sizes, torch.tensor([data.numel()], dtype=torch.int64, device=device),
             group=p.group, async_op=True))
         sizes = sizes.tolist()
@@ -275,7 +273,7 @@ class Rendezvous:
         padded = torch.zeros(longest, dtype=torch.uint8, device=device)
         padded[:data.numel()] = data
         everyone = torch.empty(p.world_size * longest, dtype=torch.uint8, device=device)
-        self._wait("all_gather_object", _all_gather_single(
+        self._wait("all_gather_object", all_gather_single(
             everyone, padded, group=p.group, async_op=True))
         everyone = everyone.cpu()
         return [_from_bytes(everyone[r * longest:r * longest + n]) for r, n in enumerate(sizes)]
