@@ -176,6 +176,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._ddp_checked = False  # DDP wrappers added after construction: checked at backward
         self._grads_dirty = False  # gradients arrived since they were last zeroed
         self._master_check_due = True  # see _adopt_changed_params
+        self._nonfinite_norm: Optional[float] = None  # set by clip_grad_norm_, read by step
         self.scaler: Optional[LossScaler] = None
         if any(fg.dtype == torch.float16 for fg in self.flat_groups) and loss_scale is not None:
             if loss_scale == "dynamic":
@@ -406,6 +407,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._grads_dirty = False
         self._grads_present = False
         self._clip_coef = 1.0
+        self._nonfinite_norm = None
 
     def _shard_grad_pieces(self):
         for fg in self.flat_groups:
@@ -413,10 +415,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 if b1 > b0:
                     yield fg.shard_grads(b0, b1, s0)
 
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
+                        error_if_nonfinite: bool = False) -> torch.Tensor:
         """Clips the global gradient norm (all shards, all ranks) to max_norm, like
         torch.nn.utils.clip_grad_norm_; the scaling is applied inside the next step's kernel.
-        Returns the total norm before clipping (a 0-dim tensor)."""
+        Returns the total norm before clipping (a 0-dim tensor). A non-finite norm raises here
+        with error_if_nonfinite=True; otherwise the next step() raises, unless fp16 loss scaling
+        skips it (where torch would write NaN into every parameter)."""
         max_norm, norm_type = float(max_norm), float(norm_type)
         if not max_norm > 0:
             raise ValueError(f"max_norm must be > 0, got {max_norm}")
@@ -440,6 +445,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         value = total.item()
         norm = value if math.isinf(norm_type) else value ** (1.0 / norm_type)
         norm /= self.loss_scale
+        if not math.isfinite(norm):
+            if error_if_nonfinite:
+                raise RuntimeError(
+                    f"the total norm of order {norm_type} of the gradients is {norm}, so they "
+                    "cannot be clipped; set error_if_nonfinite=False to leave it to step()")
+            self._nonfinite_norm = norm
+            return torch.tensor(norm, dtype=torch.float32)
         coef = max_norm / (norm + 1e-6)
         self._clip_coef = coef if coef < 1.0 else 1.0
         return torch.tensor(norm, dtype=torch.float32)
@@ -471,6 +483,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self.scaler.update(overflow=True)
             self._consume_grads()
             return loss
+        if self._nonfinite_norm is not None:
+            norm, self._nonfinite_norm = self._nonfinite_norm, None
+            raise RuntimeError(
+                f"clip_grad_norm_ found a gradient norm of {norm}: this step would write NaN "
+                "into the parameters (torch.optim would, silently), so it was not taken. Lower "
+                "the learning rate, check the loss for inf/NaN, or train fp16 with its loss "
+                "scaler; to skip this batch, call zero_grad() and go on.")
         grad_scale = self.loss_scale / self._clip_coef
         if self._master_check_due:
             self._adopt_changed_params()

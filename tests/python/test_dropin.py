@@ -476,3 +476,24 @@ def test_checkpoint_after_model_moved_and_reloaded(tmp_path):
                               optimizer=zeroshard.ZeroAdamW(fresh.parameters(), stage=2))
     assert_params_close(param_snapshot(fresh), param_snapshot(make_model(seed=3)), "reloaded",
                         rtol=0, atol=0)
+
+
+def test_nonfinite_gradient_norm_stops_the_step_not_the_weights():
+    """torch would clip by 0 and write NaN into every parameter; zeroshard refuses the step."""
+    model = make_model()
+    opt = zeroshard.ZeroAdamW(model.parameters(), stage=2)
+    tokens, target = make_batches(1)[0]
+    (mse_loss(model, tokens, target) * float("inf")).backward()
+    assert not torch.isfinite(opt.clip_grad_norm_(1.0))
+    before = param_snapshot(model)
+    with pytest.raises(RuntimeError, match="gradient norm of (inf|nan).*zero_grad"):
+        opt.step()
+    assert_params_close(param_snapshot(model), before, "refused step", rtol=0, atol=0)
+    opt.zero_grad()  # skipping the batch recovers
+    mse_loss(model, tokens, target).backward()
+    opt.clip_grad_norm_(1.0)
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(RuntimeError, match="non-finite|cannot be clipped"):
+        (mse_loss(model, tokens, target) * float("nan")).backward()
+        opt.clip_grad_norm_(1.0, error_if_nonfinite=True)
