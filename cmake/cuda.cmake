@@ -38,12 +38,16 @@ find_package(CUDAToolkit REQUIRED)
 
 # Default architectures by toolkit: native code for Ampere and Hopper (and Blackwell where the
 # toolkit knows it), plus PTX of the newest for cards that come later. A user setting wins.
+# The defaults go into the cache (FORCE): enable_language(CUDA) has cached the compiler's own
+# default (sm_75 for nvcc 13), which a re-configure of the same build directory would otherwise
+# take for a user's choice.
 if(NOT _zs_user_archs)
   if(CMAKE_CUDA_COMPILER_VERSION VERSION_GREATER_EQUAL 12.8)
-    set(CMAKE_CUDA_ARCHITECTURES "80-real;90-real;100-real;120")
+    set(_zs_default_archs "80-real;90-real;100-real;120")
   else()
-    set(CMAKE_CUDA_ARCHITECTURES "80-real;90")
+    set(_zs_default_archs "80-real;90")
   endif()
+  set(CMAKE_CUDA_ARCHITECTURES "${_zs_default_archs}" CACHE STRING "CUDA architectures" FORCE)
 endif()
 set(ZEROSHARD_CUDA_ARCHS "${CMAKE_CUDA_ARCHITECTURES}")
 string(REGEX MATCH "^[0-9]+" _zs_cuda_major "${CMAKE_CUDA_COMPILER_VERSION}")
