@@ -31,9 +31,9 @@ else
   export ZEROSHARD_CUDA=ON
   # Distribution name and the NCCL wheel it needs at run time.
   sed -i "s/^name = \"zeroshard\"/name = \"zeroshard-$variant\"/" "$src/pyproject.toml"
-  sed -i "s/^dependencies = \[\"torch>=2.4\"\]/dependencies = [\"torch>=2.4\", \"nvidia-nccl-cu$major\"]/" \
-      "$src/pyproject.toml"
+  sed -i "s/^dependencies = \[/dependencies = [\"nvidia-nccl-cu$major\", /" "$src/pyproject.toml"
   grep -q "name = \"zeroshard-$variant\"" "$src/pyproject.toml" || { echo "could not rename the distribution" >&2; exit 1; }
+  grep -q "^dependencies = \[\"nvidia-nccl-cu$major\"" "$src/pyproject.toml" || { echo "could not add the NCCL dependency" >&2; exit 1; }
 fi
 "$py" -m pip wheel -q --no-deps -Cbuild-dir="$src/build" -w "$work/raw" "$src"
 
