@@ -141,7 +141,7 @@ class ExposedGrads:
                 replaced = handle._key
         if remove:
             self.exposed = False
-        if replaced is not None:
+        if replaced is not None and apply_script_changes:  # zero_grad() just clears
             gi, j = replaced
             raise ValueError(
                 f"p.grad of {self.owner.flat_groups[gi].names[j]} was replaced by a tensor; "

@@ -28,18 +28,25 @@ def layout_signature(opt) -> List[Dict[str, Any]]:
              "shard_numel": fg.shard_numel} for fg in opt.flat_groups]
 
 
-def shard_state_dict(opt) -> Dict[str, Any]:
-    """This rank's shard of the optimizer state, torch.optim-shaped ('state' keyed by flat
-    group, 'param_groups' with hyper-parameters) plus a 'zeroshard' section describing the
-    layout. Loads back on the same rank at the same world size and stage; not a
-    collective, so it may be called on one rank. For a rank-independent state dict see
-    full_state_dict(); for sharded checkpoints, zeroshard.checkpoint."""
+def _indexed_groups(opt):
+    """torch.optim's numbering: parameters by position across param_groups, and the groups'
+    hyper-parameters with 'params' as those numbers."""
     index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
     groups = []
     for g in opt.param_groups:
         entry = {k: v for k, v in g.items() if k != "params"}
         entry["params"] = [index[id(p)] for p in g["params"]]
         groups.append(entry)
+    return index, groups
+
+
+def shard_state_dict(opt) -> Dict[str, Any]:
+    """This rank's shard of the optimizer state, torch.optim-shaped ('state' keyed by flat
+    group, 'param_groups' with hyper-parameters) plus a 'zeroshard' section describing the
+    layout. Loads back on the same rank at the same world size and stage; not a
+    collective, so it may be called on one rank. For a rank-independent state dict see
+    full_state_dict(); for sharded checkpoints, zeroshard.checkpoint."""
+    _, groups = _indexed_groups(opt)
     state = {i: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
              for i, s in enumerate(opt.shard_state)}
     return {"state": state, "param_groups": groups,
@@ -125,7 +132,7 @@ def full_state_dict(opt) -> Dict[str, Any]:
         rendezvous_for(opt.process_group, opt.timeout_s).enter(
             f"{type(opt).__name__}.full_state_dict")
     opt._reattach()
-    index = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    index, groups = _indexed_groups(opt)
     state: Dict[int, Dict[str, Any]] = {}
     for fg, shard_state in zip(opt.flat_groups, opt.shard_state):
         whole = {k: _whole_state(opt, fg, v) for k, v in shard_state.items()
@@ -137,11 +144,6 @@ def full_state_dict(opt) -> Dict[str, Any]:
             for k, t in whole.items():
                 entry[k] = t[start:end].view(p.shape).clone()
             state[index[id(p)]] = entry
-    groups = []
-    for g in opt.param_groups:
-        entry = {k: v for k, v in g.items() if k != "params"}
-        entry["params"] = [index[id(p)] for p in g["params"]]
-        groups.append(entry)
     return {"state": state, "param_groups": groups,
             "zeroshard": {"format": STATE_FORMAT, "consolidated": True,
                           "loss_scaler": opt.scaler.state_dict() if opt.scaler else None}}

@@ -288,9 +288,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def _name_from_modules(self) -> None:
         for m in self.modules:
             for name, p in m.named_parameters(remove_duplicate=False):
-                if self._names.get(id(p), "params[").startswith(("params[", "param_groups[")):
-                    if id(p) in self._names:
-                        self._names[id(p)] = name
+                current = self._names.get(id(p))  # placeholders: "params[3] (shape ...)"
+                if current is not None and current.startswith(("params[", "param_groups[")):
+                    self._names[id(p)] = name
 
     def _install_no_sync(self) -> None:
         for m in self.modules:
