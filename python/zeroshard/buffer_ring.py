@@ -1,0 +1,106 @@
+"""BufferRing: the communication buffers of gradient reduction, allocated once and reused.
+
+Owns a small set of slots; each slot holds the buffers one bucket's collective needs while it is
+being filled and while it is in flight: the bucket's staging copy of its gradients (stage 0
+accumulating, stage 2), the receive buffer of this rank's reduced slice, and on gloo the
+full-size receive buffer of the all-to-all that stands in for reduce-scatter. A slot's tensors
+are allocated the first time a bucket needs them, at the size of the largest bucket, and kept:
+after the first step a training loop allocates no communication memory, so neither glibc's heap
+(CPU) nor torch's caching allocator (GPU) fragments under per-step allocations.
+
+Knows nothing of buckets or collectives: BucketReducer acquires a slot when a bucket gets its
+first gradient and releases it when the bucket's collective has been waited (on CUDA a wait
+joins the caller's stream to the collective's event, so the next write into a reused slot is
+stream-ordered after the collective without a host sync).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+
+
+class Slot:
+    """Named buffers of one in-flight bucket; views of persistent tensors."""
+
+    def __init__(self, ring: "BufferRing") -> None:
+        self._ring = ring
+        self._tensors: Dict[str, torch.Tensor] = {}
+
+    def view(self, name: str, numel: int, *, zero: bool = False) -> torch.Tensor:
+        """The first `numel` elements of this slot's buffer `name` (grown if too small)."""
+        t = self._tensors.get(name)
+        if t is None or t.numel() < numel:
+            t = self._ring._allocate(max(numel, self._ring.capacity(name)))
+            self._tensors[name] = t
+        out = t[:numel]
+        if zero:
+            out.zero_()
+        return out
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors.values())
+
+
+class BufferRing:
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype, self.device = dtype, device
+        self._free: List[Slot] = []
+        self.slots: List[Slot] = []
+        self.allocations = 0  # tensors ever allocated; constant once training is in its rhythm
+        self._capacity: Dict[str, int] = {}
+
+    def capacity(self, name: str) -> int:
+        return self._capacity.get(name, 0)
+
+    def reserve(self, name: str, numel: int) -> None:
+        """Buffers called `name` will be at least `numel` elements (the largest bucket), so a
+        later, larger bucket does not reallocate every slot."""
+        self._capacity[name] = max(self.capacity(name), numel)
+
+    def _allocate(self, numel: int) -> torch.Tensor:
+        self.allocations += 1
+        return torch.empty(numel, dtype=self.dtype, device=self.device)
+
+    def acquire_free(self):
+        """A free slot, or None when every slot is in use."""
+        return self._free.pop() if self._free else None
+
+    def new_slot(self) -> Slot:
+        slot = Slot(self)
+        self.slots.append(slot)
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        self._free.append(slot)
+
+    @property
+    def in_use(self) -> int:
+        return len(self.slots) - len(self._free)
+
+    def nbytes(self) -> int:
+        return sum(slot.nbytes() for slot in self.slots)
+
+
+def planned_ring_bytes(bucket_numels: Sequence[int], *, stage: int, world_size: int,
+                       elem_size: int, max_in_flight: int = 2, gloo: bool = True) -> int:
+    """The bytes BufferRing settles at for one optimizer whose buckets have `bucket_numels`
+    elements (reduce dtype of `elem_size` bytes), in a loop of one backward per step (the
+    estimator's number; memory_report() gives the real one).
+
+    Stage 0 reduces straight into its full gradient buffer (no ring); stage 1 reduces each
+    bucket of its local gradients once per step, up to max_in_flight at once, into a receive
+    slice (plus gloo's all-to-all receive buffer); stage 2 also stages each bucket's gradients
+    while backward fills it, so one more slot is being filled while max_in_flight are in flight.
+    """
+    if stage == 0 or not bucket_numels:
+        return 0
+    largest = max(bucket_numels)
+    per_slot = largest // world_size  # this rank's reduced slice
+    if gloo and world_size > 1:
+        per_slot += largest  # all-to-all receive buffer
+    slots = min(len(bucket_numels), max_in_flight)
+    if stage >= 2:
+        per_slot += largest  # staging
+        slots = min(len(bucket_numels), max_in_flight + 1)
+    return slots * per_slot * elem_size
