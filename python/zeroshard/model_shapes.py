@@ -1,0 +1,144 @@
+"""Model shapes for the estimator: the element count of each trainable tensor of a model that
+has not been built, in the order torch registers the parameters.
+
+Owns: the GPT-2 and Llama parameter lists (as Hugging Face's GPT2LMHeadModel and
+LlamaForCausalLM register them, a tied output head counted once), the named presets, reading an
+HF `config.json`, and the uniform split used for a bare parameter count. Knows nothing of
+ZeRO or bytes.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Dict, List, Optional, Tuple
+
+# A bare parameter count is split into tensors of at most this many elements (a 4096x4096
+# weight). The layout pads each tensor by less than 128 bytes, so for a model of millions of
+# parameters or more, how the count is split changes the estimate by a negligible amount.
+UNIFORM_TENSOR_NUMEL = 4096 * 4096
+
+GPT2_KEYS = ("n_layer", "n_embd", "vocab_size", "n_positions")
+LLAMA_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "vocab_size")
+
+
+def gpt2_numels(*, n_layer: int, n_embd: int, vocab_size: int, n_positions: int,
+                n_inner: Optional[int] = None, tie_word_embeddings: bool = True) -> List[int]:
+    """GPT2LMHeadModel: token and position embeddings, per block LayerNorm / attention (fused
+    qkv) / LayerNorm / MLP, all with biases, a final LayerNorm; the head shares wte's weight."""
+    d = n_embd
+    inner = n_inner or 4 * d
+    numels = [vocab_size * d, n_positions * d]
+    for _ in range(n_layer):
+        numels += [d, d,                    # ln_1
+                   d * 3 * d, 3 * d,        # attn.c_attn
+                   d * d, d,                # attn.c_proj
+                   d, d,                    # ln_2
+                   d * inner, inner,        # mlp.c_fc
+                   inner * d, d]            # mlp.c_proj
+    numels += [d, d]                        # ln_f
+    if not tie_word_embeddings:
+        numels.append(vocab_size * d)       # lm_head (no bias)
+    return numels
+
+
+def llama_numels(*, hidden_size: int, intermediate_size: int, num_hidden_layers: int,
+                 num_attention_heads: int, vocab_size: int,
+                 num_key_value_heads: Optional[int] = None, tie_word_embeddings: bool = False,
+                 head_dim: Optional[int] = None, attention_bias: bool = False,
+                 mlp_bias: bool = False) -> List[int]:
+    """LlamaForCausalLM: embeddings, per layer q/k/v/o projections (k and v sized by the
+    key-value heads), gate/up/down MLP, two RMSNorm weights; a final RMSNorm; an untied head
+    unless tie_word_embeddings."""
+    d, inner = hidden_size, intermediate_size
+    head_dim = head_dim or d // num_attention_heads
+    q_dim = num_attention_heads * head_dim
+    kv_dim = (num_key_value_heads or num_attention_heads) * head_dim
+    numels = [vocab_size * d]
+    for _ in range(num_hidden_layers):
+        attention = [d * q_dim, d * kv_dim, d * kv_dim]
+        if attention_bias:
+            attention = [attention[0], q_dim, attention[1], kv_dim, attention[2], kv_dim]
+        attention += [q_dim * d] + ([d] if attention_bias else [])
+        mlp = ([d * inner, inner, d * inner, inner, inner * d, d] if mlp_bias
+               else [d * inner, d * inner, inner * d])
+        numels += attention + mlp + [d, d]  # input_layernorm, post_attention_layernorm
+    numels.append(d)                        # norm
+    if not tie_word_embeddings:
+        numels.append(vocab_size * d)       # lm_head
+    return numels
+
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "gpt2": dict(family="gpt2", n_layer=12, n_embd=768, vocab_size=50257, n_positions=1024),
+    "gpt2-medium": dict(family="gpt2", n_layer=24, n_embd=1024, vocab_size=50257,
+                        n_positions=1024),
+    "gpt2-large": dict(family="gpt2", n_layer=36, n_embd=1280, vocab_size=50257,
+                       n_positions=1024),
+    "gpt2-xl": dict(family="gpt2", n_layer=48, n_embd=1600, vocab_size=50257, n_positions=1024),
+    # LLaMA-7B's published shapes (32000-token vocabulary, untied head): 6,738,415,616 params.
+    "llama-7b-like": dict(family="llama", hidden_size=4096, intermediate_size=11008,
+                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                          vocab_size=32000, tie_word_embeddings=False),
+}
+
+
+def _numels_of_family(settings: Dict[str, Any]) -> List[int]:
+    settings = dict(settings)
+    family = settings.pop("family")
+    return gpt2_numels(**settings) if family == "gpt2" else llama_numels(**settings)
+
+
+def preset_numels(name: str) -> List[int]:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return _numels_of_family(PRESETS[name])
+
+
+def config_numels(config: Dict[str, Any]) -> Tuple[str, List[int]]:
+    """(family, numels) of a Hugging Face config (the dict of its config.json)."""
+    gpt2_like = config.get("model_type") == "gpt2" or "n_embd" in config
+    if gpt2_like:
+        family, required = "gpt2", GPT2_KEYS
+    elif "hidden_size" in config or config.get("model_type") == "llama":
+        family, required = "llama", LLAMA_KEYS
+    else:
+        raise ValueError(
+            "config has neither GPT-2 keys (" + ", ".join(GPT2_KEYS) + ") nor Llama keys ("
+            + ", ".join(LLAMA_KEYS) + ")")
+    missing = [k for k in required if config.get(k) is None]
+    if missing:
+        raise ValueError(f"{family}-style config lacks {', '.join(missing)}")
+    if family == "gpt2":
+        return family, gpt2_numels(
+            **{k: int(config[k]) for k in GPT2_KEYS}, n_inner=config.get("n_inner"),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", True)))
+    optional = {k: config[k] for k in ("num_key_value_heads", "head_dim") if config.get(k)}
+    return family, llama_numels(
+        **{k: int(config[k]) for k in LLAMA_KEYS}, **{k: int(v) for k, v in optional.items()},
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        attention_bias=bool(config.get("attention_bias", False)),
+        mlp_bias=bool(config.get("mlp_bias", False)))
+
+
+def read_config_numels(path: str) -> Tuple[str, List[int]]:
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object")
+    try:
+        return config_numels(config)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def uniform_numels(num_params: int) -> List[int]:
+    """`num_params` split into equal tensors of at most UNIFORM_TENSOR_NUMEL elements."""
+    if num_params < 1:
+        raise ValueError(f"a model needs at least one parameter, got {num_params}")
+    count = math.ceil(num_params / UNIFORM_TENSOR_NUMEL)
+    base, extra = divmod(num_params, count)
+    return [base + 1] * extra + [base] * (count - extra)
