@@ -245,10 +245,13 @@ def _argument(convert):
     return parse
 
 
-def _world_size(text: str) -> int:
-    if not re.fullmatch(r"[0-9]+", text.strip()) or int(text) < 1:
-        raise ValueError(f"a world size is a positive integer, got {text!r}")
-    return int(text)
+def _positive_int(what: str):
+    def convert(text: str) -> int:
+        if not re.fullmatch(r"[0-9]+", text.strip()) or int(text) < 1:
+            raise ValueError(f"{what} is a positive integer, got {text!r}")
+        return int(text)
+    convert.__name__ = what
+    return convert
 
 
 def _stage(text: str) -> int:
@@ -285,8 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a model whose exact parameter shapes are built in")
     model.add_argument("--config", metavar="CONFIG_JSON",
                        help="a Hugging Face config.json of a GPT-2 or Llama-style model")
-    parser.add_argument("--world-size", type=_argument(_world_size), nargs="+", default=[1, 2, 4, 8],
-                        metavar="N", help="data-parallel world sizes (default: 1 2 4 8)")
+    parser.add_argument("--world-size", type=_argument(_positive_int("a world size")),
+                        nargs="+", default=[1, 2, 4, 8], metavar="N",
+                        help="data-parallel world sizes (default: 1 2 4 8)")
     parser.add_argument("--stage", type=_argument(_stage), nargs="+", default=[0, 1, 2],
                         metavar="S", help="ZeRO stages: 0, 1, 2 (default: all three)")
     parser.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32",
@@ -301,8 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bucket-mb", type=_argument(_positive_float), default=25.0,
                         help="bucket size in MiB of gradients, as ZeroOptimizer's bucket_mb "
                              "(default 25)")
-    parser.add_argument("--max-in-flight", type=_argument(_world_size), default=2,
-                        help="buckets reduced at once (default 2)")
+    parser.add_argument("--max-in-flight", type=_argument(_positive_int("max-in-flight")),
+                        default=2, help="buckets reduced at once (default 2)")
     parser.add_argument("--backend", choices=["nccl", "gloo"], default="nccl",
                         help="collective backend (default nccl; gloo adds an all-to-all receive "
                              "buffer per bucket)")
