@@ -1,13 +1,17 @@
-"""End-to-end training benchmark: the example GPT on 2 gloo ranks on CPU, one row per optimizer.
+"""End-to-end training benchmark: the example GPT on gloo ranks on CPU, one row per optimizer.
 
-    python bench/bench_train.py                      # all rows, about 2 minutes here
-    python bench/bench_train.py --rows ddp zero2 --model tiny --steps 20
+    python bench/bench_train.py                      # the default rows, a few minutes here
+    python bench/bench_train.py --model gpt-17m --batch-size 8 --seq-len 128 --steps 10 \\
+        --rows ddp zero1 zero2 ds-zero1 ds-zero2
 
 Owns the benchmark's row list, the launching of one `torchrun` job per row (each runs
-examples/train_gpt.py with --metrics-json), and the comparison table: median step time after
-warm-up, each rank's peak RSS and measured model-state bytes, with ratios against torch DDP +
-AdamW. Knows nothing of how a row trains; that is examples/train_gpt.py's job.
-DeepSpeed rows run only where `import deepspeed` works; otherwise the table says so.
+examples/train_gpt.py with --metrics-json), and the comparison table, per rank in MiB: ZeRO's
+closed-form model-state bytes for the row's stage (DDP = stage 0), zeroshard's estimate for that
+stage, the optimizer's own memory_report() (zeroshard rows), the measured peak RSS, and the peak
+saving against DDP next to the formula's saving; plus the median step time after warm-up and
+issue 9's targets for stages 1 and 2. Knows nothing of how a row trains; that is
+examples/train_gpt.py's job. DeepSpeed rows (ds-zero*) run only where deepspeed is installed and
+are in the default rows only there; otherwise the table says they were not run.
 """
 from __future__ import annotations
 
@@ -25,24 +29,45 @@ from typing import Dict, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SCRIPT = os.path.join(REPO, "examples", "train_gpt.py")
+sys.path.insert(0, os.path.dirname(TRAIN_SCRIPT))
+import gpt  # noqa: E402  (the example's model presets)
+
 MiB = 2 ** 20
+HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+# Issue 9: stages 1 and 2 keep at least this share of the formula's saving in measured peak.
+TARGET_SHARE = 0.80
 
 # name -> (label, train_gpt.py flags)
 ROWS: Dict[str, tuple] = {
     "ddp": ("torch DDP + AdamW", ["--optimizer", "ddp"]),
-    "torch-zero": ("torch ZeroRedundancyOptimizer + DDP", ["--optimizer", "torch-zero"]),
+    "torch-zero": ("torch ZeroRedundancyOptimizer+DDP", ["--optimizer", "torch-zero"]),
     "zero0": ("zeroshard stage 0", ["--optimizer", "zeroshard", "--stage", "0"]),
     "zero1": ("zeroshard stage 1", ["--optimizer", "zeroshard", "--stage", "1"]),
     "zero2": ("zeroshard stage 2", ["--optimizer", "zeroshard", "--stage", "2"]),
+    "ds-zero1": ("DeepSpeed ZeRO-1 + AdamW", ["--optimizer", "deepspeed", "--stage", "1"]),
+    "ds-zero2": ("DeepSpeed ZeRO-2 + AdamW", ["--optimizer", "deepspeed", "--stage", "2"]),
+    "ds-zero3": ("DeepSpeed ZeRO-3 + AdamW", ["--optimizer", "deepspeed", "--stage", "3"]),
 }
+
+
+def is_deepspeed_row(name: str) -> bool:
+    return name.startswith("ds-")
+
+
+def default_rows() -> List[str]:
+    # ZeRO-3 is not in the default rows: zeroshard has no stage 3 to compare it with yet.
+    return [name for name in ROWS if not is_deepspeed_row(name)
+            or (HAVE_DEEPSPEED and name != "ds-zero3")]
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS),
-                        help="which rows to run (ddp is always run first: it is the baseline)")
+    parser.add_argument("--rows", nargs="+", default=default_rows(), choices=list(ROWS),
+                        help="which rows to run (ddp is always run first: it is the baseline); "
+                             "default: all but ds-zero3, the ds-zero* ones only where deepspeed "
+                             "is installed")
     parser.add_argument("--nproc", type=int, default=2, help="ranks per row")
-    parser.add_argument("--model", default="small")
+    parser.add_argument("--model", default="small", choices=list(gpt.PRESETS))
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup-steps", type=int, default=3,
@@ -50,13 +75,21 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per row")
+    parser.add_argument("--bucket-mb", type=float, default=25.0,
+                        help="gradient bucket size, zeroshard's and DeepSpeed's alike")
     args = parser.parse_args(argv)
     if args.nproc <= 0 or args.batch_size <= 0 or args.seq_len <= 0:
         parser.error("--nproc, --batch-size and --seq-len must be positive")
     if not 0 <= args.warmup_steps < args.steps:
         parser.error("--warmup-steps must be in [0, --steps)")
-    if "ddp" not in args.rows:
-        args.rows = ["ddp"] + args.rows
+    if args.bucket_mb <= 0:
+        parser.error("--bucket-mb must be positive")
+    if args.seq_len > gpt.PRESETS[args.model].block_size:
+        parser.error(f"--seq-len {args.seq_len} exceeds model {args.model}'s block_size "
+                     f"{gpt.PRESETS[args.model].block_size}")
+    if args.dtype != "fp32" and any(is_deepspeed_row(name) for name in args.rows):
+        parser.error("the ds-zero* rows run in fp32 only; drop them or --dtype")
+    args.rows = ["ddp"] + [name for name in dict.fromkeys(args.rows) if name != "ddp"]
     return args
 
 
@@ -67,7 +100,7 @@ def run_row(name: str, args, workdir: str) -> Dict:
                f"--nproc_per_node={args.nproc}", TRAIN_SCRIPT, "--device", "cpu",
                "--model", args.model, "--dtype", args.dtype, "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-               "--warmup", "0", "--log-every", str(args.steps),
+               "--warmup", "0", "--log-every", str(args.steps), "--bucket-mb", str(args.bucket_mb),
                "--metrics-json", metrics_path] + ROWS[name][1]
     env = dict(os.environ)
     # Ranks import the zeroshard this process imported (a developer build or the installed one).
@@ -100,34 +133,126 @@ def run_row(name: str, args, workdir: str) -> Dict:
 
 
 def summarise(metrics: Dict, warmup_steps: int) -> Dict:
+    """One row of the table from a row's metrics JSON: bytes per rank, step time, loss."""
     times = metrics["step_times_s"][warmup_steps:]
     ranks = metrics["ranks"]
     return {"step_s": statistics.median(times),
-            "rss": [r["peak_rss_bytes"] for r in ranks],
-            "state": [r["memory"]["total"] for r in ranks],
+            # the optimizer's own measurement when it made one (train_gpt's peak_bytes)
+            "peak": [r.get("peak_bytes", r["peak_rss_bytes"]) for r in ranks],
+            # RSS before the model existed: torch + the optimizer's library (DeepSpeed's is big)
+            "start": [r.get("start_rss_bytes") for r in ranks],
+            "report": ([r["memory"]["total"] for r in ranks]
+                       if metrics["optimizer"] == "zeroshard" else None),
             "formula": metrics["formula"], "formula_bytes": metrics["formula_bytes"],
+            "ddp_formula_bytes": metrics["ddp_formula_bytes"],
+            "estimate_bytes": metrics.get("estimate_bytes"),
+            "note": metrics.get("memory_note", ""), "stage": metrics.get("formula_stage"),
             "final_loss": metrics["final_loss"], "wall_s": metrics["wall_s"],
-            "params": metrics["params"]}
+            "params": metrics["params"], "world_size": metrics["world_size"]}
 
 
-def print_table(results: Dict[str, Dict]) -> None:
+def savings(row: Dict, base: Dict) -> Dict[str, Optional[float]]:
+    """Bytes a row saves against DDP: measured on the largest rank peak, and by the formula;
+    share = measured / formula (None where either side is missing or the formula saves 0)."""
+    measured = max(base["peak"]) - max(row["peak"]) if "peak" in base else None
+    formula = None
+    if row["formula_bytes"] is not None and row["ddp_formula_bytes"] is not None:
+        formula = row["ddp_formula_bytes"] - row["formula_bytes"]
+    share = measured / formula if measured is not None and formula else None
+    return {"measured": measured, "formula": formula, "share": share}
+
+
+def growth(row: Dict) -> Optional[int]:
+    """The largest rank's peak above its RSS before the model existed, or None if unknown."""
+    pairs = [(peak, start) for peak, start in zip(row["peak"], row.get("start", []))
+             if start is not None]
+    return max(peak - start for peak, start in pairs) if pairs else None
+
+
+def _mib(value: Optional[float], digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value / MiB:.{digits}f}"
+
+
+def table_lines(results: Dict[str, Dict]) -> List[str]:
+    """The comparison table; results maps row name -> summarise() output, {"error": why} or
+    {"skipped": why}. The "ddp" row is the baseline of the xDDP and saving columns."""
     base = results.get("ddp", {})
-    header = (f"{'row':<36} {'step ms':>8} {'xDDP':>5} | {'peak RSS MiB/rank':>18} {'xDDP':>5} | "
-              f"{'model state MiB/rank':>20} {'xDDP':>5} | {'formula':<28} | {'loss':>6}")
-    print(header)
-    print("-" * len(header))
+    base_ok = "step_s" in base
+    header = (f"{'row':<33} {'step ms':>7} {'xDDP':>5} | {'formula':>7} {'estimate':>8} "
+              f"{'report':>13} {'peak':>11} {'start':>5} | {'saving vs DDP: peak':>19} {'formula':>7} "
+              f"{'share':>6} | {'loss':>6}")
+    lines = ["per rank, MiB: formula = ZeRO's closed form for the row's stage (DDP = stage 0); "
+             "estimate = zeroshard.estimate for that stage; report = memory_report()['total'] "
+             "(zeroshard rows); peak = peak RSS of the whole process (rank 0/1/...); start = "
+             "largest rank RSS before the model existed (torch + the optimizer's library)",
+             header, "-" * len(header)]
     for name, row in results.items():
         label = ROWS[name][0]
-        if "error" in row:
-            print(f"{label:<36} FAILED: {row['error']}")
+        if "skipped" in row:
+            lines.append(f"{label:<33} not run: {row['skipped']}")
             continue
-        rss = "/".join(f"{b / MiB:.0f}" for b in row["rss"])
-        state = "/".join(f"{b / MiB:.1f}" for b in row["state"])
-        ratio = (lambda key, pick: f"{pick(row[key]) / pick(base[key]):.2f}"
-                 if "error" not in base else "-")
-        print(f"{label:<36} {row['step_s'] * 1e3:>8.1f} {ratio('step_s', float):>5} | "
-              f"{rss:>18} {ratio('rss', max):>5} | {state:>20} {ratio('state', max):>5} | "
-              f"{row['formula']:<28} | {row['final_loss']:>6.3f}")
+        if "error" in row:
+            lines.append(f"{label:<33} FAILED: {row['error']}")
+            continue
+        report = "-" if row["report"] is None else "/".join(_mib(b) for b in row["report"])
+        peak = "/".join(_mib(b, 0) for b in row["peak"])
+        known_starts = [b for b in row.get("start", []) if b is not None]
+        start = _mib(max(known_starts), 0) if known_starts else "n/a"
+        step_ratio = f"{row['step_s'] / base['step_s']:.2f}" if base_ok else "-"
+        saved = savings(row, base) if base_ok else {"measured": None, "formula": None,
+                                                    "share": None}
+        share = "-" if saved["share"] is None else f"{saved['share']:.0%}"
+        lines.append(
+            f"{label:<33} {row['step_s'] * 1e3:>7.1f} {step_ratio:>5} | "
+            f"{_mib(row['formula_bytes']):>7} {_mib(row['estimate_bytes']):>8} {report:>13} "
+            f"{peak:>11} {start:>5} | {_mib(saved['measured']):>19} {_mib(saved['formula']):>7} "
+            f"{share:>6} | {row['final_loss']:>6.3f}")
+    return lines
+
+
+def legend_lines(results: Dict[str, Dict]) -> List[str]:
+    """Ψ, N and each row's formula by name; the reasons a column says n/a."""
+    done = {name: row for name, row in results.items() if "params" in row}
+    if not done:
+        return []
+    first = next(iter(done.values()))
+    formulas = " | ".join(f"{name} {row['formula']}" for name, row in done.items())
+    lines = [f"Ψ = {first['params']:,} params, N = {first['world_size']} ranks; formulas: "
+             f"{formulas}"]
+    notes = {row["note"] for row in done.values() if row["note"]}
+    lines += [f"note: {note}" for note in sorted(notes)]
+    return lines
+
+
+def target_lines(results: Dict[str, Dict]) -> List[str]:
+    """Issue 9's targets for zeroshard stages 1 and 2: at least TARGET_SHARE of the formula's
+    saving in measured peak, and a peak no higher than DeepSpeed's at the same stage."""
+    base = results.get("ddp", {})
+    lines = []
+    for stage in (1, 2):
+        row = results.get(f"zero{stage}", {})
+        if "peak" not in row or "peak" not in base:
+            continue
+        saved = savings(row, base)
+        if saved["share"] is None:
+            share_text = "share of the formula's saving n/a"
+        else:
+            verdict = "met" if saved["share"] >= TARGET_SHARE else "NOT met"
+            share_text = (f"{saved['share']:.0%} of the formula's saving (target >= "
+                          f"{TARGET_SHARE:.0%}: {verdict})")
+        deepspeed = results.get(f"ds-zero{stage}", {})
+        if "peak" in deepspeed:
+            verdict = "met" if max(row["peak"]) <= max(deepspeed["peak"]) else "NOT met"
+            ds_text = (f"peak {_mib(max(row['peak']), 0)} vs DeepSpeed ZeRO-{stage} "
+                       f"{_mib(max(deepspeed['peak']), 0)} MiB (target <=: {verdict})")
+            grown, ds_grown = growth(row), growth(deepspeed)
+            if grown is not None and ds_grown is not None:
+                # DeepSpeed's own import is ~100 MiB of the start RSS: compare without it too
+                ds_text += (f", above start {_mib(grown, 0)} vs {_mib(ds_grown, 0)} MiB")
+        else:
+            ds_text = f"DeepSpeed ZeRO-{stage} not run"
+        lines.append(f"issue 9, stage {stage}: {share_text}; {ds_text}")
+    return lines
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -138,20 +263,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     results: Dict[str, Dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as workdir:
         for name in args.rows:
+            if is_deepspeed_row(name) and not HAVE_DEEPSPEED:
+                results[name] = {"skipped": "`import deepspeed` fails here (not installed)"}
+                continue
             print(f"  running {ROWS[name][0]} ...", flush=True)
             metrics = run_row(name, args, workdir)
             results[name] = metrics if "error" in metrics else summarise(metrics,
                                                                           args.warmup_steps)
-    first = next((r for r in results.values() if "params" in r), None)
-    if first:
-        print(f"\nΨ = {first['params']:,} params; model state = params + grads + master + "
-              f"optimizer state (+ zeroshard's comm buffers), measured on each rank")
-    print_table(results)
-    if importlib.util.find_spec("deepspeed") is None:
-        print("DeepSpeed ZeRO-1/2: not run, `import deepspeed` fails here (not installed).")
-    else:
-        print("DeepSpeed ZeRO-1/2: deepspeed is importable but this benchmark has no DeepSpeed "
-              "rows yet.")
+    print()
+    print("\n".join(legend_lines(results) + table_lines(results) + target_lines(results)))
+    if not HAVE_DEEPSPEED and not any(is_deepspeed_row(name) for name in results):
+        print("DeepSpeed rows (ds-zero1/2/3): not run, `import deepspeed` fails here "
+              "(not installed).")
     failed = [name for name, row in results.items() if "error" in row]
     return 1 if failed else 0
 

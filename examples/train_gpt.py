@@ -4,14 +4,17 @@
     python examples/train_gpt.py --optimizer ddp --steps 50          # world size 1, no torchrun
 
 Owns the training loop: process-group setup, the per-optimizer ways to accumulate, clip and step
-(`ZeroshardSetup`, `DDPSetup`, `TorchZeroSetup`), the progress line, and the closing comparison of
-this rank's model-state memory against DDP + AdamW. `--batch-size` is per rank and micro-batch, so
-one optimizer step sees batch_size * micro_batches * world_size sequences.
+(`ZeroshardSetup`, `DDPSetup`, `TorchZeroSetup`, `DeepSpeedSetup`), the progress line, and the
+closing comparison of this rank's memory: ZeRO's formula, zeroshard's estimate, the optimizer's
+report and the measured peak. `--batch-size` is per rank and micro-batch, so one optimizer step
+sees batch_size * micro_batches * world_size sequences. DeepSpeed is optional: only
+`--optimizer deepspeed` imports it (bench/bench_train.py's comparison rows).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import math
 import os
@@ -34,11 +37,13 @@ MiB = 2 ** 20
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--optimizer", choices=["zeroshard", "ddp", "torch-zero"],
+    parser.add_argument("--optimizer", choices=["zeroshard", "ddp", "torch-zero", "deepspeed"],
                         default="zeroshard", help="ddp = torch DDP + AdamW (the baseline); "
-                        "torch-zero = DDP + torch ZeroRedundancyOptimizer(AdamW)")
+                        "torch-zero = DDP + torch ZeroRedundancyOptimizer(AdamW); deepspeed = "
+                        "DeepSpeed's ZeRO engine + torch AdamW (fp32, needs deepspeed)")
     parser.add_argument("--stage", type=int, default=None,
-                        help="ZeRO stage 0|1|2 for --optimizer zeroshard (default 2)")
+                        help="ZeRO stage: 0|1|2 for --optimizer zeroshard, 0|1|2|3 for "
+                             "deepspeed (default 2)")
     parser.add_argument("--model", default="tiny", help=f"one of {sorted(gpt.PRESETS)}")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
@@ -72,12 +77,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error("--lr and --bucket-mb must be positive; --clip and --weight-decay >= 0")
     if args.model not in gpt.PRESETS:
         parser.error(f"--model {args.model!r} is unknown; pick one of {sorted(gpt.PRESETS)}")
-    if args.optimizer == "zeroshard":
+    if args.optimizer in ("zeroshard", "deepspeed"):
         args.stage = 2 if args.stage is None else args.stage
-        if args.stage not in (0, 1, 2):
-            parser.error(f"--stage must be 0, 1 or 2, got {args.stage}")
+        stages = (0, 1, 2) if args.optimizer == "zeroshard" else (0, 1, 2, 3)
+        if args.stage not in stages:
+            parser.error(f"--stage must be one of {stages} for --optimizer {args.optimizer}, "
+                         f"got {args.stage}")
     elif args.stage is not None:
-        parser.error(f"--stage applies to --optimizer zeroshard only, not {args.optimizer}")
+        parser.error(f"--stage applies to --optimizer zeroshard or deepspeed, not "
+                     f"{args.optimizer}")
+    if args.optimizer == "deepspeed" and args.dtype != "fp32":
+        parser.error("--optimizer deepspeed runs in fp32 only (its comparison rows); drop --dtype")
     args.warmup = args.steps // 10 if args.warmup is None else args.warmup
     if not 0 <= args.warmup < args.steps:
         parser.error(f"--warmup must be in [0, --steps), got {args.warmup}")
@@ -135,6 +145,8 @@ def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
 class ZeroshardSetup:
     """zeroshard.ZeroAdamW on the plain model: no DDP wrapper, the optimizer reduces gradients."""
 
+    library = "zeroshard"  # imported before the start RSS is read (see train)
+
     def __init__(self, args, model, world_size: int) -> None:
         import zeroshard  # only this path needs the compiled package
 
@@ -176,6 +188,8 @@ class ZeroshardSetup:
 class DDPSetup:
     """torch DDP + torch.optim.AdamW, fp32 params; bf16/fp16 through torch.autocast (+GradScaler
     for fp16). gradient_as_bucket_view=True keeps one grad copy: the strongest DDP baseline."""
+
+    library = None
 
     def __init__(self, args, model, world_size: int) -> None:
         self.model = model
@@ -255,25 +269,127 @@ class TorchZeroSetup(DDPSetup):
         return "torch DDP + ZeroRedundancyOptimizer(AdamW)"
 
 
-SETUPS = {"zeroshard": ZeroshardSetup, "ddp": DDPSetup, "torch-zero": TorchZeroSetup}
+class DeepSpeedSetup:
+    """DeepSpeed's engine at its ZeRO stage with torch.optim.AdamW as the client optimizer, fp32:
+    the benchmark's comparison rows. Same hyperparameters, clipping, schedule and bucket size as
+    ZeroshardSetup; gloo or nccl from the process group init_distributed made."""
+
+    library = "deepspeed"
+
+    def __init__(self, args, model, world_size: int) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("--optimizer deepspeed needs a process group: launch with "
+                               "torchrun (--nproc_per_node=1 is fine)")
+        import deepspeed  # optional: only this path needs it
+
+        self.stage = args.stage
+        self.model = model
+        # The client, not DeepSpeed's fused Adam: DeepSpeed's ops are not built on CPU.
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+            weight_decay=args.weight_decay)
+        bucket_elems = int(args.bucket_mb * MiB) // 4  # fp32 elements, as --bucket-mb is for us
+        config = {
+            "train_micro_batch_size_per_gpu": args.batch_size,
+            "gradient_accumulation_steps": args.micro_batches,
+            "gradient_clipping": args.clip,  # global norm, as clip_grad_norm_; 0 = none
+            "zero_optimization": {"stage": args.stage, "reduce_bucket_size": bucket_elems,
+                                  "allgather_bucket_size": bucket_elems},
+            "zero_allow_untested_optimizer": True,  # a torch optimizer, not a DeepSpeed one
+            "steps_per_print": 2 ** 31 - 1,
+        }
+        # DeepSpeed joins the existing process group; its ZeRO wrapper keeps the client's
+        # param_group dicts (swapping in its flat fp32 shards), so the lr scheduler built on
+        # self.optimizer steers DeepSpeed's steps and zero_grad on it is harmless.
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.optimizer,
+                                                    config=config)
+        self.forward_module = self.engine
+        self.skipped_steps = 0  # fp32: no loss scaler, no skipped steps
+
+    def accumulation_context(self, last_micro_batch: bool):
+        # The loop steps once per global step: DeepSpeed's documented manual-boundary pattern.
+        self.engine.set_gradient_accumulation_boundary(last_micro_batch)
+        return contextlib.nullcontext()
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # the loop already divided the loss
+
+    def clip_and_step(self, max_norm: float) -> None:
+        self.engine.step()  # clips to the config's gradient_clipping (= --clip) and zeroes grads
+
+    def memory(self) -> Dict[str, int]:
+        """Bytes of the tensors alive after the step (DeepSpeed frees its gradient partitions
+        in step(), so grads are mostly 0 here; the measured peak holds them)."""
+        # Stage 3 leaves each parameter empty and keeps this rank's partition in ds_tensor.
+        params = [getattr(p, "ds_tensor", p) for p in self.model.parameters()]
+        master = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grads = [t.grad for t in list(self.model.parameters()) + master if t.grad is not None]
+        buffers = getattr(self.engine.optimizer, "ipg_buffer", None) or []
+        report = {"model_params": storage_bytes(params), "grads": storage_bytes(grads),
+                  "master_params": storage_bytes(master),
+                  "optimizer_state": storage_bytes(
+                      t for state in self.optimizer.state.values() for t in state.values()
+                      if torch.is_tensor(t)),
+                  "comm_buffers": storage_bytes(buffers)}
+        report["total"] = sum(report.values())
+        return report
+
+    def label(self) -> str:
+        return f"DeepSpeed ZeRO-{self.stage} engine + torch AdamW"
+
+
+SETUPS = {"zeroshard": ZeroshardSetup, "ddp": DDPSetup, "torch-zero": TorchZeroSetup,
+          "deepspeed": DeepSpeedSetup}
 
 
 # ---------------------------------------------------------------- reporting
 
-def zero_formula(optimizer: str, stage: Optional[int], mixed: bool, numel: int, world: int):
-    """(text, bytes) of the ZeRO paper's model-state formula for this run (Adam: K = 12 bytes
-    per param mixed precision (fp32 master + 2 moments), 8 in fp32)."""
-    if optimizer == "zeroshard":
-        param, grad, k = (2, 2, 12) if mixed else (4, 4, 8)
-        if stage == 0:
-            return f"stage 0 {param + grad + k}Ψ", (param + grad + k) * numel
-        if stage == 1:
-            return (f"ZeRO-1 {param + grad}Ψ+{k}Ψ/N",
-                    (param + grad) * numel + k * numel / world)
-        return f"ZeRO-2 {param}Ψ+{grad + k}Ψ/N", param * numel + (grad + k) * numel / world
-    if optimizer == "torch-zero":  # fp32 params and grads kept whole, Adam moments sharded
-        return "ZeRO-1 (fp32 params) 8Ψ+8Ψ/N", 8 * numel + 8 * numel / world
-    return "DDP 16Ψ", 16 * numel
+# The ZeRO stage whose formula describes a torch baseline's model states.
+BASELINE_STAGES = {"ddp": 0, "torch-zero": 1}
+
+
+def expected_memory(args, param_numels: List[int], world: int, device: torch.device) -> Dict:
+    """This rank's model-state bytes before training, from zeroshard.estimate: ZeRO's closed
+    form for the run's stage (DDP = stage 0, torch's ZeroRedundancyOptimizer = stage 1) and the
+    estimator's count for zeroshard at that stage. Fields the estimator cannot give are None,
+    with the reason in "note"."""
+    stage = BASELINE_STAGES.get(args.optimizer, args.stage)
+    dtype = args.dtype if args.optimizer == "zeroshard" else "fp32"  # autocast keeps fp32 params
+    numel = sum(param_numels)
+    expected = {"stage": stage, "dtype": dtype, "formula": "n/a", "formula_bytes": None,
+                "ddp_formula_bytes": None, "estimate_bytes": None, "estimate": None, "note": ""}
+    try:
+        from zeroshard import estimate
+    except ImportError as error:  # the torch baselines also run where zeroshard is not built
+        expected["note"] = f"zeroshard.estimate is not importable: {error}"
+        return expected
+    expected["ddp_formula_bytes"] = estimate.zero_formula_bytes(numel, world_size=world, stage=0)
+    try:
+        expected["formula"] = estimate.formula_text(stage, dtype)
+        expected["formula_bytes"] = estimate.zero_formula_bytes(numel, world_size=world,
+                                                                stage=stage, dtype=dtype)
+        states = estimate.estimate_model_states(
+            param_numels, world_size=world, stage=stage, dtype=dtype, bucket_mb=args.bucket_mb,
+            backend="nccl" if device.type == "cuda" else "gloo")
+    except ValueError as error:  # e.g. DeepSpeed's stage 3, which the estimator does not cover
+        expected["note"] = str(error)
+        return expected
+    expected["estimate"], expected["estimate_bytes"] = states, states["total"]
+    if args.micro_batches > 1 and stage in (0, 2):
+        expected["note"] = ("the estimate leaves out the full-size gradient buffer that no_sync "
+                            "accumulation adds at stages 0 and 2")
+    return expected
+
+
+def current_rss_bytes() -> Optional[int]:
+    try:
+        with open("/proc/self/statm") as statm:  # Linux: sizes in pages; the 2nd is resident
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def peak_rss_bytes() -> int:
@@ -282,6 +398,18 @@ def peak_rss_bytes() -> int:
 
 def device_peak_bytes(device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
+
+
+def measured_peak_bytes(memory: Dict, device: torch.device) -> int:
+    """The optimizer's own measurement when its report has one, else this script's."""
+    measured = memory.get("measured")
+    if isinstance(measured, dict) and "peak_bytes" in measured:
+        return int(measured["peak_bytes"])
+    return device_peak_bytes(device)
+
+
+def mib(value: Optional[int], digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value / MiB:.{digits}f}"
 
 
 def global_mean(value: torch.Tensor, world_size: int) -> float:
@@ -301,26 +429,32 @@ def progress_line(step: int, steps: int, loss: float, lr: float, tokens_per_s: f
             f"model state {state_bytes / MiB:.2f} MiB | {peak_name} {peak_bytes / MiB:.0f} MiB")
 
 
-def closing_report(args, setup, memory: Dict[str, int], numel: int, world: int, rank: int,
-                   first_loss: float, final_loss: float, floor: float) -> str:
-    mixed = args.dtype != "fp32"
-    ddp_bytes = 16 * numel
-    formula_text, formula_bytes = zero_formula(args.optimizer, args.stage, mixed, numel, world)
-    parts = " | ".join(f"{k} {v / MiB:.2f}" for k, v in memory.items() if k != "total")
-    lines = [
-        f"== model-state memory on rank {rank} of N={world}: Ψ={numel:,} params, "
-        f"--dtype {args.dtype}, {setup.label()} ==",
-        f"  DDP + AdamW formula 16Ψ        : {ddp_bytes / MiB:9.2f} MiB  (1.00x)"]
-    if args.optimizer != "ddp":
-        lines.append(f"  {formula_text:<31}: {formula_bytes / MiB:9.2f} MiB  "
-                     f"({formula_bytes / ddp_bytes:.2f}x)")
-    lines += [
-        f"  measured this rank             : {memory['total'] / MiB:9.2f} MiB  "
-        f"({memory['total'] / ddp_bytes:.2f}x)  [MiB: {parts}]",
+def expected_line(expected: Dict) -> str:
+    return (f"memory per rank, MiB: formula {expected['formula']} "
+            f"{mib(expected['formula_bytes'])} | estimate {mib(expected['estimate_bytes'])}"
+            + (f"  ({expected['note']})" if expected["note"] else ""))
+
+
+def closing_report(args, setup, memory: Dict, expected: Dict, peak_bytes: int, numel: int,
+                   world: int, rank: int, device: torch.device, first_loss: float,
+                   final_loss: float, floor: float) -> str:
+    # memory_report() may hold non-byte entries (its nested "measured"): only ints are bytes.
+    parts = " | ".join(f"{k} {v / MiB:.2f}" for k, v in memory.items()
+                       if k != "total" and isinstance(v, int))
+    source = "memory_report()" if args.optimizer == "zeroshard" else "tensor storages"
+    report = mib(memory["total"]) if args.optimizer == "zeroshard" else "-"
+    peak_name = "cuda peak" if device.type == "cuda" else "peak RSS"
+    return "\n".join([
+        f"== memory on rank {rank} of N={world}: Ψ={numel:,} params, --dtype {args.dtype}, "
+        f"{setup.label()} ==",
+        f"  MiB: formula {expected['formula']} {mib(expected['formula_bytes'])} "
+        f"(DDP 16Ψ {mib(expected['ddp_formula_bytes'])}) | estimate "
+        f"{mib(expected['estimate_bytes'])} | report {report} | {peak_name} "
+        f"{peak_bytes / MiB:.1f} (whole process)",
+        f"  measured this rank ({source}): {memory['total'] / MiB:.2f} MiB  [MiB: {parts}]",
         f"final loss {final_loss:.4f} (first step {first_loss:.4f}; synthetic-data floor "
         f"~{floor:.3f} nats); skipped steps {setup.skipped_steps}",
-    ]
-    return "\n".join(lines)
+    ])
 
 
 # ---------------------------------------------------------------- training loop
@@ -344,8 +478,15 @@ def train(args) -> int:
     if seq_len > config.block_size:
         raise ValueError(f"--seq-len {seq_len} exceeds model {args.model}'s block_size "
                          f"{config.block_size}")
+    if SETUPS[args.optimizer].library:
+        importlib.import_module(SETUPS[args.optimizer].library)
+    # The process before the model exists (torch and the optimizer's library loaded): the part
+    # of the peak RSS that no optimizer choice can save.
+    start_rss = current_rss_bytes()
     model = gpt.GPT(config, seed=args.seed).to(device)
     numel = model.num_parameters()
+    # Counted before a setup flattens or partitions the parameters (DeepSpeed does).
+    expected = expected_memory(args, [p.numel() for p in model.parameters()], world, device)
     setup = SETUPS[args.optimizer](args, model, world)
     scheduler = make_scheduler(setup.optimizer, args)
     data = gpt.MarkovTokenStream(config.vocab_size, seed=args.seed + 1)
@@ -355,10 +496,11 @@ def train(args) -> int:
         print(f"{setup.label()} | model {args.model} ({numel:,} params) | world {world} on "
               f"{device} | {args.dtype} | global batch {global_batch} x "
               f"{seq_len} tokens ({args.micro_batches} micro-batches)", flush=True)
+        print(expected_line(expected), flush=True)
 
     step_losses: List[torch.Tensor] = []
     step_times: List[float] = []
-    memory: Dict[str, int] = {}
+    memory: Dict = {}
     last_log_time, last_log_step = time.perf_counter(), 0
     for step in range(1, args.steps + 1):
         started = time.perf_counter()
@@ -398,26 +540,30 @@ def train(args) -> int:
 
     losses = global_mean(torch.stack(step_losses), world)
     final_loss = sum(losses[-5:]) / len(losses[-5:])  # mean of the last steps: less noise
+    peak_bytes = measured_peak_bytes(memory, device)
     rank_metrics = {"rank": rank, "peak_rss_bytes": peak_rss_bytes(),
-                    "device_peak_bytes": device_peak_bytes(device), "memory": memory}
+                    "device_peak_bytes": device_peak_bytes(device), "peak_bytes": peak_bytes,
+                    "start_rss_bytes": start_rss, "memory": memory}
     all_metrics = [None] * world
     if world > 1:
         dist.all_gather_object(all_metrics, rank_metrics)
     else:
         all_metrics = [rank_metrics]
     if rank == 0:
-        print(closing_report(args, setup, memory, numel, world, rank, losses[0], final_loss,
-                             data.entropy_floor()), flush=True)
+        print(closing_report(args, setup, memory, expected, peak_bytes, numel, world, rank,
+                             device, losses[0], final_loss, data.entropy_floor()), flush=True)
         if args.metrics_json:
-            formula_text, formula_bytes = zero_formula(args.optimizer, args.stage,
-                                                       args.dtype != "fp32", numel, world)
             with open(args.metrics_json, "w") as out:
                 json.dump({"optimizer": args.optimizer, "stage": args.stage, "dtype": args.dtype,
                            "model": args.model, "params": numel, "world_size": world,
                            "step_times_s": step_times, "losses": losses,
                            "first_loss": losses[0], "final_loss": final_loss,
-                           "ddp_formula_bytes": 16 * numel, "formula": formula_text,
-                           "formula_bytes": formula_bytes, "ranks": all_metrics}, out, indent=1)
+                           "formula_stage": expected["stage"], "formula": expected["formula"],
+                           "formula_bytes": expected["formula_bytes"],
+                           "ddp_formula_bytes": expected["ddp_formula_bytes"],
+                           "estimate_bytes": expected["estimate_bytes"],
+                           "estimate": expected["estimate"], "memory_note": expected["note"],
+                           "ranks": all_metrics}, out, indent=1)
     if dist.is_initialized():
         # Every rank done with collectives (rank 0 was still writing its report) before the
         # process group goes away: gloo tears down badly when peers leave at different times.

@@ -1,0 +1,159 @@
+"""bench/bench_train.py's table on synthetic metrics (columns and savings computed right), the
+memory pieces of examples/train_gpt.py it reads, and, where deepspeed is installed, a 2-step
+DeepSpeed row against DDP. Timings are never asserted."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MiB = 2 ** 20
+
+
+def _load(name: str, *parts: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, *parts))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench_train = _load("bench_train", "bench", "bench_train.py")
+train_gpt = _load("train_gpt", "examples", "train_gpt.py")
+
+
+def synthetic_metrics(optimizer: str, formula_mib: float, estimate_mib: float,
+                      peaks_mib, report_mib=None) -> dict:
+    """What train_gpt.py --metrics-json writes for one row (2 ranks, Ψ = 1M)."""
+    memory = {"total": int((report_mib or 0) * MiB)}
+    if report_mib is not None:  # zeroshard's report carries a nested measurement
+        memory["measured"] = {"kind": "rss", "peak_bytes": 1, "current_bytes": 1}
+    return {"optimizer": optimizer, "params": 1_000_000, "world_size": 2,
+            "step_times_s": [9.0, 0.2, 0.1, 0.3], "final_loss": 4.5, "wall_s": 1.0,
+            "formula": "16Ψ" if formula_mib == 16 else "8Ψ+8Ψ/N",
+            "formula_bytes": int(formula_mib * MiB), "ddp_formula_bytes": 16 * MiB,
+            "estimate_bytes": int(estimate_mib * MiB), "formula_stage": 0, "memory_note": "",
+            "ranks": [{"rank": r, "peak_rss_bytes": 0, "peak_bytes": int(p * MiB),
+                       "start_rss_bytes": 100 * MiB, "memory": memory}
+                      for r, p in enumerate(peaks_mib)]}
+
+
+@pytest.fixture
+def results():
+    rows = {"ddp": synthetic_metrics("ddp", 16, 16.5, [300, 310]),
+            "zero1": synthetic_metrics("zeroshard", 12, 12.5, [306, 302], report_mib=12.4),
+            "ds-zero1": synthetic_metrics("deepspeed", 12, 12.5, [305, 300])}
+    summary = {name: bench_train.summarise(m, warmup_steps=1) for name, m in rows.items()}
+    summary["ds-zero2"] = {"skipped": "`import deepspeed` fails here (not installed)"}
+    summary["zero2"] = {"error": "exit 1: RuntimeError: boom"}
+    return summary
+
+
+def test_summary_reads_each_column(results):
+    zero1 = results["zero1"]
+    assert zero1["step_s"] == pytest.approx(0.2)  # median after the warm-up step
+    assert zero1["peak"] == [306 * MiB, 302 * MiB]
+    assert zero1["report"] == [int(12.4 * MiB)] * 2
+    assert results["ddp"]["report"] is None and results["ds-zero1"]["report"] is None
+    assert zero1["formula_bytes"] == 12 * MiB and zero1["estimate_bytes"] == int(12.5 * MiB)
+
+
+def test_savings_against_ddp(results):
+    saved = bench_train.savings(results["zero1"], results["ddp"])
+    # largest rank: DDP 310, zero1 306 -> 4 MiB measured; formula 16 - 12 = 4 MiB
+    assert saved["measured"] == 4 * MiB
+    assert saved["formula"] == 4 * MiB
+    assert saved["share"] == pytest.approx(1.0)
+    assert bench_train.savings(results["ddp"], results["ddp"])["share"] is None
+    assert bench_train.growth(results["zero1"]) == 206 * MiB
+
+
+def test_table_has_every_column_and_row(results):
+    lines = bench_train.table_lines(results)
+    header = lines[1]
+    for column in ("step ms", "xDDP", "formula", "estimate", "report", "peak", "start",
+                   "saving vs DDP", "share", "loss"):
+        assert column in header
+    by_label = {line.split("  ")[0]: line for line in lines[3:]}
+
+    def cells(label):  # the cells of a row, per "|"-separated block after the label
+        return [block.split() for block in by_label[label][len(label):].split("|")]
+
+    assert cells("zeroshard stage 1") == [
+        ["200.0", "1.00"],                                   # step ms, xDDP
+        ["12.0", "12.5", "12.4/12.4", "306/302", "100"],     # formula .. start
+        ["4.0", "4.0", "100%"],                              # saving: peak, formula, share
+        ["4.500"]]
+    assert cells("DeepSpeed ZeRO-1 + AdamW")[1][2] == "-"  # no report
+    assert cells("torch DDP + AdamW")[2] == ["0.0", "0.0", "-"]
+    assert "not run: `import deepspeed` fails" in by_label["DeepSpeed ZeRO-2 + AdamW"]
+    assert "FAILED: exit 1: RuntimeError: boom" in by_label["zeroshard stage 2"]
+
+
+def test_legend_and_issue_targets(results):
+    legend = bench_train.legend_lines(results)
+    assert legend[0].startswith("Ψ = 1,000,000 params, N = 2 ranks")
+    assert "ddp 16Ψ" in legend[0] and "zero1 8Ψ+8Ψ/N" in legend[0]
+    targets = bench_train.target_lines(results)
+    assert len(targets) == 1  # zero2 failed: no line for stage 2
+    assert "100% of the formula's saving (target >= 80%: met)" in targets[0]
+    assert "peak 306 vs DeepSpeed ZeRO-1 305 MiB (target <=: NOT met)" in targets[0]
+
+
+def test_deepspeed_rows_leave_the_defaults_without_deepspeed(monkeypatch):
+    monkeypatch.setattr(bench_train, "HAVE_DEEPSPEED", False)
+    assert not any(name.startswith("ds-") for name in bench_train.default_rows())
+    monkeypatch.setattr(bench_train, "HAVE_DEEPSPEED", True)
+    assert {"ds-zero1", "ds-zero2"} <= set(bench_train.default_rows())
+    assert "ds-zero3" not in bench_train.default_rows()
+
+
+def test_benchmark_presets():
+    config = train_gpt.gpt.preset("gpt-17m")
+    assert (config.n_layer, config.d_model, config.vocab_size, config.block_size,
+            config.n_head) == (6, 384, 8192, 128, 6)
+    assert train_gpt.gpt.GPT(config).num_parameters() == 13_842_432
+    assert "gpt-110m" in bench_train.parse_args(["--model", "gpt-110m", "--seq-len", "256"]).model
+
+
+def test_peak_prefers_the_reports_measurement():
+    cpu = torch.device("cpu")
+    report = {"total": 10, "measured": {"kind": "rss", "peak_bytes": 12345, "current_bytes": 1}}
+    assert train_gpt.measured_peak_bytes(report, cpu) == 12345
+    assert train_gpt.measured_peak_bytes({"total": 10}, cpu) > 0  # its own ru_maxrss
+
+
+def _train_args(optimizer: str, stage=None, micro_batches: int = 1):
+    return argparse.Namespace(optimizer=optimizer, stage=stage, dtype="fp32", bucket_mb=25.0,
+                              micro_batches=micro_batches)
+
+
+def test_expected_memory_per_optimizer():
+    pytest.importorskip("zeroshard.estimate")
+    numels, cpu = [1000, 3000], torch.device("cpu")
+    ddp = train_gpt.expected_memory(_train_args("ddp"), numels, 2, cpu)
+    assert ddp["stage"] == 0 and ddp["formula_bytes"] == 16 * 4000 == ddp["ddp_formula_bytes"]
+    torch_zero = train_gpt.expected_memory(_train_args("torch-zero"), numels, 2, cpu)
+    assert torch_zero["formula"] == "8Ψ+8Ψ/N" and torch_zero["formula_bytes"] == 12 * 4000
+    assert torch_zero["estimate_bytes"] > 0
+    stage3 = train_gpt.expected_memory(_train_args("deepspeed", 3), numels, 2, cpu)
+    assert stage3["formula_bytes"] is None and stage3["estimate_bytes"] is None
+    assert "stage 3" in stage3["note"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                    reason="deepspeed is not installed (optional: the benchmark's ds-zero rows)")
+def test_deepspeed_row_trains_like_ddp(tmp_path):
+    """Same lr schedule, clipping and data: DeepSpeed ZeRO-2's losses are DDP's."""
+    args = bench_train.parse_args(["--model", "tiny", "--steps", "3", "--warmup-steps", "1",
+                                   "--seq-len", "16", "--batch-size", "2", "--timeout", "120",
+                                   "--rows", "ddp", "ds-zero2"])
+    ddp = bench_train.run_row("ddp", args, str(tmp_path))
+    deepspeed = bench_train.run_row("ds-zero2", args, str(tmp_path))
+    assert "error" not in deepspeed, deepspeed["error"]
+    assert deepspeed["losses"] == pytest.approx(ddp["losses"], abs=1e-4)
+    assert deepspeed["formula"] == "4Ψ+12Ψ/N"
+    assert all(rank["peak_bytes"] > 0 for rank in deepspeed["ranks"])
