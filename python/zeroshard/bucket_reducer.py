@@ -1,8 +1,8 @@
 """BucketReducer: turns autograd's per-parameter gradients into reduced, averaged gradients.
 
-Owns: the post-accumulate-grad hooks, which bucket is waiting for which parameter, the bucket
-staging buffers and the collectives in flight. Knows FlatGroup's buffers and the Communicator;
-knows nothing of optimizers.
+Owns: the post-accumulate-grad hooks, which bucket is waiting for which parameter, the
+collectives in flight and the BufferRing their buffers come from. Knows FlatGroup's buffers and
+the Communicator; knows nothing of optimizers.
 
 Each backward, a hook copies a parameter's gradient into its bucket(s) and frees `p.grad`. When
 every parameter overlapping a bucket has reported, the bucket's collective starts at once
@@ -16,6 +16,14 @@ Modes:
   wait() reduce-scatters every bucket once per optimizer step.
 Ranks pre-divide by world size and reduce with SUM (every backend has SUM; AVG is not universal).
 
+[Note: bounded buffers] Every collective that needs memory of its own (a staged bucket, the
+receive slice of a reduce-scatter, gloo's all-to-all receive buffer) holds one BufferRing slot
+from its first gradient until its wait. At most `max_in_flight` of them are outstanding: starting
+another first waits for the oldest (on CUDA that wait is a stream join, not a host sync), and a
+bucket needing a slot when none is free waits for the oldest too. Slots are allocated on first
+use and reused every step, so per-rank communication memory is a few buckets, fixed after the
+first step. In-place all-reduces of views (stage 0) hold no slot and are not bounded.
+
 Whether a backward reduces is decided once, when its first gradient arrives: not inside
 `no_sync()`, and `sync_predicate()` (the optimizer's check of the model's
 `require_backward_grad_sync`, DDP's switch that scripts set) must allow it.
@@ -28,6 +36,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch.autograd import Variable
 
+from .buffer_ring import BufferRing, Slot
 from .communicator import Communicator, Work
 from .flat_group import FlatGroup
 
@@ -46,7 +55,7 @@ class _GroupState:
                     self.expected[b] += 1
         self.pending = list(self.expected)
         self.launched = [False] * layout.num_buckets
-        self.staging: dict = {}  # bucket -> staging tensor for the current backward
+        self.staging: dict = {}  # bucket -> (slot, staging view) for the current backward
         # Stage 0 reduces straight into reduced_grads while it holds nothing yet (no staging).
         self.direct = False
 
@@ -65,19 +74,23 @@ class BucketReducer:
         self.mode = mode
         self.overlap = overlap
         self.reduce_at_step = reduce_at_step
-        # Buckets whose collective may be outstanding at once: bounds staging memory to a few
-        # buckets (the oldest is finished before another starts), as DeepSpeed's IPG buckets do.
+        # Collectives holding ring buffers that may be outstanding at once (see [Note: bounded
+        # buffers]), as DeepSpeed bounds its IPG buckets.
         self.max_in_flight = max(1, max_in_flight)
-        self.in_flight: List[Tuple[Work, Callable[[], None]]] = []
+        # (work, finish, slot or None), oldest first
+        self.in_flight: List[Tuple[Work, Callable[[], None], Optional[Slot]]] = []
+        self.peak_in_flight = 0  # most slot-holding collectives outstanding at once
+        self.rings: dict = {}  # (dtype, device) -> BufferRing
         self.syncing = True
         self.round_sync = True  # the current backward reduces (decided at its first gradient)
         self.sync_predicate: Optional[Callable[[], bool]] = None
         self.callback_queued = False
         self.saw_grads = False  # some gradient arrived since the last consume()
         self.boundary_reduce_due = False  # stage 1: local grads not yet reduced
-        self.staging_bytes = 0
-        self.peak_staging_bytes = 0
         self.on_round_start: Optional[Callable[[], None]] = None
+        # Called instead of blocking outright on a collective not yet complete (the optimizer
+        # watches there for a rank that waits in a call this rank went past).
+        self.wait_guard: Optional[Callable[[Work], None]] = None
         self._handles = []
         self.groups, self.states = [], []
         self.add_groups(groups)
@@ -146,14 +159,65 @@ class BucketReducer:
 
     def _staging(self, gi: int, b: int) -> torch.Tensor:
         state, group = self.states[gi], self.groups[gi]
-        buf = state.staging.get(b)
-        if buf is None:
+        entry = state.staging.get(b)
+        if entry is None:
             b_start, b_end = group.bucket_ranges[b]
-            buf = torch.zeros(b_end - b_start, dtype=group.reduce_dtype, device=group.device)
-            state.staging[b] = buf
-            self.staging_bytes += buf.numel() * buf.element_size()
-            self.peak_staging_bytes = max(self.peak_staging_bytes, self.staging_bytes)
-        return buf
+            slot = self._acquire_slot(group)
+            entry = (slot, slot.view("staging", b_end - b_start, zero=True))
+            state.staging[b] = entry
+        return entry[1]
+
+    # ---- ring buffers ------------------------------------------------------------------------
+
+    def _ring(self, group: FlatGroup, dtype: torch.dtype) -> BufferRing:
+        key = (dtype, group.device)
+        ring = self.rings.get(key)
+        if ring is None:
+            ring = self.rings[key] = BufferRing(dtype, group.device)
+        # Sized for the largest bucket up front: a later, larger bucket would reallocate.
+        largest = max((e - s for s, e in group.bucket_ranges), default=0)
+        ring.reserve("staging", largest)
+        ring.reserve("recv", largest)
+        ring.reserve("part", -(-largest // max(1, self.comm.world_size)))
+        if dtype != group.reduce_dtype:
+            ring.reserve("gather", -(-largest // max(1, self.comm.world_size)))
+        return ring
+
+    def _acquire_slot(self, group: FlatGroup, dtype: Optional[torch.dtype] = None) -> Slot:
+        """A free slot; while none is free and max_in_flight collectives hold slots, the oldest
+        is waited for first. A new slot otherwise: the ring grows to what max_in_flight plus
+        the buckets being filled need, once."""
+        ring = self._ring(group, dtype or group.reduce_dtype)
+        slot = ring.acquire_free()
+        while slot is None and self._slots_in_flight() >= self.max_in_flight:
+            self._retire_oldest()
+            slot = ring.acquire_free()
+        return slot if slot is not None else ring.new_slot()
+
+    def _slots_in_flight(self) -> int:
+        return sum(entry[2] is not None for entry in self.in_flight)
+
+    def _track(self, work: Work, finish: Callable[[], None], slot: Optional[Slot]) -> None:
+        self.in_flight.append((work, finish, slot))
+        self.peak_in_flight = max(self.peak_in_flight, self._slots_in_flight())
+
+    def _bound_in_flight(self) -> None:
+        while self._slots_in_flight() >= self.max_in_flight:
+            self._retire_oldest()
+
+    def _retire_oldest(self) -> None:
+        work, finish, slot = self.in_flight.pop(0)
+        if self.wait_guard is not None and not work.is_completed():
+            self.wait_guard(work)
+        work.wait()
+        finish()
+        if slot is not None:
+            slot.ring.release(slot)
+
+    @property
+    def comm_buffer_bytes(self) -> int:
+        """Bytes held by the ring buffers (allocated once, kept)."""
+        return sum(ring.nbytes() for ring in self.rings.values())
 
     def _on_backward_end(self) -> None:
         self.callback_queued = False
@@ -170,29 +234,34 @@ class BucketReducer:
 
     # ---- collectives -------------------------------------------------------------------------
 
-    def _bucket_input(self, gi: int, b: int) -> Tuple[torch.Tensor, str]:
-        """The tensor to reduce for bucket b and where it lives: "local" (a view of
-        local_grads), "direct" (a view of reduced_grads) or "staging"."""
+    def _bucket_input(self, gi: int, b: int) -> Tuple[torch.Tensor, str, Optional[Slot]]:
+        """The tensor to reduce for bucket b, where it lives ("local": a view of local_grads,
+        "direct": a view of reduced_grads, or "staging") and the ring slot it holds."""
         group, state = self.groups[gi], self.states[gi]
         b_start, b_end = group.bucket_ranges[b]
         if group.local_grads is not None:
-            return group.local_grads[b_start:b_end], "local"
+            return group.local_grads[b_start:b_end], "local", None
         if state.direct:
-            return group.reduced_grads[b_start:b_end], "direct"
-        buf = state.staging.pop(b, None)
-        if buf is None:  # no parameter of this bucket got a gradient this backward
-            buf = torch.zeros(b_end - b_start, dtype=group.reduce_dtype, device=group.device)
-        else:
-            self.staging_bytes -= buf.numel() * buf.element_size()
-        return buf, "staging"
+            return group.reduced_grads[b_start:b_end], "direct", None
+        entry = state.staging.pop(b, None)
+        if entry is None:  # no parameter of this bucket got a gradient this backward
+            slot = self._acquire_slot(group)
+            return slot.view("staging", b_end - b_start, zero=True), "staging", slot
+        return entry[1], "staging", entry[0]
 
     def _launch(self, gi: int, b: int) -> None:
         group, state = self.groups[gi], self.states[gi]
         state.launched[b] = True
-        data, source = self._bucket_input(gi, b)
+        data, source, slot = self._bucket_input(gi, b)
         if self.comm.world_size > 1:
             data.mul_(1.0 / self.comm.world_size)
         b_start, b_end = group.bucket_ranges[b]
+        # gloo sums its all-to-all's parts straight into the shard (no part buffer)
+        into_shard = self.mode == "reduce_scatter" and self.comm.reduce_scatter_needs_scratch
+        if self.mode == "reduce_scatter" and slot is None:
+            slot = self._acquire_slot(group)
+        if slot is not None:  # see [Note: bounded buffers]
+            self._bound_in_flight()
         if self.mode == "all_reduce":
             work = self.comm.all_reduce(data)
 
@@ -203,28 +272,20 @@ class BucketReducer:
                     data.zero_()
         else:
             s_start, s_end, shard_offset = group.bucket_slice(b)
-            part = torch.empty(s_end - s_start, dtype=data.dtype, device=data.device)
-            work = self.comm.reduce_scatter(part, data)
+            shard = group.reduced_grads[shard_offset:shard_offset + (s_end - s_start)]
+            if into_shard:
+                work = self.comm.reduce_scatter(shard, data, accumulate=True,
+                                                scratch=slot.view("recv", data.numel()))
+            else:
+                part = slot.view("part", s_end - s_start)
+                work = self.comm.reduce_scatter(part, data)
 
             def finish() -> None:
-                group.reduced_grads[shard_offset:shard_offset + part.numel()].add_(part)
+                if not into_shard:
+                    shard.add_(part)
                 if source == "local":
                     data.zero_()
-        self.in_flight.append((work, finish))
-        # Only staged buckets cost extra memory while in flight (stage 1 reduces views of
-        # local_grads and stage 0 of reduced_grads), so only they are bounded.
-        if source == "staging":
-            self._retire_finished()
-
-    def _retire_finished(self) -> None:
-        """Finishes the oldest collectives that have already completed, freeing their staging
-        buffers during backward. Never blocks: a blocking wait inside an autograd hook made
-        gloo abort at process exit in our tests."""
-        while self.in_flight and len(self.in_flight) > self.max_in_flight \
-                and self.in_flight[0][0].is_completed():
-            oldest, finish_oldest = self.in_flight.pop(0)
-            oldest.wait()
-            finish_oldest()
+        self._track(work, finish, slot)
 
     def wait(self) -> None:
         """Finishes every reduction started since the last wait (and, at stage 1, starts them)."""
@@ -233,10 +294,37 @@ class BucketReducer:
             for gi, group in enumerate(self.groups):
                 for b in range(group.layout.num_buckets):
                     self._launch(gi, b)
-        for work, finish in self.in_flight:
-            work.wait()
-            finish()
-        self.in_flight = []
+        while self.in_flight:
+            self._retire_oldest()
+
+    def all_gather_shards(self) -> None:
+        """After a stage 1/2 update: every rank's updated slice of every bucket gathered into
+        the flat parameters. Where the backend gathers in place (NCCL, world size 1) all
+        buckets go in one grouped call. gloo must not read an input that aliases its output,
+        so there each slice is first copied into a ring slot (its receive buffer, idle now; a
+        ring of its own for parameters in another dtype), at most max_in_flight buckets
+        outstanding (a clone per bucket would be a shard-sized transient every step)."""
+        if not self.comm.all_gather_needs_private_input:
+            pairs = []
+            for group in self.groups:
+                for b, (b_start, b_end) in enumerate(group.bucket_ranges):
+                    s_start, s_end, _ = group.bucket_slice(b)
+                    pairs.append((group.flat_param[b_start:b_end],
+                                  group.flat_param[s_start:s_end]))
+            self.comm.all_gather_buckets(pairs).wait()
+            return
+        for group in self.groups:
+            for b, (b_start, b_end) in enumerate(group.bucket_ranges):
+                s_start, s_end, _ = group.bucket_slice(b)
+                slot = self._acquire_slot(group, group.dtype)
+                self._bound_in_flight()
+                part = slot.view("recv" if group.dtype == group.reduce_dtype else "gather",
+                                 s_end - s_start)
+                part.copy_(group.flat_param[s_start:s_end])
+                work = self.comm.all_gather(group.flat_param[b_start:b_end], part)
+                self._track(work, lambda: None, slot)
+        while self.in_flight:
+            self._retire_oldest()
 
     def consume(self) -> bool:
         """Marks the reduced gradients as used (by a step); returns whether there were any."""

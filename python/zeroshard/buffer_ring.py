@@ -15,7 +15,7 @@ stream-ordered after the collective without a host sync).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -24,14 +24,14 @@ class Slot:
     """Named buffers of one in-flight bucket; views of persistent tensors."""
 
     def __init__(self, ring: "BufferRing") -> None:
-        self._ring = ring
+        self.ring = ring
         self._tensors: Dict[str, torch.Tensor] = {}
 
     def view(self, name: str, numel: int, *, zero: bool = False) -> torch.Tensor:
         """The first `numel` elements of this slot's buffer `name` (grown if too small)."""
         t = self._tensors.get(name)
         if t is None or t.numel() < numel:
-            t = self._ring._allocate(max(numel, self._ring.capacity(name)))
+            t = self.ring._allocate(max(numel, self.ring.capacity(name)))
             self._tensors[name] = t
         out = t[:numel]
         if zero:
@@ -82,25 +82,44 @@ class BufferRing:
         return sum(slot.nbytes() for slot in self.slots)
 
 
+DEFAULT_BUCKET_MB = 25.0  # DDP's default bucket size
+
+
+def auto_bucket_mb(total_numel: int, elem_size: int) -> float:
+    """bucket_mb=None: DDP's 25 MiB, but at most an eighth of the model's gradient bytes (and
+    at least 1 MiB). The ring holds a few buckets of staging and receive buffers, which on a
+    small model would otherwise cost more than the gradient shards ZeRO saves."""
+    return max(1.0, min(DEFAULT_BUCKET_MB, total_numel * elem_size / 8 / 2 ** 20))
+
+
 def planned_ring_bytes(bucket_numels: Sequence[int], *, stage: int, world_size: int,
-                       elem_size: int, max_in_flight: int = 2, gloo: bool = True) -> int:
+                       elem_size: int, max_in_flight: int = 2, gloo: bool = True,
+                       param_elem_size: Optional[int] = None) -> int:
     """The bytes BufferRing settles at for one optimizer whose buckets have `bucket_numels`
     elements (reduce dtype of `elem_size` bytes), in a loop of one backward per step (the
     estimator's number; memory_report() gives the real one).
 
-    Stage 0 reduces straight into its full gradient buffer (no ring); stage 1 reduces each
-    bucket of its local gradients once per step, up to max_in_flight at once, into a receive
-    slice (plus gloo's all-to-all receive buffer); stage 2 also stages each bucket's gradients
-    while backward fills it, so one more slot is being filled while max_in_flight are in flight.
+    Stage 0 reduces straight into its full gradient buffer (no ring). Stage 1 reduces each
+    bucket of its local gradients once per step, up to max_in_flight at once: NCCL into a
+    receive slice (1/N of a bucket), gloo's all-to-all into a full-bucket receive buffer whose
+    parts are summed straight into the gradient shard. Stage 2 also stages each bucket's
+    gradients while backward fills it, so one more slot is being filled while max_in_flight
+    are in flight. On gloo the all-gather of updated parameters copies each bucket's slice into
+    the (then idle) receive buffer first; parameters in another dtype than the reduction
+    (`param_elem_size` bytes) take a ring of their own, max_in_flight slices.
     """
     if stage == 0 or not bucket_numels:
         return 0
     largest = max(bucket_numels)
-    per_slot = largest // world_size  # this rank's reduced slice
-    if gloo and world_size > 1:
-        per_slot += largest  # all-to-all receive buffer
+    gloo = gloo and world_size > 1
+    # all-to-all receive buffer (gloo), else this rank's reduced slice
+    per_slot = largest if gloo else -(-largest // world_size)
     slots = min(len(bucket_numels), max_in_flight)
     if stage >= 2:
         per_slot += largest  # staging
         slots = min(len(bucket_numels), max_in_flight + 1)
-    return slots * per_slot * elem_size
+    total = slots * per_slot * elem_size
+    param_elem_size = param_elem_size or elem_size
+    if gloo and param_elem_size != elem_size:
+        total += min(len(bucket_numels), max_in_flight) * -(-largest // world_size) * param_elem_size
+    return total

@@ -100,14 +100,20 @@ class _SumAfterWork(Work):
     """reduce_scatter through all_to_all: wait for the exchange, then sum the received parts."""
 
     def __init__(self, work: Work, received: torch.Tensor, part: torch.Tensor,
-                 world_size: int) -> None:
+                 world_size: int, accumulate: bool = False) -> None:
         self._work, self._received, self._part, self._world_size = work, received, part, world_size
+        self._accumulate = accumulate
 
     def wait(self) -> None:
         if self._work is None:
             return
         self._work.wait()
-        torch.sum(self._received.view(self._world_size, -1), dim=0, out=self._part)
+        parts = self._received.view(self._world_size, -1)
+        if self._accumulate:  # straight into the destination: no temporary of part's size
+            for i in range(self._world_size):
+                self._part.add_(parts[i])
+        else:
+            torch.sum(parts, dim=0, out=self._part)
         self._work = self._received = None
 
     def is_completed(self) -> bool:
@@ -135,6 +141,12 @@ class Communicator:
 
     rank: int = 0
     world_size: int = 1
+    # reduce_scatter wants a full-size `scratch` receive buffer (gloo's all-to-all); callers
+    # that pass one keep it from allocating one per call.
+    reduce_scatter_needs_scratch: bool = False
+    # all_gather's `part` must not alias `full` (gloo may overwrite an aliased input while it
+    # still reads it); elsewhere a rank's slice of the output is gathered in place.
+    all_gather_needs_private_input: bool = False
 
     def __init__(self) -> None:
         self.stats = CommStats()
@@ -142,7 +154,10 @@ class Communicator:
     def all_reduce(self, full: torch.Tensor) -> Work:
         raise NotImplementedError
 
-    def reduce_scatter(self, part: torch.Tensor, full: torch.Tensor) -> Work:
+    def reduce_scatter(self, part: torch.Tensor, full: torch.Tensor,
+                       scratch: Optional[torch.Tensor] = None, accumulate: bool = False) -> Work:
+        """part = (or, with accumulate=True, part +=) this rank's slice of the sum of `full`
+        over ranks. accumulate=True needs `scratch` where reduce_scatter_needs_scratch."""
         raise NotImplementedError
 
     def all_gather(self, full: torch.Tensor, part: torch.Tensor) -> Work:
@@ -178,9 +193,11 @@ class LocalCommunicator(Communicator):
         self._count("all_reduce", full)
         return Work()
 
-    def reduce_scatter(self, part, full):
+    def reduce_scatter(self, part, full, scratch=None, accumulate=False):
         self._check_split(part, full, 1)
-        if part.data_ptr() != full.data_ptr():
+        if accumulate:
+            part.add_(full)
+        elif part.data_ptr() != full.data_ptr():
             part.copy_(full)
         self._count("reduce_scatter", full)
         return Work()
@@ -235,6 +252,12 @@ class ProcessGroupCommunicator(Communicator):
         # reach it; its async all_to_all can be waited with one (same bytes moved).
         self._reduce_scatter_native = dist.get_backend(group) != "gloo"
 
+    @property
+    def reduce_scatter_needs_scratch(self) -> bool:
+        return not self._reduce_scatter_native
+
+    all_gather_needs_private_input = True
+
     def _work(self, kind: str, handle) -> Work:
         return _TorchWork(handle, kind, self.rank, self.timeout_s)
 
@@ -242,9 +265,12 @@ class ProcessGroupCommunicator(Communicator):
         self._count("all_reduce", full)
         return self._work("all_reduce", dist.all_reduce(full, group=self.group, async_op=True))
 
-    def reduce_scatter(self, part, full):
+    def reduce_scatter(self, part, full, scratch=None, accumulate=False):
         self._check_split(part, full, self.world_size)
         self._count("reduce_scatter", full)
+        if self._reduce_scatter_native and accumulate:
+            raise ValueError("accumulate=True is for the all-to-all path (gloo); reduce into a "
+                             "separate part and add it")
         if self._reduce_scatter_native:
             try:
                 return self._work("reduce_scatter", reduce_scatter_single(
@@ -252,10 +278,13 @@ class ProcessGroupCommunicator(Communicator):
             except (RuntimeError, NotImplementedError):
                 # Older gloo builds lack reduce_scatter; all_to_all moves the same bytes.
                 self._reduce_scatter_native = False
-        received = torch.empty_like(full)
+        if scratch is not None and (scratch.numel() != full.numel() or scratch.dtype != full.dtype):
+            raise ValueError(f"reduce_scatter scratch has {scratch.numel()} {scratch.dtype} "
+                             f"elements, the input {full.numel()} {full.dtype}")
+        received = scratch if scratch is not None else torch.empty_like(full)
         work = self._work("reduce_scatter", dist.all_to_all_single(received, full,
                                                                    group=self.group, async_op=True))
-        return _SumAfterWork(work, received, part, self.world_size)
+        return _SumAfterWork(work, received, part, self.world_size, accumulate)
 
     def all_gather(self, full, part):
         self._check_split(part, full, self.world_size)
@@ -454,8 +483,10 @@ class NcclCommunicator(Communicator):
             full.data_ptr(), full.data_ptr(), full.numel(), code, _core.gpu.ReduceOp.sum, s),
             [full])
 
-    def reduce_scatter(self, part, full):
+    def reduce_scatter(self, part, full, scratch=None, accumulate=False):
         self._check_split(part, full, self.world_size)
+        if accumulate:
+            raise ValueError("NCCL reduce-scatters into a separate part; add it after the wait")
         code = _dtype(full)
         return self._launch("reduce_scatter", [full], lambda s: self._comm.reduce_scatter(
             full.data_ptr(), part.data_ptr(), part.numel(), code, _core.gpu.ReduceOp.sum, s),

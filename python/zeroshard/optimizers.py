@@ -161,7 +161,7 @@ class ZeroAdamW(_ZeroAdamBase):
 
     ZeroAdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
               *, maximize=False, foreach=None, capturable=False, differentiable=False,
-              fused=None, stage=2, process_group=None, bucket_mb=25, overlap=True,
+              fused=None, stage=2, process_group=None, bucket_mb=None, overlap=True,
               reduce_dtype=None, loss_scale="dynamic", timeout_s=300)
     amsgrad and maximize are honoured (per param group too); foreach and fused are accepted
     and stored (zeroshard is always fused); capturable and differentiable are refused.
@@ -271,7 +271,7 @@ class ZeroRedundancy(ZeroOptimizer):
     """
 
     def __init__(self, params, optimizer_class: Type[torch.optim.Optimizer] = torch.optim.AdamW,
-                 *, stage: int = 2, process_group=None, bucket_mb: float = 25,
+                 *, stage: int = 2, process_group=None, bucket_mb: Optional[float] = None,
                  overlap: bool = True, reduce_dtype=None, loss_scale: Any = "dynamic",
                  assume_elementwise: bool = False, timeout_s: float = 300.0,
                  **optimizer_kwargs) -> None:

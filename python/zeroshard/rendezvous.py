@@ -247,6 +247,29 @@ class Rendezvous:
             f"call; this rank ({p.rank}) reached {where} instead. Call {_short(first['op'])} on "
             f"every rank, not only on rank {first['rank']}")
 
+    def check_not_awaited(self, where: str) -> None:
+        """For a rank blocked in a training collective (a bucket's reduce-scatter inside
+        backward): raises CollectiveCallError if another rank has entered the next zeroshard
+        call. Such a rank cannot finish that call before this collective, which it would first
+        have to join, so this rank went past the call. Reads only (store.add of 0): the poll
+        counts of [Note: one-rank calls] stay equal across ranks."""
+        p = self._progress
+        if p.world_size == 1 or p.store is None:
+            return
+        seq = p.entered + 1
+        try:
+            if p.store.add(f"{seq}/polls{p.rank}", 0) < _ENTERED:
+                return
+            first = json.loads(p.store.get(f"{seq}/op"))
+        except RuntimeError as e:  # the store is gone: its host rank probably died
+            raise CollectiveTimeout(_store_failed(where, p.rank, e)) from e
+        self._abandon(seq, f"rank {p.rank} reached {where} instead")
+        p.broken = f"rank {p.rank} skipped {first['op']}"
+        raise CollectiveCallError(
+            f"rank {first['rank']} is waiting in {first['op']}, which every rank must call; "
+            f"this rank ({p.rank}) went on to {where} instead. Call {_short(first['op'])} on "
+            f"every rank, not only on rank {first['rank']}")
+
     def _abandon(self, seq: int, why: str, gave_up: bool = False) -> None:
         reason = json.dumps({"why": why, "gave_up": gave_up})
         self._progress.store.compare_set(f"{seq}/abandoned", "", reason)  # the first one stays

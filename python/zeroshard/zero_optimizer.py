@@ -17,14 +17,16 @@ from __future__ import annotations
 import contextlib
 import datetime
 import math
+import time
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from . import ops
+from . import ops, process_memory
 from .bucket_reducer import BucketReducer
+from .buffer_ring import auto_bucket_mb
 from .communicator import Communicator, _TorchWork, make_communicator
 from .flat_group import FlatGroup
 from .exposed_grads import ExposedGrads
@@ -108,14 +110,16 @@ def _reject_duplicates(params, names: Dict[int, str]) -> None:
 
 class ZeroOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults: Dict[str, Any], *, stage: int = 2,
-                 process_group: Optional[dist.ProcessGroup] = None, bucket_mb: float = 25,
+                 process_group: Optional[dist.ProcessGroup] = None,
+                 bucket_mb: Optional[float] = None,
                  overlap: bool = True, reduce_dtype: Optional[torch.dtype] = None,
                  loss_scale: Any = "dynamic", timeout_s: float = 300.0,
                  **scaler_kwargs) -> None:
         if stage not in (0, 1, 2):
             raise ValueError(f"stage must be 0, 1 or 2, got {stage!r} (stage 3 is not built yet)")
-        if not (isinstance(bucket_mb, (int, float)) and bucket_mb > 0):
-            raise ValueError(f"bucket_mb must be a positive number, got {bucket_mb!r}")
+        if bucket_mb is not None and not (isinstance(bucket_mb, (int, float)) and bucket_mb > 0):
+            raise ValueError(f"bucket_mb must be a positive number or None (automatic: 25 MiB, "
+                             f"at most an eighth of the gradients), got {bucket_mb!r}")
         if reduce_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"reduce_dtype must be None, float32, bfloat16 or float16, got {reduce_dtype}")
         if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
@@ -157,11 +161,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.comm: Communicator = make_communicator(
             process_group, self.device, datetime.timedelta(seconds=self.timeout_s))
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
-        self.bucket_mb = float(bucket_mb)
+        elem = torch.tensor([], dtype=self.reduce_dtype).element_size()
+        self.bucket_mb = float(bucket_mb) if bucket_mb is not None else auto_bucket_mb(
+            sum(p.numel() for p in trainable), elem)
         self._check_ranks_agree([p for g in self.param_groups for p in g["params"]])
 
-        elem = torch.tensor([], dtype=self.reduce_dtype).element_size()
-        self.bucket_elems = max(1, int(bucket_mb * 2 ** 20) // elem)
+        self.bucket_elems = max(1, int(self.bucket_mb * 2 ** 20) // elem)
         self.flat_groups: List[FlatGroup] = []
         for gi in range(len(self.param_groups)):
             self.flat_groups.extend(self._flatten_group(gi))
@@ -170,6 +175,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                      mode="all_reduce" if stage == 0 else "reduce_scatter",
                                      overlap=overlap, reduce_at_step=(stage == 1))
         self.reducer.sync_predicate = self._models_want_sync
+        self.reducer.wait_guard = self._guarded_wait
         self.exposed = ExposedGrads(self)
         self.exposed.add_groups(0, self.flat_groups)
         self._install_no_sync()
@@ -398,6 +404,24 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if self.world_size > 1:
             rendezvous_for(self.process_group, self.timeout_s).poll(where)
 
+    def _guarded_wait(self, work) -> None:
+        """Blocks until `work` completes (up to timeout_s; its wait() then raises), checking every
+        10 ms that no rank waits in a zeroshard call this rank went past: a bucket's collective
+        inside backward would otherwise wait timeout_s for a rank that saves a checkpoint
+        under `if rank == 0:`. CUDA waits are stream joins and need no watching."""
+        if self.world_size == 1 or self.device.type == "cuda":
+            return
+        rendezvous = rendezvous_for(self.process_group, self.timeout_s)
+        where = f"a gradient collective of {type(self).__name__}"
+        deadline = time.monotonic() + self.timeout_s
+        pause, next_check = 5e-5, 0.0
+        while not work.is_completed() and time.monotonic() < deadline:
+            if time.monotonic() >= next_check:
+                rendezvous.check_not_awaited(where)
+                next_check = time.monotonic() + 0.01
+            time.sleep(pause)
+            pause = min(2 * pause, 1e-3)
+
     def _consume_grads(self) -> None:
         """After step(): the next backward starts from zero, however the script zeroes."""
         self.exposed.withdraw(apply_script_changes=False)
@@ -519,15 +543,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 master.data[changed] = current[changed]
 
     def _gather_params(self) -> None:
-        if self.stage == 0:
-            return
-        # Every bucket of the step in one grouped call: one NCCL launch, not one per bucket.
-        pairs = []
-        for fg in self.flat_groups:
-            for b, (b_start, b_end) in enumerate(fg.bucket_ranges):
-                s_start, s_end, _ = fg.bucket_slice(b)
-                pairs.append((fg.flat_param[b_start:b_end], fg.flat_param[s_start:s_end]))
-        self.comm.all_gather_buckets(pairs).wait()
+        if self.stage != 0:
+            self.reducer.all_gather_shards()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zeroes the reduced gradients (p.grad becomes None whatever set_to_none says: the
@@ -542,9 +559,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     # ---- reports -----------------------------------------------------------------------------
 
-    def memory_report(self) -> Dict[str, int]:
+    def memory_report(self) -> Dict[str, Any]:
         """Bytes this rank holds for the model, gradients, fp32 master, optimizer state and
-        communication buffers (peak bucket staging since construction)."""
+        communication buffers (the ring buffers, allocated once; see [Note: bounded buffers]),
+        their total, and under "measured" what the process really holds: peak and current RSS
+        on CPU, torch's allocated/reserved counters on CUDA (see process_memory.py)."""
         report = {"model_params": 0, "grads": 0, "master_params": 0, "optimizer_state": 0}
         for fg, state in zip(self.flat_groups, self.shard_state):
             for key, value in fg.memory_bytes().items():
@@ -553,9 +572,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 if isinstance(value, torch.Tensor):
                     bucket = "master_params" if key == "master" else "optimizer_state"
                     report[bucket] += value.numel() * value.element_size()
-        report["comm_buffers"] = self.reducer.peak_staging_bytes
+        report["comm_buffers"] = self.reducer.comm_buffer_bytes
         report["total"] = sum(report.values())
+        report["measured"] = process_memory.measured(self.device)
         return report
+
+    def reset_peak_memory(self) -> bool:
+        """Starts memory_report()["measured"]["peak_bytes"] over from now (e.g. after warm-up);
+        False where the platform cannot reset it."""
+        return process_memory.reset_peak(self.device)
 
     def comm_stats(self) -> Dict[str, Dict[str, int]]:
         """Bytes this rank sent per collective kind since the last reset (ring model)."""

@@ -57,9 +57,13 @@ def sent(comm, kind):
 def check_memory(report, dtype, stage, world_size):
     numel, upper = sum(trainable_numels()), padded_bound(world_size, dtype)
     elem = torch.finfo(dtype).bits // 8
+    measured = report.get("measured")
+    report = {k: v for k, v in report.items() if k != "measured"}
     assert set(report) == REPORT_KEYS, f"keys {sorted(report)}"
     assert all(isinstance(v, int) and v >= 0 for v in report.values()), report
     assert report["total"] == sum(v for k, v in report.items() if k != "total"), report
+    if measured is not None:  # real optimizers' reports; the synthetic one below has none
+        check_measured(measured, report)
     assert elem * numel <= report["model_params"] <= elem * upper, report
     state_elements = report["optimizer_state"] / 8            # exp_avg + exp_avg_sq, fp32
     assert state_elements == int(state_elements), report
@@ -69,6 +73,14 @@ def check_memory(report, dtype, stage, world_size):
         assert -(-numel // world_size) <= state_elements <= upper / world_size, report
     expected_master = 0 if dtype == torch.float32 else 4 * state_elements
     assert report["master_params"] == expected_master, report
+
+
+def check_measured(measured, report):
+    """The process's own numbers: CPU RSS now and at peak, which hold at least the model state."""
+    assert measured["kind"] == "rss", measured
+    assert isinstance(measured["peak_bytes"], int) and isinstance(measured["current_bytes"], int)
+    assert 0 < measured["current_bytes"] <= measured["peak_bytes"], measured
+    assert measured["peak_bytes"] >= report["total"], (measured, report)
 
 
 def check_comm(comm, stage, world_size, stage0_comm):
