@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from . import _core
-from .buffer_ring import planned_ring_bytes
+from .buffer_ring import auto_bucket_mb, planned_ring_bytes
 from .flat_group import ALIGN_BYTES
 from .model_shapes import PRESETS, preset_numels, read_config_numels, uniform_numels
 
@@ -63,16 +63,19 @@ def _check_common(world_size, stage, optimizer) -> None:
         raise ValueError(f"optimizer must be one of {', '.join(STATE_TENSORS)}, got {optimizer!r}")
 
 
-def bucket_elems(bucket_mb: float, reduce_dtype: DtypeLike = "fp32") -> int:
-    """Elements per bucket, as ZeroOptimizer computes it from bucket_mb."""
-    if not (isinstance(bucket_mb, (int, float)) and bucket_mb > 0):
-        raise ValueError(f"bucket_mb must be a positive number, got {bucket_mb!r}")
+def bucket_elems(bucket_mb: Optional[float], reduce_dtype: DtypeLike, total_numel: int) -> int:
+    """Elements per bucket, as ZeroOptimizer computes it from bucket_mb (None: automatic)."""
+    if bucket_mb is not None and not (isinstance(bucket_mb, (int, float)) and bucket_mb > 0):
+        raise ValueError(f"bucket_mb must be a positive number or None (automatic), "
+                         f"got {bucket_mb!r}")
     elem = _elem_size(_dtype(reduce_dtype, "reduce_dtype"))
-    return max(1, int(bucket_mb * 2 ** 20) // elem)
+    mb = float(bucket_mb) if bucket_mb is not None else auto_bucket_mb(total_numel, elem)
+    return max(1, int(mb * 2 ** 20) // elem)
 
 
 def build_layout(param_numels: Sequence[int], *, world_size: int, dtype: DtypeLike = "fp32",
-                 reduce_dtype: DtypeLike = "fp32", bucket_mb: float = 25.0) -> "_core.Layout":
+                 reduce_dtype: DtypeLike = "fp32",
+                 bucket_mb: Optional[float] = None) -> "_core.Layout":
     """The core Layout FlatGroup builds for these parameters: 128-byte aligned starts,
     buckets of bucket_mb in the reduce dtype, padded to world_size shards."""
     numels = list(param_numels)
@@ -82,12 +85,13 @@ def build_layout(param_numels: Sequence[int], *, world_size: int, dtype: DtypeLi
         bad = next(n for n in numels if not isinstance(n, int) or isinstance(n, bool) or n < 0)
         raise ValueError(f"param_numels must be non-negative integers, got {bad!r}")
     align_elems = max(1, ALIGN_BYTES // _elem_size(_dtype(dtype, "dtype")))
-    return _core.Layout(numels, world_size, align_elems, bucket_elems(bucket_mb, reduce_dtype))
+    return _core.Layout(numels, world_size, align_elems,
+                        bucket_elems(bucket_mb, reduce_dtype, sum(numels)))
 
 
 def estimate_model_states(param_numels: Sequence[int], *, world_size: int, stage: int,
                           dtype: DtypeLike = "fp32", reduce_dtype: DtypeLike = "fp32",
-                          bucket_mb: float = 25.0, offload: Optional[str] = None,
+                          bucket_mb: Optional[float] = None, offload: Optional[str] = None,
                           max_in_flight: int = 2, backend: str = "gloo",
                           optimizer: str = "adamw") -> Dict[str, int]:
     """Bytes per rank, keyed like ZeroOptimizer.memory_report(): model_params, grads,
@@ -95,7 +99,8 @@ def estimate_model_states(param_numels: Sequence[int], *, world_size: int, stage
 
     offload="cpu" (issue 11's design, not built yet) moves master_params and optimizer_state to
     host memory: those keys keep their values, host_bytes is their sum and `total` counts device
-    bytes only. Without offload host_bytes is 0. See [Note: what the estimate covers]."""
+    bytes only. Without offload host_bytes is 0. bucket_mb=None is ZeroOptimizer's automatic
+    size (25 MiB, at most an eighth of the gradients). See [Note: what the estimate covers]."""
     _check_common(world_size, stage, optimizer)
     if offload not in (None, "none", "cpu"):
         raise ValueError(f"offload must be None, 'none' or 'cpu', got {offload!r}")
@@ -120,7 +125,8 @@ def estimate_model_states(param_numels: Sequence[int], *, world_size: int, stage
         "optimizer_state": state_numel * 4 * STATE_TENSORS[optimizer],
         "comm_buffers": planned_ring_bytes(
             [b.end - b.start for b in layout.bucket_ranges], stage=stage, world_size=world_size,
-            elem_size=grad_elem, max_in_flight=max_in_flight, gloo=(backend == "gloo")),
+            elem_size=grad_elem, max_in_flight=max_in_flight, gloo=(backend == "gloo"),
+            param_elem_size=_elem_size(param_dtype)),
     }
     report["total"] = sum(report[k] for k in REPORT_KEYS)
     report["host_bytes"] = 0
@@ -302,9 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--offload", choices=["none", "cpu"], default="none",
                         help="cpu: master and optimizer state in host memory (issue 11's design, "
                              "not built yet)")
-    parser.add_argument("--bucket-mb", type=_argument(_positive_float), default=25.0,
+    parser.add_argument("--bucket-mb", type=_argument(_positive_float), default=None,
                         help="bucket size in MiB of gradients, as ZeroOptimizer's bucket_mb "
-                             "(default 25)")
+                             "(default: its automatic size, 25 MiB but at most an eighth of "
+                             "the gradients)")
     parser.add_argument("--max-in-flight", type=_argument(_positive_int("max-in-flight")),
                         default=2, help="buckets reduced at once (default 2)")
     parser.add_argument("--backend", choices=["nccl", "gloo"], default="nccl",
@@ -391,6 +398,15 @@ def plot(rows: List[dict], path: str, *, title: str, device_bytes: Optional[int]
     plt.close(fig)
 
 
+def _bucket_text(args, model: Optional[tuple]) -> str:
+    if args.bucket_mb is not None:
+        return f"bucket {args.bucket_mb:g} MiB"
+    if model is None:
+        return "automatic bucket size"
+    elem = _elem_size(DTYPE_NAMES[args.reduce_dtype])
+    return f"bucket {auto_bucket_mb(sum(model[1]), elem):.3g} MiB (automatic)"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -401,7 +417,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     settings = _settings(args)
     offload = args.offload == "cpu"
     described = (f"{args.dtype} params, {args.reduce_dtype} gradients, {args.optimizer}, "
-                 f"bucket {args.bucket_mb:g} MiB, {args.backend}"
+                 f"{_bucket_text(args, model)}, {args.backend}"
                  + (", offload cpu (issue 11's design, not built yet)" if offload else ""))
     rows = []
     if model is not None:

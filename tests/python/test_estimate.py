@@ -34,11 +34,11 @@ class AwkwardParams(nn.Module):
         return sum((w.float() ** 2).mean() for w in self.weights)
 
 
-def _train_and_report(kind, stage, dtype_name, steps=3):
+def _train_and_report(kind, stage, dtype_name, steps=3, bucket_mb=TINY_BUCKET_MB):
     model = AwkwardParams(DTYPES[dtype_name])
     kwargs = dict(lr=1e-3, momentum=0.9) if kind == "SGD" else dict(lr=1e-3)
     opt = getattr(zeroshard, "Zero" + kind)(model.parameters(), stage=stage,
-                                            bucket_mb=TINY_BUCKET_MB, **kwargs)
+                                            bucket_mb=bucket_mb, **kwargs)
     for _ in range(steps):
         opt.zero_grad()
         opt.backward(model.loss())
@@ -51,10 +51,11 @@ def _reports_on_rank(rank, world_size):
             for stage in (0, 1, 2) for dtype in DTYPES}
 
 
-def _expected(world_size, stage, dtype_name, optimizer="adamw", backend="gloo"):
+def _expected(world_size, stage, dtype_name, optimizer="adamw", backend="gloo",
+              bucket_mb=TINY_BUCKET_MB):
     numels = param_numels_of(AwkwardParams(DTYPES[dtype_name]))
     return estimate_model_states(numels, world_size=world_size, stage=stage, dtype=dtype_name,
-                                 bucket_mb=TINY_BUCKET_MB, backend=backend, optimizer=optimizer)
+                                 bucket_mb=bucket_mb, backend=backend, optimizer=optimizer)
 
 
 def _check_model_states(report, expected, where):
@@ -70,8 +71,17 @@ def _check_model_states(report, expected, where):
 @pytest.mark.parametrize("kind,optimizer", [("AdamW", "adamw"), ("SGD", "sgd")])
 def test_model_states_match_memory_report_on_one_rank(stage, dtype_name, kind, optimizer):
     report = _train_and_report(kind, stage, dtype_name)
-    _check_model_states(report, _expected(1, stage, dtype_name, optimizer),
-                        f"{kind} stage {stage} {dtype_name} N=1")
+    expected = _expected(1, stage, dtype_name, optimizer)
+    _check_model_states(report, expected, f"{kind} stage {stage} {dtype_name} N=1")
+    assert report["comm_buffers"] == expected["comm_buffers"]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_automatic_bucket_size_matches_the_optimizer(stage):
+    report = _train_and_report("AdamW", stage, "fp32", bucket_mb=None)
+    expected = _expected(1, stage, "fp32", bucket_mb=None)
+    for key in MODEL_STATE_KEYS + ("comm_buffers",):
+        assert report[key] == expected[key], key
 
 
 @pytest.fixture(scope="module", params=[2, 4])
@@ -88,15 +98,6 @@ def test_model_states_match_memory_report_on_gloo_ranks(gloo_reports):
                                 f"rank {rank} stage {stage} {dtype_name} N={world_size}")
 
 
-# The reducer's move to BufferRing (bucket_reducer.py, zero_optimizer.py) is being written
-# alongside this test and its slot counts do not follow planned_ring_bytes yet. Set to True
-# when that change is committed, and the comparison below runs.
-REDUCER_USES_PLANNED_RING = False
-
-
-@pytest.mark.skipif(not REDUCER_USES_PLANNED_RING,
-                    reason="BucketReducer's BufferRing wiring is not in yet: memory_report()"
-                           "['comm_buffers'] does not follow buffer_ring.planned_ring_bytes")
 def test_comm_buffers_match_memory_report_on_gloo_ranks(gloo_reports):
     world_size, per_rank = gloo_reports
     for rank, reports in enumerate(per_rank):
