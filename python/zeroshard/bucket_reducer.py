@@ -146,16 +146,25 @@ class BucketReducer:
         elif state.direct:
             group.reduced_grads[start:end].copy_(flat)
         else:
+            # Bucket by bucket, each launched as soon as it is complete: a parameter spanning
+            # many buckets (an embedding) then needs a slot or two, not one per bucket.
             for b in state.param_buckets[pi]:
                 b_start, b_end = group.bucket_ranges[b]
                 lo, hi = max(start, b_start), min(end, b_end)
                 self._staging(gi, b)[lo - b_start:hi - b_start].copy_(flat[lo - start:hi - start])
+                self._count_down(gi, b)
+            param.grad = None
+            return
         param.grad = None  # the bucket holds it now; keep peak memory at one gradient
         if self.round_sync and not self.reduce_at_step:
             for b in state.param_buckets[pi]:
-                state.pending[b] -= 1
-                if state.pending[b] == 0 and self.overlap:
-                    self._launch(gi, b)
+                self._count_down(gi, b)
+
+    def _count_down(self, gi: int, b: int) -> None:
+        state = self.states[gi]
+        state.pending[b] -= 1
+        if state.pending[b] == 0 and self.overlap:
+            self._launch(gi, b)
 
     def _staging(self, gi: int, b: int) -> torch.Tensor:
         state, group = self.states[gi], self.groups[gi]
@@ -184,12 +193,16 @@ class BucketReducer:
         return ring
 
     def _acquire_slot(self, group: FlatGroup, dtype: Optional[torch.dtype] = None) -> Slot:
-        """A free slot; while none is free and max_in_flight collectives hold slots, the oldest
-        is waited for first. A new slot otherwise: the ring grows to what max_in_flight plus
-        the buckets being filled need, once."""
+        """A free slot. While none is free and collectives hold slots, the oldest is waited for
+        first once max_in_flight of them are out or the ring has max_in_flight + 1 slots (one
+        bucket filling while max_in_flight are reduced). A new slot otherwise: the ring grows
+        past that, once, only when more buckets than that fill at the same time (gradients
+        arriving out of the parameters' order)."""
         ring = self._ring(group, dtype or group.reduce_dtype)
         slot = ring.acquire_free()
-        while slot is None and self._slots_in_flight() >= self.max_in_flight:
+        while slot is None and self._slots_in_flight() > 0 and (
+                self._slots_in_flight() >= self.max_in_flight
+                or len(ring.slots) > self.max_in_flight):
             self._retire_oldest()
             slot = ring.acquire_free()
         return slot if slot is not None else ring.new_slot()
