@@ -75,14 +75,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per row")
-    parser.add_argument("--bucket-mb", type=float, default=25.0,
-                        help="gradient bucket size, zeroshard's and DeepSpeed's alike")
+    parser.add_argument("--bucket-mb", type=float, default=None,
+                        help="gradient bucket size, zeroshard's and DeepSpeed's alike (default: "
+                             "zeroshard's automatic size)")
     args = parser.parse_args(argv)
     if args.nproc <= 0 or args.batch_size <= 0 or args.seq_len <= 0:
         parser.error("--nproc, --batch-size and --seq-len must be positive")
     if not 0 <= args.warmup_steps < args.steps:
         parser.error("--warmup-steps must be in [0, --steps)")
-    if args.bucket_mb <= 0:
+    if args.bucket_mb is not None and args.bucket_mb <= 0:
         parser.error("--bucket-mb must be positive")
     if args.seq_len > gpt.PRESETS[args.model].block_size:
         parser.error(f"--seq-len {args.seq_len} exceeds model {args.model}'s block_size "
@@ -100,8 +101,10 @@ def run_row(name: str, args, workdir: str) -> Dict:
                f"--nproc_per_node={args.nproc}", TRAIN_SCRIPT, "--device", "cpu",
                "--model", args.model, "--dtype", args.dtype, "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-               "--warmup", "0", "--log-every", str(args.steps), "--bucket-mb", str(args.bucket_mb),
+               "--warmup", "0", "--log-every", str(args.steps),
                "--metrics-json", metrics_path] + ROWS[name][1]
+    if args.bucket_mb is not None:
+        command += ["--bucket-mb", str(args.bucket_mb)]
     env = dict(os.environ)
     # Ranks import the zeroshard this process imported (a developer build or the installed one).
     try:

@@ -127,7 +127,7 @@ def test_peak_prefers_the_reports_measurement():
 
 
 def _train_args(optimizer: str, stage=None, micro_batches: int = 1):
-    return argparse.Namespace(optimizer=optimizer, stage=stage, dtype="fp32", bucket_mb=25.0,
+    return argparse.Namespace(optimizer=optimizer, stage=stage, dtype="fp32", bucket_mb=None,
                               micro_batches=micro_batches)
 
 
