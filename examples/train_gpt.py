@@ -60,7 +60,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="linear warm-up steps before the cosine decay (default steps//10)")
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--clip", type=float, default=1.0, help="max grad norm; 0 = no clipping")
-    parser.add_argument("--bucket-mb", type=float, default=25.0)
+    parser.add_argument("--bucket-mb", type=float, default=None,
+                        help="gradient bucket size in MiB (default: zeroshard's automatic size, "
+                             "25 MiB or 1/32 of the gradients if smaller)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=None,
                         help="steps between progress lines (default steps//10)")
@@ -73,7 +75,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.seq_len is not None and args.seq_len <= 0:
         parser.error("--seq-len must be positive")
-    if args.lr <= 0 or args.clip < 0 or args.weight_decay < 0 or args.bucket_mb <= 0:
+    if args.lr <= 0 or args.clip < 0 or args.weight_decay < 0 or (
+            args.bucket_mb is not None and args.bucket_mb <= 0):
         parser.error("--lr and --bucket-mb must be positive; --clip and --weight-decay >= 0")
     if args.model not in gpt.PRESETS:
         parser.error(f"--model {args.model!r} is unknown; pick one of {sorted(gpt.PRESETS)}")
@@ -288,7 +291,11 @@ class DeepSpeedSetup:
         self.optimizer = torch.optim.AdamW(
             param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
             weight_decay=args.weight_decay)
-        bucket_elems = int(args.bucket_mb * MiB) // 4  # fp32 elements, as --bucket-mb is for us
+        bucket_mb = args.bucket_mb
+        if bucket_mb is None:  # the size zeroshard picks for this model, so the rows compare
+            from zeroshard.buffer_ring import auto_bucket_mb
+            bucket_mb = auto_bucket_mb(sum(p.numel() for p in model.parameters()), 4)
+        bucket_elems = int(bucket_mb * MiB) // 4  # fp32 elements, as --bucket-mb is for us
         config = {
             "train_micro_batch_size_per_gpu": args.batch_size,
             "gradient_accumulation_steps": args.micro_batches,

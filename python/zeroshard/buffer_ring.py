@@ -87,11 +87,11 @@ DEFAULT_BUCKET_MB = 25.0  # DDP's default bucket size
 
 def auto_bucket_mb(total_numel: int, elem_size: int) -> float:
     """bucket_mb=None: DDP's 25 MiB, but at most 1/32 of the model's gradient bytes (and at
-    least 1 MiB). The ring holds about six buckets (three slots of staging plus a receive
+    least 1/4 MiB). The ring holds about six buckets (three slots of staging plus a receive
     buffer on gloo), which on a small model would otherwise eat the memory ZeRO saves: 1/32
     keeps it near a fifth of the gradients. Below 25 MiB a bucket's collective is already
     large enough that its fixed cost does not matter."""
-    return max(1.0, min(DEFAULT_BUCKET_MB, total_numel * elem_size / 32 / 2 ** 20))
+    return max(0.25, min(DEFAULT_BUCKET_MB, total_numel * elem_size / 32 / 2 ** 20))
 
 
 def planned_ring_bytes(bucket_numels: Sequence[int], *, stage: int, world_size: int,
