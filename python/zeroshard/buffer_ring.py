@@ -74,10 +74,6 @@ class BufferRing:
     def release(self, slot: Slot) -> None:
         self._free.append(slot)
 
-    @property
-    def in_use(self) -> int:
-        return len(self.slots) - len(self._free)
-
     def nbytes(self) -> int:
         return sum(slot.nbytes() for slot in self.slots)
 
