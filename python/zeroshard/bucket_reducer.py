@@ -142,6 +142,13 @@ class BucketReducer:
         accumulate_locally = (self.reduce_at_step or not self.round_sync
                               or group.local_grads is not None)
         if accumulate_locally:
+            if group.shard_in_local:
+                raise RuntimeError(
+                    f"a gradient of {group.names[pi]} arrived after this step's gradients were "
+                    "reduced (clip_grad_norm_ or GradScaler.unscale_ reduce them at stage 1) "
+                    "and before step() or zero_grad(): stage 1 keeps the reduced shard inside "
+                    "its accumulation buffer. Finish the step first, or accumulate all "
+                    "micro-batches before clipping, or use stage 2.")
             group.ensure_local_grads()[start:end].add_(flat)
         elif state.direct:
             group.reduced_grads[start:end].copy_(flat)
@@ -269,8 +276,12 @@ class BucketReducer:
         if self.comm.world_size > 1:
             data.mul_(1.0 / self.comm.world_size)
         b_start, b_end = group.bucket_ranges[b]
-        # gloo sums its all-to-all's parts straight into the shard (no part buffer)
-        into_shard = self.mode == "reduce_scatter" and self.comm.reduce_scatter_needs_scratch
+        # gloo sums its all-to-all's parts straight into the shard (no part buffer), except
+        # where the shard lives inside the input buffer (stage 1): there the bucket is zeroed
+        # once its collective is done, and then the slice is written.
+        in_place = source == "local" and group.reduces_in_place
+        into_shard = (self.mode == "reduce_scatter" and self.comm.reduce_scatter_needs_scratch
+                      and not in_place)
         if self.mode == "reduce_scatter" and slot is None:
             slot = self._acquire_slot(group)
         if slot is not None:  # see [Note: bounded buffers]
@@ -286,18 +297,21 @@ class BucketReducer:
         else:
             s_start, s_end, shard_offset = group.bucket_slice(b)
             shard = group.reduced_grads[shard_offset:shard_offset + (s_end - s_start)]
+            scratch = (slot.view("recv", data.numel())
+                       if self.comm.reduce_scatter_needs_scratch else None)
             if into_shard:
-                work = self.comm.reduce_scatter(shard, data, accumulate=True,
-                                                scratch=slot.view("recv", data.numel()))
+                work = self.comm.reduce_scatter(shard, data, accumulate=True, scratch=scratch)
             else:
                 part = slot.view("part", s_end - s_start)
-                work = self.comm.reduce_scatter(part, data)
+                work = self.comm.reduce_scatter(part, data, scratch=scratch)
 
             def finish() -> None:
-                if not into_shard:
-                    shard.add_(part)
                 if source == "local":
                     data.zero_()
+                if in_place:
+                    group.shard_in_local = True
+                if not into_shard:
+                    shard.add_(part)
         self._track(work, finish, slot)
 
     def wait(self) -> None:

@@ -98,11 +98,11 @@ def planned_ring_bytes(bucket_numels: Sequence[int], *, stage: int, world_size: 
     estimator's number; memory_report() gives the real one).
 
     Stage 0 reduces straight into its full gradient buffer (no ring). Stage 1 reduces each
-    bucket of its local gradients once per step, up to max_in_flight at once: NCCL into a
-    receive slice (1/N of a bucket), gloo's all-to-all into a full-bucket receive buffer whose
-    parts are summed straight into the gradient shard. Stage 2 also stages each bucket's
-    gradients while backward fills it, so one more slot is being filled while max_in_flight
-    are in flight. On gloo the all-gather of updated parameters copies each bucket's slice into
+    bucket of its local gradients once per step, up to max_in_flight at once, into a receive
+    slice (1/N of a bucket; gloo's all-to-all also needs a full-bucket receive buffer). Stage 2
+    stages each bucket's gradients while backward fills it, so one more slot is being filled
+    while max_in_flight are in flight; gloo sums its all-to-all's parts straight into the
+    gradient shard, NCCL receives a slice. On gloo the all-gather of updated parameters copies each bucket's slice into
     the (then idle) receive buffer first; parameters in another dtype than the reduction
     (`param_elem_size` bytes) take a ring of their own, max_in_flight slices.
     """
@@ -110,11 +110,12 @@ def planned_ring_bytes(bucket_numels: Sequence[int], *, stage: int, world_size: 
         return 0
     largest = max(bucket_numels)
     gloo = gloo and world_size > 1
-    # all-to-all receive buffer (gloo), else this rank's reduced slice
-    per_slot = largest if gloo else -(-largest // world_size)
-    slots = min(len(bucket_numels), max_in_flight)
-    if stage >= 2:
-        per_slot += largest  # staging
+    part = -(-largest // world_size)  # this rank's reduced slice
+    receive = largest if gloo else 0  # all-to-all receive buffer
+    if stage == 1:  # the slice is received apart: the shard lives inside the input buffer
+        per_slot, slots = receive + part, min(len(bucket_numels), max_in_flight)
+    else:  # staging, and gloo sums straight into the shard
+        per_slot = largest + (receive if gloo else part)
         slots = min(len(bucket_numels), max_in_flight + 1)
     total = slots * per_slot * elem_size
     param_elem_size = param_elem_size or elem_size

@@ -114,8 +114,9 @@ def estimate_model_states(param_numels: Sequence[int], *, world_size: int, stage
                           reduce_dtype=reduce_dtype, bucket_mb=bucket_mb)
     buffer, shard = layout.buffer_numel, layout.shard_numel
     # FlatGroup: stage 0 reduces into a full-size buffer; stage 1 accumulates a full-size local
-    # buffer and reduces into its shard; stage 2 keeps only the shard.
-    grad_numel = {0: buffer, 1: buffer + shard, 2: shard}[stage]
+    # buffer and reduces into its shard, which lives at that buffer's start; stage 2 keeps
+    # only the shard.
+    grad_numel = {0: buffer, 1: buffer, 2: shard}[stage]
     state_numel = buffer if stage == 0 else shard  # stage 0's "shard" is the whole buffer
     report = {
         "model_params": buffer * _elem_size(param_dtype),

@@ -9,6 +9,14 @@ Gradient buffers, all fp32 by default (`reduce_dtype`):
   time `no_sync()` is used (the documented memory cost of accumulating without communication).
 - `reduced_grads`: the averaged gradients the optimizer reads. Stage 0: full size (buffer space).
   Stages 1/2: this rank's shard only (shard space).
+
+[Note: stage 1 shard in place] At stage 1 `reduced_grads` is the first shard_numel elements of
+`local_grads`, not a buffer of its own: the reduction runs bucket by bucket in buffer order, and
+bucket b's shard slice ends (sum of the sizes up to b, over N) before bucket b+1 starts, so it
+only ever lands on buckets already reduced and zeroed (bucket b's own region for b = 0: it is
+zeroed when its collective is done, then the slice is written). Stage 1 then holds one full
+gradient buffer, as ZeRO's formula counts, not one plus a shard. Until step() or zero_grad()
+consumes the reduced shard, no gradient may be added to local_grads (see `shard_in_local`).
 """
 from __future__ import annotations
 
@@ -48,8 +56,13 @@ class FlatGroup:
         self.local_grads: Optional[torch.Tensor] = None
         if stage == 1:
             self.local_grads = self._zeros(self.layout.buffer_numel)
-        self.reduced_grads = self._zeros(self.layout.buffer_numel if stage == 0
-                                         else self.layout.shard_numel)
+            self.reduced_grads = self.local_grads[:self.layout.shard_numel]
+        else:
+            self.reduced_grads = self._zeros(self.layout.buffer_numel if stage == 0
+                                             else self.layout.shard_numel)
+        # Stage 1: reduced values sit in local_grads' first shard_numel elements (see [Note:
+        # stage 1 shard in place]) and are not consumed yet.
+        self.shard_in_local = False
         self.has_reduced = False  # reduced_grads holds sums from an earlier backward
         # Which elements of each parameter this rank's state holds, and where:
         # (param_start, param_end, state_start), in the index space of reduced_grads and of the
@@ -156,9 +169,15 @@ class FlatGroup:
         """This rank's part of parameter j's reduced gradient, as views of reduced_grads."""
         return [self.reduced_grads[s0:s0 + (p1 - p0)] for p0, p1, s0 in self.param_shard_pieces[j]]
 
+    @property
+    def reduces_in_place(self) -> bool:
+        """Stage 1: the reduced shard is a view of local_grads."""
+        return self.local_grads is not None and self.stage == 1
+
     def zero_grads(self) -> None:
         self.reduced_grads.zero_()
         self.has_reduced = False
+        self.shard_in_local = False
         if self.local_grads is not None:
             self.local_grads.zero_()
 
@@ -171,6 +190,7 @@ class FlatGroup:
     def memory_bytes(self) -> dict:
         grads = self.reduced_grads.numel() * self.reduced_grads.element_size()
         if self.local_grads is not None:
-            grads += self.local_grads.numel() * self.local_grads.element_size()
+            grads = self.local_grads.numel() * self.local_grads.element_size() + (
+                0 if self.reduces_in_place else grads)
         return {"model_params": self.flat_param.numel() * self.flat_param.element_size(),
                 "grads": grads}

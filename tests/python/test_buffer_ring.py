@@ -154,3 +154,20 @@ def test_measured_peak_is_reported_and_resettable():
     after = opt.memory_report()["measured"]
     assert after["peak_bytes"] < during - 32 * 2 ** 20, (after, during)
     assert after["peak_bytes"] >= after["current_bytes"]
+
+
+def test_stage1_backward_between_clip_and_step_is_refused():
+    """Stage 1's reduced shard lives inside its accumulation buffer ([Note: stage 1 shard in
+    place]); a gradient added after the reduction (clip) and before step() would be mixed into
+    it, so the backward raises, and zero_grad() makes the optimizer usable again."""
+    model = make_model()
+    opt = zeroshard.ZeroAdamW(model.parameters(), lr=1e-3, stage=1, bucket_mb=BUCKET_MB)
+    x = torch.randn(4, WIDTH)
+    model(x).square().mean().backward()
+    opt.clip_grad_norm_(1.0)
+    with pytest.raises(RuntimeError, match="before step\\(\\) or zero_grad\\(\\)"):
+        model(x).square().mean().backward()
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
