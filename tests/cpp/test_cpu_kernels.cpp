@@ -448,6 +448,48 @@ TEST(every_path_matches_scalar_bitwise) {
     CHECK_MSG(results[k] == results[0], simd_level_name(levels[k]));
 }
 
+TEST(adam_matches_torch_two_divisions_bitwise) {
+  // The kernels divide by sqrt(1 - beta2^step) with a reciprocal and one FMA correction; that
+  // must round exactly as torch's (and the CUDA kernel's) true division. Second moments spread
+  // over 2^-120 .. 2^60 (every mantissa pattern of sqrt(v) gets many tries), several beta2 and
+  // steps, and an inf moment (torch: denom inf, update 0).
+  const int64_t n = 1 << 16;
+  std::mt19937 rng(123);
+  std::uniform_real_distribution<float> unit(1.0f, 2.0f);
+  std::uniform_int_distribution<int> exponent(-120, 60);
+  for (SimdLevel level : available_levels()) {
+    set_simd_level(level);
+    for (double beta2 : {0.95, 0.999, 0.99999}) {
+      for (int64_t step : {1, 2, 3, 10, 77, 1000, 100000}) {
+        std::vector<float> v(n), m(n), p(n), g(n);
+        for (int64_t i = 0; i < n; ++i) {
+          v[i] = std::ldexp(unit(rng), exponent(rng));
+          m[i] = unit(rng) - 1.5f, p[i] = unit(rng), g[i] = 0.0f;
+        }
+        v[5] = INFINITY;
+        AdamConfig cfg;
+        cfg.lr = 1e-3, cfg.beta1 = 0.9, cfg.beta2 = beta2, cfg.eps = 1e-8, cfg.step = step;
+        cfg.weight_decay = 0.0, cfg.check_finite = false;
+        const AdamScalars s = adam_scalars(cfg);
+        std::vector<float> want_p(p);
+        for (int64_t i = 0; i < n; ++i) {  // torch's fused CPU AdamW, in the kernel's op order
+          const float mi = std::fma(s.one_minus_beta1, 0.0f - m[i], m[i]);
+          const float vi = std::fma(s.one_minus_beta2, 0.0f, s.beta2 * v[i]);
+          const float denom = std::sqrt(vi) / s.bias_correction2_sqrt + s.eps;
+          want_p[i] = p[i] - s.step_size * (mi / denom);
+        }
+        adam_step(p.data(), g.data(), DType::f32, m.data(), v.data(), nullptr, nullptr,
+                  DType::bf16, n, cfg);
+        int64_t off = 0;
+        for (int64_t i = 0; i < n; ++i) off += std::memcmp(&p[i], &want_p[i], 4) != 0;
+        CHECK_MSG(off == 0, std::string(simd_level_name(level)) + " beta2 " +
+                                std::to_string(beta2) + " step " + std::to_string(step) + ": " +
+                                std::to_string(off) + " params differ");
+      }
+    }
+  }
+}
+
 TEST(thread_pool_covers_range_and_propagates_exceptions) {
   const int saved = num_threads();
   for (int threads = 1; threads <= 4; ++threads) {

@@ -19,32 +19,62 @@ inline void store_from_float(void* base, int64_t i, typename V::F v) {
 
 // ---- Adam / AdamW ----------------------------------------------------------------------------
 
+// sqrt(v) / c with c = sqrt(1 - beta2^step), correctly rounded like torch's division but
+// without the divider, which sqrt and m / denom already keep busy (the fp32 path was bound by
+// it): q0 = x * RN(1/c) is within an ulp, and one FMA correction then gives RN(x / c) exactly
+// (Markstein's theorem; bit-for-bit checked by tests/cpp). x = +inf keeps q0 (the correction
+// would turn it into NaN, where torch gives inf); x = sqrt(v) is never -inf.
+struct DivByConstant {
+  float c, neg_c, inv_c;
+  explicit DivByConstant(float divisor) : c(divisor), neg_c(-divisor), inv_c(1.0f / divisor) {}
+  template <class V>
+  typename V::F apply(typename V::F x) const {
+    const typename V::F q0 = V::mul(x, V::set1(inv_c));
+    const typename V::F rem = V::fmadd(q0, V::set1(neg_c), x);  // exact
+    return V::keep_inf(q0, V::fmadd(rem, V::set1(inv_c), q0));
+  }
+};
+
 template <DType G, bool HasCopy, DType C>
 void adam_span_typed(const AdamBuffers& b, const AdamScalars& s, int64_t begin, int64_t end) {
+  // Locals, not s.*: the stores below go through float pointers that could alias s, which made
+  // the compiler reload every scalar and re-test every flag on each vector.
+  float* const param = b.param;
+  const void* const grad = b.grad;
+  float* const exp_avg = b.exp_avg;
+  float* const exp_avg_sq = b.exp_avg_sq;
+  float* const max_exp_avg_sq = b.max_exp_avg_sq;
+  void* const param_copy = b.param_copy;
+  const float grad_factor = s.grad_factor, weight_decay = s.weight_decay;
+  const float decay_factor = s.decay_factor, one_minus_beta1 = s.one_minus_beta1;
+  const float one_minus_beta2 = s.one_minus_beta2, beta2 = s.beta2, eps = s.eps;
+  const float step_size = s.step_size;
+  const bool decay = weight_decay != 0.0f, decoupled = s.decoupled, amsgrad = s.amsgrad;
+  const DivByConstant by_bc2(s.bias_correction2_sqrt);
   auto body = [&](auto tag, int64_t i) {
     using V = decltype(tag);
     using F = typename V::F;
-    F g = V::mul(load_as_float<V, G>(b.grad, i), V::set1(s.grad_factor));
-    F p = V::load_f32(b.param + i);
-    if (s.weight_decay != 0.0f) {
-      if (s.decoupled) p = V::mul(p, V::set1(s.decay_factor));
-      else g = V::fmadd(p, V::set1(s.weight_decay), g);
+    F g = V::mul(load_as_float<V, G>(grad, i), V::set1(grad_factor));
+    F p = V::load_f32(param + i);
+    if (decay) {
+      if (decoupled) p = V::mul(p, V::set1(decay_factor));
+      else g = V::fmadd(p, V::set1(weight_decay), g);
     }
-    F m = V::load_f32(b.exp_avg + i);
-    F v = V::load_f32(b.exp_avg_sq + i);
-    m = V::fmadd(V::set1(s.one_minus_beta1), V::sub(g, m), m);  // lerp(m, g, 1 - beta1)
-    v = V::fmadd(V::set1(s.one_minus_beta2), V::mul(g, g), V::mul(V::set1(s.beta2), v));
+    F m = V::load_f32(exp_avg + i);
+    F v = V::load_f32(exp_avg_sq + i);
+    m = V::fmadd(V::set1(one_minus_beta1), V::sub(g, m), m);  // lerp(m, g, 1 - beta1)
+    v = V::fmadd(V::set1(one_minus_beta2), V::mul(g, g), V::mul(V::set1(beta2), v));
     F v_used = v;  // AMSGrad divides by the largest second moment seen so far instead
-    if (s.amsgrad) {
-      v_used = V::max(V::load_f32(b.max_exp_avg_sq + i), v);
-      V::store_f32(b.max_exp_avg_sq + i, v_used);
+    if (amsgrad) {
+      v_used = V::max(V::load_f32(max_exp_avg_sq + i), v);
+      V::store_f32(max_exp_avg_sq + i, v_used);
     }
-    F denom = V::add(V::div(V::sqrt(v_used), V::set1(s.bias_correction2_sqrt)), V::set1(s.eps));
-    p = V::sub(p, V::mul(V::set1(s.step_size), V::div(m, denom)));
-    V::store_f32(b.exp_avg + i, m);
-    V::store_f32(b.exp_avg_sq + i, v);
-    V::store_f32(b.param + i, p);
-    if constexpr (HasCopy) store_from_float<V, C>(b.param_copy, i, p);
+    F denom = V::add(by_bc2.template apply<V>(V::sqrt(v_used)), V::set1(eps));
+    p = V::sub(p, V::mul(V::set1(step_size), V::div(m, denom)));
+    V::store_f32(exp_avg + i, m);
+    V::store_f32(exp_avg_sq + i, v);
+    V::store_f32(param + i, p);
+    if constexpr (HasCopy) store_from_float<V, C>(param_copy, i, p);
   };
   int64_t i = begin;
   for (; i + Vec::lanes <= end; i += Vec::lanes) body(Vec{}, i);

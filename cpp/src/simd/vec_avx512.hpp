@@ -17,6 +17,9 @@ struct Avx512Vec {
   static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static F sqrt(F a) { return _mm512_sqrt_ps(a); }
   static F max(F a, F b) { return _mm512_max_ps(a, b); }  // b when either is NaN
+  static F keep_inf(F a, F b) {  // fpclass 0x08: +inf
+    return _mm512_mask_blend_ps(_mm512_fpclass_ps_mask(a, 0x08), b, a);
+  }
   static float reduce_add(F a) { return _mm512_reduce_add_ps(a); }
 
   struct SumSq {

@@ -18,6 +18,8 @@ struct ScalarVec {
   static F sqrt(F a) { return __builtin_sqrtf(a); }
   // a > b ? a : b, so b when either is NaN: the rule of x86 max instructions, kept everywhere.
   static F max(F a, F b) { return a > b ? a : b; }
+  // a where a is +inf, else b.
+  static F keep_inf(F a, F b) { return a == __builtin_inff() ? a : b; }
   static float reduce_add(F a) { return a; }
 
   // Sum of squares kept in double lanes: a norm over 1e9 elements stays accurate to ~1e-7.
