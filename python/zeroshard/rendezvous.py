@@ -240,6 +240,11 @@ class Rendezvous:
         if p.store.check([f"{seq}/abandoned"]):
             why = json.loads(p.store.get(f"{seq}/abandoned"))["why"]
             waiting = f"rank {first['rank']} called {first['op']} ({why})"
+        self._went_past(seq, first, waiting, where)
+
+    def _went_past(self, seq: int, first: Dict[str, Any], waiting: str, where: str) -> None:
+        """Marks op `seq` abandoned because this rank reached `where` instead, and raises."""
+        p = self._progress
         self._abandon(seq, f"rank {p.rank} reached {where} instead")
         p.broken = f"rank {p.rank} skipped {first['op']}"
         raise CollectiveCallError(
@@ -263,12 +268,7 @@ class Rendezvous:
             first = json.loads(p.store.get(f"{seq}/op"))
         except RuntimeError as e:  # the store is gone: its host rank probably died
             raise CollectiveTimeout(_store_failed(where, p.rank, e)) from e
-        self._abandon(seq, f"rank {p.rank} reached {where} instead")
-        p.broken = f"rank {p.rank} skipped {first['op']}"
-        raise CollectiveCallError(
-            f"rank {first['rank']} is waiting in {first['op']}, which every rank must call; "
-            f"this rank ({p.rank}) went on to {where} instead. Call {_short(first['op'])} on "
-            f"every rank, not only on rank {first['rank']}")
+        self._went_past(seq, first, f"rank {first['rank']} is waiting in {first['op']}", where)
 
     def _abandon(self, seq: int, why: str, gave_up: bool = False) -> None:
         reason = json.dumps({"why": why, "gave_up": gave_up})
