@@ -178,8 +178,8 @@ def _write_rank_file(directory: str, optimizer, rank: int, world_size: int) -> D
         tensors, _ = optimizer.checkpoint_state(g)
         slices = _rank_slices(fg.layout, rank)
         writer.begin(f"g{g}.param", fg.dtype)
-        for b0, b1 in slices:
-            writer.write(fg.flat_param[b0:b1])
+        for b, (b0, b1) in enumerate(slices):  # stage 3 reads them from its shard
+            writer.write(fg.param_values(b0, b1, fg.layout.bucket_slice_shard_offset(b)))
         writer.end()
         for key, t in tensors.items():
             writer.begin(f"g{g}.{key}", t.dtype)
@@ -484,9 +484,16 @@ def load(path, *, model: torch.nn.Module, optimizer: Optional[ZeroOptimizer] = N
         raise CheckpointError(f"loading {path} failed on rank {failed[0][0]}: {failed[0][1]}; "
                               "nothing was loaded")
     meta, values, opt_state, rng_state, extra = staged
+    # Stage 3 parameters hold no whole data between steps: their shards take the values.
+    sharded = (_flat_locations(tensors, optimizer)
+               if optimizer is not None and optimizer.units is not None else {})
     with torch.no_grad():
         for name, t in tensors.items():
-            t.copy_(values[name])
+            if id(t) in sharded:
+                g, j = sharded[id(t)]
+                optimizer.flat_groups[g].load_param(j, values[name])
+            else:
+                t.copy_(values[name])
         if optimizer is not None:
             for i, (fresh, scalars) in enumerate(opt_state):
                 optimizer.load_checkpoint_state(i, fresh, scalars)

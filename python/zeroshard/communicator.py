@@ -178,7 +178,19 @@ class Communicator:
     def control_all_reduce(self, tensor: torch.Tensor, op=None) -> torch.Tensor:
         return tensor  # world size 1: nothing to combine
 
+    def all_gather_control(self, full: torch.Tensor, part: torch.Tensor) -> Work:
+        """An asynchronous all_gather of a few control values (stage 3's unit tags), counted in
+        stats.control_bytes, apart from the traffic of ZeRO's formulas."""
+        self._control = True
+        try:
+            return self.all_gather(full, part)
+        finally:
+            self._control = False
+
     def _count(self, kind: str, tensor: torch.Tensor) -> None:
+        if getattr(self, "_control", False):
+            self.stats.control_bytes += tensor.numel() * tensor.element_size()
+            return
         self.stats.record(kind, tensor.numel() * tensor.element_size(), self.world_size)
 
     @staticmethod

@@ -17,6 +17,12 @@ only ever lands on buckets already reduced and zeroed (bucket b's own region for
 zeroed when its collective is done, then the slice is written). Stage 1 then holds one full
 gradient buffer, as ZeRO's formula counts, not one plus a shard. Until step() or zero_grad()
 consumes the reduced shard, no gradient may be added to local_grads (see `shard_in_local`).
+
+[Note: stage 3 parameters] At stage 3 the rank's slice of the parameters lives in `shard_param`
+(shard space, the parameters' dtype) and `flat_param` holds data only while its unit is gathered:
+its storage is resized to zero bytes when freed and back before a gather, so the parameters stay
+views of it (same shapes, same objects) and autograd's saved references stay valid across a
+free and a later gather. Reading a parameter while its storage is freed raises torch's error.
 """
 from __future__ import annotations
 
@@ -53,6 +59,10 @@ class FlatGroup:
                 view.copy_(p)
                 p.data = view  # the model's parameter now lives in the flat buffer
         self.bucket_ranges = [(b.start, b.end) for b in self.layout.bucket_ranges]
+        # Stage 3: this rank's slice of the parameters (filled by shard_and_free(), after the
+        # construction broadcast has made every rank's full buffer equal).
+        self.shard_param: Optional[torch.Tensor] = None
+        self.gathered = True
         self.local_grads: Optional[torch.Tensor] = None
         if stage == 1:
             self.local_grads = self._zeros(self.layout.buffer_numel)
@@ -81,6 +91,46 @@ class FlatGroup:
 
     # ---- parameters as views of the flat buffer -----------------------------------------------
 
+    def shard_and_free(self) -> None:
+        """Stage 3: keeps this rank's slices of the parameters and frees the full buffer."""
+        self.shard_param = torch.empty(self.layout.shard_numel, dtype=self.dtype,
+                                       device=self.device)
+        for b0, b1, s0 in self.shard_slices():
+            self.shard_param[s0:s0 + (b1 - b0)].copy_(self.flat_param[b0:b1])
+        self.free()
+
+    @property
+    def full_nbytes(self) -> int:
+        return self.layout.buffer_numel * self.flat_param.element_size()
+
+    def free(self) -> None:
+        """Stage 3: drops the full parameters' memory (the views stay, sized, without data)."""
+        if self.shard_param is not None and self.gathered:
+            self.flat_param.untyped_storage().resize_(0)
+            self.gathered = False
+
+    def materialize(self) -> None:
+        """Stage 3: gives the full buffer its memory back (contents undefined until gathered)."""
+        if not self.gathered:
+            self.flat_param.untyped_storage().resize_(self.full_nbytes)
+            self.gathered = True
+
+    def param_values(self, buffer_start: int, buffer_end: int, shard_start: int) -> torch.Tensor:
+        """The parameters of one piece of this rank's shard: a view of the flat buffer at stages
+        0-2, of shard_param at stage 3."""
+        if self.shard_param is not None:
+            return self.shard_param[shard_start:shard_start + (buffer_end - buffer_start)]
+        return self.flat_param[buffer_start:buffer_end]
+
+    def load_param(self, j: int, value: torch.Tensor) -> None:
+        """Sets parameter j to `value` (whole): at stage 3 only this rank's pieces are kept."""
+        if self.shard_param is None:
+            self.params[j].copy_(value)
+            return
+        flat = value.reshape(-1)
+        for p0, p1, s0 in self.param_shard_pieces[j]:
+            self.shard_param[s0:s0 + (p1 - p0)].copy_(flat[p0:p1])
+
     def is_attached(self, j: int) -> bool:
         p = self.params[j]
         start, end = self.param_ranges[j]
@@ -95,6 +145,9 @@ class FlatGroup:
         the same device, e.g. 'cpu:0'); without this, the optimizer would update a buffer the
         model no longer reads. Returns how many were re-attached; raises, changing nothing,
         when a parameter changed device, dtype or shape (the buffers cannot follow)."""
+        if self.shard_param is not None:
+            self._check_attached_sharded()
+            return 0
         base, elem = self.flat_param.data_ptr(), self.flat_param.element_size()
         moved = [j for j, (p, (start, end)) in enumerate(zip(self.params, self.param_ranges))
                  if (p.data_ptr() != base + start * elem if end > start
@@ -117,6 +170,20 @@ class FlatGroup:
                 view.copy_(p.detach().reshape(-1))
                 p.data = view.view_as(p)
         return len(moved)
+
+    def _check_attached_sharded(self) -> None:
+        """Stage 3: the parameters must still be views of flat_param's storage."""
+        storage = self.flat_param.untyped_storage()
+        for j, p in enumerate(self.params):
+            if (p.untyped_storage()._cdata != storage._cdata or p.dtype != self.dtype
+                    or p.device != self.device):
+                raise RuntimeError(
+                    f"{self.names[j]} no longer belongs to the stage-3 optimizer's buffers "
+                    "(model.to(), .half(), .cuda() or p.data = ... after the optimizer was "
+                    "built). At stage 3 a parameter holds no data outside its unit's forward "
+                    "and backward, so it cannot be moved or replaced: move or cast the model "
+                    "before building the optimizer, and change values inside "
+                    "`with opt.full_params(writeback=True):`.")
 
     # ---- index spaces ------------------------------------------------------------------------
 
@@ -143,13 +210,13 @@ class FlatGroup:
         """A new fp32 tensor (shard space) holding this rank's shard of the flat parameters."""
         out = torch.empty(self.shard_numel, dtype=torch.float32, device=self.device)
         for b0, b1, s0 in self.shard_slices():
-            out[s0:s0 + (b1 - b0)].copy_(self.flat_param[b0:b1])
+            out[s0:s0 + (b1 - b0)].copy_(self.param_values(b0, b1, s0))
         return out
 
     def write_shard(self, shard: torch.Tensor) -> None:
         """Copies a shard-space tensor back into this rank's slices of the flat parameters."""
         for b0, b1, s0 in self.shard_slices():
-            self.flat_param[b0:b1].copy_(shard[s0:s0 + (b1 - b0)])
+            self.param_values(b0, b1, s0).copy_(shard[s0:s0 + (b1 - b0)])
 
     def bucket_slice(self, bucket: int):
         r = self.layout.bucket_slice(bucket, self.rank)
@@ -192,5 +259,9 @@ class FlatGroup:
         if self.local_grads is not None:
             grads = self.local_grads.numel() * self.local_grads.element_size() + (
                 0 if self.reduces_in_place else grads)
-        return {"model_params": self.flat_param.numel() * self.flat_param.element_size(),
-                "grads": grads}
+        if self.shard_param is not None:  # stage 3: the shard, plus the full buffer if gathered
+            params = self.shard_param.numel() * self.shard_param.element_size() + (
+                self.full_nbytes if self.gathered else 0)
+        else:
+            params = self.flat_param.numel() * self.flat_param.element_size()
+        return {"model_params": params, "grads": grads}

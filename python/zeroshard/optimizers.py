@@ -82,9 +82,9 @@ def _shard_pieces(fg: FlatGroup, master: Optional[torch.Tensor]):
             continue
         grad = fg.shard_grads(b0, b1, s0)
         if master is None:
-            yield fg.flat_param[b0:b1], grad, None, s0, n
+            yield fg.param_values(b0, b1, s0), grad, None, s0, n
         else:
-            yield master[s0:s0 + n], grad, fg.flat_param[b0:b1], s0, n
+            yield master[s0:s0 + n], grad, fg.param_values(b0, b1, s0), s0, n
 
 
 class _TorchArgumentsMixin:

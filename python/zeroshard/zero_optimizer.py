@@ -11,6 +11,9 @@ own full-size gradient over micro-steps and the gradients are reduce-scattered o
 (DeepSpeed's stage 1 behaviour: no overlap with backward, but no traffic per micro-step). Stage 2
 reduce-scatters each bucket during backward into the rank's gradient shard. Stages 1 and 2 then
 all-gather the updated shards: reduce-scatter + all-gather moves what one all-reduce moves.
+Stage 3 reduces like stage 2 and also partitions the parameters: each unit's are all-gathered
+before its forward and its backward and freed after (see param_units.py); the update writes
+each rank's parameter shard only.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from .exposed_grads import ExposedGrads
 from . import state_dicts
 from .loss_scaler import LossScaler
 from .owning_modules import NoSyncMethod, ddp_wrapper_name, root_modules
+from .param_units import ParamUnits, Unit, find_units, owning_units
 from .rendezvous import rendezvous_for
 
 _SCALER_KWARGS = ("initial_scale", "growth_interval", "hysteresis", "min_scale")
@@ -114,9 +118,17 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  bucket_mb: Optional[float] = None,
                  overlap: bool = True, reduce_dtype: Optional[torch.dtype] = None,
                  loss_scale: Any = "dynamic", timeout_s: float = 300.0,
-                 **scaler_kwargs) -> None:
-        if stage not in (0, 1, 2):
-            raise ValueError(f"stage must be 0, 1 or 2, got {stage!r} (stage 3 is not built yet)")
+                 module: Optional[torch.nn.Module] = None, units=None, prefetch: int = 1,
+                 reshard_after_forward: bool = True, **scaler_kwargs) -> None:
+        if stage not in (0, 1, 2, 3):
+            raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
+        if module is not None and not isinstance(module, torch.nn.Module):
+            raise TypeError(f"module= must be the model (an nn.Module), got {type(module).__name__}")
+        if stage != 3 and (units is not None or prefetch != 1 or not reshard_after_forward):
+            raise ValueError("units=, prefetch= and reshard_after_forward= apply to stage 3 "
+                             f"only (this optimizer has stage={stage})")
+        if not (isinstance(prefetch, int) and prefetch >= 0):
+            raise ValueError(f"prefetch must be a whole number of units >= 0, got {prefetch!r}")
         if bucket_mb is not None and not (isinstance(bucket_mb, (int, float)) and bucket_mb > 0):
             raise ValueError(f"bucket_mb must be a positive number or None (automatic: 25 MiB, "
                              f"at most an eighth of the gradients), got {bucket_mb!r}")
@@ -130,7 +142,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 f"unexpected keyword arguments {sorted(unknown)}; zeroshard's own are stage, "
                 "process_group, bucket_mb, overlap, reduce_dtype, loss_scale, timeout_s and the "
                 f"loss scaler's {', '.join(_SCALER_KWARGS)}")
-        module = params if isinstance(params, torch.nn.Module) else None
+        if isinstance(params, torch.nn.Module):
+            if module is not None and module is not params:
+                raise ValueError("module= names a different model than the one passed as params")
+            module = params
+        if stage == 3 and module is None:
+            raise ValueError(
+                "stage 3 gathers parameters module by module, so it needs the model: pass the "
+                "module itself (ZeroAdamW(model, ..., stage=3)), or with param groups add "
+                "module=model (ZeroAdamW(groups, ..., stage=3, module=model))")
         params, self._names = _split_names(params)
         _reject_duplicates(params, self._names)
         self._building = True
@@ -168,12 +188,24 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
         self.bucket_elems = max(1, int(self.bucket_mb * 2 ** 20) // elem)
         self.flat_groups: List[FlatGroup] = []
-        for gi in range(len(self.param_groups)):
-            self.flat_groups.extend(self._flatten_group(gi))
+        self.units: Optional[ParamUnits] = None
+        if stage == 3:
+            unit_list = self._flatten_units(module, units)
+        else:
+            for gi in range(len(self.param_groups)):
+                self.flat_groups.extend(self._flatten_group(gi))
         self._broadcast_from_rank0()
         self.reducer = BucketReducer(self.flat_groups, self.comm,
                                      mode="all_reduce" if stage == 0 else "reduce_scatter",
                                      overlap=overlap, reduce_at_step=(stage == 1))
+        if stage == 3:
+            for fg in self.flat_groups:
+                fg.shard_and_free()
+            self.units = ParamUnits(module, unit_list, self.comm, prefetch=prefetch,
+                                    reshard_after_forward=reshard_after_forward,
+                                    wait_guard=self._guarded_wait)
+            self.reducer.on_launch = self.units.on_bucket_launched
+            self.reducer.after_backward = self.units.after_backward
         self.reducer.sync_predicate = self._models_want_sync
         self.reducer.wait_guard = self._guarded_wait
         self.exposed = ExposedGrads(self)
@@ -205,11 +237,33 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"{self._names[id(p)]} has dtype {p.dtype}; zeroshard trains "
                                 "float32, bfloat16 and float16 parameters")
 
-    def _flatten_group(self, gi: int) -> List[FlatGroup]:
-        """One FlatGroup per dtype among param group gi's trainable parameters."""
+    def _flatten_units(self, module: torch.nn.Module, units) -> List[Unit]:
+        """Stage 3: one FlatGroup per unit, param group and dtype (a unit's gather reads its
+        shards only). Frozen parameters are not partitioned: they stay whole on every rank."""
+        found = find_units(module, units)
+        owner = owning_units(module, [m for _, m in found])
+        unit_list = [Unit(0, "<root>", module, True)] + [
+            Unit(i + 1, name, m, False) for i, (name, m) in enumerate(found)]
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.requires_grad and id(p) not in owner:
+                    raise ValueError(f"{self._names[id(p)]} is not a parameter of the module "
+                                     "given to the stage-3 optimizer; stage 3 can only gather "
+                                     "parameters of that module")
+        for u in unit_list:
+            for gi in range(len(self.param_groups)):
+                added = self._flatten_group(
+                    gi, lambda p, u=u: owner.get(id(p)) == u.index)
+                u.groups.extend(added)
+                self.flat_groups.extend(added)
+        return unit_list
+
+    def _flatten_group(self, gi: int, select=None) -> List[FlatGroup]:
+        """One FlatGroup per dtype among param group gi's trainable parameters (those `select`
+        accepts)."""
         by_dtype: "OrderedDict[torch.dtype, list]" = OrderedDict()
         for p in self.param_groups[gi]["params"]:
-            if p.requires_grad:
+            if p.requires_grad and (select is None or select(p)):
                 by_dtype.setdefault(p.dtype, []).append(p)
         return [FlatGroup(ps, [self._names[id(p)] for p in ps], gi, rank=self.rank,
                           world_size=self.world_size, stage=self.stage,
@@ -224,6 +278,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
             return
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        if self.stage == 3:
+            raise ValueError("add_param_group() is not supported at stage 3 (its units are "
+                             "planned at construction): pass every param group to the "
+                             "constructor, with module=model")
         groups, names = _split_names([param_group])
         group = groups[0]
         self._names.update(names)
@@ -515,6 +573,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 "the learning rate, check the loss for inf/NaN, or train fp16 with its loss "
                 "scaler; to skip this batch, call zero_grad() and go on.")
         grad_scale = self.loss_scale / self._clip_coef
+        if self.units is not None:  # gathered copies would be stale after the update
+            self.units.free_all()
         if self._master_check_due:
             self._adopt_changed_params()
         for fg, state in zip(self.flat_groups, self.shard_state):
@@ -543,8 +603,35 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 master.data[changed] = current[changed]
 
     def _gather_params(self) -> None:
-        if self.stage != 0:
+        if self.stage in (1, 2):  # stage 3 gathers each unit when it runs
             self.reducer.all_gather_shards()
+
+    @contextlib.contextmanager
+    def full_params(self, writeback: bool = False):
+        """Inside the block every parameter is whole on every rank (evaluation, generation,
+        model.state_dict(), inspection). At stage 3 a collective: every rank must enter it, and
+        it holds the whole model's parameters until it ends. writeback=True writes changes made
+        to the parameters inside back into the shards (and fp32 masters) on leaving; without it
+        they are discarded at stage 3. At stages 0-2 parameters are always whole and it only
+        makes the optimizer adopt changed values (as it does after a load)."""
+        if self.units is None:
+            yield
+            if writeback:
+                self._master_check_due = True
+            return
+        self._poll_peers(f"{type(self).__name__}.full_params")
+        self._reduced()
+        try:
+            with self.units.full_params():
+                yield
+                if writeback:
+                    with torch.no_grad():
+                        for fg in self.flat_groups:
+                            for b0, b1, s0 in fg.shard_slices():
+                                fg.param_values(b0, b1, s0).copy_(fg.flat_param[b0:b1])
+                    self._master_check_due = True
+        finally:
+            self.units.free_all()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zeroes the reduced gradients (p.grad becomes None whatever set_to_none says: the
@@ -574,6 +661,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     report[bucket] += value.numel() * value.element_size()
         report["comm_buffers"] = self.reducer.comm_buffer_bytes
         report["total"] = sum(report.values())
+        if self.units is not None:  # model_params: shards plus the units gathered right now
+            report["units"] = {
+                "count": len(self.units.units),
+                "gathered": sum(u.gathered for u in self.units.units),
+                "peak_gathered": self.units.peak_alive,
+                "largest_unit_bytes": max(u.full_nbytes for u in self.units.units)}
         report["measured"] = process_memory.measured(self.device)
         return report
 
@@ -643,5 +736,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def finish_checkpoint_load(self) -> None:
         """After a checkpoint load: drop pending gradients and run the subclass hook."""
         self.zero_grad(set_to_none=True)
+        if self.units is not None:
+            self.units.free_all()  # gathered copies would hold the values from before the load
         self._master_check_due = True
         self._after_load()

@@ -1,0 +1,352 @@
+"""ParamUnits: stage 3's units of parameters, gathered just before they run and freed after.
+
+Owns: which modules are units and which of the optimizer's FlatGroups hold each unit's
+parameters, the module hooks that gather a unit before its forward (and, through a gradient hook
+on its outputs, before its backward) and free it after, the prefetch of the next unit in the
+recorded order, and the check that every rank gathers the same unit. Knows FlatGroup
+(materialize / free / shard_param) and the Communicator; knows nothing of optimizer maths or of
+gradient buckets (the optimizer reports each bucket's launch, see `on_bucket_launched`).
+
+[Note: unit lifecycle] A unit's full parameters are allocated and all-gathered from the ranks'
+shards right before they are needed and freed as soon as they are not:
+- forward: gathered at the unit's pre-forward hook (or earlier by a prefetch), freed at its
+  forward hook when `reshard_after_forward` (non-root units), else kept for backward;
+- backward: gathered again when the first gradient of any of the unit's outputs is computed (a
+  multi-grad hook registered in forward), freed once every gradient bucket of the unit has been
+  launched (all its parameters' gradients have left for the reduce-scatter; autograd needs no
+  weight after the last accumulation), or at the end of backward at the latest;
+- the root unit (parameters outside every unit: embeddings, final norm, head) is kept from its
+  forward to the end of backward, which needs it first (as FSDP keeps its root);
+- step() frees everything (the shards change, gathered copies would be stale).
+While a unit's forward runs again inside backward (activation checkpointing recomputes it),
+nothing is freed.
+
+[Note: unit order] Prefetch follows the order units ran in the previous forward (and, in
+backward, the reverse of the current forward). Every rank records its own order, so a changed
+order (a branch) costs one wasted gather, never a hang. A rank whose order differs from the
+others' would pair its gather with another unit's and read wrong weights; so each gather
+all-gathers the unit's index with it (8 bytes), checked before the data is used, and a mismatch
+raises an error naming both units.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.utils._pytree import tree_flatten
+
+from .communicator import Communicator, Work
+from .flat_group import FlatGroup
+
+
+class Unit:
+    """One module whose own parameters (those not in a nested unit) are gathered together."""
+
+    def __init__(self, index: int, name: str, module: torch.nn.Module, is_root: bool) -> None:
+        self.index, self.name, self.module, self.is_root = index, name, module, is_root
+        self.groups: List[FlatGroup] = []
+        self.buckets = 0  # gradient buckets of all its FlatGroups
+        self.launched = 0  # of them launched in the current backward
+        self.pending: Optional[tuple] = None  # (tag_work, tags, [data works]) of a gather
+        self.kept = False  # stays gathered until its backward (reshard_after_forward=False)
+
+    @property
+    def gathered(self) -> bool:
+        return bool(self.groups) and self.groups[0].gathered
+
+    @property
+    def full_nbytes(self) -> int:
+        return sum(fg.full_nbytes for fg in self.groups)
+
+
+def find_units(module: torch.nn.Module, units=None) -> List[tuple]:
+    """[(name, module)] of the units inside `module` (the root unit not included). Default:
+    every child of every nn.ModuleList (a transformer's blocks). `units`: module classes and/or
+    module instances."""
+    classes = tuple(u for u in (units or ()) if isinstance(u, type))
+    instances = {id(u) for u in (units or ()) if isinstance(u, torch.nn.Module)}
+    if units is not None:
+        bad = [u for u in units if not isinstance(u, (type, torch.nn.Module))]
+        if bad:
+            raise TypeError(f"units= takes module classes or module instances, got {bad[0]!r}")
+    found, seen = [], set()
+    for name, m in module.named_modules():
+        if m is module or id(m) in seen:
+            continue
+        if units is None:
+            is_unit = False
+            parent_name = name.rsplit(".", 1)[0] if "." in name else ""
+            parent = module.get_submodule(parent_name) if parent_name else module
+            is_unit = isinstance(parent, torch.nn.ModuleList)
+        else:
+            is_unit = id(m) in instances or (bool(classes) and isinstance(m, classes))
+        if is_unit:
+            seen.add(id(m))
+            found.append((name, m))
+    if units is not None and instances - seen:
+        raise ValueError("units= names a module instance that is not inside the model given "
+                         "to the optimizer")
+    return found
+
+
+def owning_units(module: torch.nn.Module, unit_modules: Sequence[torch.nn.Module]
+                 ) -> Dict[int, int]:
+    """id(parameter) -> index of its unit (0 is the root). A parameter reached through two
+    different units (tied weights) belongs to the root, which is gathered whenever either
+    runs."""
+    index = {id(m): i + 1 for i, m in enumerate(unit_modules)}
+    owners: Dict[int, set] = defaultdict(set)
+
+    def visit(m: torch.nn.Module, unit: int, path: set) -> None:
+        if id(m) in path:
+            return
+        unit = index.get(id(m), unit)
+        for p in m._parameters.values():
+            if p is not None:
+                owners[id(p)].add(unit)
+        for child in m._modules.values():
+            if child is not None:
+                visit(child, unit, path | {id(m)})
+
+    visit(module, 0, set())
+    return {pid: (next(iter(us)) if len(us) == 1 else 0) for pid, us in owners.items()}
+
+
+class ParamUnits:
+    def __init__(self, module: torch.nn.Module, units: List[Unit], comm: Communicator, *,
+                 prefetch: int, reshard_after_forward: bool,
+                 wait_guard: Optional[Callable[[Work], None]] = None) -> None:
+        self.module = module
+        self.units = [u for u in units if u.groups]
+        self.comm = comm
+        self.prefetch = prefetch
+        self.reshard_after_forward = reshard_after_forward
+        self.wait_guard = wait_guard
+        self.unit_of_group: Dict[int, Unit] = {}
+        for u in self.units:
+            for fg in u.groups:
+                self.unit_of_group[id(fg)] = u
+                u.buckets += fg.layout.num_buckets
+        self.root = next((u for u in self.units if u.is_root), None)
+        self.record: List[int] = []  # units' pre-forwards in the current forward
+        self.previous: List[int] = []  # ... in the forward before it (prefetch order)
+        self.matches = True  # the current forward follows `previous` so far
+        self.backward_pos = 0  # where backward is in the reversed current record
+        self.pinned = 0  # inside full_params(): nothing is freed
+        self.peak_alive = 0  # most non-root units with full buffers at once
+        self.gathers = 0  # unit gathers started (instrumentation for tests)
+        self._sharded = {id(p) for u in self.units for fg in u.groups for p in fg.params}
+        self._handles = []
+        self._install_hooks()
+
+    # ---- hooks -------------------------------------------------------------------------------
+
+    def _install_hooks(self) -> None:
+        for u in self.units:
+            self._handles.append(u.module.register_forward_pre_hook(
+                lambda m, args, u=u: self._before_forward(u), prepend=True))
+            self._handles.append(u.module.register_forward_hook(
+                lambda m, args, out, u=u: self._after_forward(u, out)))
+            # Modules holding the unit's parameters may be called on their own (an input
+            # embedding through get_input_embeddings(), a head): gather first there too.
+            mine = {id(q) for fg in u.groups for q in fg.params}
+            owners = {id(m): m for m in u.module.modules()
+                      if any(id(p) in mine for p in m._parameters.values() if p is not None)}
+            for m in owners.values():
+                if m is not u.module:
+                    self._handles.append(m.register_forward_pre_hook(
+                        lambda mod, args, u=u: self.ensure(u)))
+                self._handles.append(m._register_state_dict_hook(self._state_dict_guard))
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @staticmethod
+    def _in_backward() -> bool:
+        return torch._C._current_graph_task_id() != -1
+
+    def _before_forward(self, u: Unit) -> None:
+        if self._in_backward():  # a checkpointed unit recomputed in backward
+            self.ensure(u)
+            return
+        if u.is_root or len(self.record) > 4 * len(self.units):
+            self.previous, self.record, self.matches = (self.record or self.previous), [], True
+        k = len(self.record)
+        self.record.append(u.index)
+        self.matches = self.matches and k < len(self.previous) and self.previous[k] == u.index
+        self.ensure(u)
+        if self.matches:
+            self._prefetch(self.previous[k + 1:])
+
+    def _after_forward(self, u: Unit, output) -> None:
+        if self._in_backward():
+            return
+        tensors = [t for t in tree_flatten(output)[0]
+                   if isinstance(t, torch.Tensor) and t.requires_grad]
+        needs_backward = torch.is_grad_enabled() and bool(tensors)
+        if needs_backward:
+            torch.autograd.graph.register_multi_grad_hook(
+                tensors, lambda grad, u=u: self._before_backward(u), mode="any")
+            self.backward_pos = 0
+        if u.is_root:
+            # The forward is over: nothing else of it needs a full unit.
+            for other in self.units:
+                if not other.is_root and not other.kept:
+                    self.free(other)
+            if not needs_backward:
+                self.free(u)
+        elif self.reshard_after_forward or not needs_backward:
+            self.free(u)
+        else:
+            u.kept = True
+
+    def _before_backward(self, u: Unit) -> None:
+        self.ensure(u)
+        # The root's backward starts first (its head) though it ran first in forward.
+        order = [i for i in reversed(self.record) if self.root is None or i != self.root.index]
+        if u.is_root:
+            self._prefetch(order[self.backward_pos:])
+            return
+        for k in range(self.backward_pos, len(order)):
+            if order[k] == u.index:
+                self.backward_pos = k + 1
+                self._prefetch(order[k + 1:])
+                break
+
+    def _prefetch(self, upcoming: List[int]) -> None:
+        ahead = 0
+        for index in upcoming:
+            if ahead >= self.prefetch:
+                break
+            v = self._unit(index)
+            if v is None or v.is_root:
+                continue
+            ahead += 1
+            if not v.gathered:
+                self._start_gather(v)
+
+    def _unit(self, index: int) -> Optional[Unit]:
+        return next((u for u in self.units if u.index == index), None)
+
+    def _state_dict_guard(self, module, state_dict, prefix, local_metadata) -> None:
+        for name, p in module._parameters.items():
+            if state_dict.get(prefix + name) is p:  # keep_vars=True: the objects, no data read
+                continue
+            if p is None or p.numel() == 0 or id(p) not in self._sharded:
+                continue
+            if p.untyped_storage().nbytes() > 0:
+                # Gathered (inside full_params): a copy that outlives the gathered buffer.
+                state_dict[prefix + name] = state_dict[prefix + name].clone()
+            else:
+                raise RuntimeError(
+                    f"{prefix}{name} is sharded across ranks by zeroshard stage 3 and holds no "
+                    "data outside its unit's forward and backward, so state_dict() cannot "
+                    "return it. On every rank: `with opt.full_params(): sd = "
+                    "model.state_dict()` (whole tensors), or save with "
+                    "zeroshard.checkpoint.save / export with zeroshard.export.")
+
+    # ---- gather and free ---------------------------------------------------------------------
+
+    def ensure(self, u: Unit) -> None:
+        """u's full parameters are in place when this returns."""
+        if u.pending is None and not u.gathered:
+            self._start_gather(u)
+        if u.pending is not None:
+            self._finish_gather(u)
+
+    def _start_gather(self, u: Unit) -> None:
+        tag_work = tags = None
+        if self.comm.world_size > 1:
+            # [Note: unit order]: every rank must be gathering this same unit.
+            device = u.groups[0].device
+            tags = torch.empty(self.comm.world_size, dtype=torch.int64, device=device)
+            mine = torch.full((1,), u.index, dtype=torch.int64, device=device)
+            tag_work = self.comm.all_gather_control(tags, mine)
+        pairs = []
+        for fg in u.groups:
+            fg.materialize()
+            for b, (b_start, b_end) in enumerate(fg.bucket_ranges):
+                s_start, s_end, s0 = fg.bucket_slice(b)
+                pairs.append((fg.flat_param[b_start:b_end],
+                              fg.shard_param[s0:s0 + (s_end - s_start)]))
+        work = self.comm.all_gather_buckets(pairs)
+        u.pending = (tag_work, tags, work)
+        self.gathers += 1
+        alive = sum(1 for v in self.units if v.gathered and not v.is_root)
+        self.peak_alive = max(self.peak_alive, alive)
+
+    def _finish_gather(self, u: Unit) -> None:
+        tag_work, tags, work = u.pending
+        u.pending = None
+        if tag_work is not None:
+            self._wait(tag_work)
+            seen = tags.tolist()
+            if any(t != u.index for t in seen):
+                names = {v.index: v.name for v in self.units}
+                other = next(r for r, t in enumerate(seen) if t != u.index)
+                raise RuntimeError(
+                    f"stage 3: rank {self.comm.rank} gathered unit {u.name!r} while rank "
+                    f"{other} gathered {names.get(seen[other], seen[other])!r}: the ranks ran "
+                    "their units in different orders (a branch that depends on the rank's data "
+                    "or on the rank?). Every rank must call the same units in the same order "
+                    "in each forward; make the branch agree across ranks, or put the "
+                    "branching modules in one unit (units=) so they are gathered together.")
+        self._wait(work)
+
+    def _wait(self, work: Work) -> None:
+        if self.wait_guard is not None and not work.is_completed():
+            self.wait_guard(work)
+        work.wait()
+
+    def free(self, u: Unit) -> None:
+        if self.pinned:
+            return
+        if u.pending is not None:  # never free memory a collective still writes
+            self._finish_gather(u)
+        u.kept = False
+        for fg in u.groups:
+            fg.free()
+
+    def free_all(self) -> None:
+        for u in self.units:
+            self.free(u)
+
+    def gather_all(self) -> None:
+        for u in self.units:
+            if u.pending is None and not u.gathered:
+                self._start_gather(u)
+        for u in self.units:
+            if u.pending is not None:
+                self._finish_gather(u)
+
+    # ---- backward bookkeeping (called by the optimizer) --------------------------------------
+
+    def on_bucket_launched(self, fg: FlatGroup) -> None:
+        """A gradient bucket of fg started its reduce-scatter; once all of a unit's have, its
+        full parameters are not needed again in this backward."""
+        u = self.unit_of_group.get(id(fg))
+        if u is None:
+            return
+        u.launched += 1
+        if u.launched == u.buckets and self._in_backward():
+            self.free(u)
+
+    def after_backward(self) -> None:
+        for u in self.units:
+            u.launched = 0
+            self.free(u)
+
+    @contextlib.contextmanager
+    def full_params(self):
+        """Every unit gathered (a collective on every rank) and kept until the block ends."""
+        self.gather_all()
+        self.pinned += 1
+        try:
+            yield
+        finally:
+            self.pinned -= 1
