@@ -19,10 +19,13 @@ gradient buffer, as ZeRO's formula counts, not one plus a shard. Until step() or
 consumes the reduced shard, no gradient may be added to local_grads (see `shard_in_local`).
 
 [Note: stage 3 parameters] At stage 3 the rank's slice of the parameters lives in `shard_param`
-(shard space, the parameters' dtype) and `flat_param` holds data only while its unit is gathered:
-its storage is resized to zero bytes when freed and back before a gather, so the parameters stay
-views of it (same shapes, same objects) and autograd's saved references stay valid across a
-free and a later gather. Reading a parameter while its storage is freed raises torch's error.
+(shard space, the parameters' dtype) and `flat_param` holds data only while its unit is gathered.
+Freeing resizes its storage to zero bytes (views autograd saved in forward stay valid objects
+and see the data again once it is gathered back into the same storage) and points every
+parameter at an empty placeholder: a tensor that still viewed the freed storage would read
+out of bounds (a crash, not an error) when touched between steps. So outside its unit's
+forward and backward a parameter is an empty tensor of shape (0,); gathering points it back
+at its view of the full buffer.
 """
 from __future__ import annotations
 
@@ -63,6 +66,8 @@ class FlatGroup:
         # construction broadcast has made every rank's full buffer equal).
         self.shard_param: Optional[torch.Tensor] = None
         self.gathered = True
+        self.shapes = [p.shape for p in self.params]
+        self._placeholder: Optional[torch.Tensor] = None
         self.local_grads: Optional[torch.Tensor] = None
         if stage == 1:
             self.local_grads = self._zeros(self.layout.buffer_numel)
@@ -106,6 +111,10 @@ class FlatGroup:
     def free(self) -> None:
         """Stage 3: drops the full parameters' memory (the views stay, sized, without data)."""
         if self.shard_param is not None and self.gathered:
+            if self._placeholder is None:
+                self._placeholder = torch.empty(0, dtype=self.dtype, device=self.device)
+            for p in self.params:
+                p.data = self._placeholder
             self.flat_param.untyped_storage().resize_(0)
             self.gathered = False
 
@@ -113,6 +122,8 @@ class FlatGroup:
         """Stage 3: gives the full buffer its memory back (contents undefined until gathered)."""
         if not self.gathered:
             self.flat_param.untyped_storage().resize_(self.full_nbytes)
+            for p, shape, (start, end) in zip(self.params, self.shapes, self.param_ranges):
+                p.data = self.flat_param[start:end].view(shape)
             self.gathered = True
 
     def param_values(self, buffer_start: int, buffer_end: int, shard_start: int) -> torch.Tensor:
@@ -173,9 +184,11 @@ class FlatGroup:
 
     def _check_attached_sharded(self) -> None:
         """Stage 3: the parameters must still be views of flat_param's storage."""
-        storage = self.flat_param.untyped_storage()
+        storages = {self.flat_param.untyped_storage()._cdata}
+        if self._placeholder is not None:
+            storages.add(self._placeholder.untyped_storage()._cdata)
         for j, p in enumerate(self.params):
-            if (p.untyped_storage()._cdata != storage._cdata or p.dtype != self.dtype
+            if (p.untyped_storage()._cdata not in storages or p.dtype != self.dtype
                     or p.device != self.device):
                 raise RuntimeError(
                     f"{self.names[j]} no longer belongs to the stage-3 optimizer's buffers "

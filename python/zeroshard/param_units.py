@@ -138,7 +138,7 @@ class ParamUnits:
         self.pinned = 0  # inside full_params(): nothing is freed
         self.peak_alive = 0  # most non-root units with full buffers at once
         self.gathers = 0  # unit gathers started (instrumentation for tests)
-        self._sharded = {id(p) for u in self.units for fg in u.groups for p in fg.params}
+        self._sharded = {id(p): fg for u in self.units for fg in u.groups for p in fg.params}
         self._handles = []
         self._install_hooks()
 
@@ -237,9 +237,10 @@ class ParamUnits:
         for name, p in module._parameters.items():
             if state_dict.get(prefix + name) is p:  # keep_vars=True: the objects, no data read
                 continue
-            if p is None or p.numel() == 0 or id(p) not in self._sharded:
+            fg = self._sharded.get(id(p)) if p is not None else None
+            if fg is None:
                 continue
-            if p.untyped_storage().nbytes() > 0:
+            if fg.gathered:
                 # Gathered (inside full_params): a copy that outlives the gathered buffer.
                 state_dict[prefix + name] = state_dict[prefix + name].clone()
             else:
@@ -336,10 +337,13 @@ class ParamUnits:
         if u.launched == u.buckets and self._in_backward():
             self.free(u)
 
-    def after_backward(self) -> None:
+    def before_backward(self) -> None:
+        """The first gradient of a backward: count this backward's launched buckets afresh."""
         for u in self.units:
             u.launched = 0
-            self.free(u)
+
+    def after_backward(self) -> None:
+        self.free_all()
 
     @contextlib.contextmanager
     def full_params(self):

@@ -447,8 +447,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._reattach()
         self.exposed.withdraw()
         self._grads_dirty = True
+        if self.units is not None:
+            self.units.before_backward()
 
     def _on_backward_end(self) -> None:
+        if self.units is not None:  # parameters back to their placeholders before p.grad is set
+            self.units.after_backward()
         if self.reducer.callback_queued and self.reducer.round_sync:
             self.exposed.expose()
 

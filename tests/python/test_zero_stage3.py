@@ -195,8 +195,8 @@ def test_stage3_parameters_outside_forward_and_full_params():
     reference = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = zeroshard.ZeroAdamW(model, lr=1e-2, stage=3)
     weight = model.blocks[0].fc1.weight
-    assert weight.shape == reference["blocks.0.fc1.weight"].shape  # shapes stay
-    assert weight.untyped_storage().nbytes() == 0  # no data outside forward/backward
+    # Outside forward/backward: an empty placeholder (never a view of freed memory).
+    assert weight.shape == (0,) and weight.untyped_storage().nbytes() == 0
     with pytest.raises(RuntimeError, match="full_params"):
         model.state_dict()
     assert set(model.state_dict(keep_vars=True)) >= set(reference)  # the objects themselves
