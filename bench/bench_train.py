@@ -2,14 +2,16 @@
 
     python bench/bench_train.py                      # the default rows, a few minutes here
     python bench/bench_train.py --model gpt-17m --batch-size 8 --seq-len 128 --steps 10 \\
-        --rows ddp zero1 zero2 ds-zero1 ds-zero2
+        --rows ddp zero1 zero2 zero3 ds-zero1 ds-zero2 ds-zero3
 
 Owns the benchmark's row list, the launching of one `torchrun` job per row (each runs
 examples/train_gpt.py with --metrics-json), and the comparison table, per rank in MiB: ZeRO's
 closed-form model-state bytes for the row's stage (DDP = stage 0), zeroshard's estimate for that
 stage, the optimizer's own memory_report() (zeroshard rows), the measured peak RSS, and the peak
-saving against DDP next to the formula's saving; plus the median step time after warm-up and
-issue 9's targets for stages 1 and 2. Knows nothing of how a row trains; that is
+saving against DDP next to the formula's saving; plus the median step time after warm-up,
+issue 9's memory targets for stages 1 and 2 (and the same figures for stage 3), and stage 3's
+step-time targets against our stage 2 and DeepSpeed's ZeRO-3 (printed, never asserted: timings
+on a shared machine are noisy). Knows nothing of how a row trains; that is
 examples/train_gpt.py's job. DeepSpeed rows (ds-zero*) run only where deepspeed is installed and
 are in the default rows only there; otherwise the table says they were not run.
 """
@@ -36,6 +38,9 @@ MiB = 2 ** 20
 HAVE_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 # Issue 9: stages 1 and 2 keep at least this share of the formula's saving in measured peak.
 TARGET_SHARE = 0.80
+# Stage 3's step time: at most this multiple of our stage 2's, and of DeepSpeed ZeRO-3's.
+STAGE3_VS_STAGE2 = 1.25
+STAGE3_VS_DEEPSPEED = 0.85
 
 # name -> (label, train_gpt.py flags)
 ROWS: Dict[str, tuple] = {
@@ -44,6 +49,7 @@ ROWS: Dict[str, tuple] = {
     "zero0": ("zeroshard stage 0", ["--optimizer", "zeroshard", "--stage", "0"]),
     "zero1": ("zeroshard stage 1", ["--optimizer", "zeroshard", "--stage", "1"]),
     "zero2": ("zeroshard stage 2", ["--optimizer", "zeroshard", "--stage", "2"]),
+    "zero3": ("zeroshard stage 3", ["--optimizer", "zeroshard", "--stage", "3"]),
     "ds-zero1": ("DeepSpeed ZeRO-1 + AdamW", ["--optimizer", "deepspeed", "--stage", "1"]),
     "ds-zero2": ("DeepSpeed ZeRO-2 + AdamW", ["--optimizer", "deepspeed", "--stage", "2"]),
     "ds-zero3": ("DeepSpeed ZeRO-3 + AdamW", ["--optimizer", "deepspeed", "--stage", "3"]),
@@ -55,17 +61,14 @@ def is_deepspeed_row(name: str) -> bool:
 
 
 def default_rows() -> List[str]:
-    # ZeRO-3 is not in the default rows: zeroshard has no stage 3 to compare it with yet.
-    return [name for name in ROWS if not is_deepspeed_row(name)
-            or (HAVE_DEEPSPEED and name != "ds-zero3")]
+    return [name for name in ROWS if not is_deepspeed_row(name) or HAVE_DEEPSPEED]
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", nargs="+", default=default_rows(), choices=list(ROWS),
                         help="which rows to run (ddp is always run first: it is the baseline); "
-                             "default: all but ds-zero3, the ds-zero* ones only where deepspeed "
-                             "is installed")
+                             "default: all, the ds-zero* ones only where deepspeed is installed")
     parser.add_argument("--nproc", type=int, default=2, help="ranks per row")
     parser.add_argument("--model", default="small", choices=list(gpt.PRESETS))
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -229,10 +232,11 @@ def legend_lines(results: Dict[str, Dict]) -> List[str]:
 
 def target_lines(results: Dict[str, Dict]) -> List[str]:
     """Issue 9's targets for zeroshard stages 1 and 2: at least TARGET_SHARE of the formula's
-    saving in measured peak, and a peak no higher than DeepSpeed's at the same stage."""
+    saving in measured peak, and a peak no higher than DeepSpeed's at the same stage (stage 3's
+    line gives the same figures); then stage 3's step-time targets (stage3_time_line)."""
     base = results.get("ddp", {})
     lines = []
-    for stage in (1, 2):
+    for stage in (1, 2, 3):
         row = results.get(f"zero{stage}", {})
         if "peak" not in row or "peak" not in base:
             continue
@@ -254,8 +258,32 @@ def target_lines(results: Dict[str, Dict]) -> List[str]:
                 ds_text += (f", above start {_mib(grown, 0)} vs {_mib(ds_grown, 0)} MiB")
         else:
             ds_text = f"DeepSpeed ZeRO-{stage} not run"
-        lines.append(f"issue 9, stage {stage}: {share_text}; {ds_text}")
-    return lines
+        lines.append(f"{'issue 9, ' if stage < 3 else ''}stage {stage}: {share_text}; {ds_text}")
+    time_line = stage3_time_line(results)
+    return lines + ([time_line] if time_line else [])
+
+
+def _time_target(ratio: float, target: float, other: str) -> str:
+    verdict = "met" if ratio <= target else "NOT met"
+    return f"{ratio:.2f}x {other} (target <= {target:.2f}x: {verdict})"
+
+
+def stage3_time_line(results: Dict[str, Dict]) -> Optional[str]:
+    """Stage 3's median step time against our stage 2's (at most STAGE3_VS_STAGE2 times it)
+    and DeepSpeed ZeRO-3's (at most STAGE3_VS_DEEPSPEED times it); None without a zero3 row."""
+    row = results.get("zero3", {})
+    if "step_s" not in row:
+        return None
+    parts = []
+    for name, target, other in (("zero2", STAGE3_VS_STAGE2, "our stage 2"),
+                                ("ds-zero3", STAGE3_VS_DEEPSPEED, "DeepSpeed ZeRO-3")):
+        ref = results.get(name, {})
+        if "step_s" in ref:
+            parts.append(_time_target(row["step_s"] / ref["step_s"], target, other)
+                         + f" ({ref['step_s'] * 1e3:.1f} ms)")
+        else:
+            parts.append(f"{other} not run")
+    return f"stage 3 step time {row['step_s'] * 1e3:.1f} ms: " + "; ".join(parts)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -42,8 +42,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "torch-zero = DDP + torch ZeroRedundancyOptimizer(AdamW); deepspeed = "
                         "DeepSpeed's ZeRO engine + torch AdamW (fp32, needs deepspeed)")
     parser.add_argument("--stage", type=int, default=None,
-                        help="ZeRO stage: 0|1|2 for --optimizer zeroshard, 0|1|2|3 for "
-                             "deepspeed (default 2)")
+                        help="ZeRO stage: 0|1|2|3 for --optimizer zeroshard or deepspeed "
+                             "(default 2)")
     parser.add_argument("--model", default="tiny", help=f"one of {sorted(gpt.PRESETS)}")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
@@ -82,7 +82,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error(f"--model {args.model!r} is unknown; pick one of {sorted(gpt.PRESETS)}")
     if args.optimizer in ("zeroshard", "deepspeed"):
         args.stage = 2 if args.stage is None else args.stage
-        stages = (0, 1, 2) if args.optimizer == "zeroshard" else (0, 1, 2, 3)
+        stages = (0, 1, 2, 3)
         if args.stage not in stages:
             parser.error(f"--stage must be one of {stages} for --optimizer {args.optimizer}, "
                          f"got {args.stage}")
@@ -146,7 +146,10 @@ def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
 # ---------------------------------------------------------------- one setup per --optimizer
 
 class ZeroshardSetup:
-    """zeroshard.ZeroAdamW on the plain model: no DDP wrapper, the optimizer reduces gradients."""
+    """zeroshard.ZeroAdamW on the plain model: no DDP wrapper, the optimizer reduces gradients.
+    At stage 3 the optimizer also owns the parameters: it gathers each block (unit) around its
+    forward and backward, and outside them every parameter is an empty placeholder; the script
+    reads whole weights only inside `whole_params()` (the optimizer's full_params())."""
 
     library = "zeroshard"  # imported before the start RSS is read (see train)
 
@@ -157,10 +160,13 @@ class ZeroshardSetup:
         self.fp16 = args.dtype == "fp16"
         self.model = model.to(DTYPES[args.dtype])
         self.forward_module = self.model  # no wrapper: the optimizer's hooks reduce grads
+        # Stage 3 gathers parameters module by module, so it needs the model next to the
+        # groups (the groups read p.dim() here, while the parameters are still whole).
+        module = {"module": self.model} if args.stage == 3 else {}
         self.optimizer = zeroshard.ZeroAdamW(
             param_groups(self.model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
             eps=1e-8, weight_decay=args.weight_decay, stage=args.stage,
-            bucket_mb=args.bucket_mb)
+            bucket_mb=args.bucket_mb, **module)
         self.skipped_steps = 0
 
     def accumulation_context(self, last_micro_batch: bool):
@@ -180,6 +186,11 @@ class ZeroshardSetup:
             self.optimizer.clip_grad_norm_(max_norm)
         self.optimizer.step()
         self.skipped_steps += int(self.optimizer.last_step_skipped)
+
+    def whole_params(self):
+        """Every parameter whole on every rank inside (a collective at stage 3: every rank
+        enters it); changes made inside are discarded."""
+        return self.optimizer.full_params()
 
     def memory(self) -> Dict[str, int]:
         return dict(self.optimizer.memory_report())
@@ -233,6 +244,9 @@ class DDPSetup:
         self.scaler.update()
         if self.scaler.is_enabled() and self.scaler.get_scale() < scale_before:
             self.skipped_steps += 1  # GradScaler shrinks the scale only when it skipped
+
+    def whole_params(self):
+        return contextlib.nullcontext()  # every rank holds the whole model
 
     def optimizer_state_tensors(self) -> List[torch.Tensor]:
         return [t for state in self.optimizer.state.values() for t in state.values()
@@ -327,6 +341,12 @@ class DeepSpeedSetup:
     def clip_and_step(self, max_norm: float) -> None:
         self.engine.step()  # clips to the config's gradient_clipping (= --clip) and zeroes grads
 
+    def whole_params(self):
+        if self.stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed  # ZeRO-3 partitions the parameters: gather them (every rank enters)
+        return deepspeed.zero.GatheredParameters(list(self.model.parameters()))
+
     def memory(self) -> Dict[str, int]:
         """Bytes of the tensors alive after the step (DeepSpeed frees its gradient partitions
         in step(), so grads are mostly 0 here; the measured peak holds them)."""
@@ -378,17 +398,30 @@ def expected_memory(args, param_numels: List[int], world: int, device: torch.dev
         expected["formula"] = estimate.formula_text(stage, dtype)
         expected["formula_bytes"] = estimate.zero_formula_bytes(numel, world_size=world,
                                                                 stage=stage, dtype=dtype)
+    except ValueError:
+        if stage != 3:
+            raise
+        expected["formula"], expected["formula_bytes"] = stage3_formula(estimate, numel, world,
+                                                                        dtype)
+    try:
         states = estimate.estimate_model_states(
             param_numels, world_size=world, stage=stage, dtype=dtype, bucket_mb=args.bucket_mb,
             backend="nccl" if device.type == "cuda" else "gloo")
-    except ValueError as error:  # e.g. DeepSpeed's stage 3, which the estimator does not cover
-        expected["note"] = str(error)
+    except ValueError as error:  # an estimator without stage 3 yet: the cell stays None
+        expected["note"] = f"zeroshard.estimate: {error}"
         return expected
     expected["estimate"], expected["estimate_bytes"] = states, states["total"]
     if args.micro_batches > 1 and stage in (0, 2):
         expected["note"] = ("the estimate leaves out the full-size gradient buffer that no_sync "
                             "accumulation adds at stages 0 and 2")
     return expected
+
+
+def stage3_formula(estimate, numel: int, world: int, dtype: str):
+    """(text, bytes per rank) of ZeRO-3's closed form, for an estimator without stage 3: every
+    model state partitioned, i.e. stage 0's bytes per parameter over N (fp32 Adam 16Ψ/N)."""
+    per_param = estimate.zero_formula_bytes(1, world_size=1, stage=0, dtype=dtype)
+    return f"{per_param}Ψ/N", -(-per_param * numel // world)
 
 
 def current_rss_bytes() -> Optional[int]:
@@ -444,7 +477,7 @@ def expected_line(expected: Dict) -> str:
 
 def closing_report(args, setup, memory: Dict, expected: Dict, peak_bytes: int, numel: int,
                    world: int, rank: int, device: torch.device, first_loss: float,
-                   final_loss: float, floor: float) -> str:
+                   final_loss: float, floor: float, checksum: float) -> str:
     # memory_report() may hold non-byte entries (its nested "measured"): only ints are bytes.
     parts = " | ".join(f"{k} {v / MiB:.2f}" for k, v in memory.items()
                        if k != "total" and isinstance(v, int))
@@ -461,7 +494,21 @@ def closing_report(args, setup, memory: Dict, expected: Dict, peak_bytes: int, n
         f"  measured this rank ({source}): {memory['total'] / MiB:.2f} MiB  [MiB: {parts}]",
         f"final loss {final_loss:.4f} (first step {first_loss:.4f}; synthetic-data floor "
         f"~{floor:.3f} nats); skipped steps {setup.skipped_steps}",
+        f"final parameter checksum {checksum:.10e} (sum of every whole parameter, in fp64)",
     ])
+
+
+def param_checksum(setup, model: torch.nn.Module, shapes: List[tuple]) -> float:
+    """The fp64 sum of every parameter, read whole (inside the setup's whole_params(), a
+    collective where parameters are partitioned: every rank calls this). Checks each parameter
+    has its recorded shape there, so an empty stage-3 placeholder cannot pass for a weight."""
+    with setup.whole_params(), torch.no_grad():
+        params = list(model.parameters())
+        found = [tuple(p.shape) for p in params]
+        if found != shapes:
+            raise RuntimeError(f"whole parameters have shapes {found[:3]}..., not the recorded "
+                               f"{shapes[:3]}...")
+        return float(sum(p.detach().double().sum() for p in params))
 
 
 # ---------------------------------------------------------------- training loop
@@ -491,9 +538,11 @@ def train(args) -> int:
     # of the peak RSS that no optimizer choice can save.
     start_rss = current_rss_bytes()
     model = gpt.GPT(config, seed=args.seed).to(device)
+    # Shapes and counts recorded before a setup flattens or partitions the parameters (DeepSpeed
+    # does; at stage 3 zeroshard leaves each one an empty placeholder between steps).
+    param_shapes = [tuple(p.shape) for p in model.parameters()]
     numel = model.num_parameters()
-    # Counted before a setup flattens or partitions the parameters (DeepSpeed does).
-    expected = expected_memory(args, [p.numel() for p in model.parameters()], world, device)
+    expected = expected_memory(args, [math.prod(shape) for shape in param_shapes], world, device)
     setup = SETUPS[args.optimizer](args, model, world)
     scheduler = make_scheduler(setup.optimizer, args)
     data = gpt.MarkovTokenStream(config.vocab_size, seed=args.seed + 1)
@@ -546,6 +595,7 @@ def train(args) -> int:
                       flush=True)
 
     losses = global_mean(torch.stack(step_losses), world)
+    checksum = param_checksum(setup, model, param_shapes)  # a collective at stage 3
     final_loss = sum(losses[-5:]) / len(losses[-5:])  # mean of the last steps: less noise
     peak_bytes = measured_peak_bytes(memory, device)
     rank_metrics = {"rank": rank, "peak_rss_bytes": peak_rss_bytes(),
@@ -558,13 +608,15 @@ def train(args) -> int:
         all_metrics = [rank_metrics]
     if rank == 0:
         print(closing_report(args, setup, memory, expected, peak_bytes, numel, world, rank,
-                             device, losses[0], final_loss, data.entropy_floor()), flush=True)
+                             device, losses[0], final_loss, data.entropy_floor(), checksum),
+              flush=True)
         if args.metrics_json:
             with open(args.metrics_json, "w") as out:
                 json.dump({"optimizer": args.optimizer, "stage": args.stage, "dtype": args.dtype,
                            "model": args.model, "params": numel, "world_size": world,
                            "step_times_s": step_times, "losses": losses,
                            "first_loss": losses[0], "final_loss": final_loss,
+                           "param_checksum": checksum,
                            "formula_stage": expected["stage"], "formula": expected["formula"],
                            "formula_bytes": expected["formula_bytes"],
                            "ddp_formula_bytes": expected["ddp_formula_bytes"],

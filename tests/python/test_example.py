@@ -106,3 +106,26 @@ def test_zeroshard_stage2_low_precision_learns(tmp_path, dtype):
     assert_learns(metrics)
     for rank in metrics["ranks"]:
         assert rank["memory"]["master_params"] > 0  # fp32 master shard for 16-bit params
+
+
+@needs_zero_api
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_zeroshard_stage3_matches_stage2(tmp_path, micro_batches):
+    """--stage 3 partitions the parameters too (each block gathered around its forward and
+    backward); on the same seed, data and global batch it must train the model stage 2 trains:
+    fp32 losses within 1e-5 relative, and the same final weights (read whole through
+    full_params() for the checksum)."""
+    stage2 = run_train(tmp_path, 2, ["--optimizer", "zeroshard", "--stage", "2"], micro_batches)
+    stage3 = run_train(tmp_path, 2, ["--optimizer", "zeroshard", "--stage", "3"], micro_batches)
+    assert_learns(stage3)
+    assert stage3["stage"] == 3 and stage3["formula"] == "16Ψ/N"
+    assert stage3["losses"] == pytest.approx(stage2["losses"], rel=1e-5)
+    assert stage3["param_checksum"] == pytest.approx(stage2["param_checksum"], rel=1e-5)
+    numel, world = stage3["params"], 2
+    assert stage3["params"] == stage2["params"]  # counted before the parameters were emptied
+    for rank in stage3["ranks"]:
+        memory = rank["memory"]
+        # after the step every unit is freed: this rank holds only its shard of the parameters
+        assert memory["units"]["gathered"] == 0 and memory["units"]["count"] == 5  # 4 blocks+root
+        assert memory["model_params"] == pytest.approx(4 * numel / world, rel=0.05)
+        assert memory["optimizer_state"] == pytest.approx(8 * numel / world, rel=0.05)
