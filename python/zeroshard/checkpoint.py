@@ -114,6 +114,14 @@ def _model_tensors(model: torch.nn.Module) -> "OrderedDict[str, torch.Tensor]":
     return out
 
 
+def _true_shapes(optimizer) -> Dict[int, torch.Size]:
+    """id(param) -> its shape, for the optimizer's parameters: at stage 3 a parameter is an empty
+    placeholder between steps (its data lives in shards), so its own .shape says (0,)."""
+    if optimizer is None:
+        return {}
+    return {id(p): shape for fg in optimizer.flat_groups for p, shape in zip(fg.params, fg.shapes)}
+
+
 def _tied_aliases(model: torch.nn.Module) -> Dict[str, Tuple[str, int]]:
     """alias -> (first name, alias's position among the state_dict's tensors) for every key that
     names a tensor an earlier key already names (tied weights: GPT-2's lm_head.weight is
@@ -201,8 +209,8 @@ def _group_meta(optimizer, g: int, names: Dict[int, str]) -> Dict[str, Any]:
     keys = {"param": fmt.dtype_name(fg.dtype)}
     keys.update({k: fmt.dtype_name(t.dtype) for k, t in tensors.items()})
     return {"group_index": fg.group_index, "dtype": fmt.dtype_name(fg.dtype),
-            "params": [{"name": names[id(p)], "shape": list(p.shape), "numel": p.numel()}
-                       for p in fg.params],
+            "params": [{"name": names[id(p)], "shape": list(shape), "numel": shape.numel()}
+                       for p, shape in zip(fg.params, fg.shapes)],
             "layout": {"align_elems": layout.align_elems, "bucket_elems": layout.bucket_elems,
                        "buffer_numel": layout.buffer_numel, "shard_numel": layout.shard_numel},
             "keys": keys, "scalars": {k: _json_value(k, v) for k, v in scalars.items()},
@@ -237,6 +245,7 @@ def save(path, *, model: torch.nn.Module, optimizer: Optional[ZeroOptimizer] = N
     ranks = _Ranks(optimizer, _timeout(optimizer, timeout_s))
     ranks.enter("zeroshard.checkpoint.save")
     tensors = _model_tensors(model)
+    shapes = _true_shapes(optimizer)
     names = {id(t): n for n, t in tensors.items()}
     flat = _flat_locations(tensors, optimizer)
     groups_meta = _param_groups_meta(optimizer, names) if optimizer is not None else None
@@ -286,7 +295,8 @@ def save(path, *, model: torch.nn.Module, optimizer: Optional[ZeroOptimizer] = N
                 "stage": optimizer.stage if optimizer is not None else None,
                 "created": time.time(), "chunk_bytes": fmt.CHUNK_BYTES, "rng": bool(rng),
                 "extra": extra is not None,
-                "model": [{"name": n, "shape": list(t.shape), "dtype": fmt.dtype_name(t.dtype),
+                "model": [{"name": n, "shape": list(shapes.get(id(t), t.shape)),
+                           "dtype": fmt.dtype_name(t.dtype),
                            "flat": list(flat[id(t)]) if id(t) in flat else None}
                           for n, t in tensors.items()],
                 "replicated": info["replicated"],
@@ -315,7 +325,7 @@ def _zeroshard_version() -> str:
 
 # ---- load ---------------------------------------------------------------------------------
 
-def _saved_names(meta: Dict[str, Any], model, tensors) -> Dict[str, str]:
+def _saved_names(meta: Dict[str, Any], model, tensors, shapes) -> Dict[str, str]:
     """The saved record of each of the model's tensors: name -> saved name. A tied weight may be
     saved under another of its names, and a model that unties it reads both from the one saved
     tensor; checkpoints before tied weights were recorded have no "aliases" (none then)."""
@@ -331,9 +341,9 @@ def _saved_names(meta: Dict[str, Any], model, tensors) -> Dict[str, str]:
         m = saved.get(src)
         if m is None:
             problems.append(f"{name} is in the model but not in the checkpoint")
-        elif list(t.shape) != m["shape"]:
-            problems.append(f"{name} has shape {list(t.shape)} in the model, {m['shape']} in the "
-                            "checkpoint")
+        elif list(shapes.get(id(t), t.shape)) != m["shape"]:
+            problems.append(f"{name} has shape {list(shapes.get(id(t), t.shape))} in the model, "
+                            f"{m['shape']} in the checkpoint")
         elif fmt.dtype_name(t.dtype) != m["dtype"]:
             problems.append(f"{name} is {fmt.dtype_name(t.dtype)} in the model, {m['dtype']} in "
                             "the checkpoint")
@@ -421,7 +431,7 @@ def _stage_optimizer(meta, optimizer, names: Dict[int, str], readers) -> List[tu
     return staged
 
 
-def _stage_model(meta, tensors, saved_names, readers) -> Dict[str, torch.Tensor]:
+def _stage_model(meta, tensors, saved_names, readers, shapes) -> Dict[str, torch.Tensor]:
     by_name = {m["name"]: m for m in meta["model"]}
     om = meta["optimizer"]
     pieces = [fmt.saved_piece_index(gm) for gm in om["flat_groups"]] if om else []
@@ -429,7 +439,7 @@ def _stage_model(meta, tensors, saved_names, readers) -> Dict[str, torch.Tensor]
     try:
         values = {}
         for name, t in tensors.items():
-            out = torch.empty(t.shape, dtype=t.dtype)
+            out = torch.empty(shapes.get(id(t), t.shape), dtype=t.dtype)
             flat = by_name[saved_names[name]]["flat"]
             if flat is None:
                 replicated.read_into(saved_names[name], 0, out.view(-1))
@@ -460,11 +470,12 @@ def load(path, *, model: torch.nn.Module, optimizer: Optional[ZeroOptimizer] = N
     staged = None
     try:
         meta = fmt.read_metadata(path)
-        saved_names = _saved_names(meta, model, tensors)
+        shapes = _true_shapes(optimizer)
+        saved_names = _saved_names(meta, model, tensors, shapes)
         names = {id(t): saved_names[n] for n, t in tensors.items()}  # as the checkpoint has them
         readers = _open_rank_files(meta) if meta["optimizer"] is not None else {}
         try:
-            values = _stage_model(meta, tensors, saved_names, readers)
+            values = _stage_model(meta, tensors, saved_names, readers, shapes)
             opt_state = (_stage_optimizer(meta, optimizer, names, readers)
                          if optimizer is not None else None)
         finally:

@@ -142,7 +142,7 @@ def full_state_dict(opt) -> Dict[str, Any]:
             entry: Dict[str, Any] = {
                 "step": torch.tensor(float(shard_state.get("step", 0)))}
             for k, t in whole.items():
-                entry[k] = t[start:end].view(p.shape).clone()
+                entry[k] = t[start:end].view(fg.shapes[j]).clone()
             state[index[id(p)]] = entry
     return {"state": state, "param_groups": groups,
             "zeroshard": {"format": STATE_FORMAT, "consolidated": True,
@@ -198,10 +198,11 @@ def load_full_state_dict(opt, state_dict: Dict[str, Any]) -> None:
                     raise ValueError(f"state_dict's state for {name} has no '{k}' (it has "
                                      f"{sorted(entry)})")
                 saved_t = entry[k]
-                if not isinstance(saved_t, torch.Tensor) or saved_t.numel() != p.numel():
+                if (not isinstance(saved_t, torch.Tensor)
+                        or saved_t.numel() != fg.shapes[j].numel()):
                     raise ValueError(f"state_dict's '{k}' for {name} has shape "
                                      f"{tuple(getattr(saved_t, 'shape', ()))}, the "
-                                     f"parameter {tuple(p.shape)}")
+                                     f"parameter {tuple(fg.shapes[j])}")
                 flat = saved_t.detach().reshape(-1)
                 copies.append((shard_state[k], [(s0, flat[p0:p1])
                                                 for p0, p1, s0 in fg.param_shard_pieces[j]]))
