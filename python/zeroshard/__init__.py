@@ -9,6 +9,7 @@ from . import _core, ops
 from .communicator import CollectiveTimeout
 from .gradient_reducer import GradientReducer
 from .optimizers import ZeroAdam, ZeroAdamW, ZeroRedundancy, ZeroSGD
+from .sharded_init import sharded_init
 from .zero_optimizer import ZeroOptimizer
 from . import checkpoint
 
@@ -16,5 +17,5 @@ __version__ = _core.build_info()["version"]
 CoreError = _core.CoreError
 
 __all__ = ["ZeroAdamW", "ZeroAdam", "ZeroSGD", "ZeroRedundancy", "ZeroOptimizer",
-           "GradientReducer", "ops", "CoreError", "CollectiveTimeout", "checkpoint",
+           "GradientReducer", "sharded_init", "ops", "CoreError", "CollectiveTimeout", "checkpoint",
            "__version__"]

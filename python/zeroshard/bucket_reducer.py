@@ -50,7 +50,7 @@ class _GroupState:
         self.expected = [0] * layout.num_buckets
         for b in range(layout.num_buckets):
             for p in layout.params_in_bucket(b):
-                if group.params[p].numel() > 0:
+                if group.shapes[p].numel() > 0:  # whole shapes (stage 3 placeholders)
                     self.param_buckets[p].append(b)
                     self.expected[b] += 1
         self.pending = list(self.expected)

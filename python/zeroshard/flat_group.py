@@ -34,6 +34,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from . import _core
+from . import sharded_init
 
 ALIGN_BYTES = 128  # every parameter starts on a 128-byte boundary (vector loads, NCCL)
 
@@ -50,23 +51,28 @@ class FlatGroup:
         self.dtype, self.device = first.dtype, first.device
         self.reduce_dtype = reduce_dtype
         align_elems = max(1, ALIGN_BYTES // first.element_size())
+        # Whole shapes: a parameter built under sharded_init is an empty placeholder until here.
+        self.shapes = [sharded_init.whole_shape(p) for p in self.params]
         # Stage 0 uses the same layout (buckets) but treats the whole buffer as its shard.
-        self.layout = _core.Layout([p.numel() for p in self.params], world_size, align_elems,
+        self.layout = _core.Layout([s.numel() for s in self.shapes], world_size, align_elems,
                                    bucket_elems)
         self.flat_param = torch.zeros(self.layout.buffer_numel, dtype=self.dtype,
                                       device=self.device)
         self.param_ranges = [(r.start, r.end) for r in self.layout.param_ranges]
         with torch.no_grad():
-            for p, (start, end) in zip(self.params, self.param_ranges):
-                view = self.flat_param[start:end].view_as(p)
-                view.copy_(p)
+            for p, shape, (start, end) in zip(self.params, self.shapes, self.param_ranges):
+                view = self.flat_param[start:end].view(shape)
+                if sharded_init.is_sharded(p):  # adopt its slices (a collective)
+                    sharded_init.gather_whole(p, out=view.reshape(-1))
+                    sharded_init.release(p)
+                else:
+                    view.copy_(p)
                 p.data = view  # the model's parameter now lives in the flat buffer
         self.bucket_ranges = [(b.start, b.end) for b in self.layout.bucket_ranges]
         # Stage 3: this rank's slice of the parameters (filled by shard_and_free(), after the
         # construction broadcast has made every rank's full buffer equal).
         self.shard_param: Optional[torch.Tensor] = None
         self.gathered = True
-        self.shapes = [p.shape for p in self.params]
         self._placeholder: Optional[torch.Tensor] = None
         self.local_grads: Optional[torch.Tensor] = None
         if stage == 1:

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from . import ops, process_memory
+from . import ops, process_memory, sharded_init
 from .bucket_reducer import BucketReducer
 from .buffer_ring import auto_bucket_mb
 from .communicator import Communicator, _TorchWork, make_communicator
@@ -183,8 +183,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
         elem = torch.tensor([], dtype=self.reduce_dtype).element_size()
         self.bucket_mb = float(bucket_mb) if bucket_mb is not None else auto_bucket_mb(
-            sum(p.numel() for p in trainable), elem)
+            sum(sharded_init.whole_shape(p).numel() for p in trainable), elem)
         self._check_ranks_agree([p for g in self.param_groups for p in g["params"]])
+        self._adopt_sharded_init(module)
 
         self.bucket_elems = max(1, int(self.bucket_mb * 2 ** 20) // elem)
         self.flat_groups: List[FlatGroup] = []
@@ -194,13 +195,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
         else:
             for gi in range(len(self.param_groups)):
                 self.flat_groups.extend(self._flatten_group(gi))
-        self._broadcast_from_rank0()
+        self._broadcast_from_rank0(flat=stage != 3)  # stage 3: per group in _flatten_units
         self.reducer = BucketReducer(self.flat_groups, self.comm,
                                      mode="all_reduce" if stage == 0 else "reduce_scatter",
                                      overlap=overlap, reduce_at_step=(stage == 1))
         if stage == 3:
-            for fg in self.flat_groups:
-                fg.shard_and_free()
             self.units = ParamUnits(module, unit_list, self.comm, prefetch=prefetch,
                                     reshard_after_forward=reshard_after_forward,
                                     wait_guard=self._guarded_wait)
@@ -252,19 +251,48 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                      "parameters of that module")
         for u in unit_list:
             for gi in range(len(self.param_groups)):
+                adopted = []
                 added = self._flatten_group(
-                    gi, lambda p, u=u: owner.get(id(p)) == u.index)
+                    gi, lambda p, u=u: owner.get(id(p)) == u.index, adopted)
+                for fg, whole in zip(added, adopted):
+                    if not whole:  # sharded_init's came from rank 0 already
+                        self._broadcast_from_rank0([fg])
+                    fg.shard_and_free()  # peak memory: one group whole at a time
                 u.groups.extend(added)
                 self.flat_groups.extend(added)
         return unit_list
 
-    def _flatten_group(self, gi: int, select=None) -> List[FlatGroup]:
+    def _adopt_sharded_init(self, module: Optional[torch.nn.Module]) -> None:
+        """Parameters built under zeroshard.sharded_init hold only this rank's slice. Stage 3
+        adopts the trainable ones group by group (FlatGroup gathers them); every other one is
+        made whole here (a collective per parameter)."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        if module is not None:
+            params += list(module.parameters())
+        sharded = [p for p in dict.fromkeys(params) if sharded_init.is_sharded(p)]
+        for p in sharded:
+            record = sharded_init.record_of(p)
+            if record.world_size != self.world_size:
+                raise ValueError(
+                    f"{self._names.get(id(p), 'a parameter')} was sharded by sharded_init over "
+                    f"{record.world_size} ranks, but the optimizer's process group has "
+                    f"{self.world_size}: pass the same process_group to both")
+        for p in sharded:
+            if self.stage != 3 or not p.requires_grad:
+                sharded_init.unshard(p)
+
+    def _flatten_group(self, gi: int, select=None, adopted: Optional[list] = None
+                       ) -> List[FlatGroup]:
         """One FlatGroup per dtype among param group gi's trainable parameters (those `select`
-        accepts)."""
+        accepts). `adopted` gets, per FlatGroup, whether all its parameters came from
+        sharded_init (identical on every rank: no broadcast needed)."""
         by_dtype: "OrderedDict[torch.dtype, list]" = OrderedDict()
         for p in self.param_groups[gi]["params"]:
             if p.requires_grad and (select is None or select(p)):
                 by_dtype.setdefault(p.dtype, []).append(p)
+        if adopted is not None:
+            adopted.extend(all(sharded_init.is_sharded(p) for p in ps)
+                           for ps in by_dtype.values())
         return [FlatGroup(ps, [self._names[id(p)] for p in ps], gi, rank=self.rank,
                           world_size=self.world_size, stage=self.stage,
                           bucket_elems=self.bucket_elems, reduce_dtype=self.reduce_dtype)
@@ -313,7 +341,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def _after_add_groups(self, added: List[FlatGroup]) -> None:
         """Hook for subclasses that keep per-FlatGroup objects outside shard_state."""
 
-    def _broadcast_from_rank0(self, groups: Optional[List[FlatGroup]] = None) -> None:
+    def _broadcast_from_rank0(self, groups: Optional[List[FlatGroup]] = None,
+                              flat: bool = True) -> None:
         """Every rank starts from rank 0's weights, as DDP makes it at construction: scripts
         that seed each rank differently would otherwise train an average of mismatched
         models. At construction this covers the flat parameters, the other (frozen)
@@ -321,8 +350,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if self.world_size == 1:
             return
         if groups is None:
-            groups = self.flat_groups
-            flat_ids = {id(p) for fg in groups for p in fg.params}
+            groups = self.flat_groups if flat else []
+            flat_ids = {id(p) for fg in self.flat_groups for p in fg.params}
             others, seen = [], set(flat_ids)
             candidates = [p for g in self.param_groups for p in g["params"]]
             for m in self.modules:
@@ -374,7 +403,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         process_group = self.process_group
         mine = {
             "stage": self.stage, "bucket_mb": self.bucket_mb, "reduce_dtype": str(self.reduce_dtype),
-            "params": [(self._names[id(p)], tuple(p.shape), str(p.dtype), bool(p.requires_grad))
+            "params": [(self._names[id(p)], tuple(sharded_init.whole_shape(p)), str(p.dtype),
+                        bool(p.requires_grad))
                        for p in params],
         }
         # With the timeout: a rank that never builds its optimizer must not hang the others.
