@@ -127,6 +127,7 @@ class FlatGroup:
     def materialize(self) -> None:
         """Stage 3: gives the full buffer its memory back (contents undefined until gathered)."""
         if not self.gathered:
+            self._check_attached_sharded()  # model.to(dtype) since: an error, not a revert
             self.flat_param.untyped_storage().resize_(self.full_nbytes)
             for p, shape, (start, end) in zip(self.params, self.shapes, self.param_ranges):
                 p.data = self.flat_param[start:end].view(shape)

@@ -34,8 +34,15 @@ def oracle(clip=None, micro=1):
 
 
 def _zero(model, stage, **kw):
-    return zeroshard.ZeroAdamW(model.parameters(), stage=stage, bucket_mb=SMALL_BUCKET_MB,
-                               **HYPER, **kw)
+    # Stage 3 gathers parameters module by module: it takes the model itself.
+    return zeroshard.ZeroAdamW(model if stage == 3 else model.parameters(), stage=stage,
+                               bucket_mb=SMALL_BUCKET_MB, **HYPER, **kw)
+
+
+def _snap(model, opt):
+    """The model's parameters, whole (at stage 3 they are only whole inside full_params)."""
+    with opt.full_params():
+        return param_snapshot(model)
 
 
 def _local(batch, rank, world_size):
@@ -53,10 +60,10 @@ def _train_after_to(rank, world_size, stage):
         mse_loss(model, *_local(batch, rank, world_size)).backward()
         opt.step()
         opt.zero_grad()
-    return param_snapshot(model)
+    return _snap(model, opt)
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_model_moved_after_construction_still_trains(stage):
     per_rank = run_distributed(_train_after_to, 2, stage)
     assert_ranks_identical(per_rank, f"stage {stage}")
@@ -92,6 +99,15 @@ def test_cast_or_move_to_other_dtype_is_a_clear_error():
         mse_loss(model, tokens, target.double()).backward()
 
 
+def test_cast_after_a_stage3_optimizer_is_a_clear_error():
+    model = make_model()
+    zeroshard.ZeroAdamW(model, stage=3)
+    model.to(torch.float64)  # the placeholders are cast; the shards cannot follow
+    tokens, target = make_batches(1)[0]
+    with pytest.raises(RuntimeError, match="move or cast the model before building"):
+        mse_loss(model, tokens, target.double())
+
+
 # ---- 2. gradients start from zero after step(), however the script zeroes -------------------
 
 def _train_zeroing(rank, world_size, stage, how):
@@ -105,10 +121,10 @@ def _train_zeroing(rank, world_size, stage, how):
         elif how == "model_keep":
             model.zero_grad(set_to_none=False)
         # "none": never zeroed, as DeepSpeed's engine allows
-    return param_snapshot(model)
+    return _snap(model, opt)
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("how", ["model", "model_keep", "none"])
 def test_gradients_restart_from_zero_after_step(stage, how):
     per_rank = run_distributed(_train_zeroing, 2, stage, how)
@@ -124,15 +140,15 @@ def _zeroed_between_backward_and_step(rank, world_size, stage):
     batches = make_batches(2)
     mse_loss(model, *_local(batches[0], rank, world_size)).backward()
     model.zero_grad()
-    before = param_snapshot(model)
+    before = _snap(model, opt)
     opt.step()
-    after_noop = param_snapshot(model)
+    after_noop = _snap(model, opt)
     mse_loss(model, *_local(batches[1], rank, world_size)).backward()
     opt.step()
-    return before, after_noop, param_snapshot(model)
+    return before, after_noop, _snap(model, opt)
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_model_zero_grad_discards_the_pending_gradient(stage):
     before, after_noop, final = run_distributed(_zeroed_between_backward_and_step, 2, stage)[0]
     assert_params_close(after_noop, before, "a step after model.zero_grad()", rtol=0, atol=0)
@@ -155,10 +171,10 @@ def _train_seeded_per_rank(rank, world_size, stage):
         opt.zero_grad()
         mse_loss(model, *_local(batch, rank, world_size)).backward()
         opt.step()
-    return param_snapshot(model), buffer_at_start
+    return _snap(model, opt), buffer_at_start
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_ranks_start_from_rank0_weights(stage):
     per_rank = run_distributed(_train_seeded_per_rank, 3, stage)
     assert_ranks_identical([p for p, _ in per_rank], f"stage {stage}")
@@ -221,7 +237,7 @@ def _full_state_dict(rank, world_size, stage):
     return opt.full_state_dict()
 
 
-@pytest.mark.parametrize("world_size,stage", [(1, 2), (3, 1), (4, 2), (2, 0)])
+@pytest.mark.parametrize("world_size,stage", [(1, 2), (3, 1), (4, 2), (2, 0), (3, 3)])
 def test_full_state_dict_equals_torch_optim_state_dict(world_size, stage):
     full = run_distributed(_full_state_dict, world_size, stage)[0]
     model = make_model()
@@ -286,10 +302,10 @@ def _torch_idioms(rank, world_size, stage, use_scaler, foreach):
         else:
             opt.step()
         opt.zero_grad()
-    return param_snapshot(model), torch.stack(norms)
+    return _snap(model, opt), torch.stack(norms)
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("use_scaler", [False, True])
 def test_torch_clip_grad_norm_and_grad_scaler(stage, use_scaler):
     per_rank = run_distributed(_torch_idioms, 2, stage, use_scaler, None)
@@ -307,7 +323,7 @@ def _overflow_skips_everywhere(rank, world_size, stage):
     model = make_model()
     opt = _zero(model, stage)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
-    before = param_snapshot(model)
+    before = _snap(model, opt)
     batch = make_batches(1)[0]
     loss = mse_loss(model, *_local(batch, rank, world_size))
     if rank == world_size - 1:
@@ -315,10 +331,10 @@ def _overflow_skips_everywhere(rank, world_size, stage):
     scaler.scale(loss).backward()
     scaler.step(opt)
     scaler.update()
-    return param_snapshot(model), before, scaler.get_scale()
+    return _snap(model, opt), before, scaler.get_scale()
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_grad_scaler_overflow_on_one_rank_skips_on_all(stage):
     for after, before, scale in run_distributed(_overflow_skips_everywhere, 2, stage):
         assert_params_close(after, before, "skipped step", rtol=0, atol=0)
@@ -388,10 +404,10 @@ def _accumulate(rank, world_size, stage, switch):
             reductions.append(stats["all_reduce"]["calls"] + stats["reduce_scatter"]["calls"])
         opt.step()
         opt.zero_grad()
-    return param_snapshot(model), reductions
+    return _snap(model, opt), reductions
 
 
-@pytest.mark.parametrize("stage", [0, 2])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 @pytest.mark.parametrize("switch", ["require_backward_grad_sync", "no_sync"])
 def test_ddp_accumulation_switches_are_honoured(stage, switch):
     per_rank = run_distributed(_accumulate, 2, stage, switch)
