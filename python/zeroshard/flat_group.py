@@ -195,7 +195,10 @@ class FlatGroup:
         if self._placeholder is not None:
             storages.add(self._placeholder.untyped_storage()._cdata)
         for j, p in enumerate(self.params):
-            if (p.untyped_storage()._cdata not in storages or p.dtype != self.dtype
+            # model.to("cpu:0") copies even an empty placeholder: still nothing lost.
+            moved_placeholder = not self.gathered and p.numel() == 0
+            if ((p.untyped_storage()._cdata not in storages and not moved_placeholder)
+                    or p.dtype != self.dtype
                     or p.device != self.device):
                 raise RuntimeError(
                     f"{self.names[j]} no longer belongs to the stage-3 optimizer's buffers "
