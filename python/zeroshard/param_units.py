@@ -25,8 +25,11 @@ nothing is freed.
 backward, the reverse of the current forward). Every rank records its own order, so a changed
 order (a branch) costs one wasted gather, never a hang. A rank whose order differs from the
 others' would pair its gather with another unit's and read wrong weights; so each gather
-all-gathers the unit's index with it (8 bytes), checked before the data is used, and a mismatch
-raises an error naming both units.
+all-gathers the unit's index with it (4 bytes, a float32 exact up to 2**24: NCCL reduces
+float types only), and a mismatch raises an error naming both units. On CPU the index is checked
+before the data is used. On CUDA reading it would stall the host on every gather, so the indexes
+stay on the device and are checked at the next step() (or full_params()), before any update:
+that step's forward may have run on mixed weights, but the error stops it from being applied.
 """
 from __future__ import annotations
 
@@ -138,6 +141,7 @@ class ParamUnits:
         self.pinned = 0  # inside full_params(): nothing is freed
         self.peak_alive = 0  # most non-root units with full buffers at once
         self.gathers = 0  # unit gathers started (instrumentation for tests)
+        self._unchecked: List[tuple] = []  # CUDA: (unit, tags) not yet compared
         self._sharded = {id(p): fg for u in self.units for fg in u.groups for p in fg.params}
         self._handles = []
         self._install_hooks()
@@ -265,8 +269,8 @@ class ParamUnits:
         if self.comm.world_size > 1:
             # [Note: unit order]: every rank must be gathering this same unit.
             device = u.groups[0].device
-            tags = torch.empty(self.comm.world_size, dtype=torch.int64, device=device)
-            mine = torch.full((1,), u.index, dtype=torch.int64, device=device)
+            tags = torch.empty(self.comm.world_size, dtype=torch.float32, device=device)
+            mine = torch.full((1,), float(u.index), dtype=torch.float32, device=device)
             tag_work = self.comm.all_gather_control(tags, mine)
         pairs = []
         for fg in u.groups:
@@ -286,18 +290,31 @@ class ParamUnits:
         u.pending = None
         if tag_work is not None:
             self._wait(tag_work)
-            seen = tags.tolist()
-            if any(t != u.index for t in seen):
-                names = {v.index: v.name for v in self.units}
-                other = next(r for r, t in enumerate(seen) if t != u.index)
-                raise RuntimeError(
-                    f"stage 3: rank {self.comm.rank} gathered unit {u.name!r} while rank "
-                    f"{other} gathered {names.get(seen[other], seen[other])!r}: the ranks ran "
-                    "their units in different orders (a branch that depends on the rank's data "
-                    "or on the rank?). Every rank must call the same units in the same order "
-                    "in each forward; make the branch agree across ranks, or put the "
-                    "branching modules in one unit (units=) so they are gathered together.")
+            if tags.device.type == "cuda":
+                self._unchecked.append((u, tags))
+            else:
+                self._check_tags(u, tags)
         self._wait(work)
+
+    def _check_tags(self, u: Unit, tags: torch.Tensor) -> None:
+        seen = [int(t) for t in tags.tolist()]
+        if all(t == u.index for t in seen):
+            return
+        names = {v.index: v.name for v in self.units}
+        other = next(r for r, t in enumerate(seen) if t != u.index)
+        raise RuntimeError(
+            f"stage 3: rank {self.comm.rank} gathered unit {u.name!r} while rank "
+            f"{other} gathered {names.get(seen[other], seen[other])!r}: the ranks ran "
+            "their units in different orders (a branch that depends on the rank's data "
+            "or on the rank?). Every rank must call the same units in the same order "
+            "in each forward; make the branch agree across ranks, or put the "
+            "branching modules in one unit (units=) so they are gathered together.")
+
+    def check_order(self) -> None:
+        """CUDA: compares the unit indexes gathered since the last check (one host sync)."""
+        pending, self._unchecked = self._unchecked, []
+        for u, tags in pending:
+            self._check_tags(u, tags)
 
     def _wait(self, work: Work) -> None:
         if self.wait_guard is not None and not work.is_completed():
@@ -348,6 +365,7 @@ class ParamUnits:
     @contextlib.contextmanager
     def full_params(self):
         """Every unit gathered (a collective on every rank) and kept until the block ends."""
+        self.check_order()
         self.gather_all()
         self.pinned += 1
         try:

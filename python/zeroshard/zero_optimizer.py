@@ -608,16 +608,52 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 "scaler; to skip this batch, call zero_grad() and go on.")
         grad_scale = self.loss_scale / self._clip_coef
         if self.units is not None:  # gathered copies would be stale after the update
+            self.units.check_order()
             self.units.free_all()
         if self._master_check_due:
             self._adopt_changed_params()
-        for fg, state in zip(self.flat_groups, self.shard_state):
-            self._step_group(fg, state, self.param_groups[fg.group_index], grad_scale)
+        for fg, state, got in zip(self.flat_groups, self.shard_state, updated):
+            if any(got):
+                self._step_group(fg, state, self.param_groups[fg.group_index], grad_scale, got)
         self._gather_params()
         if self.scaler is not None:
             self.scaler.update(overflow=False)
         self._consume_grads()
         return loss
+
+    def _forget_withdrawn_grads(self) -> None:
+        """A gradient handle the script replaced by None (model.zero_grad(), p.grad = None)
+        means, as in torch, that the parameter has no gradient: unless a later backward gives
+        it one, the step skips it."""
+        if not self.exposed.exposed:
+            return
+        for (gi, j), handle in self.exposed.handles.items():
+            if self.flat_groups[gi].params[j].grad is None:
+                self.reducer.got[gi][j] = False
+
+    def _agree_on_grads(self, check_overflow: bool):
+        """(overflow, updated): whether any rank's gradient shard holds inf/NaN (only looked
+        at with check_overflow), and per flat group which parameters got a gradient on some
+        rank since the last step. One small control all-reduce (MAX) for both; none at world
+        size 1."""
+        got = self.reducer.got
+        if self.world_size == 1:
+            overflow = check_overflow and self._overflowed()
+            return overflow, [list(flags) for flags in got]
+        sizes = [len(flags) for flags in got]
+        vector = torch.tensor([0] + [int(f) for flags in got for f in flags], dtype=torch.int32)
+        vector = vector.to(self.device)
+        if check_overflow:
+            flag = vector[:1]
+            for g in self._shard_grad_pieces():
+                ops.l2_norm_sq(g, nonfinite=flag)
+        self.comm.control_all_reduce(vector, dist.ReduceOp.MAX)
+        values = vector.tolist()
+        updated, at = [], 1
+        for n in sizes:
+            updated.append([v > 0 for v in values[at:at + n]])
+            at += n
+        return values[0] > 0, updated
 
     def _adopt_changed_params(self) -> None:
         """A separate fp32 master shard (bf16/fp16 parameters, ZeroRedundancy) is copied from
