@@ -378,11 +378,13 @@ SETUPS = {"zeroshard": ZeroshardSetup, "ddp": DDPSetup, "torch-zero": TorchZeroS
 BASELINE_STAGES = {"ddp": 0, "torch-zero": 1}
 
 
-def expected_memory(args, param_numels: List[int], world: int, device: torch.device) -> Dict:
+def expected_memory(args, param_numels: List[int], world: int, device: torch.device,
+                    model: Optional[torch.nn.Module] = None) -> Dict:
     """This rank's model-state bytes before training, from zeroshard.estimate: ZeRO's closed
     form for the run's stage (DDP = stage 0, torch's ZeroRedundancyOptimizer = stage 1) and the
     estimator's count for zeroshard at that stage. Fields the estimator cannot give are None,
-    with the reason in "note"."""
+    with the reason in "note". At stage 3 the estimator also needs each parameter's unit, which
+    it reads from `model` (still whole: called before the optimizer partitions it)."""
     stage = BASELINE_STAGES.get(args.optimizer, args.stage)
     dtype = args.dtype if args.optimizer == "zeroshard" else "fp32"  # autocast keeps fp32 params
     numel = sum(param_numels)
@@ -403,17 +405,20 @@ def expected_memory(args, param_numels: List[int], world: int, device: torch.dev
             raise
         expected["formula"], expected["formula_bytes"] = stage3_formula(estimate, numel, world,
                                                                         dtype)
+    unit_args = {}
+    if stage == 3 and model is not None and hasattr(estimate, "param_units_of"):
+        unit_args["units"] = estimate.param_units_of(model)
     try:
         states = estimate.estimate_model_states(
             param_numels, world_size=world, stage=stage, dtype=dtype, bucket_mb=args.bucket_mb,
-            backend="nccl" if device.type == "cuda" else "gloo")
+            backend="nccl" if device.type == "cuda" else "gloo", **unit_args)
     except ValueError as error:  # an estimator without stage 3 yet: the cell stays None
         expected["note"] = f"zeroshard.estimate: {error}"
         return expected
     expected["estimate"], expected["estimate_bytes"] = states, states["total"]
-    if args.micro_batches > 1 and stage in (0, 2):
+    if args.micro_batches > 1 and stage in (0, 2, 3):
         expected["note"] = ("the estimate leaves out the full-size gradient buffer that no_sync "
-                            "accumulation adds at stages 0 and 2")
+                            "accumulation adds at stages 0, 2 and 3")
     return expected
 
 
@@ -542,7 +547,8 @@ def train(args) -> int:
     # does; at stage 3 zeroshard leaves each one an empty placeholder between steps).
     param_shapes = [tuple(p.shape) for p in model.parameters()]
     numel = model.num_parameters()
-    expected = expected_memory(args, [math.prod(shape) for shape in param_shapes], world, device)
+    expected = expected_memory(args, [math.prod(shape) for shape in param_shapes], world, device,
+                               model)
     setup = SETUPS[args.optimizer](args, model, world)
     scheduler = make_scheduler(setup.optimizer, args)
     data = gpt.MarkovTokenStream(config.vocab_size, seed=args.seed + 1)

@@ -169,10 +169,19 @@ def test_expected_memory_per_optimizer():
         stage3 = train_gpt.expected_memory(_train_args(optimizer, 3), numels, 2, cpu)
         # every model state partitioned: fp32 Adam 16 bytes per parameter over N
         assert stage3["formula"] == "16Ψ/N" and stage3["formula_bytes"] == 16 * 4000 // 2
-        if stage3["estimate_bytes"] is None:  # an estimator without stage 3 yet
+        if stage3["estimate_bytes"] is None:  # needs the units (below), or no stage 3 yet
             assert "stage 3" in stage3["note"]
         else:
             assert stage3["estimate_bytes"] > 0
+    # With the model (still whole), the estimator can read each parameter's unit.
+    model = train_gpt.gpt.GPT(train_gpt.gpt.preset("tiny"))
+    numels = [p.numel() for p in model.parameters()]
+    stage3 = train_gpt.expected_memory(_train_args("zeroshard", 3), numels, 2, cpu, model)
+    assert stage3["formula_bytes"] == 16 * sum(numels) // 2
+    if stage3["estimate_bytes"] is None:  # an estimator without stage 3 yet
+        assert "stage 3" in stage3["note"]
+    else:  # padded shards and communication buffers on top of the closed form
+        assert stage3["formula_bytes"] < stage3["estimate_bytes"] < 2 * stage3["formula_bytes"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
