@@ -14,6 +14,7 @@ Importing transformers costs each rank ~8 s of CPU, so one distributed session t
 run once (module fixture) and the tests check its parts. A part that raises is recorded with
 its traceback and the session goes on; the tests of that part fail with it.
 """
+import contextlib
 import os
 import subprocess
 import sys
@@ -39,7 +40,7 @@ GRAD_ACCUM = 2
 PER_DEVICE_BATCH = 4
 SEQ_LEN = 16
 MAX_GRAD_NORM = 0.05  # below every step's gradient norm here: clipping is active throughout
-STAGES = (0, 1, 2)
+STAGES = (0, 1, 2, 3)
 SAMPLES = STEPS * GRAD_ACCUM * PER_DEVICE_BATCH * WORLD_SIZE  # one epoch is the whole run
 
 
@@ -116,8 +117,11 @@ def _logged(trainer):
             "grad_norm": [float(h["grad_norm"]) for h in history]}
 
 
-def _weights(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+def _weights(model, trainer=None):
+    """Whole weights (a stage-3 ZeroTrainer holds them whole only inside full_params)."""
+    optimizer = trainer.zero_optimizer if isinstance(trainer, ZeroTrainer) else None
+    with (optimizer.full_params() if optimizer is not None else contextlib.nullcontext()):
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def _oracle_run(tmp):
@@ -138,7 +142,7 @@ def _zero_run(tmp, stage):
                           zero_stage=stage, zero_kwargs={"timeout_s": 60})
     counter.trainer = trainer
     trainer.train()
-    return {**_logged(trainer), "weights": _weights(model),
+    return {**_logged(trainer), "weights": _weights(model, trainer),
             "non_final_reductions": counter.non_final, "final_reductions": counter.final,
             "optimizer": type(trainer.zero_optimizer).__name__,
             "stage": trainer.zero_optimizer.stage,
@@ -170,7 +174,7 @@ def _resumed_run(tmp, checkpoint, stage):
                           train_dataset=_Sequences(SAMPLES), zero_stage=stage,
                           zero_kwargs={"timeout_s": 60})
     trainer.train(resume_from_checkpoint=checkpoint)
-    return {**_logged(trainer), "weights": _weights(model),
+    return {**_logged(trainer), "weights": _weights(model, trainer),
             "checkpoint_files": sorted(os.listdir(checkpoint))}
 
 
@@ -339,8 +343,8 @@ def test_zero_trainer_refuses_hyperparameters_outside_training_arguments(tmp_pat
     with pytest.raises(ValueError, match=r"learning_rate"):
         ZeroTrainer(model=_tiny_gpt2(), args=_single_process_args(tmp_path),
                     zero_kwargs={"lr": 1e-3})
-    with pytest.raises(ValueError, match="zero_stage must be 0, 1 or 2"):
-        ZeroTrainer(model=_tiny_gpt2(), args=_single_process_args(tmp_path), zero_stage=3)
+    with pytest.raises(ValueError, match="zero_stage must be 0, 1, 2 or 3"):
+        ZeroTrainer(model=_tiny_gpt2(), args=_single_process_args(tmp_path), zero_stage=4)
 
 
 def test_importing_zeroshard_does_not_import_transformers():

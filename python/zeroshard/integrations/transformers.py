@@ -64,7 +64,8 @@ class ZeroTrainerMixin:
     """The ZeroTrainer behaviour, for mixing into any Trainer subclass (e.g. trl's SFTTrainer):
     `class MyTrainer(ZeroTrainerMixin, SFTTrainer): pass`.
 
-    zero_stage: 0, 1 or 2 (see zeroshard.ZeroOptimizer). zero_kwargs: further ZeroAdamW
+    zero_stage: 0, 1, 2 or 3 (see zeroshard.ZeroOptimizer; at 3 the model is passed as
+    module= and saving gathers the whole weights on every rank, rank 0 writing). zero_kwargs: further ZeroAdamW
     arguments (bucket_mb, overlap, reduce_dtype, timeout_s, process_group...); the
     hyper-parameters come from the TrainingArguments as for the Trainer's AdamW. Both apply to
     the optimizer ZeroTrainer builds; an optimizer passed in `optimizers=(opt, None)` must be a
@@ -73,8 +74,8 @@ class ZeroTrainerMixin:
 
     def __init__(self, *args, zero_stage: int = 2, zero_kwargs: Optional[Dict[str, Any]] = None,
                  **kwargs) -> None:
-        if zero_stage not in (0, 1, 2):
-            raise ValueError(f"zero_stage must be 0, 1 or 2, got {zero_stage!r}")
+        if zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
         if zero_kwargs is not None and not isinstance(zero_kwargs, dict):
             raise TypeError(f"zero_kwargs must be a dict of ZeroAdamW arguments, got "
                             f"{type(zero_kwargs).__name__}")
@@ -126,9 +127,11 @@ class ZeroTrainerMixin:
     def zero_optimizer_cls_and_kwargs(self, model: torch.nn.Module) -> Tuple[type, Dict[str, Any]]:
         """The zeroshard optimizer class and arguments that replace what the TrainingArguments
         ask of the Trainer (AdamW's lr, betas, eps; weight decay comes with the param groups)."""
+        # Stage 3 gathers parameters module by module: it needs the model itself.
+        module = {"module": model} if self.zero_stage == 3 else {}
         if self._user_optimizer_cls_and_kwargs is not None:
             cls, kwargs = self._user_optimizer_cls_and_kwargs
-            return cls, {"stage": self.zero_stage, **self.zero_kwargs, **kwargs}
+            return cls, {"stage": self.zero_stage, **module, **self.zero_kwargs, **kwargs}
         cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
         if cls is not torch.optim.AdamW:
             raise ValueError(
@@ -138,7 +141,8 @@ class ZeroTrainerMixin:
                 "pass optimizer_cls_and_kwargs=(zeroshard.ZeroSGD, {...}).")
         kwargs = dict(kwargs)
         kwargs.pop("fused", None)  # zeroshard's update is one fused kernel already
-        return zeroshard.ZeroAdamW, {**kwargs, "stage": self.zero_stage, **self.zero_kwargs}
+        return zeroshard.ZeroAdamW, {**kwargs, "stage": self.zero_stage, **module,
+                                     **self.zero_kwargs}
 
     def create_optimizer(self, model=None):
         # Trainer.create_optimizer builds the decay / no-decay param groups and instantiates
@@ -166,6 +170,20 @@ class ZeroTrainerMixin:
         return self.accelerator.prepare_model(model, device_placement=False, evaluation_mode=True)
 
     # ---- checkpoints -------------------------------------------------------------------------
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
+        # Every process calls save_model; the Trainer lets only rank 0 read the weights. At
+        # stage 3 no rank holds them whole between steps: every rank gathers them (a
+        # collective), then rank 0 writes them as the Trainer would.
+        optimizer = _unwrap_optimizer(self.optimizer)
+        if optimizer is None or getattr(optimizer, "units", None) is None:
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        with optimizer.full_params():
+            state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+        if self.args.should_save:
+            self._save(output_dir, state_dict=state_dict)
+        return None
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         # The Trainer saves optimizer.state_dict() on rank 0 only; here that is one shard of
@@ -196,5 +214,5 @@ class ZeroTrainerMixin:
 
 
 class ZeroTrainer(ZeroTrainerMixin, transformers.Trainer):
-    """transformers.Trainer training with zeroshard.ZeroAdamW at `zero_stage` (0, 1 or 2)
+    """transformers.Trainer training with zeroshard.ZeroAdamW at `zero_stage` (0, 1, 2 or 3)
     instead of DDP + torch.optim.AdamW; same arguments plus `zero_stage` and `zero_kwargs`."""
