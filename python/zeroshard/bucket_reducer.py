@@ -24,6 +24,14 @@ bucket needing a slot when none is free waits for the oldest too. Slots are allo
 use and reused every step, so per-rank communication memory is a few buckets, fixed after the
 first step. In-place all-reduces of views (stage 0) hold no slot and are not bounded.
 
+[Note: launch order] Collectives must start in the same order on every rank, and the order in
+which buckets complete depends on the graph: a head used on some ranks only (or a branch one
+rank takes) completes its bucket early on one rank and only at the end of backward on another.
+So buckets start in one fixed order, `sequence` (last flat group's last bucket first: gradients
+arrive roughly in reverse order of the parameters), as DDP reduces its buckets in order: a
+complete bucket starts once every bucket before it in the sequence has; the end of backward
+starts the rest, in sequence order.
+
 Whether a backward reduces is decided once, when its first gradient arrives: not inside
 `no_sync()`, and `sync_predicate()` (the optimizer's check of the model's
 `require_backward_grad_sync`, DDP's switch that scripts set) must allow it.
@@ -96,6 +104,14 @@ class BucketReducer:
         self.wait_guard: Optional[Callable[[Work], None]] = None
         self._handles = []
         self.groups, self.states = [], []
+        # got[g][j]: parameter j of group g got a gradient on this rank (in any micro-step)
+        # since the last forget_grads() (step or zero_grad): the optimizer skips, as torch.optim
+        # does, a parameter that got none on any rank.
+        self.got: List[List[bool]] = []
+        # See [Note: launch order]: (group, bucket) in the order their collectives start, and
+        # how many of them have started in the current backward.
+        self.sequence: List[Tuple[int, int]] = []
+        self.next_in_sequence = 0
         self.add_groups(groups)
 
     def add_groups(self, groups: List[FlatGroup]) -> None:
@@ -104,9 +120,12 @@ class BucketReducer:
             gi = len(self.groups)
             self.groups.append(group)
             self.states.append(_GroupState(group))
+            self.got.append([False] * len(group.params))
             for pi, p in enumerate(group.params):
                 self._handles.append(p.register_post_accumulate_grad_hook(
                     self._make_hook(gi, pi)))
+        self.sequence = [(gi, b) for gi in reversed(range(len(self.groups)))
+                         for b in reversed(range(self.groups[gi].layout.num_buckets))]
 
     def remove_hooks(self) -> None:
         for h in self._handles:
@@ -139,6 +158,7 @@ class BucketReducer:
                              and g.local_grads is None)
             Variable._execution_engine.queue_callback(self._on_backward_end)
         self.saw_grads = True
+        self.got[gi][pi] = True
         self.boundary_reduce_due = self.boundary_reduce_due or self.reduce_at_step
         start, end = group.param_ranges[pi]
         flat = grad.detach().reshape(-1)
@@ -174,7 +194,19 @@ class BucketReducer:
         state = self.states[gi]
         state.pending[b] -= 1
         if state.pending[b] == 0 and self.overlap:
-            self._launch(gi, b)
+            self._launch_in_order(until_complete=True)
+
+    def _launch_in_order(self, until_complete: bool) -> None:
+        """Starts the buckets next in `sequence`: while they are complete (until_complete), or
+        all of them (the end of backward). See [Note: launch order]."""
+        while self.next_in_sequence < len(self.sequence):
+            gi, b = self.sequence[self.next_in_sequence]
+            state = self.states[gi]
+            if until_complete and state.pending[b] > 0:
+                return
+            self.next_in_sequence += 1
+            if not state.launched[b]:
+                self._launch(gi, b)
 
     def _staging(self, gi: int, b: int) -> torch.Tensor:
         state, group = self.states[gi], self.groups[gi]
@@ -245,10 +277,8 @@ class BucketReducer:
     def _on_backward_end(self) -> None:
         self.callback_queued = False
         if self.round_sync and not self.reduce_at_step:
-            for gi, state in enumerate(self.states):
-                for b in range(len(state.expected)):
-                    if not state.launched[b]:
-                        self._launch(gi, b)
+            self._launch_in_order(until_complete=False)
+        self.next_in_sequence = 0
         for group, state in zip(self.groups, self.states):
             if state.direct and any(state.launched):
                 group.has_reduced = True
@@ -359,6 +389,11 @@ class BucketReducer:
                 self._track(work, lambda: None, slot)
         while self.in_flight:
             self._retire_oldest()
+
+    def forget_grads(self) -> None:
+        """A step or zero_grad() consumed the gradients: no parameter has one any more."""
+        for flags in self.got:
+            flags[:] = [False] * len(flags)
 
     def consume(self) -> bool:
         """Marks the reduced gradients as used (by a step); returns whether there were any."""

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from . import checkpoint_format as fmt
 from .checkpoint_format import CheckpointError
 from .rendezvous import rendezvous_for
+from .state_dicts import PARAM_STEPS
 from .zero_optimizer import ZeroOptimizer
 
 __all__ = ["save", "load", "CheckpointError"]
@@ -203,14 +204,19 @@ def _write_rank_file(directory: str, optimizer, rank: int, world_size: int) -> D
 def _group_meta(optimizer, g: int, names: Dict[int, str]) -> Dict[str, Any]:
     fg = optimizer.flat_groups[g]
     tensors, scalars = optimizer.checkpoint_state(g)
+    # Per-parameter step counts go with each parameter (a loading optimizer may group the
+    # parameters differently); "step" stays the flat group's, for older readers.
+    scalars = dict(scalars)
+    steps = scalars.pop(PARAM_STEPS, None)
     layout = fg.layout
     pieces = [[pc.param, pc.param_range.start, pc.param_range.end, r, pc.shard_range.start]
               for r in range(layout.world_size) for pc in layout.shard_pieces(r)]
     keys = {"param": fmt.dtype_name(fg.dtype)}
     keys.update({k: fmt.dtype_name(t.dtype) for k, t in tensors.items()})
     return {"group_index": fg.group_index, "dtype": fmt.dtype_name(fg.dtype),
-            "params": [{"name": names[id(p)], "shape": list(shape), "numel": shape.numel()}
-                       for p, shape in zip(fg.params, fg.shapes)],
+            "params": [dict({"name": names[id(p)], "shape": list(shape), "numel": shape.numel()},
+                            **({} if steps is None else {"step": int(steps[j])}))
+                       for j, (p, shape) in enumerate(zip(fg.params, fg.shapes))],
             "layout": {"align_elems": layout.align_elems, "bucket_elems": layout.bucket_elems,
                        "buffer_numel": layout.buffer_numel, "shard_numel": layout.shard_numel},
             "keys": keys, "scalars": {k: _json_value(k, v) for k, v in scalars.items()},
@@ -419,7 +425,7 @@ def _stage_optimizer(meta, optimizer, names: Dict[int, str], readers) -> List[tu
                                       f"{sorted(gm['keys'])}, the optimizer needs {sorted(wanted)}")
             if scalars is None:
                 scalars = gm["scalars"]
-            elif scalars != gm["scalars"]:
+            elif _without_step(scalars) != _without_step(gm["scalars"]):
                 raise CheckpointError(f"parameter {name}: its saved state {gm['scalars']} differs "
                                       f"from its flat group's {scalars}")
             for k, t in fresh.items():
@@ -427,8 +433,29 @@ def _stage_optimizer(meta, optimizer, names: Dict[int, str], readers) -> List[tu
                                      t[start:start + (p1 - p0)])
         if scalars is None:  # no piece on this rank: any saved group of these params will do
             scalars = om["flat_groups"][where[names[id(fg.params[0])]][0]]["scalars"]
+        scalars = dict(scalars)
+        scalars.pop(PARAM_STEPS, None)
+        if PARAM_STEPS in optimizer.shard_state[i]:
+            steps = [_saved_step(om, where[names[id(p)]]) if names[id(p)] in where else 0
+                     for p in fg.params]
+            scalars[PARAM_STEPS] = steps
+            scalars["step"] = max(steps, default=0)
         staged.append((fresh, scalars))
     return staged
+
+
+def _without_step(scalars: Dict[str, Any]) -> Dict[str, Any]:
+    """A flat group's scalars but its step count: groups of one saved run may have taken
+    different numbers of steps (parameters without gradients are skipped)."""
+    return {k: v for k, v in scalars.items() if k not in ("step", PARAM_STEPS)}
+
+
+def _saved_step(om: Dict[str, Any], where: Tuple[int, int]) -> int:
+    """A parameter's own saved step count; the flat group's for checkpoints saved before
+    per-parameter counts (every parameter had taken every step then)."""
+    gm = om["flat_groups"][where[0]]
+    pm = gm["params"][where[1]]
+    return int(pm["step"] if "step" in pm else gm["scalars"].get("step", 0))
 
 
 def _stage_model(meta, tensors, saved_names, readers, shapes) -> Dict[str, torch.Tensor]:

@@ -6,8 +6,9 @@ checkpoints) is ZeroOptimizer's.
 """
 from __future__ import annotations
 
+import bisect
 import inspect
-from typing import Any, Dict, Optional, Tuple, Type
+from typing import Any, Dict, List, Optional, Tuple, Type
 
 import torch
 
@@ -87,6 +88,69 @@ def _shard_pieces(fg: FlatGroup, master: Optional[torch.Tensor]):
             yield master[s0:s0 + n], grad, fg.param_values(b0, b1, s0), s0, n
 
 
+# [Note: per-parameter steps] torch.optim skips a parameter whose p.grad is None at step(): its
+# value, its state and its own `step` count stay as they are (a head used on some batches only,
+# a branch not taken). So each FlatGroup's state keeps one step count per parameter,
+# state["param_steps"] (state["step"] is their maximum, kept for older readers), and a step
+# updates only the parameters that got a gradient on some rank. When all did and all have the
+# same count, the kernels run once per shard piece as before; otherwise once per run of
+# consecutive updated parameters with the same count (padding between them rides along: it
+# is zero and stays zero).
+
+
+def param_steps(state: Dict[str, Any], fg: FlatGroup) -> List[int]:
+    """state["param_steps"], created from state["step"] for state saved before it existed."""
+    steps = state.get("param_steps")
+    if not isinstance(steps, list) or len(steps) != len(fg.params):
+        steps = state["param_steps"] = [int(state.get("step", 0))] * len(fg.params)
+    return steps
+
+
+def _advance_steps(state: Dict[str, Any], fg: FlatGroup, updated: List[bool]) -> List[int]:
+    steps = param_steps(state, fg)
+    for j, got in enumerate(updated):
+        if got:
+            steps[j] += 1
+    state["step"] = max(steps, default=0)
+    return steps
+
+
+def _run_pieces(fg: FlatGroup, master: Optional[torch.Tensor], steps: List[int],
+                updated: List[bool]):
+    """(param, grad, param_copy, state_start, n, step) for each kernel call of one step: the
+    shard pieces (as _shard_pieces) when every parameter is updated at the same step count,
+    else the runs of consecutive updated parameters with equal counts within them."""
+    if all(updated) and len(set(steps)) <= 1:
+        step = steps[0] if steps else 0
+        for param, grad, copy, s0, n in _shard_pieces(fg, master):
+            yield param, grad, copy, s0, n, step
+        return
+    segments = sorted((st, st + (p1 - p0), j) for j, pieces in enumerate(fg.param_shard_pieces)
+                      for p0, p1, st in pieces)
+    starts = [seg[0] for seg in segments]
+    for param, grad, copy, s0, n in _shard_pieces(fg, master):
+        runs = []  # [state_start, state_end, step]
+        cut = True
+        i = max(0, bisect.bisect_right(starts, s0) - 1)
+        while i < len(segments) and segments[i][0] < s0 + n:
+            a, e, j = segments[i]
+            i += 1
+            a, e = max(a, s0), min(e, s0 + n)
+            if a >= e:
+                continue
+            if not updated[j]:
+                cut = True
+            elif not cut and runs[-1][2] == steps[j]:
+                runs[-1][1] = e
+            else:
+                runs.append([a, e, steps[j]])
+                cut = False
+        for a, e, step in runs:
+            lo, hi = a - s0, e - s0
+            yield (param[lo:hi], grad[lo:hi], None if copy is None else copy[lo:hi], a, e - a,
+                   step)
+
+
 class _TorchArgumentsMixin:
     """Checks each param group's flags as it is added (at construction and later)."""
     torch_name = ""
@@ -125,6 +189,7 @@ class _ZeroAdamBase(_TorchArgumentsMixin, ZeroOptimizer):
     def _init_state(self, fg: FlatGroup) -> Dict[str, Any]:
         state: Dict[str, Any] = {
             "step": 0,
+            "param_steps": [0] * len(fg.params),
             "exp_avg": torch.zeros(fg.shard_numel, dtype=torch.float32, device=fg.device),
             "exp_avg_sq": torch.zeros(fg.shard_numel, dtype=torch.float32, device=fg.device),
         }
@@ -137,19 +202,20 @@ class _ZeroAdamBase(_TorchArgumentsMixin, ZeroOptimizer):
             state["master"] = master
         return state
 
-    def _step_group(self, fg, state, group, grad_scale) -> None:
+    def _step_group(self, fg, state, group, grad_scale, updated) -> None:
         _check_betas(group["betas"])
         amsgrad = bool(group["amsgrad"])
         if amsgrad and "max_exp_avg_sq" not in state:
             raise ValueError(f"amsgrad was switched on after construction; construct "
                              f"{type(self).__name__} with amsgrad=True (in the defaults or this "
                              "param group) so that max_exp_avg_sq is allocated")
-        state["step"] += 1
-        for param, grad, copy, s0, n in _shard_pieces(fg, state.get("master")):
+        steps = _advance_steps(state, fg, updated)
+        for param, grad, copy, s0, n, step in _run_pieces(fg, state.get("master"), steps,
+                                                          updated):
             ops.adam_step(param, grad, state["exp_avg"][s0:s0 + n],
                           state["exp_avg_sq"][s0:s0 + n], lr=float(group["lr"]),
                           betas=group["betas"], eps=group["eps"],
-                          weight_decay=group["weight_decay"], step=state["step"],
+                          weight_decay=group["weight_decay"], step=step,
                           decoupled=bool(group["decoupled_weight_decay"]), amsgrad=amsgrad,
                           max_exp_avg_sq=state["max_exp_avg_sq"][s0:s0 + n] if amsgrad else None,
                           maximize=bool(group["maximize"]), grad_scale=grad_scale,
@@ -231,7 +297,7 @@ class ZeroSGD(_TorchArgumentsMixin, ZeroOptimizer):
         super().__init__(params, defaults, **zero_kwargs)
 
     def _init_state(self, fg: FlatGroup) -> Dict[str, Any]:
-        state: Dict[str, Any] = {"step": 0}
+        state: Dict[str, Any] = {"step": 0, "param_steps": [0] * len(fg.params)}
         if any(g["momentum"] != 0 for g in self.param_groups):
             state["momentum_buffer"] = torch.zeros(fg.shard_numel, dtype=torch.float32,
                                                    device=fg.device)
@@ -240,17 +306,18 @@ class ZeroSGD(_TorchArgumentsMixin, ZeroOptimizer):
             state["master"] = master
         return state
 
-    def _step_group(self, fg, state, group, grad_scale) -> None:
-        state["step"] += 1
+    def _step_group(self, fg, state, group, grad_scale, updated) -> None:
         momentum = group["momentum"]
         if momentum != 0 and "momentum_buffer" not in state:
             raise ValueError("momentum was switched on after construction; construct ZeroSGD "
                              "with momentum > 0 in the param group instead")
-        for param, grad, copy, s0, n in _shard_pieces(fg, state.get("master")):
+        steps = _advance_steps(state, fg, updated)
+        for param, grad, copy, s0, n, step in _run_pieces(fg, state.get("master"), steps,
+                                                          updated):
             buf = state["momentum_buffer"][s0:s0 + n] if momentum != 0 else None
             ops.sgd_step(param, grad, buf, lr=float(group["lr"]), momentum=momentum,
                          dampening=group["dampening"], weight_decay=group["weight_decay"],
-                         nesterov=group["nesterov"], first_step=state["step"] == 1,
+                         nesterov=group["nesterov"], first_step=step == 1,
                          maximize=bool(group["maximize"]), grad_scale=grad_scale,
                          param_copy=copy, check_finite=False)
 
@@ -264,8 +331,11 @@ class ZeroRedundancy(ZeroOptimizer):
     """Any elementwise torch optimizer, run on this rank's flat fp32 shard.
 
     ZeroRedundancy(params, optimizer_class=torch.optim.Adagrad, *, stage=2, **optimizer_kwargs)
-    Each FlatGroup's shard becomes one flat fp32 parameter of an inner `optimizer_class`
-    instance (a persistent fp32 master shard, also for fp32 models: 4 bytes x shard). Optimizers
+    Each FlatGroup's shard is kept as a persistent fp32 master shard (also for fp32 models: 4
+    bytes x shard); each parameter's piece of it (a view) is one parameter of an inner
+    `optimizer_class` instance, one inner param group per FlatGroup, so that a parameter that
+    got no gradient this step is given p.grad = None and skipped by the inner optimizer, with
+    its own step count, as torch skips it. Optimizers
     that need a tensor's shape (LBFGS, SparseAdam, Adafactor, Muon...) are rejected;
     `assume_elementwise=True` accepts an optimizer not on the known list at your own risk.
     """
@@ -294,33 +364,45 @@ class ZeroRedundancy(ZeroOptimizer):
         super().__init__(params, defaults, stage=stage, process_group=process_group,
                          bucket_mb=bucket_mb, overlap=overlap, reduce_dtype=reduce_dtype,
                          loss_scale=loss_scale, timeout_s=timeout_s)
-        groups = []
-        for fg, state in zip(self.flat_groups, self.shard_state):
-            hyper = {k: v for k, v in self.param_groups[fg.group_index].items() if k != "params"}
-            groups.append(dict(hyper, params=[state["master"]]))
-        self.inner = optimizer_class(groups, **optimizer_kwargs)
+        # (state_start, state_end, parameter index) of each inner parameter, per FlatGroup.
+        self.inner_pieces: List[List[Tuple[int, int, int]]] = []
+        self.inner = optimizer_class(
+            [self._inner_group(fg) for fg in self.flat_groups], **optimizer_kwargs)
+
+    def _inner_group(self, fg: FlatGroup) -> Dict[str, Any]:
+        """fg's inner param group: one inner parameter per parameter piece of the shard, each
+        a view of the master shard (padding between parameters is in none: it stays zero)."""
+        master = self.shard_state[self.flat_groups.index(fg)]["master"]
+        pieces = sorted((st, st + (p1 - p0), j) for j, ps in enumerate(fg.param_shard_pieces)
+                        for p0, p1, st in ps)
+        self.inner_pieces.append(pieces)
+        views = [torch.nn.Parameter(master.detach()[a:e], requires_grad=True)
+                 for a, e, _ in pieces]
+        hyper = {k: v for k, v in self.param_groups[fg.group_index].items() if k != "params"}
+        return dict(hyper, params=views)
 
     def _after_add_groups(self, added) -> None:
         for fg in added:
-            state = self.shard_state[self.flat_groups.index(fg)]
-            hyper = {k: v for k, v in self.param_groups[fg.group_index].items() if k != "params"}
-            self.inner.add_param_group(dict(hyper, params=[state["master"]]))
+            self.inner.add_param_group(self._inner_group(fg))
 
     def _init_state(self, fg: FlatGroup) -> Dict[str, Any]:
         return {"master": torch.nn.Parameter(fg.shard_as_fp32(), requires_grad=True)}
 
-    def _step_group(self, fg, state, group, grad_scale) -> None:
+    def _step_group(self, fg, state, group, grad_scale, updated) -> None:
         index = self.flat_groups.index(fg)
         inner_group = self.inner.param_groups[index]
         for k, v in group.items():
             if k != "params":
                 inner_group[k] = v  # lr schedulers change the outer groups
-        master = state["master"]
         grad = fg.reduced_grads  # the shard (stage 0: the whole buffer), in shard space
-        master.grad = grad.mul(1.0 / grad_scale) if grad_scale != 1.0 else grad.clone()
+        grad = grad.mul(1.0 / grad_scale) if grad_scale != 1.0 else grad.clone()
+        views = inner_group["params"]
+        for view, (a, e, j) in zip(views, self.inner_pieces[index]):
+            view.grad = grad[a:e] if updated[j] else None  # None: skipped, as in torch
         self.inner.step()
-        master.grad = None
-        fg.write_shard(master.detach())
+        for view in views:
+            view.grad = None
+        fg.write_shard(state["master"].detach())
 
     def state_dict(self) -> Dict[str, Any]:
         sd = super().state_dict()
@@ -330,5 +412,34 @@ class ZeroRedundancy(ZeroOptimizer):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         if "inner" not in state_dict:
             raise ValueError("state_dict has no 'inner' section: not saved by ZeroRedundancy")
+        inner = self._inner_from_flat(state_dict["inner"])
         super().load_state_dict(state_dict)
-        self.inner.load_state_dict(state_dict["inner"])
+        self.inner.load_state_dict(inner)
+
+    def _inner_from_flat(self, inner: Dict[str, Any]) -> Dict[str, Any]:
+        """An inner state dict saved when each FlatGroup's master shard was one inner
+        parameter (before per-parameter pieces): its shard-sized tensors cut into the pieces,
+        its scalars (step) given to every piece. Newer ones are returned as they are."""
+        groups = inner.get("param_groups", [])
+        if len(groups) != len(self.inner_pieces) or all(
+                len(g["params"]) == len(pieces) for g, pieces in zip(groups, self.inner_pieces)):
+            return inner
+        if not all(len(g["params"]) == 1 for g in groups):
+            return inner  # let the inner optimizer report the mismatch
+        state, new_groups, next_index = {}, [], 0
+        for g, fg, pieces in zip(groups, self.flat_groups, self.inner_pieces):
+            saved = inner["state"].get(g["params"][0], {})
+            indices = []
+            for a, e, _ in pieces:
+                entry = {}
+                for k, v in saved.items():
+                    if isinstance(v, torch.Tensor) and v.dim() == 1 and v.numel() == fg.shard_numel:
+                        entry[k] = v[a:e].clone()
+                    else:
+                        entry[k] = v.clone() if isinstance(v, torch.Tensor) else v
+                if entry:
+                    state[next_index] = entry
+                indices.append(next_index)
+                next_index += 1
+            new_groups.append(dict(g, params=indices))
+        return {"state": state, "param_groups": new_groups}

@@ -20,6 +20,14 @@ from .flat_group import FlatGroup
 from .rendezvous import rendezvous_for
 
 STATE_FORMAT = 1
+PARAM_STEPS = "param_steps"  # per-parameter step counts (see [Note: per-parameter steps])
+
+
+def _param_steps(fg: FlatGroup, shard_state: Dict[str, Any]) -> List[int]:
+    steps = shard_state.get(PARAM_STEPS)
+    if not isinstance(steps, list) or len(steps) != len(fg.params):
+        return [int(shard_state.get("step", 0))] * len(fg.params)
+    return steps
 
 
 def layout_signature(opt) -> List[Dict[str, Any]]:
@@ -47,7 +55,8 @@ def shard_state_dict(opt) -> Dict[str, Any]:
     collective, so it may be called on one rank. For a rank-independent state dict see
     full_state_dict(); for sharded checkpoints, zeroshard.checkpoint."""
     _, groups = _indexed_groups(opt)
-    state = {i: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+    state = {i: {k: (v.clone() if isinstance(v, torch.Tensor) else
+                     list(v) if isinstance(v, list) else v) for k, v in s.items()}
              for i, s in enumerate(opt.shard_state)}
     return {"state": state, "param_groups": groups,
             "zeroshard": {"format": STATE_FORMAT, "stage": opt.stage, "rank": opt.rank,
@@ -92,20 +101,32 @@ def load_state_dict(opt, state_dict: Dict[str, Any]) -> None:
     loaded = state_dict["state"]
     for i, current in enumerate(opt.shard_state):
         saved = loaded.get(i, loaded.get(str(i)))
-        if saved is None or set(saved) != set(current):
+        # Saved before per-parameter step counts (see [Note: per-parameter steps]): every
+        # parameter had taken the flat group's steps.
+        expected = set(current) - ({PARAM_STEPS} if saved is not None and PARAM_STEPS not in saved
+                                   and "step" in saved else set())
+        if saved is None or set(saved) != expected:
             raise ValueError(f"state_dict's state for flat group {i} has keys "
                              f"{sorted(saved or [])}, expected {sorted(current)}")
         for k, v in current.items():
             if isinstance(v, torch.Tensor) and saved[k].shape != v.shape:
                 raise ValueError(f"state_dict's {k} of flat group {i} has shape "
                                  f"{tuple(saved[k].shape)}, expected {tuple(v.shape)}")
+        steps = saved.get(PARAM_STEPS)
+        if steps is not None and (not isinstance(steps, (list, tuple))
+                                  or len(steps) != len(opt.flat_groups[i].params)):
+            raise ValueError(f"state_dict's {PARAM_STEPS} of flat group {i} is {steps!r}, "
+                             f"expected {len(opt.flat_groups[i].params)} step counts")
     with torch.no_grad():
         for i, current in enumerate(opt.shard_state):
-            for k, v in loaded.get(i, loaded.get(str(i))).items():
+            saved = loaded.get(i, loaded.get(str(i)))
+            for k, v in saved.items():
                 if isinstance(current[k], torch.Tensor):
                     current[k].copy_(v)
                 else:
-                    current[k] = v
+                    current[k] = list(v) if isinstance(v, (list, tuple)) else v
+            if PARAM_STEPS in current and PARAM_STEPS not in saved:
+                current[PARAM_STEPS] = [int(saved["step"])] * len(current[PARAM_STEPS])
     for mine, saved in zip(opt.param_groups, state_dict["param_groups"]):
         for k, v in saved.items():
             if k != "params":
@@ -137,10 +158,10 @@ def full_state_dict(opt) -> Dict[str, Any]:
     for fg, shard_state in zip(opt.flat_groups, opt.shard_state):
         whole = {k: _whole_state(opt, fg, v) for k, v in shard_state.items()
                  if isinstance(v, torch.Tensor)}
+        steps = _param_steps(fg, shard_state)
         for j, p in enumerate(fg.params):
             start, end = fg.param_ranges[j]
-            entry: Dict[str, Any] = {
-                "step": torch.tensor(float(shard_state.get("step", 0)))}
+            entry: Dict[str, Any] = {"step": torch.tensor(float(steps[j]))}
             for k, t in whole.items():
                 entry[k] = t[start:end].view(fg.shapes[j]).clone()
             state[index[id(p)]] = entry
@@ -181,16 +202,27 @@ def load_full_state_dict(opt, state_dict: Dict[str, Any]) -> None:
         for p, key in zip(mine["params"], saved["params"]):
             key_of[id(p)] = key
     saved_state = state_dict["state"]
+    if not saved_state and opt.flat_groups:
+        fg = opt.flat_groups[0]
+        raise ValueError(f"state_dict has no state for {fg.names[0]}; it was saved before "
+                         "the optimizer's first step, or for another model")
     copies = []  # (state tensor, [(state_start, saved values)]) for every parameter
-    step_counts = []  # (shard_state, step)
+    zeroed = []  # (state tensor, [(state_start, state_end)]): parameters without saved state
+    step_counts = []  # (shard_state, per-parameter steps)
     for fg, shard_state in zip(opt.flat_groups, opt.shard_state):
-        steps = set()
+        steps = []
         for j, p in enumerate(fg.params):
             entry = saved_state.get(key_of[id(p)], saved_state.get(str(key_of[id(p)])))
             name = fg.names[j]
             if not entry:
-                raise ValueError(f"state_dict has no state for {name}; it was saved before "
-                                 "the optimizer's first step, or for another model")
+                # torch.optim has no state for a parameter that never got a gradient (see
+                # [Note: per-parameter steps]): it starts from nothing, at step 0.
+                steps.append(0)
+                for k, v in shard_state.items():
+                    if isinstance(v, torch.Tensor) and k != "master":
+                        zeroed.append((v, [(s0, s0 + (p1 - p0))
+                                           for p0, p1, s0 in fg.param_shard_pieces[j]]))
+                continue
             for k, v in shard_state.items():
                 if not isinstance(v, torch.Tensor) or (k == "master" and k not in entry):
                     continue
@@ -206,11 +238,11 @@ def load_full_state_dict(opt, state_dict: Dict[str, Any]) -> None:
                 flat = saved_t.detach().reshape(-1)
                 copies.append((shard_state[k], [(s0, flat[p0:p1])
                                                 for p0, p1, s0 in fg.param_shard_pieces[j]]))
-            if "step" in entry:
-                step = entry["step"]
-                steps.add(int(step.item() if isinstance(step, torch.Tensor) else step))
+            # torch's SGD keeps no "step": a parameter with state has stepped at least once.
+            step = entry.get("step", 1)
+            steps.append(int(step.item() if isinstance(step, torch.Tensor) else step))
         if "step" in shard_state:
-            step_counts.append((shard_state, max(steps) if steps else 0))
+            step_counts.append((shard_state, steps))
     with torch.no_grad():
         for fg, shard_state in zip(opt.flat_groups, opt.shard_state):
             if "master" in shard_state:  # refreshed from the parameters unless saved
@@ -218,8 +250,13 @@ def load_full_state_dict(opt, state_dict: Dict[str, Any]) -> None:
         for target, pieces in copies:
             for s0, values in pieces:
                 target[s0:s0 + values.numel()].copy_(values)
-    for shard_state, step in step_counts:
-        shard_state["step"] = step
+        for target, ranges in zeroed:
+            for s0, s1 in ranges:
+                target[s0:s1].zero_()
+    for shard_state, steps in step_counts:
+        shard_state["step"] = max(steps, default=0)
+        if PARAM_STEPS in shard_state:
+            shard_state[PARAM_STEPS] = steps
     for mine, saved in zip(opt.param_groups, saved_groups):
         for k, v in saved.items():
             if k != "params":

@@ -432,7 +432,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _step_group(self, fg: FlatGroup, state: Dict[str, Any], group: Dict[str, Any],
-                    grad_scale: float) -> None:
+                    grad_scale: float, updated: List[bool]) -> None:
+        """Updates fg's shard; updated[j]: parameter j got a gradient on some rank this step
+        (the others must be left exactly as they are, as torch.optim skips p.grad None)."""
         raise NotImplementedError
 
     def _master(self, fg: FlatGroup) -> Optional[torch.Tensor]:
@@ -475,6 +477,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             reject_ddp_wrapped([p for fg in self.flat_groups for p in fg.params], self._names,
                                after=True)
         self._reattach()
+        self._forget_withdrawn_grads()
         self.exposed.withdraw()
         self._grads_dirty = True
         if self.units is not None:
@@ -521,6 +524,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             for fg in self.flat_groups:
                 fg.zero_grads()
             self._grads_dirty = False
+        self.reducer.forget_grads()
         self._grads_present = False
         self._clip_coef = 1.0
         self._nonfinite_norm = None
@@ -588,13 +592,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self._poll_peers(f"{type(self).__name__}.step")
         self._reattach()
+        self._forget_withdrawn_grads()
         self.exposed.withdraw()
         self._reduced()
         if not self._grads_present:
             self._consume_grads()
             return loss  # no backward since zero_grad: torch.optim skips params without grads
         self.last_step_skipped = False
-        if self.scaler is not None and self._overflowed():
+        overflow, updated = self._agree_on_grads(check_overflow=self.scaler is not None)
+        if overflow:
             self.last_step_skipped = True
             self.scaler.update(overflow=True)
             self._consume_grads()
