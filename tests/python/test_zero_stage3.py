@@ -56,15 +56,19 @@ def _train(rank, world_size, cfg):
     model = make_unit_net(dtype=cfg.get("dtype", torch.float32), **cfg.get("net", {}))
     opt = _build(model, cfg)
     micro = cfg.get("micro_batches", 1)
-    norms = []
+    norms, skipped = [], 0
     for step, (tokens, target) in enumerate(make_batches(cfg.get("steps", STEPS))):
         if step == 1:
             opt.reset_comm_stats()
         tokens, target = rank_slice(tokens, rank, world_size), rank_slice(target, rank, world_size)
         opt.zero_grad(set_to_none=True)
         for m in range(micro):
-            loss = mse_loss(model, rank_slice(tokens, m, micro),
-                            rank_slice(target, m, micro)) / micro
+            x, y = rank_slice(tokens, m, micro), rank_slice(target, m, micro)
+            if cfg.get("two_forwards"):  # two forwards, one backward of their mean
+                loss = (mse_loss(model, rank_slice(x, 0, 2), rank_slice(y, 0, 2))
+                        + mse_loss(model, rank_slice(x, 1, 2), rank_slice(y, 1, 2))) / 2
+            else:
+                loss = mse_loss(model, x, y) / micro
             last = m == micro - 1
             with (opt.no_sync() if cfg.get("no_sync") and not last else contextlib.nullcontext()):
                 opt.backward(loss)
@@ -73,6 +77,7 @@ def _train(rank, world_size, cfg):
         if step == 1:
             stats = opt.comm_stats()
         opt.step()
+        skipped += opt.last_step_skipped
         if cfg.get("eval_between"):
             model.eval()
             with torch.no_grad():
@@ -85,7 +90,7 @@ def _train(rank, world_size, cfg):
     return {"params": snap, "norms": norms, "stats": stats, "peak_alive": peak_alive,
             "unit_bytes": ({u.name: u.full_nbytes for u in units.units} if units else None),
             "grad_bytes": sum(fg.layout.buffer_numel * 4 for fg in opt.flat_groups),
-            "skipped": opt.last_step_skipped}
+            "skipped": skipped}
 
 
 def _oracle(cfg):
@@ -132,6 +137,7 @@ def test_stage3_other_optimizers_match_oracle(kind, world_size):
     ("frozen_block", {"net": {"frozen_block": True}}),
     ("param_groups", {"groups": True}),
     ("eval_between_steps", {"eval_between": True}),
+    ("two_forwards_one_backward", {"two_forwards": True}),
     ("keep_after_forward", {"opt": {"reshard_after_forward": False}}),
     ("prefetch_0", {"opt": {"prefetch": 0}}),
     ("prefetch_2", {"opt": {"prefetch": 2}}),
@@ -169,13 +175,15 @@ def _compare_stages(rank, world_size, cfg):
 def test_stage3_low_precision_equals_stage2(dtype):
     """bf16/fp16 parameters with fp32 master shards (and fp16's loss scaling, including its
     overflow skips in the first steps) give stage 2's parameters exactly."""
-    cfg = {"dtype": dtype, "bucket_mb": SMALL_BUCKET_MB, "steps": 4,
-           "opt": {"initial_scale": 2.0 ** 40} if dtype == torch.float16 else {}}
+    cfg = {"dtype": dtype, "bucket_mb": SMALL_BUCKET_MB, "steps": 6,
+           "opt": {"initial_scale": 2.0 ** 15} if dtype == torch.float16 else {}}
     results = run_distributed(_compare_stages, 2, cfg, timeout_s=180)
     for r in results:
         for name, t in r[2]["params"].items():
             assert torch.equal(r[3]["params"][name], t), name
         assert r[3]["skipped"] == r[2]["skipped"]
+        if dtype == torch.float16:  # the test must reach the overflow path
+            assert 1 <= r[3]["skipped"] < cfg["steps"], r[3]["skipped"]
 
 
 # ---- API and errors ------------------------------------------------------------------------
