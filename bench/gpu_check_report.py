@@ -1,10 +1,12 @@
 """The table bench/gpu_check.sh prints last: each step's status, then the GPU targets of issue 8
-as measured vs target. Reads what the steps left in one results folder:
+and of stage 3 as measured vs target. Reads what the steps left in one results folder:
 
   steps.tsv        name <TAB> status <TAB> seconds <TAB> limit   (one line per step, by the script)
   zs_bench.json    zs_bench --device gpu --json: copy ceiling, fused step, norm rows
   bench_ops.json   bench/bench_ops.py --device cuda --variants mixed --json
-  zero_step.json   bench/bench_zero_step.py --json
+  zero_step.json   bench/bench_zero_step.py --stage 2 --json (vs torch)
+  zero_step3.json  bench/bench_zero_step.py --stage 3 --baseline stage2 --json: stage 3 vs 2
+                   in one process, memory of both, the all-gathers' overlap from its trace
   pytest.log       the GPU tests' output (its last summary line)
 
 A missing file or row shows as "not measured", never as a pass. `--sample DIR` writes files of
@@ -27,6 +29,8 @@ CHECKED_ROW = "adamw bf16 grad+copy"          # 28 + 2 B/param (separate finite 
 NORM_ROW = "l2 norm bf16"
 STEP_TARGET_PCT, NORM_TARGET_PCT = 92.0, 85.0
 GPT2_SPEEDUP_TARGET, ZERO_STEP_RATIO_TARGET = 1.3, 1.03
+STAGE3_RATIO_TARGET = 1.05  # stage 3 step time / stage 2's, world size 1 (NCCL), gpt2-medium bf16
+TRACES = ("zero_step_trace.json.gz", "zero_step3_trace.json.gz")
 
 
 def _load(path: str) -> Optional[dict]:
@@ -111,6 +115,62 @@ def targets(folder: str) -> List[Dict]:
                   f"{zero['torch_step_ms']:.1f} ms)" if ratio is not None else "not measured"),
         target=f"<= {ZERO_STEP_RATIO_TARGET:g}x",
         verdict=_verdict(ratio, ZERO_STEP_RATIO_TARGET, False), value=ratio))
+    out.extend(stage3_rows(zero, _load(os.path.join(folder, "zero_step3.json")) or {}))
+    return out
+
+
+def _ms(value) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def stage3_rows(zero2: dict, zero3: dict) -> List[Dict]:
+    """Stage 3 vs stage 2: step time ratio (from zero_step3.json's own stage-2 baseline, else
+    from zero_step.json's stage-2 run), the all-gathers' overlap with compute in its trace, and
+    the peak memory of both (information: at one rank stage 3 shards nothing)."""
+    out: List[Dict] = []
+    s3 = _ms(zero3.get("zeroshard_step_ms")) if zero3.get("stage") == 3 else None
+    s2, note = None, ""
+    if s3 is not None and zero3.get("baseline") == "stage2":
+        s2 = _ms(zero3.get("baseline_step_ms"))
+    if s3 is not None and s2 is None and zero2.get("stage", 2) == 2:
+        s2, note = _ms(zero2.get("zeroshard_step_ms")), ", 2 runs"
+    ratio = s3 / s2 if s3 is not None and s2 else None
+    out.append(dict(
+        what="ZeroAdamW stage 3 step / stage 2",
+        measured=(f"{ratio:.3f}x ({s3:.1f} vs {s2:.1f} ms{note})" if ratio is not None
+                  else f"not measured{f' (stage 3: {s3:.1f} ms)' if s3 is not None else ''}"),
+        target=f"<= {STAGE3_RATIO_TARGET:g}x", verdict=_verdict(ratio, STAGE3_RATIO_TARGET, False),
+        value=ratio, stage3_ms=s3, stage2_ms=s2))
+
+    overlap = zero3.get("overlap") if s3 is not None else None
+    overlap = overlap if isinstance(overlap, dict) else {}
+    row, what = overlap.get("all_gather") or {}, "gathers"
+    if not row.get("gpu_ops") and (overlap.get("side_stream") or {}).get("gpu_ops"):
+        row, what = overlap["side_stream"], "comm ops"  # launches not tied to labels
+    fraction = row.get("overlap_fraction") if row.get("gpu_ops") else None
+    if fraction is not None:
+        measured = (f"{fraction * 100:.0f}% of {row['gpu_ms']:.2f} ms, "
+                    f"{row.get('ops_overlapping', 0)}/{row['gpu_ops']} {what}")
+        verdict = "PASS" if row.get("overlapped_ms", 0) > 0 else "MISS"
+    else:
+        measured = "not measured" + (f" ({overlap['error']})"[:26] if "error" in overlap else "")
+        verdict = "not measured"
+    out.append(dict(what="stage 3 all-gathers overlap compute", measured=measured,
+                    target="visible (> 0)", verdict=verdict, value=fraction))
+
+    def peak(memory) -> Optional[float]:
+        measured = (memory or {}).get("measured") if isinstance(memory, dict) else None
+        value = (measured or {}).get("peak_bytes")
+        return value / 2 ** 30 if isinstance(value, (int, float)) else None
+    p3 = peak(zero3.get("zeroshard_memory")) if s3 is not None else None
+    p2 = peak(zero3.get("baseline_memory")) if zero3.get("baseline") == "stage2" else None
+    if p2 is None and zero2.get("stage", 2) == 2:
+        p2 = peak(zero2.get("zeroshard_memory"))
+    measured = "not measured"
+    if p3 is not None:
+        measured = f"{p3:.2f} GiB peak" + (f" vs {p2:.2f} GiB" if p2 is not None else "")
+    out.append(dict(what="  stage 3 / stage 2 memory", measured=measured,
+                    target="(info)", verdict="", value=p3))
     return out
 
 
@@ -124,22 +184,27 @@ def render(folder: str, elapsed: int, budget: int, out_dir: str, dry_run: bool =
     if tests:
         lines.append(f"gpu tests: {tests}")
     lines.append("")
-    lines.append(f"{'target (issue 8)':<40}{'measured':<38}{'target':<16}verdict")
+    lines.append(f"{'target (issue 8, stage 3)':<40}{'measured':<38}{'target':<16}verdict")
     for t in targets(folder):
         lines.append(f"{t['what']:<40}{t['measured']:<38}{t['target']:<16}{t['verdict']}")
-    trace = os.path.join(out_dir, "zero_step_trace.json.gz")
-    lines.append(f"trace: {trace if os.path.exists(trace) else 'not written'}; "
+    traces = [os.path.join(out_dir, t) if os.path.exists(os.path.join(out_dir, t))
+              else f"{t} not written" for t in TRACES]
+    lines.append(f"trace: {', '.join(traces)}; "
                  f"logs: {os.path.join(out_dir, 'gpu_check.log')}, logs.tar.gz")
     return "\n".join(lines)
 
 
-SAMPLES = ("zs_bench", "bench_ops", "zero_step")
+SAMPLES = ("zs_bench", "bench_ops", "zero_step", "zero_step3")
 
 
 def write_sample(folder: str, which: str) -> None:
-    """Made-up results of one real file's shape (zs_bench, bench_ops, zero_step), for the dry
+    """Made-up results of one real file's shape (see SAMPLES), for the dry
     run: each dry step writes its own, so a step that fails leaves its targets unmeasured."""
     os.makedirs(folder, exist_ok=True)
+
+    def memory(peak_gib):
+        return dict(total=int(5.7 * 2 ** 30), measured=dict(
+            kind="cuda", peak_bytes=int(peak_gib * 2 ** 30), current_bytes=int(5.8 * 2 ** 30)))
 
     def zs_row(what, ms, step_bytes, check_bytes, gbps, pct):
         return dict(device="gpu", what=what, n=1000000000, ms=ms, gparams_per_s=1e9 / ms / 1e6,
@@ -160,8 +225,17 @@ def write_sample(folder: str, which: str) -> None:
                 dict(case="gpt2", variant="mixed", impl="torch fused + copy", ms=5.38)]), f)
     elif which == "zero_step":
         with open(os.path.join(folder, "zero_step.json"), "w") as f:
-            json.dump(dict(stage=2, step_ratio=0.98, opt_ratio=0.55, zeroshard_step_ms=101.0,
-                           torch_step_ms=103.0), f)
+            json.dump(dict(stage=2, baseline="torch", step_ratio=0.98, opt_ratio=0.55,
+                           zeroshard_step_ms=101.0, torch_step_ms=103.0, baseline_step_ms=103.0,
+                           zeroshard_memory=memory(6.1)), f)
+    elif which == "zero_step3":
+        gather = dict(calls=100, gpu_ops=100, gpu_ms=2.4, overlapped_ms=2.1,
+                      overlap_fraction=0.875, ops_overlapping=94, streams=["13"])
+        with open(os.path.join(folder, "zero_step3.json"), "w") as f:
+            json.dump(dict(stage=3, baseline="stage2", step_ratio=1.02, opt_ratio=1.01,
+                           zeroshard_step_ms=103.0, baseline_step_ms=101.0,
+                           zeroshard_memory=memory(6.3), baseline_memory=memory(6.1),
+                           overlap=dict(all_gather=gather)), f)
 
 
 def main(argv=None) -> int:

@@ -5,6 +5,7 @@ back under $OUT, and the table printed last. What the GPU steps measure needs a 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -17,9 +18,11 @@ import pytest
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
 STEPS = ["preflight", "configure", "build", "env", "pytest", "zs_bench", "bench_ops", "zero_step",
-         "example"]
+         "zero_step3", "example"]
 TARGETS = ["adamw bf16 28 B/param", "l2 norm bf16", "gpt2-medium step vs torch fused+copy",
-           "ZeroAdamW stage 2 train step / torch"]
+           "ZeroAdamW stage 2 train step / torch", "ZeroAdamW stage 3 step / stage 2",
+           "stage 3 all-gathers overlap compute"]
+STAGE3_TARGETS = TARGETS[-2:]
 # What the device tool returns from $OUT: at most 8 files, names of letters, digits, '.', '_', '-'.
 OUT_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -30,6 +33,8 @@ _spec.loader.exec_module(report)
 
 _ops_spec = importlib.util.spec_from_file_location(
     "bench_ops", os.path.join(ROOT, "bench", "bench_ops.py"))
+_step_spec = importlib.util.spec_from_file_location(
+    "bench_zero_step", os.path.join(ROOT, "bench", "bench_zero_step.py"))
 
 
 def run_check(tmp_path, dry=True, **env):
@@ -82,6 +87,13 @@ def test_dry_run_runs_every_step_and_prints_the_table_last(tmp_path):
         assert f"==== {step} (limit" in text, f"no section for {step}"
     assert "[dry run] would run: ninja -C build-gpu -j" in text
     assert "--device gpu --gpu-sizes 1e9" in text  # zs_bench: GPU rows only
+    # stage 3: the module-taking bench at gpt2-medium, timed against stage 2, its own trace
+    zero3 = text[text.index("==== zero_step3 (limit"):text.index("==== example (limit")]
+    assert ("bench/bench_zero_step.py --device cuda --model gpt2-medium --stage 3 "
+            "--baseline stage2" in zero3)
+    assert "zero_step3.json --trace" in zero3 and "zero_step3_trace.json.gz" in zero3
+    assert "zero_step3_trace.json.gz not written" in tail[-1]
+    assert "stage 3 / stage 2 memory" in text
     files = sorted(os.listdir(out))
     assert files == ["gpu_check.log", "logs.tar.gz", "summary.txt"]
     assert all(OUT_NAME.match(f) and (out / f).is_file() for f in files)
@@ -109,8 +121,19 @@ def test_the_budget_clamps_every_limit_and_skips_what_no_longer_fits(tmp_path):
     rows = step_rows(proc.stdout)
     status, spent, limit = rows["pytest"]
     assert status.startswith("TIMEOUT") and int(limit) <= 4
-    for step in ("zs_bench", "bench_ops", "zero_step", "example"):
+    for step in ("zs_bench", "bench_ops", "zero_step", "zero_step3", "example"):
         assert rows[step][0] == "SKIPPED (budget spent)", rows
+
+
+def test_a_failed_stage3_step_leaves_its_targets_unmeasured(tmp_path):
+    proc, _, _ = run_check(tmp_path, GPU_CHECK_DRY_FAIL="zero_step3")
+    assert proc.returncode == 1
+    rows = step_rows(proc.stdout)
+    assert rows["zero_step3"][0] == "FAILED (rc=1)"
+    assert rows["zero_step"][0] == "ok" and rows["example"][0] == "ok"
+    verdicts = target_verdicts(proc.stdout)
+    assert all(verdicts[t] == "not measured" for t in STAGE3_TARGETS), verdicts
+    assert verdicts["ZeroAdamW stage 2 train step / torch"] == "PASS"
 
 
 def test_a_failed_build_skips_the_gpu_steps(tmp_path):
@@ -164,3 +187,132 @@ def test_report_reads_zs_bench_row_names_from_the_source():
         source = f.read()
     for name in (report.COPY_ROW, report.STEP_ROW, report.CHECKED_ROW, report.NORM_ROW):
         assert f'"{name}"' in source, name
+
+
+def _write(folder, name, data):
+    with open(os.path.join(folder, name), "w") as f:
+        json.dump(data, f)
+
+
+def _stage3_rows(folder):
+    return {t["what"]: t for t in report.targets(str(folder))}
+
+
+def test_report_stage3_rows_and_their_fallbacks(tmp_path):
+    mem = lambda gib: {"total": 1, "measured": {"kind": "cuda", "peak_bytes": int(gib * 2 ** 30)}}
+    _write(tmp_path, "zero_step.json", dict(stage=2, zeroshard_step_ms=100.0, torch_step_ms=99.0,
+                                            step_ratio=100 / 99, zeroshard_memory=mem(6.0)))
+    # no stage-2 baseline in the stage-3 run: the ratio comes from the stage-2 step's run
+    _write(tmp_path, "zero_step3.json", dict(
+        stage=3, baseline="none", zeroshard_step_ms=106.0, zeroshard_memory=mem(6.5),
+        overlap={"all_gather": {"calls": 4, "gpu_ops": 0},
+                 "side_stream": {"gpu_ops": 8, "gpu_ms": 1.0, "overlapped_ms": 0.0,
+                                 "overlap_fraction": 0.0, "ops_overlapping": 0}}))
+    rows = _stage3_rows(tmp_path)
+    ratio = rows["ZeroAdamW stage 3 step / stage 2"]
+    assert ratio["value"] == pytest.approx(1.06) and ratio["verdict"] == "MISS"
+    assert "2 runs" in ratio["measured"]
+    overlap = rows["stage 3 all-gathers overlap compute"]
+    assert overlap["verdict"] == "MISS" and "0/8 comm ops" in overlap["measured"]
+    assert rows["  stage 3 / stage 2 memory"]["measured"] == "6.50 GiB peak vs 6.00 GiB"
+    # its own stage-2 baseline wins over the other run's
+    _write(tmp_path, "zero_step3.json", dict(
+        stage=3, baseline="stage2", zeroshard_step_ms=103.0, baseline_step_ms=100.0,
+        zeroshard_memory=mem(6.5), baseline_memory=mem(6.25),
+        overlap={"all_gather": {"calls": 4, "gpu_ops": 4, "gpu_ms": 2.0, "overlapped_ms": 1.5,
+                                "overlap_fraction": 0.75, "ops_overlapping": 3}}))
+    rows = _stage3_rows(tmp_path)
+    ratio = rows["ZeroAdamW stage 3 step / stage 2"]
+    assert ratio["value"] == pytest.approx(1.03) and ratio["verdict"] == "PASS"
+    assert "2 runs" not in ratio["measured"]
+    overlap = rows["stage 3 all-gathers overlap compute"]
+    assert overlap["verdict"] == "PASS" and overlap["measured"] == "75% of 2.00 ms, 3/4 gathers"
+    assert rows["  stage 3 / stage 2 memory"]["measured"] == "6.50 GiB peak vs 6.25 GiB"
+    # a stage-2 file under the stage-3 name measures nothing about stage 3
+    _write(tmp_path, "zero_step3.json", dict(stage=2, zeroshard_step_ms=100.0))
+    rows = _stage3_rows(tmp_path)
+    assert all(rows[t]["verdict"] == "not measured" for t in STAGE3_TARGETS)
+
+
+def _x(cat, name, ts, dur, pid=1, tid=1, **args):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": pid, "tid": tid,
+            "args": args}
+
+
+def test_collective_overlap_ties_gpu_work_to_labels_by_correlation():
+    bench = importlib.util.module_from_spec(_step_spec)
+    _step_spec.loader.exec_module(bench)
+    gpu = dict(pid=0, tid="stream")
+    events = [
+        # CPU: one outer all_gather label with a nested one (counted once) launching a copy;
+        # a reduce_scatter label launching a kernel; an unlabelled compute launch
+        _x("user_annotation", "zeroshard::all_gather", 0, 10),
+        _x("user_annotation", "zeroshard::all_gather", 1, 5),
+        _x("cuda_runtime", "cudaMemcpyAsync", 2, 1, correlation=11),
+        _x("user_annotation", "zeroshard::reduce_scatter", 20, 5),
+        _x("cuda_driver", "cuLaunchKernelEx", 21, 1, correlation=12),
+        _x("cuda_runtime", "cudaLaunchKernel", 30, 1, correlation=13),
+        _x("cuda_runtime", "cudaLaunchKernel", 31, 1, correlation=14),
+        # GPU: compute on stream 7 over [100, 200) and [300, 350)
+        _x("kernel", "ampere_gemm", 100, 100, stream=7, correlation=13, **gpu),
+        _x("kernel", "ampere_gemm", 300, 50, stream=7, correlation=14, **gpu),
+        # the gather's copy on stream 13 over [180, 220): half of it during compute
+        _x("gpu_memcpy", "Memcpy DtoD (Device -> Device)", 180, 40, stream=13, correlation=11,
+           **gpu),
+        # the reduce-scatter kernel on stream 13 over [400, 410): no compute then
+        _x("kernel", "some_kernel", 400, 10, stream=13, correlation=12, **gpu),
+        # an NCCL kernel launched elsewhere: its name gives its kind
+        _x("kernel", "ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)", 320,
+           20, stream=13, correlation=99, **gpu),
+    ]
+    out = bench.collective_overlap(events)
+    gather = out["all_gather"]
+    assert gather["calls"] == 1 and gather["gpu_ops"] == 2
+    assert gather["gpu_ms"] == pytest.approx(0.060)
+    assert gather["overlapped_ms"] == pytest.approx(0.040)
+    assert gather["overlap_fraction"] == pytest.approx(40 / 60)
+    assert gather["ops_overlapping"] == 2 and gather["streams"] == ["13"]
+    scatter = out["reduce_scatter"]
+    assert scatter["calls"] == 1 and scatter["gpu_ops"] == 1 and scatter["overlapped_ms"] == 0
+    side = out["side_stream"]
+    assert side["compute_stream"] == "7" and side["gpu_ops"] == 3
+    assert side["overlapped_ms"] == pytest.approx(0.040)
+    # a CPU-only trace: calls, no GPU work
+    cpu = bench.collective_overlap(events[:6])
+    assert cpu["all_gather"]["calls"] == 1 and cpu["all_gather"]["gpu_ops"] == 0
+    assert cpu["all_gather"]["overlap_fraction"] is None and "side_stream" not in cpu
+
+
+def test_report_reads_what_bench_zero_step_really_writes_at_stage3(tmp_path):
+    # A real (tiny, CPU, world size 1) stage-3 run: the optimizer takes the module, nothing
+    # touches the placeholders between steps, the trace is analysed and the table reads the JSON.
+    bench = importlib.util.module_from_spec(_step_spec)
+    _step_spec.loader.exec_module(bench)
+    trace = tmp_path / "zero_step3_trace.json.gz"
+    rc = bench.main(["--device", "cpu", "--model", "tiny", "--stage", "3", "--baseline",
+                     "stage2", "--batch-size", "1", "--seq-len", "16", "--warmup", "1",
+                     "--reps", "1", "--json", str(tmp_path / "zero_step3.json"),
+                     "--trace", str(trace)])
+    assert rc == 0 and trace.exists()
+    with open(tmp_path / "zero_step3.json") as f:
+        data = json.load(f)
+    assert data["stage"] == 3 and data["baseline"] == "stage2" and data["params"] > 0
+    assert data["zeroshard_memory"]["units"]["count"] > 1
+    assert data["overlap"]["all_gather"]["calls"] > 0  # the labels reached the trace
+    rows = _stage3_rows(tmp_path)
+    ratio = rows["ZeroAdamW stage 3 step / stage 2"]
+    assert ratio["value"] is not None and ratio["value"] > 0
+    assert ratio["verdict"] in ("PASS", "MISS")
+    assert rows["stage 3 all-gathers overlap compute"]["verdict"] == "not measured"  # no GPU
+    assert "GiB peak vs" in rows["  stage 3 / stage 2 memory"]["measured"]
+
+
+def test_collective_labels_are_removed_after_the_trace():
+    from zeroshard.communicator import LocalCommunicator
+    bench = importlib.util.module_from_spec(_step_spec)
+    _step_spec.loader.exec_module(bench)
+    comm = LocalCommunicator()
+    with bench.label_collectives(comm):
+        assert {"all_gather", "all_gather_buckets", "reduce_scatter"} <= set(vars(comm))
+    assert not set(bench.LABELS) & set(vars(comm))
+    assert comm.all_gather.__func__ is LocalCommunicator.all_gather
