@@ -5,12 +5,41 @@ core Layout that FlatGroup builds and the same ring plan BufferRing follows; ZeR
 formulas; the command line (`python -m zeroshard.estimate --help`). Must not know model
 architectures (model_shapes.py) nor allocate a model-sized tensor.
 
-[Note: what the estimate covers] One FlatGroup (one param group, one parameter dtype), one
-backward per step (no `no_sync()` accumulation, which adds a full-size gradient buffer at stages
-0 and 2), and the optimizer's model states and gradient communication buffers. Activations,
-temporaries of the forward/backward, the allocator's caching and CUDA/NCCL context memory are
-not counted. offload="cpu" is the design of issue 11 (not built yet): master weights and
-optimizer state move to host memory; the numbers for it are that design's prediction.
+[Note: what the estimate covers] One param group of one parameter dtype (one FlatGroup; at
+stage 3 one per unit), one backward per step (no `no_sync()` accumulation, which adds a
+full-size gradient buffer at stages 0 and 2), and the optimizer's model states and gradient
+communication buffers. Activations, temporaries of the forward/backward, the allocator's caching
+and CUDA/NCCL context memory are not counted. offload="cpu" is the design of issue 11 (not built
+yet): master weights and optimizer state move to host memory; the numbers for it are that
+design's prediction.
+
+[Note: stage 3] Stage 3 builds one FlatGroup per unit (the children of every nn.ModuleList, unit
+1, 2, ...; the root unit 0 holds every other parameter, tied ones included), each with its own
+Layout (the optimizer's bucket size, computed from the whole model), and keeps only this rank's
+shard of the parameters, so the estimator needs each parameter's unit (`units=`, from
+`param_units_of(model)` or model_shapes' `*_units`). Between steps (what `total` and
+memory_report() count) every key is a sum over the units' shards. Two more keys:
+- `live_units`: during forward and backward units are gathered whole, at most the root unit
+  plus 1 + `prefetch` non-root units at once (the running one and those prefetched; see
+  param_units.py's [Note: unit lifecycle]). live_units is the full buffers (params' dtype,
+  padded Layout) of the root and of the 1 + prefetch largest non-root units: an upper bound of
+  the gathered parameters at any moment, not part of `total`.
+- `peak_total` = total + live_units: the model-state peak of a training step. Still without
+  activations, and without the transient full-size gradients autograd makes for one unit's
+  parameters before the reduction's hooks copy them into buckets.
+The communication buffers are one BufferRing shared by every unit's buckets. Its slots keep the
+size of the largest bucket reserved when they were first used, so their bytes depend on the
+order gradients arrive: the estimate replays BucketReducer's slot protocol for gradients in the
+reverse of the parameters' registration order (a sequential model's backward: the root's
+output side, the blocks last to first, the embeddings and a tied head last), step after step
+until the ring stops changing. BucketReducer starts buckets in a fixed order (its [Note: launch
+order]), the root's last: a root bucket whose gradients arrive early (final norm, an untied
+head) holds its slot through the whole backward, and a parameter spanning several buckets
+stages them all before the first can start, so the ring can hold more slots than stage 2's
+plan (planned_ring_bytes). A model whose backward departs from that order (a parameter
+registered on the model itself but used at its output, as the tests' UnitNet's `codebook`)
+can hold a slot more or less than replayed when buckets cut parameters; the model states do
+not depend on the order.
 """
 from __future__ import annotations
 
@@ -24,14 +53,15 @@ import torch
 from . import _core
 from .buffer_ring import auto_bucket_mb, planned_ring_bytes
 from .flat_group import ALIGN_BYTES
-from .model_shapes import PRESETS, preset_numels, read_config_numels, uniform_numels
+from .model_shapes import (PRESETS, UNIFORM_TENSOR_NUMEL, preset_model, read_config_model,
+                           uniform_numels, uniform_units)
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # fp32 state tensors the optimizer keeps per shard element (optimizers.py's _init_state).
 STATE_TENSORS = {"adamw": 2, "adam": 2, "adamw-amsgrad": 3, "adam-amsgrad": 3,
                  "sgd": 1,                 # momentum buffer (momentum > 0)
                  "sgd-no-momentum": 0}
-STAGES = (0, 1, 2)
+STAGES = (0, 1, 2, 3)
 MODEL_STATE_KEYS = ("model_params", "grads", "master_params", "optimizer_state")
 REPORT_KEYS = MODEL_STATE_KEYS + ("comm_buffers",)
 
@@ -52,11 +82,8 @@ def _elem_size(dtype: torch.dtype) -> int:
 
 
 def _check_common(world_size, stage, optimizer) -> None:
-    if stage == 3:
-        raise ValueError("stage 3 is not built yet (parameter partitioning); estimate stage "
-                         "0, 1 or 2")
-    if stage not in STAGES:
-        raise ValueError(f"stage must be 0, 1 or 2, got {stage!r}")
+    if isinstance(stage, bool) or stage not in STAGES:
+        raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
     if optimizer not in STATE_TENSORS:
@@ -78,29 +105,68 @@ def build_layout(param_numels: Sequence[int], *, world_size: int, dtype: DtypeLi
                  bucket_mb: Optional[float] = None) -> "_core.Layout":
     """The core Layout FlatGroup builds for these parameters: 128-byte aligned starts,
     buckets of bucket_mb in the reduce dtype, padded to world_size shards."""
+    numels = _checked_numels(param_numels)
+    return _layout(numels, world_size, _dtype(dtype, "dtype"),
+                   bucket_elems(bucket_mb, reduce_dtype, sum(numels)))
+
+
+def _checked_numels(param_numels: Sequence[int]) -> List[int]:
     numels = list(param_numels)
     if not numels:
         raise ValueError("param_numels is empty: a model needs at least one parameter")
     if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in numels):
         bad = next(n for n in numels if not isinstance(n, int) or isinstance(n, bool) or n < 0)
         raise ValueError(f"param_numels must be non-negative integers, got {bad!r}")
-    align_elems = max(1, ALIGN_BYTES // _elem_size(_dtype(dtype, "dtype")))
-    return _core.Layout(numels, world_size, align_elems,
-                        bucket_elems(bucket_mb, reduce_dtype, sum(numels)))
+    return numels
+
+
+def _layout(numels: List[int], world_size: int, dtype: torch.dtype,
+            bucket: int) -> "_core.Layout":
+    align_elems = max(1, ALIGN_BYTES // _elem_size(dtype))
+    return _core.Layout(numels, world_size, align_elems, bucket)
+
+
+def _unit_groups(numels: List[int], units: Optional[Sequence[int]]) -> List[tuple]:
+    """[(unit, [parameter indices in registration order])], root first then units in order:
+    the FlatGroups _flatten_units builds for one param group of one dtype."""
+    if units is None:
+        raise ValueError(
+            "stage 3 needs each parameter's unit: pass units= parallel to param_numels "
+            "(0 = the root unit, i = the i-th unit), e.g. units=param_units_of(model), or "
+            "model_shapes' gpt2_units / llama_units / uniform_units")
+    units = list(units)
+    if len(units) != len(numels):
+        raise ValueError(f"units has {len(units)} entries, param_numels {len(numels)}: give "
+                         "one unit per parameter")
+    if any(not isinstance(u, int) or isinstance(u, bool) or u < 0 for u in units):
+        bad = next(u for u in units if not isinstance(u, int) or isinstance(u, bool) or u < 0)
+        raise ValueError(f"units must be non-negative integers (0 = root), got {bad!r}")
+    members: Dict[int, List[int]] = {}
+    for i, u in enumerate(units):
+        members.setdefault(u, []).append(i)
+    return [(u, members[u]) for u in sorted(members)]
 
 
 def estimate_model_states(param_numels: Sequence[int], *, world_size: int, stage: int,
                           dtype: DtypeLike = "fp32", reduce_dtype: DtypeLike = "fp32",
                           bucket_mb: Optional[float] = None, offload: Optional[str] = None,
                           max_in_flight: int = 2, backend: str = "gloo",
-                          optimizer: str = "adamw") -> Dict[str, int]:
+                          optimizer: str = "adamw", units: Optional[Sequence[int]] = None,
+                          prefetch: int = 1) -> Dict[str, int]:
     """Bytes per rank, keyed like ZeroOptimizer.memory_report(): model_params, grads,
     master_params, optimizer_state, comm_buffers, total (their sum), plus host_bytes.
 
     offload="cpu" (issue 11's design, not built yet) moves master_params and optimizer_state to
     host memory: those keys keep their values, host_bytes is their sum and `total` counts device
     bytes only. Without offload host_bytes is 0. bucket_mb=None is ZeroOptimizer's automatic
-    size (25 MiB, at most an eighth of the gradients). See [Note: what the estimate covers]."""
+    size (25 MiB, at most 1/32 of the gradients' bytes, at least 1/4 MiB; buffer_ring's
+    auto_bucket_mb). See [Note: what the estimate covers].
+
+    Stage 3 needs `units` (each parameter's unit, parallel to param_numels, 0 = root; see
+    param_units_of) and takes the optimizer's `prefetch`; `total` is between steps, as
+    memory_report() counts it, and two more keys give the training peak: live_units (the
+    root and the 1 + prefetch largest other units, whole) and peak_total = total +
+    live_units. See [Note: stage 3]."""
     _check_common(world_size, stage, optimizer)
     if offload not in (None, "none", "cpu"):
         raise ValueError(f"offload must be None, 'none' or 'cpu', got {offload!r}")
@@ -110,6 +176,14 @@ def estimate_model_states(param_numels: Sequence[int], *, world_size: int, stage
         raise ValueError(f"max_in_flight must be a positive integer, got {max_in_flight!r}")
     param_dtype = _dtype(dtype, "dtype")
     grad_elem = _elem_size(_dtype(reduce_dtype, "reduce_dtype"))
+    if stage == 3:
+        if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
+            raise ValueError(f"prefetch must be a whole number of units >= 0, got {prefetch!r}")
+        report = _stage3_report(param_numels, units, world_size=world_size,
+                                param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+                                bucket_mb=bucket_mb, max_in_flight=max_in_flight,
+                                gloo=(backend == "gloo"), optimizer=optimizer, prefetch=prefetch)
+        return _finish(report, offload)
     layout = build_layout(param_numels, world_size=world_size, dtype=param_dtype,
                           reduce_dtype=reduce_dtype, bucket_mb=bucket_mb)
     buffer, shard = layout.buffer_numel, layout.shard_numel
@@ -129,12 +203,147 @@ def estimate_model_states(param_numels: Sequence[int], *, world_size: int, stage
             elem_size=grad_elem, max_in_flight=max_in_flight, gloo=(backend == "gloo"),
             param_elem_size=_elem_size(param_dtype)),
     }
+    return _finish(report, offload)
+
+
+def _finish(report: Dict[str, int], offload: Optional[str]) -> Dict[str, int]:
     report["total"] = sum(report[k] for k in REPORT_KEYS)
     report["host_bytes"] = 0
     if offload == "cpu":
         report["host_bytes"] = report["master_params"] + report["optimizer_state"]
         report["total"] -= report["host_bytes"]
+    if "live_units" in report:
+        report["peak_total"] = report["total"] + report["live_units"]
     return report
+
+
+def _stage3_report(param_numels, units, *, world_size: int, param_dtype: torch.dtype,
+                   reduce_dtype: DtypeLike, bucket_mb: Optional[float], max_in_flight: int,
+                   gloo: bool, optimizer: str, prefetch: int) -> Dict[str, int]:
+    numels = _checked_numels(param_numels)
+    groups = _unit_groups(numels, units)
+    bucket = bucket_elems(bucket_mb, reduce_dtype, sum(numels))  # from the whole model
+    layouts = [_layout([numels[i] for i in members], world_size, param_dtype, bucket)
+               for _, members in groups]
+    shard = sum(layout.shard_numel for layout in layouts)
+    param_elem = _elem_size(param_dtype)
+    grad_elem = _elem_size(_dtype(reduce_dtype, "reduce_dtype"))
+    full = {u: layout.buffer_numel * param_elem for (u, _), layout in zip(groups, layouts)}
+    others = sorted((b for u, b in full.items() if u != 0), reverse=True)
+    return {
+        "model_params": shard * param_elem,  # the full buffers are freed between steps
+        "grads": shard * grad_elem,  # reduced like stage 2: the shard only
+        "master_params": 0 if param_dtype == torch.float32 else shard * 4,
+        "optimizer_state": shard * 4 * STATE_TENSORS[optimizer],
+        "comm_buffers": _replayed_ring_bytes(numels, groups, layouts, world_size=world_size,
+                                             elem_size=grad_elem, max_in_flight=max_in_flight,
+                                             gloo=gloo and world_size > 1),
+        "live_units": full.get(0, 0) + sum(others[:1 + prefetch]),
+    }
+
+
+def _replayed_ring_bytes(numels: List[int], groups: List[tuple], layouts: list, *,
+                         world_size: int, elem_size: int, max_in_flight: int,
+                         gloo: bool) -> int:
+    """Stage 3's ring bytes: BucketReducer's slot protocol (_acquire_slot, _launch_in_order,
+    _launch, _retire_oldest, Slot.view) replayed for gradients arriving in reverse registration order,
+    one backward per step, until the ring stops changing. See [Note: stage 3]."""
+    # Per FlatGroup: bucket lengths, each parameter's buckets, each bucket's parameter count.
+    bucket_lens, param_buckets, expected, where = [], [], [], {}
+    for g, ((_, members), layout) in enumerate(zip(groups, layouts)):
+        bucket_lens.append([b.end - b.start for b in layout.bucket_ranges])
+        param_buckets.append([[] for _ in members])
+        expected.append([0] * layout.num_buckets)
+        for b in range(layout.num_buckets):
+            for j in layout.params_in_bucket(b):
+                if numels[members[j]] > 0:
+                    param_buckets[g][j].append(b)
+                    expected[g][b] += 1
+        for j, i in enumerate(members):
+            where[i] = (g, j)
+    largest = [max(lens, default=0) for lens in bucket_lens]
+    recv_name = "recv" if gloo else "part"  # gloo sums into the shard; else a received slice
+
+    capacity: Dict[str, int] = {}
+    slots: List[Dict[str, int]] = []  # per slot: buffer name -> elements
+    free: List[int] = []
+    in_flight: List[int] = []  # slots of collectives in flight, oldest first
+
+    def reserve(g: int) -> None:  # BucketReducer._ring
+        if largest[g] > capacity.get("staging", 0):
+            for name, n in (("staging", largest[g]), ("recv", largest[g]),
+                            ("part", -(-largest[g] // world_size))):
+                capacity[name] = max(capacity.get(name, 0), n)
+
+    def view(slot: int, name: str, n: int) -> None:  # Slot.view
+        if slots[slot].get(name, -1) < n:
+            slots[slot][name] = max(n, capacity.get(name, 0))
+
+    def retire() -> None:
+        free.append(in_flight.pop(0))
+
+    def acquire(g: int) -> int:
+        reserve(g)
+        while not free and in_flight and (len(in_flight) >= max_in_flight
+                                          or len(slots) > max_in_flight):
+            retire()
+        if free:
+            return free.pop()
+        slots.append({})
+        return len(slots) - 1
+
+    # BucketReducer's [Note: launch order]: the last group's last bucket first; a complete
+    # bucket starts once every bucket before it has.
+    sequence = [(g, b) for g in reversed(range(len(bucket_lens)))
+                for b in reversed(range(len(bucket_lens[g])))]
+
+    def launch_in_order(until_complete: bool, pending, staged, launched, at: int) -> int:
+        while at < len(sequence):
+            g, b = sequence[at]
+            if until_complete and pending[g][b] > 0:
+                return at
+            at += 1
+            if (g, b) not in launched:
+                launch(g, b, staged, launched)
+        return at
+
+    def launch(g: int, b: int, staged: Dict[tuple, int], launched: set) -> None:
+        launched.add((g, b))
+        slot = staged.pop((g, b), None)
+        if slot is None:  # no gradient reached this bucket: a zeroed staging buffer
+            slot = acquire(g)
+            view(slot, "staging", bucket_lens[g][b])
+        while len(in_flight) >= max_in_flight:
+            retire()
+        view(slot, recv_name, bucket_lens[g][b] if gloo else -(-bucket_lens[g][b] // world_size))
+        in_flight.append(slot)
+
+    order = sorted(where, reverse=True)
+    seen = set()
+    for _ in range(64):  # a step's replay, until the ring's state repeats
+        pending = [list(e) for e in expected]
+        staged: Dict[tuple, int] = {}
+        launched: set = set()
+        at = 0
+        for i in order:
+            g, j = where[i]
+            for b in param_buckets[g][j]:
+                if (g, b) not in staged:
+                    slot = acquire(g)
+                    view(slot, "staging", bucket_lens[g][b])
+                    staged[(g, b)] = slot
+                pending[g][b] -= 1
+                if pending[g][b] == 0:
+                    at = launch_in_order(True, pending, staged, launched, at)
+        launch_in_order(False, pending, staged, launched, at)  # end of backward: the rest
+        while in_flight:  # step() waits for every reduction
+            retire()
+        # Sizes only grow, so a state seen before means the ring cycles without growing.
+        state = (tuple(tuple(sorted(s.items())) for s in slots), tuple(free))
+        if state in seen:
+            break
+        seen.add(state)
+    return sum(sum(s.values()) for s in slots) * elem_size
 
 
 def _formula_terms(stage: int, dtype: DtypeLike, optimizer: str):
@@ -144,14 +353,17 @@ def _formula_terms(stage: int, dtype: DtypeLike, optimizer: str):
     param = _elem_size(_dtype(dtype, "dtype"))
     grad = param
     k = 4 * STATE_TENSORS[optimizer] + (4 if param < 4 else 0)
-    return {0: (param + grad + k, 0), 1: (param + grad, k), 2: (param, grad + k)}[stage]
+    return {0: (param + grad + k, 0), 1: (param + grad, k), 2: (param, grad + k),
+            3: (0, param + grad + k)}[stage]
 
 
 def zero_formula_bytes(num_params: int, *, world_size: int, stage: int, dtype: DtypeLike = "fp32",
                        optimizer: str = "adamw") -> int:
     """ZeRO's closed form per rank for params + grads + master + optimizer state, without
-    padding: mixed-precision Adam 16Ψ, 4Ψ+12Ψ/N, 2Ψ+14Ψ/N (stages 0/1/2); fp32 Adam 16Ψ,
-    8Ψ+8Ψ/N, 4Ψ+12Ψ/N."""
+    padding: mixed-precision Adam 16Ψ, 4Ψ+12Ψ/N, 2Ψ+14Ψ/N, 16Ψ/N (stages 0/1/2/3); fp32 Adam
+    16Ψ, 8Ψ+8Ψ/N, 4Ψ+12Ψ/N, 16Ψ/N. Stage 3's is between steps, as the paper counts it: the
+    units gathered during forward and backward are not in it (estimate_model_states'
+    live_units)."""
     _check_common(world_size, stage, optimizer)
     if not isinstance(num_params, int) or num_params < 0:
         raise ValueError(f"num_params must be a non-negative integer, got {num_params!r}")
@@ -173,25 +385,72 @@ def param_numels_of(module: torch.nn.Module) -> List[int]:
     return [p.numel() for p in module.parameters() if p.requires_grad]
 
 
+def param_units_of(module: torch.nn.Module, units=None) -> List[int]:
+    """The stage-3 unit of each of param_numels_of(module)'s parameters, as ZeroOptimizer(module,
+    stage=3, units=units) splits them (0 = the root unit; param_units.find_units and
+    owning_units)."""
+    from .param_units import find_units, owning_units
+    found = find_units(module, units)
+    owner = owning_units(module, [m for _, m in found])
+    return [owner[id(p)] for p in module.parameters() if p.requires_grad]
+
+
 # ---- what fits ------------------------------------------------------------------------------
 
 def largest_fitting_params(device_bytes: int, *, world_size: int, stage: int,
                            **settings) -> int:
     """The largest parameter count, split as model_shapes.uniform_numels does, whose `total`
     (device bytes of model states and comm buffers) is at most device_bytes; 0 if none fits.
-    `settings` are estimate_model_states' keywords."""
-    def fits(num_params: int) -> bool:
+    At stage 3 its `peak_total` must fit, with model_shapes.uniform_units' assumption (each
+    tensor its own unit). `settings` are estimate_model_states' keywords."""
+    def peak(num_params: int) -> int:
+        extra = dict(units=uniform_units(num_params)) if stage == 3 else {}
         report = estimate_model_states(uniform_numels(num_params), world_size=world_size,
-                                       stage=stage, **settings)
-        return report["total"] <= device_bytes
+                                       stage=stage, **settings, **extra)
+        return _device_peak(report)
 
-    if device_bytes < 1 or not fits(1):
+    smallest = peak(1) if device_bytes >= 1 else 0
+    if device_bytes < 1 or smallest > device_bytes:
         return 0
-    # Every parameter costs at least its own 2 bytes on the device, so device_bytes never fits.
-    lo, hi = 1, max(2, device_bytes)
+    # Every parameter costs at least its own 2 bytes on the device (stage 3: its 2/N-byte shard),
+    # so device_bytes (stage 3: device_bytes * N) parameters never fit.
+    lo, hi = 1, max(2, device_bytes * (world_size if stage == 3 else 1))
+    # The bytes are nearly affine in the count: two secant steps from a probe land close to
+    # the answer, and a bracket grown from there leaves a short bisection (a stage-3 estimate
+    # replays the ring, so each evaluation counts). The bisection alone decides the result.
+    probe = min(hi - 1, 16 * UNIFORM_TENSOR_NUMEL)
+    points = [(probe, peak(probe))]
+    for _ in range(2):
+        n0, b0 = points[-1]
+        n1, b1 = points[-2] if len(points) > 1 else (1, smallest)
+        if n0 == n1 or b0 == b1:
+            break
+        guess = int(n0 + (device_bytes - b0) * (n0 - n1) / (b0 - b1))
+        guess = max(lo, min(hi - 1, guess))
+        points.append((guess, peak(guess)))
+    for n, b in points:
+        if b <= device_bytes:
+            lo = max(lo, n)
+        else:
+            hi = min(hi, n)
+    guess, fits_guess = points[-1][0], points[-1][1] <= device_bytes
+    step = 1024  # gallop away from the guess until the answer is bracketed
+    while hi - lo > 1:
+        n = guess + step if fits_guess else guess - step
+        if not lo < n < hi:
+            break
+        if peak(n) <= device_bytes:
+            lo = n
+            if not fits_guess:
+                break
+        else:
+            hi = n
+            if fits_guess:
+                break
+        step *= 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        lo, hi = (mid, hi) if peak(mid) <= device_bytes else (lo, mid)
     return lo
 
 
@@ -261,12 +520,24 @@ def _positive_int(what: str):
     return convert
 
 
+def _device_peak(report: Dict[str, int]) -> int:
+    """The device bytes that must fit: peak_total at stage 3, total otherwise."""
+    return report.get("peak_total", report["total"])
+
+
 def _stage(text: str) -> int:
-    if text.strip() == "3":
-        raise ValueError("stage 3 is not built yet; choose from 0, 1, 2")
-    if text.strip() not in ("0", "1", "2"):
-        raise ValueError(f"a stage is 0, 1 or 2, got {text!r}")
+    if text.strip() not in ("0", "1", "2", "3"):
+        raise ValueError(f"a stage is 0, 1, 2 or 3, got {text!r}")
     return int(text)
+
+
+def _whole_number(what: str):
+    def convert(text: str) -> int:
+        if not re.fullmatch(r"[0-9]+", text.strip()):
+            raise ValueError(f"{what} is a whole number >= 0, got {text!r}")
+        return int(text)
+    convert.__name__ = what
+    return convert
 
 
 def _positive_float(text: str) -> float:
@@ -285,8 +556,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-rank bytes a zeroshard ZeRO optimizer will hold for a model (parameters, "
                     "gradients, fp32 master, optimizer state, communication buffers), from the "
                     "same buffer layout the optimizer builds. Activations are not counted.",
-        epilog="--offload cpu is the design of issue 11 (not built yet): the numbers are that "
-               "design's prediction (master weights and optimizer state in host memory).")
+        epilog="Stage 3 partitions the parameters too: its table row is between steps (as "
+               "memory_report() counts it), and two more columns give the training peak: "
+               "'live units', the root unit (embeddings, final norm, head) and the 1 + "
+               "--prefetch largest blocks gathered whole during forward/backward, and 'peak', "
+               "total + live units (what --device-memory must fit at stage 3). --offload cpu "
+               "is the design of issue 11 (not built yet): the numbers are that design's "
+               "prediction (master weights and optimizer state in host memory).")
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--params", type=_argument(parse_count), metavar="N",
                        help="a parameter count (1.5e9, 1.5B, 125M), split into equal tensors "
@@ -299,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
                         nargs="+", default=[1, 2, 4, 8], metavar="N",
                         help="data-parallel world sizes (default: 1 2 4 8)")
     parser.add_argument("--stage", type=_argument(_stage), nargs="+", default=[0, 1, 2],
-                        metavar="S", help="ZeRO stages: 0, 1, 2 (default: all three)")
+                        metavar="S", help="ZeRO stages: 0, 1, 2, 3 (default: 0 1 2)")
     parser.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32",
                         help="parameter dtype (default fp32)")
     parser.add_argument("--reduce-dtype", choices=list(DTYPE_NAMES), default="fp32",
@@ -311,8 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "not built yet)")
     parser.add_argument("--bucket-mb", type=_argument(_positive_float), default=None,
                         help="bucket size in MiB of gradients, as ZeroOptimizer's bucket_mb "
-                             "(default: its automatic size, 25 MiB but at most an eighth of "
-                             "the gradients)")
+                             "(default: its automatic size, 25 MiB but at most 1/32 of the "
+                             "gradients' bytes)")
+    parser.add_argument("--prefetch", type=_argument(_whole_number("prefetch")), default=1,
+                        help="stage 3: units gathered ahead of the running one, as "
+                             "ZeroOptimizer's prefetch (default 1)")
     parser.add_argument("--max-in-flight", type=_argument(_positive_int("max-in-flight")),
                         default=2, help="buckets reduced at once (default 2)")
     parser.add_argument("--backend", choices=["nccl", "gloo"], default="nccl",
@@ -320,26 +599,46 @@ def build_parser() -> argparse.ArgumentParser:
                              "buffer per bucket)")
     parser.add_argument("--device-memory", type=_argument(parse_memory), metavar="SIZE",
                         help="memory per device (80GB, 80GiB): also print the largest model "
-                             "whose model states fit, per stage and world size")
+                             "whose model states fit (stage 3: its peak), per stage and world "
+                             "size")
     parser.add_argument("--plot", metavar="FILE.png",
                         help="write a stacked bar chart of the bytes (needs matplotlib)")
     return parser
 
 
 def _model_from_args(args, parser) -> Optional[tuple]:
-    """(description, numels) of the model the arguments name, or None."""
+    """(description, numels, units) of the model the arguments name, or None."""
     if args.params is not None:
-        numels = uniform_numels(args.params)
-        return "--params, split into equal tensors of at most 4096x4096", numels
+        return ("--params, split into equal tensors of at most 4096x4096",
+                uniform_numels(args.params), uniform_units(args.params))
     if args.preset is not None:
-        return f"preset {args.preset}", preset_numels(args.preset)
+        return (f"preset {args.preset}",) + preset_model(args.preset)
     if args.config is not None:
         try:
-            family, numels = read_config_numels(args.config)
+            family, numels, units = read_config_model(args.config)
         except ValueError as err:
             parser.error(str(err))
-        return f"{args.config} ({family}-style)", numels
+        return f"{args.config} ({family}-style)", numels, units
     return None
+
+
+def _units_text(args, model: tuple) -> str:
+    """What the stage-3 rows assume about the model's units."""
+    _, numels, units = model
+    sizes: Dict[int, int] = {}
+    for n, u in zip(numels, units):
+        sizes[u] = sizes.get(u, 0) + n
+    if args.params is not None:
+        return (f"Stage 3 units: --params gives no architecture, so each of the {len(numels)} "
+                f"tensors (at most {UNIFORM_TENSOR_NUMEL:,} elements) is assumed to be a unit "
+                "of its own and the root unit empty; a real model's blocks are larger and its "
+                "root holds the embeddings, so 'live units' and 'peak' come out low (the other "
+                "columns hardly depend on the split). --preset or --config give real units.")
+    blocks = [n for u, n in sizes.items() if u != 0]
+    return (f"Stage 3 units: the root (embeddings, final norm, head) of "
+            f"{format_count(sizes.get(0, 0))} parameters and {len(blocks)} blocks (the "
+            f"nn.ModuleList children) of at most {format_count(max(blocks, default=0))}; "
+            f"prefetch {args.prefetch}.")
 
 
 def _settings(args) -> dict:
@@ -349,6 +648,7 @@ def _settings(args) -> dict:
 
 
 def _table(rows: List[dict], *, host: bool, device_bytes: Optional[int]) -> str:
+    stage3 = any("live_units" in r for r in rows)
     columns = [("stage", lambda r: str(r["stage"])), ("N", lambda r: str(r["world_size"])),
                ("params", lambda r: format_bytes(r["model_params"])),
                ("grads", lambda r: format_bytes(r["grads"])),
@@ -356,10 +656,15 @@ def _table(rows: List[dict], *, host: bool, device_bytes: Optional[int]) -> str:
                ("optim state", lambda r: format_bytes(r["optimizer_state"])),
                ("comm bufs", lambda r: format_bytes(r["comm_buffers"])),
                ("total" + (" (device)" if host else ""), lambda r: format_bytes(r["total"]))]
+    if stage3:
+        columns.append(("live units", lambda r: format_bytes(r["live_units"])
+                        if "live_units" in r else "-"))
+        columns.append(("peak" + (" (device)" if host else ""),
+                        lambda r: format_bytes(_device_peak(r))))
     if host:
         columns.append(("host", lambda r: format_bytes(r["host_bytes"])))
     if device_bytes is not None:
-        columns.append(("fits", lambda r: "yes" if r["total"] <= device_bytes else "no"))
+        columns.append(("fits", lambda r: "yes" if _device_peak(r) <= device_bytes else "no"))
     columns.append(("ZeRO formula", lambda r: f"{r['formula_text']} = "
                                               f"{format_bytes(r['formula'])}"))
     cells = [[name for name, _ in columns]] + [[cell(r) for _, cell in columns] for r in rows]
@@ -381,11 +686,13 @@ def plot(rows: List[dict], path: str, *, title: str, device_bytes: Optional[int]
 
     labels = {"model_params": "parameters", "grads": "gradients", "master_params": "fp32 master",
               "optimizer_state": "optimizer state", "comm_buffers": "comm buffers"}
+    if any("live_units" in r for r in rows):
+        labels["live_units"] = "live units (stage 3, training)"
     fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(rows) + 2), 4.5))
     x = range(len(rows))
     bottom = [0.0] * len(rows)
     for key, label in labels.items():
-        heights = [r[key] / 2 ** 30 for r in rows]
+        heights = [r.get(key, 0) / 2 ** 30 for r in rows]
         ax.bar(x, heights, bottom=bottom, label=label)
         bottom = [b + h for b, h in zip(bottom, heights)]
     if device_bytes is not None:
@@ -412,6 +719,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     model = _model_from_args(args, parser)
+    if args.prefetch != 1 and 3 not in args.stage:
+        parser.error("--prefetch applies to stage 3 only: add --stage 3")
     if model is None and args.device_memory is None:
         parser.error("name a model (--params, --preset or --config), or give --device-memory "
                      "to find the largest model that fits")
@@ -422,7 +731,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  + (", offload cpu (issue 11's design, not built yet)" if offload else ""))
     rows = []
     if model is not None:
-        description, numels = model
+        description, numels, units = model
         total_params = sum(numels)
         print(f"Model: {description}: {total_params:,} parameters in {len(numels)} tensors")
         print(f"Settings: {described}")
@@ -430,8 +739,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "not counted):")
         for stage in args.stage:
             for world_size in args.world_size:
+                extra = dict(units=units, prefetch=args.prefetch) if stage == 3 else {}
                 report = estimate_model_states(numels, world_size=world_size, stage=stage,
-                                               **settings)
+                                               **settings, **extra)
                 rows.append(dict(report, stage=stage, world_size=world_size,
                                  formula=zero_formula_bytes(total_params, world_size=world_size,
                                                             stage=stage, dtype=args.dtype,
@@ -440,14 +750,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(_table(rows, host=offload, device_bytes=args.device_memory))
         print("ZeRO formula: the paper's closed form (gradients in the parameter dtype, no "
               "padding, no comm buffers), Ψ parameters, N ranks.")
+        if 3 in args.stage:
+            print("Stage 3: the row is between steps; 'live units' are the parameters gathered "
+                  "whole during forward/backward (the root unit and the 1 + prefetch largest "
+                  "blocks), 'peak' = total + live units.")
+            print(_units_text(args, model))
     if args.device_memory is not None:
         print(f"Largest model whose states fit in {args.device_memory:,} bytes "
               f"({format_bytes(args.device_memory)}) per device "
-              f"(a parameter count split into 4096x4096 tensors; {described}):")
+              f"(a parameter count split into 4096x4096 tensors; {described}"
+              + ("; stage 3: its peak, each tensor a unit of its own" if 3 in args.stage
+                 else "") + "):")
         for stage in args.stage:
             for world_size in args.world_size:
+                extra = dict(prefetch=args.prefetch) if stage == 3 else {}
                 n = largest_fitting_params(args.device_memory, world_size=world_size,
-                                           stage=stage, **settings)
+                                           stage=stage, **settings, **extra)
                 print(f"  stage {stage}, N={world_size}: {format_count(n)} parameters ({n:,})")
     if args.plot:
         if not rows:
