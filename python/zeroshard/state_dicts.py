@@ -55,7 +55,7 @@ def shard_state_dict(opt) -> Dict[str, Any]:
     collective, so it may be called on one rank. For a rank-independent state dict see
     full_state_dict(); for sharded checkpoints, zeroshard.checkpoint."""
     _, groups = _indexed_groups(opt)
-    state = {i: {k: (v.clone() if isinstance(v, torch.Tensor) else
+    state = {i: {k: (v.detach().clone() if isinstance(v, torch.Tensor) else
                      list(v) if isinstance(v, list) else v) for k, v in s.items()}
              for i, s in enumerate(opt.shard_state)}
     return {"state": state, "param_groups": groups,
