@@ -252,6 +252,16 @@ class Rendezvous:
             f"call; this rank ({p.rank}) reached {where} instead. Call {_short(first['op'])} on "
             f"every rank, not only on rank {first['rank']}")
 
+    def next_call_entered(self) -> bool:
+        """Whether another rank has entered this rank's next zeroshard call (read only)."""
+        p = self._progress
+        if p.world_size == 1 or p.store is None:
+            return False
+        try:
+            return p.store.add(f"{p.entered + 1}/polls{p.rank}", 0) >= _ENTERED
+        except RuntimeError as e:  # the store is gone: its host rank probably died
+            raise CollectiveTimeout(_store_failed("a collective", p.rank, e)) from e
+
     def check_not_awaited(self, where: str) -> None:
         """For a rank blocked in a training collective (a bucket's reduce-scatter inside
         backward): raises CollectiveCallError if another rank has entered the next zeroshard

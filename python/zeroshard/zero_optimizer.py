@@ -44,6 +44,9 @@ _SCALER_KWARGS = ("initial_scale", "growth_interval", "hysteresis", "min_scale")
 # its collectives wait at least this long even when timeout_s (meant for training-step
 # collectives) is short; it still bounds a rank that never builds its optimizer.
 CONSTRUCTION_TIMEOUT_S = 600.0
+# How long a collective blocked in backward may stay unfinished after another rank entered its
+# next zeroshard call before this rank concludes it went past that call (see _guarded_wait).
+NOT_AWAITED_GRACE_S = 2.0
 
 
 def _split_names(params) -> tuple:
@@ -507,13 +510,20 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if self.world_size == 1 or self.device.type == "cuda":
             return
         rendezvous = rendezvous_for(self.process_group, self.timeout_s)
-        where = f"a gradient collective of {type(self).__name__}"
+        where = f"a collective of {type(self).__name__}"
         deadline = time.monotonic() + self.timeout_s
-        pause, next_check = 5e-5, 0.0
+        pause, next_check, entered_since = 5e-5, 0.0, None
         while not work.is_completed() and time.monotonic() < deadline:
-            if time.monotonic() >= next_check:
-                rendezvous.check_not_awaited(where)
-                next_check = time.monotonic() + 0.01
+            now = time.monotonic()
+            if now >= next_check:
+                # A rank that finished its side of this collective may enter its next call
+                # while this rank's side is still completing (gloo): only a collective still
+                # not done NOT_AWAITED_GRACE_S later is one that rank never joins.
+                if rendezvous.next_call_entered():
+                    entered_since = now if entered_since is None else entered_since
+                    if now - entered_since >= NOT_AWAITED_GRACE_S:
+                        rendezvous.check_not_awaited(where)
+                next_check = now + 0.01
             time.sleep(pause)
             pause = min(2 * pause, 1e-3)
 
