@@ -30,7 +30,11 @@ rank takes) completes its bucket early on one rank and only at the end of backwa
 So buckets start in one fixed order, `sequence` (last flat group's last bucket first: gradients
 arrive roughly in reverse order of the parameters), as DDP reduces its buckets in order: a
 complete bucket starts once every bucket before it in the sequence has; the end of backward
-starts the rest, in sequence order.
+starts the rest, in sequence order. That guess is wrong where gradients arrive in another order
+(stage 3's root unit: the head's gradient comes first, the embedding's last), and a complete
+bucket waiting for its turn holds a ring slot. So, as DDP rebuilds its buckets, the end of the
+first synchronised backward replaces the sequence with the order in which rank 0's buckets
+completed (one small control all-reduce; every rank adopts rank 0's order).
 
 Whether a backward reduces is decided once, when its first gradient arrives: not inside
 `no_sync()`, and `sync_predicate()` (the optimizer's check of the model's
@@ -42,6 +46,7 @@ import contextlib
 from typing import Callable, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch.autograd import Variable
 
 from .buffer_ring import BufferRing, Slot
@@ -112,6 +117,9 @@ class BucketReducer:
         # how many of them have started in the current backward.
         self.sequence: List[Tuple[int, int]] = []
         self.next_in_sequence = 0
+        self.completed: List[Tuple[int, int]] = []  # this backward's buckets, as completed
+        self.sequence_learned = False
+        self._trim_due = False
         self.add_groups(groups)
 
     def add_groups(self, groups: List[FlatGroup]) -> None:
@@ -126,6 +134,7 @@ class BucketReducer:
                     self._make_hook(gi, pi)))
         self.sequence = [(gi, b) for gi in reversed(range(len(self.groups)))
                          for b in reversed(range(self.groups[gi].layout.num_buckets))]
+        self.sequence_learned = False
 
     def remove_hooks(self) -> None:
         for h in self._handles:
@@ -177,8 +186,9 @@ class BucketReducer:
             group.reduced_grads[start:end].copy_(flat)
         else:
             # Bucket by bucket, each launched as soon as it is complete: a parameter spanning
-            # many buckets (an embedding) then needs a slot or two, not one per bucket.
-            for b in state.param_buckets[pi]:
+            # many buckets (an embedding) then needs a slot or two, not one per bucket. Last
+            # bucket first, as the launch sequence has them.
+            for b in reversed(state.param_buckets[pi]):
                 b_start, b_end = group.bucket_ranges[b]
                 lo, hi = max(start, b_start), min(end, b_end)
                 self._staging(gi, b)[lo - b_start:hi - b_start].copy_(flat[lo - start:hi - start])
@@ -187,12 +197,14 @@ class BucketReducer:
             return
         param.grad = None  # the bucket holds it now; keep peak memory at one gradient
         if self.round_sync and not self.reduce_at_step:
-            for b in state.param_buckets[pi]:
+            for b in reversed(state.param_buckets[pi]):
                 self._count_down(gi, b)
 
     def _count_down(self, gi: int, b: int) -> None:
         state = self.states[gi]
         state.pending[b] -= 1
+        if state.pending[b] == 0 and not self.sequence_learned:
+            self.completed.append((gi, b))
         if state.pending[b] == 0 and self.overlap:
             self._launch_in_order(until_complete=True)
 
@@ -207,6 +219,22 @@ class BucketReducer:
             self.next_in_sequence += 1
             if not state.launched[b]:
                 self._launch(gi, b)
+
+    def _learn_sequence(self) -> None:
+        """See [Note: launch order]: rank 0's completion order becomes everyone's sequence."""
+        done = set(self.completed)
+        order = self.completed + [x for x in self.sequence if x not in done]
+        if self.comm.world_size > 1:
+            position = {x: i for i, x in enumerate(self.sequence)}
+            ranks = torch.tensor([position[x] + 1 for x in order], dtype=torch.int32)
+            if self.comm.rank != 0:
+                ranks.zero_()
+            device = self.groups[0].device if self.groups else torch.device("cpu")
+            ranks = self.comm.control_all_reduce(ranks.to(device), dist.ReduceOp.MAX).cpu()
+            order = [self.sequence[int(i) - 1] for i in ranks.tolist()]
+        self.sequence = order
+        self.sequence_learned = True
+        self._trim_due = True  # once this backward's collectives are done, see wait()
 
     def _staging(self, gi: int, b: int) -> torch.Tensor:
         state, group = self.states[gi], self.groups[gi]
@@ -225,8 +253,9 @@ class BucketReducer:
         ring = self.rings.get(key)
         if ring is None:
             ring = self.rings[key] = BufferRing(dtype, group.device)
-        # Sized for the largest bucket up front: a later, larger bucket would reallocate.
-        largest = max((e - s for s, e in group.bucket_ranges), default=0)
+        # Sized for the largest bucket of any group up front: a later, larger bucket would
+        # reallocate (stage 3 has many groups; their first slots would differ in size).
+        largest = max((e - s for g in self.groups for s, e in g.bucket_ranges), default=0)
         ring.reserve("staging", largest)
         ring.reserve("recv", largest)
         ring.reserve("part", -(-largest // max(1, self.comm.world_size)))
@@ -236,15 +265,13 @@ class BucketReducer:
 
     def _acquire_slot(self, group: FlatGroup, dtype: Optional[torch.dtype] = None) -> Slot:
         """A free slot. While none is free and collectives hold slots, the oldest is waited for
-        first once max_in_flight of them are out or the ring has max_in_flight + 1 slots (one
-        bucket filling while max_in_flight are reduced). A new slot otherwise: the ring grows
-        past that, once, only when more buckets than that fill at the same time (gradients
-        arriving out of the parameters' order)."""
+        first once the ring has max_in_flight + 1 slots (one bucket filling while max_in_flight
+        are reduced). A new slot otherwise: the ring grows past that, once, only when more
+        buckets than that fill at the same time (gradients arriving out of the launch order)."""
         ring = self._ring(group, dtype or group.reduce_dtype)
         slot = ring.acquire_free()
         while slot is None and self._slots_in_flight() > 0 and (
-                self._slots_in_flight() >= self.max_in_flight
-                or len(ring.slots) > self.max_in_flight):
+                len(ring.slots) > self.max_in_flight):
             self._retire_oldest()
             slot = ring.acquire_free()
         return slot if slot is not None else ring.new_slot()
@@ -278,6 +305,9 @@ class BucketReducer:
         self.callback_queued = False
         if self.round_sync and not self.reduce_at_step:
             self._launch_in_order(until_complete=False)
+            if not self.sequence_learned:
+                self._learn_sequence()
+        self.completed = []
         self.next_in_sequence = 0
         for group, state in zip(self.groups, self.states):
             if state.direct and any(state.launched):
@@ -318,8 +348,9 @@ class BucketReducer:
         into_shard = (self.mode == "reduce_scatter" and self.comm.reduce_scatter_needs_scratch
                       and not in_place)
         if self.mode == "reduce_scatter" and slot is None:
+            self._bound_in_flight()  # first: the slot the oldest frees is the one to take
             slot = self._acquire_slot(group)
-        if slot is not None:  # see [Note: bounded buffers]
+        elif slot is not None:  # see [Note: bounded buffers]
             self._bound_in_flight()
         if self.mode == "all_reduce":
             work = self.comm.all_reduce(data)
@@ -360,6 +391,10 @@ class BucketReducer:
                     self._launch(gi, b)
         while self.in_flight:
             self._retire_oldest()
+        if self._trim_due:  # the ring grew while the launch order was a guess
+            self._trim_due = False
+            for ring in self.rings.values():
+                ring.trim(self.max_in_flight + 1)
 
     def all_gather_shards(self) -> None:
         """After a stage 1/2 update: every rank's updated slice of every bucket gathered into
@@ -380,8 +415,8 @@ class BucketReducer:
         for group in self.groups:
             for b, (b_start, b_end) in enumerate(group.bucket_ranges):
                 s_start, s_end, _ = group.bucket_slice(b)
-                slot = self._acquire_slot(group, group.dtype)
                 self._bound_in_flight()
+                slot = self._acquire_slot(group, group.dtype)
                 part = slot.view("recv" if group.dtype == group.reduce_dtype else "gather",
                                  s_end - s_start)
                 part.copy_(group.flat_param[s_start:s_end])

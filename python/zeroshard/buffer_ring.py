@@ -74,6 +74,13 @@ class BufferRing:
     def release(self, slot: Slot) -> None:
         self._free.append(slot)
 
+    def trim(self, keep: int) -> None:
+        """Drops free slots beyond the first `keep` (their memory goes back to the allocator):
+        a ring that grew while the launch order was still a guess settles at its plan."""
+        while len(self.slots) > keep and self._free:
+            slot = self._free.pop()
+            self.slots.remove(slot)
+
     def nbytes(self) -> int:
         return sum(slot.nbytes() for slot in self.slots)
 

@@ -27,19 +27,10 @@ memory_report() count) every key is a sum over the units' shards. Two more keys:
 - `peak_total` = total + live_units: the model-state peak of a training step. Still without
   activations, and without the transient full-size gradients autograd makes for one unit's
   parameters before the reduction's hooks copy them into buckets.
-The communication buffers are one BufferRing shared by every unit's buckets. Its slots keep the
-size of the largest bucket reserved when they were first used, so their bytes depend on the
-order gradients arrive: the estimate replays BucketReducer's slot protocol for gradients in the
-reverse of the parameters' registration order (a sequential model's backward: the root's
-output side, the blocks last to first, the embeddings and a tied head last), step after step
-until the ring stops changing. BucketReducer starts buckets in a fixed order (its [Note: launch
-order]), the root's last: a root bucket whose gradients arrive early (final norm, an untied
-head) holds its slot through the whole backward, and a parameter spanning several buckets
-stages them all before the first can start, so the ring can hold more slots than stage 2's
-plan (planned_ring_bytes). A model whose backward departs from that order (a parameter
-registered on the model itself but used at its output, as the tests' UnitNet's `codebook`)
-can hold a slot more or less than replayed when buckets cut parameters; the model states do
-not depend on the order.
+The communication buffers are one BufferRing shared by every unit's buckets, planned as stage
+2's (planned_ring_bytes over all the units' buckets): BucketReducer sizes every slot for the
+largest bucket of any unit, learns the launch order from rank 0's first backward (its [Note:
+launch order]) and trims the ring to max_in_flight + 1 slots once it has.
 """
 from __future__ import annotations
 
@@ -235,115 +226,11 @@ def _stage3_report(param_numels, units, *, world_size: int, param_dtype: torch.d
         "grads": shard * grad_elem,  # reduced like stage 2: the shard only
         "master_params": 0 if param_dtype == torch.float32 else shard * 4,
         "optimizer_state": shard * 4 * STATE_TENSORS[optimizer],
-        "comm_buffers": _replayed_ring_bytes(numels, groups, layouts, world_size=world_size,
-                                             elem_size=grad_elem, max_in_flight=max_in_flight,
-                                             gloo=gloo and world_size > 1),
+        "comm_buffers": planned_ring_bytes(
+            [b.end - b.start for layout in layouts for b in layout.bucket_ranges], stage=2,
+            world_size=world_size, elem_size=grad_elem, max_in_flight=max_in_flight, gloo=gloo),
         "live_units": full.get(0, 0) + sum(others[:1 + prefetch]),
     }
-
-
-def _replayed_ring_bytes(numels: List[int], groups: List[tuple], layouts: list, *,
-                         world_size: int, elem_size: int, max_in_flight: int,
-                         gloo: bool) -> int:
-    """Stage 3's ring bytes: BucketReducer's slot protocol (_acquire_slot, _launch_in_order,
-    _launch, _retire_oldest, Slot.view) replayed for gradients arriving in reverse registration order,
-    one backward per step, until the ring stops changing. See [Note: stage 3]."""
-    # Per FlatGroup: bucket lengths, each parameter's buckets, each bucket's parameter count.
-    bucket_lens, param_buckets, expected, where = [], [], [], {}
-    for g, ((_, members), layout) in enumerate(zip(groups, layouts)):
-        bucket_lens.append([b.end - b.start for b in layout.bucket_ranges])
-        param_buckets.append([[] for _ in members])
-        expected.append([0] * layout.num_buckets)
-        for b in range(layout.num_buckets):
-            for j in layout.params_in_bucket(b):
-                if numels[members[j]] > 0:
-                    param_buckets[g][j].append(b)
-                    expected[g][b] += 1
-        for j, i in enumerate(members):
-            where[i] = (g, j)
-    largest = [max(lens, default=0) for lens in bucket_lens]
-    recv_name = "recv" if gloo else "part"  # gloo sums into the shard; else a received slice
-
-    capacity: Dict[str, int] = {}
-    slots: List[Dict[str, int]] = []  # per slot: buffer name -> elements
-    free: List[int] = []
-    in_flight: List[int] = []  # slots of collectives in flight, oldest first
-
-    def reserve(g: int) -> None:  # BucketReducer._ring
-        if largest[g] > capacity.get("staging", 0):
-            for name, n in (("staging", largest[g]), ("recv", largest[g]),
-                            ("part", -(-largest[g] // world_size))):
-                capacity[name] = max(capacity.get(name, 0), n)
-
-    def view(slot: int, name: str, n: int) -> None:  # Slot.view
-        if slots[slot].get(name, -1) < n:
-            slots[slot][name] = max(n, capacity.get(name, 0))
-
-    def retire() -> None:
-        free.append(in_flight.pop(0))
-
-    def acquire(g: int) -> int:
-        reserve(g)
-        while not free and in_flight and (len(in_flight) >= max_in_flight
-                                          or len(slots) > max_in_flight):
-            retire()
-        if free:
-            return free.pop()
-        slots.append({})
-        return len(slots) - 1
-
-    # BucketReducer's [Note: launch order]: the last group's last bucket first; a complete
-    # bucket starts once every bucket before it has.
-    sequence = [(g, b) for g in reversed(range(len(bucket_lens)))
-                for b in reversed(range(len(bucket_lens[g])))]
-
-    def launch_in_order(until_complete: bool, pending, staged, launched, at: int) -> int:
-        while at < len(sequence):
-            g, b = sequence[at]
-            if until_complete and pending[g][b] > 0:
-                return at
-            at += 1
-            if (g, b) not in launched:
-                launch(g, b, staged, launched)
-        return at
-
-    def launch(g: int, b: int, staged: Dict[tuple, int], launched: set) -> None:
-        launched.add((g, b))
-        slot = staged.pop((g, b), None)
-        if slot is None:  # no gradient reached this bucket: a zeroed staging buffer
-            slot = acquire(g)
-            view(slot, "staging", bucket_lens[g][b])
-        while len(in_flight) >= max_in_flight:
-            retire()
-        view(slot, recv_name, bucket_lens[g][b] if gloo else -(-bucket_lens[g][b] // world_size))
-        in_flight.append(slot)
-
-    order = sorted(where, reverse=True)
-    seen = set()
-    for _ in range(64):  # a step's replay, until the ring's state repeats
-        pending = [list(e) for e in expected]
-        staged: Dict[tuple, int] = {}
-        launched: set = set()
-        at = 0
-        for i in order:
-            g, j = where[i]
-            for b in param_buckets[g][j]:
-                if (g, b) not in staged:
-                    slot = acquire(g)
-                    view(slot, "staging", bucket_lens[g][b])
-                    staged[(g, b)] = slot
-                pending[g][b] -= 1
-                if pending[g][b] == 0:
-                    at = launch_in_order(True, pending, staged, launched, at)
-        launch_in_order(False, pending, staged, launched, at)  # end of backward: the rest
-        while in_flight:  # step() waits for every reduction
-            retire()
-        # Sizes only grow, so a state seen before means the ring cycles without growing.
-        state = (tuple(tuple(sorted(s.items())) for s in slots), tuple(free))
-        if state in seen:
-            break
-        seen.add(state)
-    return sum(sum(s.values()) for s in slots) * elem_size
 
 
 def _formula_terms(stage: int, dtype: DtypeLike, optimizer: str):
@@ -416,8 +303,8 @@ def largest_fitting_params(device_bytes: int, *, world_size: int, stage: int,
     # so device_bytes (stage 3: device_bytes * N) parameters never fit.
     lo, hi = 1, max(2, device_bytes * (world_size if stage == 3 else 1))
     # The bytes are nearly affine in the count: two secant steps from a probe land close to
-    # the answer, and a bracket grown from there leaves a short bisection (a stage-3 estimate
-    # replays the ring, so each evaluation counts). The bisection alone decides the result.
+    # the answer, and a bracket grown from there leaves a short bisection. The bisection alone
+    # decides the result.
     probe = min(hi - 1, 16 * UNIFORM_TENSOR_NUMEL)
     points = [(probe, peak(probe))]
     for _ in range(2):

@@ -407,13 +407,7 @@ def test_stage3_matches_memory_report_between_steps(stage3_reports):
         for (kind, dtype_name, bucket_mb), report in reports.items():
             expected = _stage3_expected(kind, world_size, dtype_name, bucket_mb)
             where = f"{kind} rank {rank} {dtype_name} bucket_mb={bucket_mb} N={world_size}"
-            # UnitNet's root parameter `codebook` is registered first (a parameter of the
-            # model itself) but gets its gradient first too: where buckets cut parameters, the
-            # ring replay (reverse registration order, [Note: stage 3]) can be a slot short.
-            # The model states stay exact.
-            keys = (MODEL_STATE_KEYS if (kind, bucket_mb) == ("unitnet", CUTTING_BUCKET_MB)
-                    else ALL_KEYS)
-            for key in keys:
+            for key in ALL_KEYS:
                 assert report[key] == expected[key], \
                     f"{where} {key}: real {report[key]} B, estimated {expected[key]} B"
             assert report["units"]["gathered"] == 0, where  # nothing gathered between steps
