@@ -231,9 +231,15 @@ class _Checkpoint:
                 if name in where:
                     g, j = where[name]
                     gm = om["flat_groups"][g]
+                    # Each parameter's own step (checkpoints since per-parameter steps); torch
+                    # keeps no state for a parameter that was never stepped.
+                    own = gm["params"][j].get("step", gm["scalars"].get("step"))
+                    if own == 0 and "step" in gm["params"][j]:
+                        index += 1
+                        continue
                     entry: Dict[str, Any] = {}
-                    if with_step and "step" in gm["scalars"]:
-                        step = float(gm["scalars"]["step"])
+                    if with_step and own is not None:
+                        step = float(own)
                         entry["step"] = _LazyTensor(torch.float32, (),
                                                     lambda s=step: torch.tensor(s))
                     for key in gm["keys"]:

@@ -308,6 +308,31 @@ def test_checkpoint_round_trip(tmp_path, world_size, stage, load_stage):
     assert per_rank[0]["steps"][0] == 0 and len(per_rank[0]["steps"]) > 2
 
 
+def test_export_gives_each_parameter_its_own_step(tmp_path):
+    """zeroshard.export of a checkpoint where heads were skipped on some steps: each parameter's
+    step is torch's, and a never-stepped parameter has no state (as torch keeps none)."""
+    from zeroshard import export
+    path = os.fspath(tmp_path / "ckpt")
+    run_distributed(_save_after, 2, path, STEPS, timeout_s=200)
+    out = os.fspath(tmp_path / "opt.pt")
+    export.export(path, os.fspath(tmp_path / "w.safetensors"), optimizer_out=out)
+    exported = torch.load(out, weights_only=True)["state"]
+    _, torch_opt = oracle("AdamW", 2)
+    want = torch_opt.state_dict()["state"]
+    assert sorted(exported) == sorted(want)  # the never-used head has no entry in either
+    for i, entry in want.items():
+        assert float(exported[i]["step"]) == float(entry["step"]), i
+        torch.testing.assert_close(exported[i]["exp_avg_sq"], entry["exp_avg_sq"],
+                                   rtol=1e-5, atol=1e-8)
+
+
+def _save_after(rank, world_size, path, steps):
+    model = make_heads_net()
+    opt = build("AdamW", model, 3)
+    train_rank_steps(model, opt, make_batches(steps), 0, steps, rank, world_size)
+    zeroshard.checkpoint.save(path, model=model, optimizer=opt)
+
+
 def _to_flat_inner(opt, inner):
     """An inner state dict in the layout used before per-parameter pieces: one flat master
     parameter per flat group (what older ZeroRedundancy state dicts hold)."""
