@@ -32,7 +32,6 @@ import functools
 import gc
 import gzip
 import json
-import math
 import os
 import statistics
 import sys
@@ -64,36 +63,12 @@ def batch(config, batch_size: int, seq_len: int, device: torch.device):
     return tokens[:, :-1].to(device), tokens[:, 1:].to(device)
 
 
-class _OnDeviceGPT(GPT):
-    """examples/gpt.py's GPT whose GPT-2 init draws on the parameters' device. The original
-    draws every weight from one CPU generator: seconds per 355M-parameter model, twice per
-    bench run, which gpu_check's step limits cannot spare. Same distributions, other values;
-    the step's cost does not depend on them."""
-
-    @torch.no_grad()
-    def reset_parameters(self, seed: int) -> None:
-        device = next(self.parameters()).device
-        if device.type == "cpu":
-            super().reset_parameters(seed)
-            return
-        generator = torch.Generator(device=device).manual_seed(seed)
-        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
-        for name, param in self.named_parameters():
-            if name.endswith(".bias"):
-                param.zero_()
-            elif ".ln_" in name or name.startswith("ln_"):
-                param.fill_(1.0)
-            else:
-                std = residual_std if name.endswith("proj.weight") else 0.02
-                param.normal_(0.0, std, generator=generator)
-
-
 def build_model(model_name: str, device: torch.device) -> torch.nn.Module:
     """The bf16 model on `device` (built there directly on CUDA), peak memory counted from here."""
     config = preset(model_name)
     if device.type == "cuda":
         with torch.device(device):
-            model = _OnDeviceGPT(config)
+            model = GPT(config)  # its init draws on the GPU there
     else:
         model = GPT(config)
     model = model.to(device=device, dtype=torch.bfloat16)

@@ -122,9 +122,13 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, seed: int) -> None:
-        """GPT-2 init from one CPU generator, in `named_parameters` order, so every rank (and every
-        run with the same seed) starts from bit-identical weights."""
-        generator = torch.Generator().manual_seed(seed)
+        """GPT-2 init from one generator, in `named_parameters` order, so every rank (and every
+        run with the same seed) starts from bit-identical weights. On CPU the weights are drawn
+        on the host; a model built on a GPU draws there (seconds saved per 355M parameters;
+        the same distributions, other values)."""
+        device = next(self.parameters()).device
+        on_host = device.type == "cpu"
+        generator = torch.Generator(device=device).manual_seed(seed)
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, param in self.named_parameters():
             if name.endswith(".bias"):
@@ -133,7 +137,10 @@ class GPT(nn.Module):
                 param.fill_(1.0)
             else:
                 std = residual_std if name.endswith("proj.weight") else 0.02
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
+                if on_host:
+                    param.copy_(torch.randn(param.shape, generator=generator) * std)
+                else:
+                    param.normal_(0.0, std, generator=generator)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
