@@ -127,6 +127,8 @@ class GPT(nn.Module):
         on the host; a model built on a GPU draws there (seconds saved per 355M parameters;
         the same distributions, other values)."""
         device = next(self.parameters()).device
+        if device.type == "meta":  # shapes only (counting parameters): nothing to draw
+            return
         on_host = device.type == "cpu"
         generator = torch.Generator(device=device).manual_seed(seed)
         residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
