@@ -758,7 +758,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def reset_peak_memory(self) -> bool:
         """Starts memory_report()["measured"]["peak_bytes"] over from now (e.g. after warm-up);
-        False where the platform cannot reset it."""
+        False where the platform cannot reset it. At stage 3 also restarts the count of units
+        gathered at once (memory_report()["units"]["peak_gathered"])."""
+        if self.units is not None:
+            self.units.peak_alive = sum(u.gathered and not u.is_root for u in self.units.units)
         return process_memory.reset_peak(self.device)
 
     def comm_stats(self) -> Dict[str, Dict[str, int]]:

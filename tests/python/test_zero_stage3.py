@@ -138,6 +138,7 @@ def test_stage3_other_optimizers_match_oracle(kind, world_size):
     ("param_groups", {"groups": True}),
     ("eval_between_steps", {"eval_between": True}),
     ("two_forwards_one_backward", {"two_forwards": True}),
+    ("unit_order_changes_on_every_rank", {"net": {"changing_order": True}, "steps": 6}),
     ("keep_after_forward", {"opt": {"reshard_after_forward": False}}),
     ("prefetch_0", {"opt": {"prefetch": 0}}),
     ("prefetch_2", {"opt": {"prefetch": 2}}),
@@ -254,3 +255,6 @@ def test_stage3_memory_report_shows_shards_and_live_units():
     assert full <= report["model_params"] <= full + 4 * 128 * 4
     with opt.full_params():
         assert opt.memory_report()["model_params"] == 2 * report["model_params"]
+    assert opt.memory_report()["units"]["peak_gathered"] == 3  # the three blocks, in full_params
+    opt.reset_peak_memory()
+    assert opt.memory_report()["units"]["peak_gathered"] == 0

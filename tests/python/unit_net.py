@@ -30,7 +30,8 @@ class Block(nn.Module):
 
 class UnitNet(nn.Module):
     def __init__(self, n_blocks: int = 3, checkpointing: str = "", twice: bool = False,
-                 frozen_block: bool = False, skip_block_on_rank=None) -> None:
+                 frozen_block: bool = False, skip_block_on_rank=None,
+                 changing_order: bool = False) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, WIDTH)
         self.blocks = nn.ModuleList(Block(WIDTH, HIDDEN + i) for i in range(n_blocks))
@@ -40,12 +41,23 @@ class UnitNet(nn.Module):
         self.codebook = nn.Parameter(torch.randn(CODEBOOK) * 0.1)
         self.checkpointing, self.twice = checkpointing, twice
         self.skip_block_on_rank = skip_block_on_rank  # (block, rank): a rank-dependent branch
+        # Every rank alike: blocks in reverse order on odd forwards, block 1 skipped on every
+        # third (stage 3 must re-plan its prefetch, not hang or mix weights).
+        self.changing_order = changing_order
+        self.forwards = 0
         if frozen_block:
             self.blocks[0].requires_grad_(False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.embed(tokens)
-        for i, block in enumerate(self.blocks):
+        order = list(enumerate(self.blocks))
+        if self.changing_order:
+            self.forwards += 1
+            if self.forwards % 2 == 0:
+                order.reverse()
+            if self.forwards % 3 == 0:
+                order = [(i, b) for i, b in order if i != 1]
+        for i, block in order:
             if self.skip_block_on_rank is not None and self.skip_block_on_rank == (
                     i, torch.distributed.get_rank()):
                 continue
