@@ -119,10 +119,9 @@ def owning_units(module: torch.nn.Module, unit_modules: Sequence[torch.nn.Module
 
 
 class ParamUnits:
-    def __init__(self, module: torch.nn.Module, units: List[Unit], comm: Communicator, *,
+    def __init__(self, units: List[Unit], comm: Communicator, *,
                  prefetch: int, reshard_after_forward: bool,
                  wait_guard: Optional[Callable[[Work], None]] = None) -> None:
-        self.module = module
         self.units = [u for u in units if u.groups]
         self.comm = comm
         self.prefetch = prefetch
@@ -134,13 +133,13 @@ class ParamUnits:
                 self.unit_of_group[id(fg)] = u
                 u.buckets += fg.layout.num_buckets
         self.root = next((u for u in self.units if u.is_root), None)
+        self.by_index = {u.index: u for u in self.units}
         self.record: List[int] = []  # units' pre-forwards in the current forward
         self.previous: List[int] = []  # ... in the forward before it (prefetch order)
         self.matches = True  # the current forward follows `previous` so far
         self.backward_pos = 0  # where backward is in the reversed current record
         self.pinned = 0  # inside full_params(): nothing is freed
         self.peak_alive = 0  # most non-root units with full buffers at once
-        self.gathers = 0  # unit gathers started (instrumentation for tests)
         self._unchecked: List[tuple] = []  # CUDA: (unit, tags) not yet compared
         self._sharded = {id(p): fg for u in self.units for fg in u.groups for p in fg.params}
         self._handles = []
@@ -227,15 +226,12 @@ class ParamUnits:
         for index in upcoming:
             if ahead >= self.prefetch:
                 break
-            v = self._unit(index)
+            v = self.by_index.get(index)
             if v is None or v.is_root:
                 continue
             ahead += 1
             if not v.gathered:
                 self._start_gather(v)
-
-    def _unit(self, index: int) -> Optional[Unit]:
-        return next((u for u in self.units if u.index == index), None)
 
     def _state_dict_guard(self, module, state_dict, prefix, local_metadata) -> None:
         for name, p in module._parameters.items():
@@ -281,7 +277,6 @@ class ParamUnits:
                               fg.shard_param[s0:s0 + (s_end - s_start)]))
         work = self.comm.all_gather_buckets(pairs)
         u.pending = (tag_work, tags, work)
-        self.gathers += 1
         alive = sum(1 for v in self.units if v.gathered and not v.is_root)
         self.peak_alive = max(self.peak_alive, alive)
 
@@ -300,7 +295,7 @@ class ParamUnits:
         seen = [int(t) for t in tags.tolist()]
         if all(t == u.index for t in seen):
             return
-        names = {v.index: v.name for v in self.units}
+        names = {i: v.name for i, v in self.by_index.items()}
         other = next(r for r, t in enumerate(seen) if t != u.index)
         raise RuntimeError(
             f"stage 3: rank {self.comm.rank} gathered unit {u.name!r} while rank "

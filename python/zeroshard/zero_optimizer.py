@@ -203,7 +203,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                      mode="all_reduce" if stage == 0 else "reduce_scatter",
                                      overlap=overlap, reduce_at_step=(stage == 1))
         if stage == 3:
-            self.units = ParamUnits(module, unit_list, self.comm, prefetch=prefetch,
+            self.units = ParamUnits(unit_list, self.comm, prefetch=prefetch,
                                     reshard_after_forward=reshard_after_forward,
                                     wait_guard=self._guarded_wait)
             self.reducer.on_launch = self.units.on_bucket_launched
