@@ -20,7 +20,7 @@ import torch.distributed as dist
 from .bucket_reducer import BucketReducer
 from .communicator import make_communicator
 from .flat_group import FlatGroup
-from .zero_optimizer import reject_ddp_wrapped
+from .param_lists import reject_ddp_wrapped
 
 
 class GradientReducer:

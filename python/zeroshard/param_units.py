@@ -38,7 +38,6 @@ from collections import defaultdict
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 from torch.utils._pytree import tree_flatten
 
 from .communicator import Communicator, Work

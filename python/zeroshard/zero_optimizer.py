@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from . import ops, process_memory, sharded_init
+from . import gradient_checks, process_memory, sharded_init
 from .bucket_reducer import BucketReducer
 from .buffer_ring import auto_bucket_mb
 from .communicator import Communicator, _TorchWork, make_communicator
@@ -35,7 +35,8 @@ from .flat_group import FlatGroup
 from .exposed_grads import ExposedGrads
 from . import state_dicts
 from .loss_scaler import LossScaler
-from .owning_modules import NoSyncMethod, ddp_wrapper_name, root_modules
+from .owning_modules import NoSyncMethod, root_modules
+from .param_lists import reject_ddp_wrapped, reject_duplicates, split_names
 from .param_units import ParamUnits, Unit, find_units, owning_units
 from .rendezvous import rendezvous_for
 
@@ -47,72 +48,6 @@ CONSTRUCTION_TIMEOUT_S = 600.0
 # How long a collective blocked in backward may stay unfinished after another rank entered its
 # next zeroshard call before this rank concludes it went past that call (see _guarded_wait).
 NOT_AWAITED_GRACE_S = 2.0
-
-
-def _split_names(params) -> tuple:
-    """Accepts a module, tensors, (name, tensor) pairs or group dicts; returns torch.optim's
-    param list/groups plus a name for every tensor (for error messages)."""
-    if isinstance(params, torch.nn.Module):
-        if isinstance(params, torch.nn.parallel.DistributedDataParallel):
-            raise ValueError("the model is wrapped in DistributedDataParallel: zeroshard reduces "
-                             "gradients itself, so DDP would reduce them twice. Pass the bare "
-                             "module's parameters (ddp_model.module.parameters()).")
-        params = params.named_parameters()
-    if isinstance(params, torch.Tensor):
-        raise TypeError("params must be an iterable of tensors or dicts, not a single tensor")
-    items = list(params)
-    if not items:
-        raise ValueError("the optimizer got an empty parameter list")
-    names: Dict[int, str] = {}
-
-    def strip(seq, prefix):
-        out = []
-        for i, item in enumerate(seq):
-            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-                names[id(item[1])] = item[0]
-                out.append(item[1])
-            else:
-                names.setdefault(id(item), f"{prefix}[{i}] (shape {tuple(getattr(item, 'shape', ()))})")
-                out.append(item)
-        return out
-
-    if isinstance(items[0], dict):
-        groups = []
-        for gi, g in enumerate(items):
-            g = dict(g)
-            ps = g["params"]
-            ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
-            g["params"] = strip(ps, f"param_groups[{gi}].params")
-            groups.append(g)
-        return groups, names
-    return strip(items, "params"), names
-
-
-def reject_ddp_wrapped(params, names: Dict[int, str], *, after: bool = False) -> None:
-    """A DistributedDataParallel module already all-reduces these parameters' gradients; a
-    second reduction by zeroshard would be wasted traffic at best (and DDP would reduce the
-    zeros left by zeroshard's hooks)."""
-    name = ddp_wrapper_name(params, names)
-    if name is not None:
-        when = ("was wrapped in DistributedDataParallel after the optimizer was built"
-                if after else "belongs to a model wrapped in DistributedDataParallel")
-        raise ValueError(
-            f"{name} {when}, which reduces its gradients a second time. Drop the DDP wrapper: "
-            "zeroshard's optimizer does the data-parallel reduction itself. (With the Hugging "
-            "Face Trainer, which wraps models in DDP, use "
-            "zeroshard.integrations.transformers.ZeroTrainer.)")
-
-
-def _reject_duplicates(params, names: Dict[int, str]) -> None:
-    """torch.optim only warns about a parameter listed twice; sharding it twice would corrupt it."""
-    flat = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) \
-        else list(params)
-    seen = set()
-    for p in flat:
-        if id(p) in seen:
-            raise ValueError(f"{names.get(id(p), 'a parameter')} is given twice (in one list or "
-                             "in two param groups); list each parameter once")
-        seen.add(id(p))
 
 
 class ZeroOptimizer(torch.optim.Optimizer):
@@ -154,8 +89,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 "stage 3 gathers parameters module by module, so it needs the model: pass the "
                 "module itself (ZeroAdamW(model, ..., stage=3)), or with param groups add "
                 "module=model (ZeroAdamW(groups, ..., stage=3, module=model))")
-        params, self._names = _split_names(params)
-        _reject_duplicates(params, self._names)
+        params, self._names = split_names(params)
+        reject_duplicates(params, self._names)
         self._building = True
         super().__init__(params, defaults)
         self._building = False
@@ -313,12 +248,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError("add_param_group() is not supported at stage 3 (its units are "
                              "planned at construction): pass every param group to the "
                              "constructor, with module=model")
-        groups, names = _split_names([param_group])
+        groups, names = split_names([param_group])
         group = groups[0]
         self._names.update(names)
         self._name_from_modules()
         existing = [p for g in self.param_groups for p in g["params"]]
-        _reject_duplicates(existing + list(group["params"]), self._names)
+        reject_duplicates(existing + list(group["params"]), self._names)
         new = [p for p in group["params"] if p.requires_grad]
         for p in new:
             if p.device != self.device:
@@ -540,10 +475,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._nonfinite_norm = None
 
     def _shard_grad_pieces(self):
-        for fg in self.flat_groups:
-            for b0, b1, s0 in fg.shard_slices():
-                if b1 > b0:
-                    yield fg.shard_grads(b0, b1, s0)
+        return gradient_checks.shard_grad_pieces(self)
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
                         error_if_nonfinite: bool = False) -> torch.Tensor:
@@ -560,20 +492,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._poll_peers(f"{type(self).__name__}.clip_grad_norm_")
         self.exposed.withdraw(remove=False)
         self._reduced()
-        # Partial results stay on the device; one host sync for the whole norm.
-        total = torch.zeros(1, dtype=torch.float64, device=self.device)
-        for g in self._shard_grad_pieces():
-            if norm_type == 2.0:
-                total += ops.l2_norm_sq(g).to(device=self.device, dtype=torch.float64)
-            elif math.isinf(norm_type):
-                torch.maximum(total, g.abs().max().double(), out=total)
-            else:
-                total += torch.linalg.vector_norm(g.double(), norm_type) ** norm_type
-        if self.stage != 0:  # stage 0 shards hold the whole replicated gradient already
-            op = dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
-            self.comm.control_all_reduce(total, op)
-        value = total.item()
-        norm = value if math.isinf(norm_type) else value ** (1.0 / norm_type)
+        norm = gradient_checks.global_norm(self, norm_type)
         norm /= self.loss_scale
         if not math.isfinite(norm):
             if error_if_nonfinite:
@@ -587,12 +506,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return torch.tensor(norm, dtype=torch.float32)
 
     def _overflowed(self) -> bool:
-        """True when any rank's gradient shard holds inf/NaN (one small all-reduce)."""
-        flag = torch.zeros(1, dtype=torch.int32, device=self.device)
-        for g in self._shard_grad_pieces():
-            ops.l2_norm_sq(g, nonfinite=flag)
-        self.comm.control_all_reduce(flag, dist.ReduceOp.MAX)
-        return flag.item() > 0
+        return gradient_checks.overflowed(self)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -648,28 +562,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 self.reducer.got[gi][j] = False
 
     def _agree_on_grads(self, check_overflow: bool):
-        """(overflow, updated): whether any rank's gradient shard holds inf/NaN (only looked
-        at with check_overflow), and per flat group which parameters got a gradient on some
-        rank since the last step. One small control all-reduce (MAX) for both; none at world
-        size 1."""
-        got = self.reducer.got
-        if self.world_size == 1:
-            overflow = check_overflow and self._overflowed()
-            return overflow, [list(flags) for flags in got]
-        sizes = [len(flags) for flags in got]
-        vector = torch.tensor([0] + [int(f) for flags in got for f in flags], dtype=torch.int32)
-        vector = vector.to(self.device)
-        if check_overflow:
-            flag = vector[:1]
-            for g in self._shard_grad_pieces():
-                ops.l2_norm_sq(g, nonfinite=flag)
-        self.comm.control_all_reduce(vector, dist.ReduceOp.MAX)
-        values = vector.tolist()
-        updated, at = [], 1
-        for n in sizes:
-            updated.append([v > 0 for v in values[at:at + n]])
-            at += n
-        return values[0] > 0, updated
+        return gradient_checks.agree_on_grads(self, check_overflow)
 
     def _adopt_changed_params(self) -> None:
         """A separate fp32 master shard (bf16/fp16 parameters, ZeroRedundancy) is copied from

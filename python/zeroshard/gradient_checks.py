@@ -1,0 +1,74 @@
+"""gradient_checks: the questions a step asks of the reduced gradient shards of every rank, each
+answered with one small control collective: the global norm (clip_grad_norm_), whether any rank
+overflowed (fp16 loss scaling), and which parameters got a gradient on some rank (torch.optim
+skips the others). Functions of a ZeroOptimizer (flat_groups, stage, comm, reducer, device).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Tuple
+
+import torch
+import torch.distributed as dist
+
+from . import ops
+
+
+def shard_grad_pieces(opt):
+    """This rank's reduced gradient, piece by piece (every flat group, every bucket slice)."""
+    for fg in opt.flat_groups:
+        for b0, b1, s0 in fg.shard_slices():
+            if b1 > b0:
+                yield fg.shard_grads(b0, b1, s0)
+
+
+def global_norm(opt, norm_type: float) -> float:
+    """The norm of order norm_type of every rank's reduced gradients (still loss-scaled).
+    Partial results stay on the device; one host sync for the whole norm."""
+    total = torch.zeros(1, dtype=torch.float64, device=opt.device)
+    for g in shard_grad_pieces(opt):
+        if norm_type == 2.0:
+            total += ops.l2_norm_sq(g).to(device=opt.device, dtype=torch.float64)
+        elif math.isinf(norm_type):
+            torch.maximum(total, g.abs().max().double(), out=total)
+        else:
+            total += torch.linalg.vector_norm(g.double(), norm_type) ** norm_type
+    if opt.stage != 0:  # stage 0 shards hold the whole replicated gradient already
+        op = dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
+        opt.comm.control_all_reduce(total, op)
+    value = total.item()
+    return value if math.isinf(norm_type) else value ** (1.0 / norm_type)
+
+
+def overflowed(opt) -> bool:
+    """True when any rank's gradient shard holds inf/NaN (one small all-reduce)."""
+    flag = torch.zeros(1, dtype=torch.int32, device=opt.device)
+    for g in shard_grad_pieces(opt):
+        ops.l2_norm_sq(g, nonfinite=flag)
+    opt.comm.control_all_reduce(flag, dist.ReduceOp.MAX)
+    return flag.item() > 0
+
+
+def agree_on_grads(opt, check_overflow: bool) -> Tuple[bool, List[List[bool]]]:
+    """(overflow, updated): whether any rank's gradient shard holds inf/NaN (only looked
+    at with check_overflow), and per flat group which parameters got a gradient on some
+    rank since the last step. One small control all-reduce (MAX) for both; none at world
+    size 1."""
+    got = opt.reducer.got
+    if opt.world_size == 1:
+        overflow = check_overflow and overflowed(opt)
+        return overflow, [list(flags) for flags in got]
+    sizes = [len(flags) for flags in got]
+    vector = torch.tensor([0] + [int(f) for flags in got for f in flags], dtype=torch.int32)
+    vector = vector.to(opt.device)
+    if check_overflow:
+        flag = vector[:1]
+        for g in shard_grad_pieces(opt):
+            ops.l2_norm_sq(g, nonfinite=flag)
+    opt.comm.control_all_reduce(vector, dist.ReduceOp.MAX)
+    values = vector.tolist()
+    updated, at = [], 1
+    for n in sizes:
+        updated.append([v > 0 for v in values[at:at + n]])
+        at += n
+    return values[0] > 0, updated

@@ -1,0 +1,78 @@
+"""What an optimizer was given: torch.optim's params argument (a module, tensors, (name, tensor)
+pairs or group dicts) turned into param groups with a readable name for every tensor, and the
+refusals that protect the flat buffers before anything is built (a parameter listed twice, a
+model wrapped in DistributedDataParallel). Knows nothing of stages, buckets or collectives.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from .owning_modules import ddp_wrapper_name
+
+
+def split_names(params) -> tuple:
+    """Accepts a module, tensors, (name, tensor) pairs or group dicts; returns torch.optim's
+    param list/groups plus a name for every tensor (for error messages)."""
+    if isinstance(params, torch.nn.Module):
+        if isinstance(params, torch.nn.parallel.DistributedDataParallel):
+            raise ValueError("the model is wrapped in DistributedDataParallel: zeroshard reduces "
+                             "gradients itself, so DDP would reduce them twice. Pass the bare "
+                             "module's parameters (ddp_model.module.parameters()).")
+        params = params.named_parameters()
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be an iterable of tensors or dicts, not a single tensor")
+    items = list(params)
+    if not items:
+        raise ValueError("the optimizer got an empty parameter list")
+    names: Dict[int, str] = {}
+
+    def strip(seq, prefix):
+        out = []
+        for i, item in enumerate(seq):
+            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+                names[id(item[1])] = item[0]
+                out.append(item[1])
+            else:
+                names.setdefault(id(item), f"{prefix}[{i}] (shape {tuple(getattr(item, 'shape', ()))})")
+                out.append(item)
+        return out
+
+    if isinstance(items[0], dict):
+        groups = []
+        for gi, g in enumerate(items):
+            g = dict(g)
+            ps = g["params"]
+            ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+            g["params"] = strip(ps, f"param_groups[{gi}].params")
+            groups.append(g)
+        return groups, names
+    return strip(items, "params"), names
+
+
+def reject_ddp_wrapped(params, names: Dict[int, str], *, after: bool = False) -> None:
+    """A DistributedDataParallel module already all-reduces these parameters' gradients; a
+    second reduction by zeroshard would be wasted traffic at best (and DDP would reduce the
+    zeros left by zeroshard's hooks)."""
+    name = ddp_wrapper_name(params, names)
+    if name is not None:
+        when = ("was wrapped in DistributedDataParallel after the optimizer was built"
+                if after else "belongs to a model wrapped in DistributedDataParallel")
+        raise ValueError(
+            f"{name} {when}, which reduces its gradients a second time. Drop the DDP wrapper: "
+            "zeroshard's optimizer does the data-parallel reduction itself. (With the Hugging "
+            "Face Trainer, which wraps models in DDP, use "
+            "zeroshard.integrations.transformers.ZeroTrainer.)")
+
+
+def reject_duplicates(params, names: Dict[int, str]) -> None:
+    """torch.optim only warns about a parameter listed twice; sharding it twice would corrupt it."""
+    flat = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) \
+        else list(params)
+    seen = set()
+    for p in flat:
+        if id(p) in seen:
+            raise ValueError(f"{names.get(id(p), 'a parameter')} is given twice (in one list or "
+                             "in two param groups); list each parameter once")
+        seen.add(id(p))
