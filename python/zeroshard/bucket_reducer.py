@@ -101,9 +101,8 @@ class BucketReducer:
         self.saw_grads = False  # some gradient arrived since the last consume()
         self.boundary_reduce_due = False  # stage 1: local grads not yet reduced
         self.on_round_start: Optional[Callable[[], None]] = None
-        # Stage 3's units: told when a bucket's reduction starts and when backward ends.
+        # Stage 3's units: told when a bucket's reduction starts (its unit may then be freed).
         self.on_launch: Optional[Callable[[FlatGroup], None]] = None
-        self.after_backward: Optional[Callable[[], None]] = None
         # Called instead of blocking outright on a collective not yet complete (the optimizer
         # watches there for a rank that waits in a call this rank went past).
         self.wait_guard: Optional[Callable[[Work], None]] = None
@@ -314,8 +313,6 @@ class BucketReducer:
                 group.has_reduced = True
             state.direct = False
             state.reset()
-        if self.after_backward is not None:
-            self.after_backward()
 
     # ---- collectives -------------------------------------------------------------------------
 

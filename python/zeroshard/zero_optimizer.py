@@ -142,7 +142,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                     reshard_after_forward=reshard_after_forward,
                                     wait_guard=self._guarded_wait)
             self.reducer.on_launch = self.units.on_bucket_launched
-            self.reducer.after_backward = self.units.after_backward
         self.reducer.sync_predicate = self._models_want_sync
         self.reducer.wait_guard = self._guarded_wait
         self.exposed = ExposedGrads(self)
