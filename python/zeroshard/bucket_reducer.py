@@ -103,6 +103,8 @@ class BucketReducer:
         self.on_round_start: Optional[Callable[[], None]] = None
         # Stage 3's units: told when a bucket's reduction starts (its unit may then be freed).
         self.on_launch: Optional[Callable[[FlatGroup], None]] = None
+        # offload="cpu": reduced slices go to the host through it (see host_offload.py).
+        self.offload = None
         # Called instead of blocking outright on a collective not yet complete (the optimizer
         # watches there for a rank that waits in a call this rank went past).
         self.wait_guard: Optional[Callable[[Work], None]] = None
@@ -273,7 +275,12 @@ class BucketReducer:
                 len(ring.slots) > self.max_in_flight):
             self._retire_oldest()
             slot = ring.acquire_free()
-        return slot if slot is not None else ring.new_slot()
+        if slot is None:
+            return ring.new_slot()
+        if slot.fence is not None:  # an offload copy may still read it: writes wait for it
+            torch.cuda.current_stream(group.device).wait_event(slot.fence)
+            slot.fence = None
+        return slot
 
     def _slots_in_flight(self) -> int:
         return sum(entry[2] is not None for entry in self.in_flight)
@@ -343,7 +350,7 @@ class BucketReducer:
         # once its collective is done, and then the slice is written.
         in_place = source == "local" and group.reduces_in_place
         into_shard = (self.mode == "reduce_scatter" and self.comm.reduce_scatter_needs_scratch
-                      and not in_place)
+                      and not in_place and self.offload is None)
         if self.mode == "reduce_scatter" and slot is None:
             self._bound_in_flight()  # first: the slot the oldest frees is the one to take
             slot = self._acquire_slot(group)
@@ -373,7 +380,11 @@ class BucketReducer:
                     data.zero_()
                 if in_place:
                     group.shard_in_local = True
-                if not into_shard:
+                if self.offload is not None:  # to the host shard, while backward goes on
+                    fence = self.offload.land(group, b, shard, part)
+                    if fence is not None:
+                        slot.fence = fence
+                elif not into_shard:
                     shard.add_(part)
         self._track(work, finish, slot)
         if self.on_launch is not None:

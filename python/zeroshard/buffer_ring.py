@@ -26,6 +26,9 @@ class Slot:
     def __init__(self, ring: "BufferRing") -> None:
         self.ring = ring
         self._tensors: Dict[str, torch.Tensor] = {}
+        # CUDA event after which the slot may be written again (an offload D2H copy still
+        # reading it when the slot was released), or None.
+        self.fence = None
 
     def view(self, name: str, numel: int, *, zero: bool = False) -> torch.Tensor:
         """The first `numel` elements of this slot's buffer `name` (grown if too small)."""

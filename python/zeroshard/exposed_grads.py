@@ -272,12 +272,14 @@ class ExposedGrads:
         device = self.owner.device
         partials = []
         for gi, j in self._index:
-            total = torch.zeros((), dtype=torch.float64, device=device)
-            for piece in self.owner.flat_groups[gi].param_grad_pieces(j):
+            fg = self.owner.flat_groups[gi]  # its gradients live on the host with offload
+            total = torch.zeros((), dtype=torch.float64, device=fg.reduced_grads.device)
+            for piece in fg.param_grad_pieces(j):
                 n = torch.linalg.vector_norm(piece, norm_type, dtype=torch.float64)
                 total = torch.maximum(total, n) if math.isinf(norm_type) else total + n ** norm_type
-            partials.append(total)
-        stacked = torch.stack(partials) if partials else torch.zeros(0, dtype=torch.float64)
+            partials.append(total.to(device))
+        stacked = (torch.stack(partials) if partials
+                   else torch.zeros(0, dtype=torch.float64, device=device))
         if self.owner.stage != 0:
             op = dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
             self.owner.comm.control_all_reduce(stacked, op)
@@ -297,7 +299,7 @@ class ExposedGrads:
             self._scale(handle, inv_scale)
             gi, j = handle._key
             for piece in self.owner.flat_groups[gi].param_grad_pieces(j):
-                bad += (~torch.isfinite(piece)).any().float()
+                bad += (~torch.isfinite(piece)).any().float().to(bad.device)
         if self.owner.stage != 0:
             self.owner.comm.control_all_reduce(bad, dist.ReduceOp.MAX)
         found_inf.copy_(torch.maximum(found_inf, (bad[0] > 0).to(found_inf)))

@@ -42,7 +42,7 @@ ALIGN_BYTES = 128  # every parameter starts on a 128-byte boundary (vector loads
 class FlatGroup:
     def __init__(self, params: Sequence[torch.Tensor], names: Sequence[str], group_index: int,
                  *, rank: int, world_size: int, stage: int, bucket_elems: int,
-                 reduce_dtype: torch.dtype) -> None:
+                 reduce_dtype: torch.dtype, offload: bool = False) -> None:
         self.params: List[torch.Tensor] = list(params)
         self.names: List[str] = list(names)
         self.group_index = group_index
@@ -75,7 +75,14 @@ class FlatGroup:
         self.gathered = True
         self._placeholder: Optional[torch.Tensor] = None
         self.local_grads: Optional[torch.Tensor] = None
-        if stage == 1:
+        # offload="cpu": the reduced shard lives in host memory (see host_offload.py).
+        self.offload = offload
+        if offload:
+            if stage == 1:
+                self.local_grads = self._zeros(self.layout.buffer_numel)
+            self.reduced_grads = torch.zeros(self.layout.shard_numel, dtype=reduce_dtype,
+                                             pin_memory=self.device.type == "cuda")
+        elif stage == 1:
             self.local_grads = self._zeros(self.layout.buffer_numel)
             self.reduced_grads = self.local_grads[:self.layout.shard_numel]
         else:
@@ -262,7 +269,7 @@ class FlatGroup:
     @property
     def reduces_in_place(self) -> bool:
         """Stage 1: the reduced shard is a view of local_grads."""
-        return self.local_grads is not None and self.stage == 1
+        return self.local_grads is not None and self.stage == 1 and not self.offload
 
     def zero_grads(self) -> None:
         self.reduced_grads.zero_()
@@ -278,7 +285,12 @@ class FlatGroup:
         return self.reduced_grads[shard_start:shard_start + (buffer_end - buffer_start)]
 
     def memory_bytes(self) -> dict:
+        """Device bytes of parameters and gradients; with offload the reduced shard is on
+        the host, under host_grads."""
         grads = self.reduced_grads.numel() * self.reduced_grads.element_size()
+        host_grads = 0
+        if self.offload:
+            grads, host_grads = 0, grads
         if self.local_grads is not None:
             grads = self.local_grads.numel() * self.local_grads.element_size() + (
                 0 if self.reduces_in_place else grads)
@@ -287,4 +299,4 @@ class FlatGroup:
                 self.full_nbytes if self.gathered else 0)
         else:
             params = self.flat_param.numel() * self.flat_param.element_size()
-        return {"model_params": params, "grads": grads}
+        return {"model_params": params, "grads": grads, "host_grads": host_grads}

@@ -22,17 +22,39 @@ def shard_grad_pieces(opt):
                 yield fg.shard_grads(b0, b1, s0)
 
 
+def _host_sums_of_squares(opt):
+    """Offload: (sum of squares as a 0-dim fp32 tensor, non-finite) of each piece of
+    shard_grad_pieces, in its order, mostly computed already while the gradients landed on
+    the host (HostOffload.partials: the same kernel on the same slice)."""
+    for fg in opt.flat_groups:
+        for b, (b0, b1, s0) in enumerate(fg.shard_slices()):
+            if b1 > b0:
+                known = opt.offload.partial(fg, b)
+                if known is None:
+                    flag = torch.zeros(1, dtype=torch.int32)
+                    known = (ops.l2_norm_sq(fg.shard_grads(b0, b1, s0), nonfinite=flag),
+                             bool(flag.item()))
+                yield known
+
+
+def _host_nonfinite(opt) -> bool:
+    return any(bad for _, bad in _host_sums_of_squares(opt))
+
+
 def global_norm(opt, norm_type: float) -> float:
     """The norm of order norm_type of every rank's reduced gradients (still loss-scaled).
     Partial results stay on the device; one host sync for the whole norm."""
     total = torch.zeros(1, dtype=torch.float64, device=opt.device)
-    for g in shard_grad_pieces(opt):
+    if opt.offload is not None and norm_type == 2.0:
+        for sum_sq, _ in _host_sums_of_squares(opt):
+            total += sum_sq.to(device=opt.device, dtype=torch.float64)
+    for g in (shard_grad_pieces(opt) if opt.offload is None or norm_type != 2.0 else ()):
         if norm_type == 2.0:
             total += ops.l2_norm_sq(g).to(device=opt.device, dtype=torch.float64)
         elif math.isinf(norm_type):
-            torch.maximum(total, g.abs().max().double(), out=total)
+            torch.maximum(total, g.abs().max().double().to(opt.device), out=total)
         else:
-            total += torch.linalg.vector_norm(g.double(), norm_type) ** norm_type
+            total += (torch.linalg.vector_norm(g.double(), norm_type) ** norm_type).to(opt.device)
     if opt.stage != 0:  # stage 0 shards hold the whole replicated gradient already
         op = dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
         opt.comm.control_all_reduce(total, op)
@@ -43,8 +65,11 @@ def global_norm(opt, norm_type: float) -> float:
 def overflowed(opt) -> bool:
     """True when any rank's gradient shard holds inf/NaN (one small all-reduce)."""
     flag = torch.zeros(1, dtype=torch.int32, device=opt.device)
-    for g in shard_grad_pieces(opt):
-        ops.l2_norm_sq(g, nonfinite=flag)
+    if opt.offload is not None:
+        flag.fill_(int(_host_nonfinite(opt)))
+    else:
+        for g in shard_grad_pieces(opt):
+            ops.l2_norm_sq(g, nonfinite=flag)
     opt.comm.control_all_reduce(flag, dist.ReduceOp.MAX)
     return flag.item() > 0
 
@@ -59,9 +84,11 @@ def agree_on_grads(opt, check_overflow: bool) -> Tuple[bool, List[List[bool]]]:
         overflow = check_overflow and overflowed(opt)
         return overflow, [list(flags) for flags in got]
     sizes = [len(flags) for flags in got]
-    vector = torch.tensor([0] + [int(f) for flags in got for f in flags], dtype=torch.int32)
+    host_bad = check_overflow and opt.offload is not None and _host_nonfinite(opt)
+    vector = torch.tensor([int(host_bad)] + [int(f) for flags in got for f in flags],
+                          dtype=torch.int32)
     vector = vector.to(opt.device)
-    if check_overflow:
+    if check_overflow and opt.offload is None:
         flag = vector[:1]
         for g in shard_grad_pieces(opt):
             ops.l2_norm_sq(g, nonfinite=flag)

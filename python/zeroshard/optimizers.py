@@ -73,16 +73,22 @@ def _check_group_flags(cls_name: str, torch_name: str, group: Dict[str, Any]) ->
     _check_lr(group.get("lr", 0.0))
 
 
-def _shard_pieces(fg: FlatGroup, master: Optional[torch.Tensor]):
+def _shard_pieces(fg: FlatGroup, master: Optional[torch.Tensor],
+                  host_copy: Optional[torch.Tensor] = None, offload: bool = False):
     """(param, grad, param_copy, shard_start, n) for each non-empty piece of the rank's shard:
     `param` is fp32 (the flat buffer itself, or the master shard for low-precision params), and
-    `param_copy` the low-precision model view the kernel writes in the same pass (or None)."""
+    `param_copy` the low-precision model view the kernel writes in the same pass (or None).
+    With offload, `param` is the host master and `param_copy` the host staging (`host_copy`,
+    None for fp32 parameters), copied to the device after the kernel."""
     for b0, b1, s0 in fg.shard_slices():
         n = b1 - b0
         if n == 0:
             continue
         grad = fg.shard_grads(b0, b1, s0)
-        if master is None:
+        if offload:
+            yield (master[s0:s0 + n], grad,
+                   None if host_copy is None else host_copy[s0:s0 + n], s0, n)
+        elif master is None:
             yield fg.param_values(b0, b1, s0), grad, None, s0, n
         else:
             yield master[s0:s0 + n], grad, fg.param_values(b0, b1, s0), s0, n
@@ -115,20 +121,36 @@ def _advance_steps(state: Dict[str, Any], fg: FlatGroup, updated: List[bool]) ->
     return steps
 
 
+def _kernel_runs(opt: ZeroOptimizer, fg: FlatGroup, state: Dict[str, Any], steps: List[int],
+                 updated: List[bool]):
+    """_run_pieces for opt's step of fg. With offload each run's parameters are copied to the
+    device as soon as its kernel has returned (the code after `yield` runs then), so that copy
+    overlaps the next run's kernel (see [Note: offload pipeline])."""
+    host = opt.offload
+    if host is None:
+        yield from _run_pieces(fg, state.get("master"), steps, updated)
+        return
+    master, staging = host.master(fg, state), host.staging.get(id(fg))
+    for run in _run_pieces(fg, master, steps, updated, host_copy=staging, offload=True):
+        yield run
+        host.upload(fg, run[3], run[4])
+
+
 def _run_pieces(fg: FlatGroup, master: Optional[torch.Tensor], steps: List[int],
-                updated: List[bool]):
+                updated: List[bool], host_copy: Optional[torch.Tensor] = None,
+                offload: bool = False):
     """(param, grad, param_copy, state_start, n, step) for each kernel call of one step: the
     shard pieces (as _shard_pieces) when every parameter is updated at the same step count,
     else the runs of consecutive updated parameters with equal counts within them."""
     if all(updated) and len(set(steps)) <= 1:
         step = steps[0] if steps else 0
-        for param, grad, copy, s0, n in _shard_pieces(fg, master):
+        for param, grad, copy, s0, n in _shard_pieces(fg, master, host_copy, offload):
             yield param, grad, copy, s0, n, step
         return
     segments = sorted((st, st + (p1 - p0), j) for j, pieces in enumerate(fg.param_shard_pieces)
                       for p0, p1, st in pieces)
     starts = [seg[0] for seg in segments]
-    for param, grad, copy, s0, n in _shard_pieces(fg, master):
+    for param, grad, copy, s0, n in _shard_pieces(fg, master, host_copy, offload):
         runs = []  # [state_start, state_end, step]
         cut = True
         i = max(0, bisect.bisect_right(starts, s0) - 1)
@@ -190,13 +212,12 @@ class _ZeroAdamBase(_TorchArgumentsMixin, ZeroOptimizer):
         state: Dict[str, Any] = {
             "step": 0,
             "param_steps": [0] * len(fg.params),
-            "exp_avg": torch.zeros(fg.shard_numel, dtype=torch.float32, device=fg.device),
-            "exp_avg_sq": torch.zeros(fg.shard_numel, dtype=torch.float32, device=fg.device),
+            "exp_avg": self._state_zeros(fg),
+            "exp_avg_sq": self._state_zeros(fg),
         }
         # For every group when any has it, so a scheduler may switch it on for another group.
         if any(g["amsgrad"] for g in self.param_groups):
-            state["max_exp_avg_sq"] = torch.zeros(fg.shard_numel, dtype=torch.float32,
-                                                  device=fg.device)
+            state["max_exp_avg_sq"] = self._state_zeros(fg)
         master = self._master(fg)
         if master is not None:
             state["master"] = master
@@ -210,8 +231,7 @@ class _ZeroAdamBase(_TorchArgumentsMixin, ZeroOptimizer):
                              f"{type(self).__name__} with amsgrad=True (in the defaults or this "
                              "param group) so that max_exp_avg_sq is allocated")
         steps = _advance_steps(state, fg, updated)
-        for param, grad, copy, s0, n, step in _run_pieces(fg, state.get("master"), steps,
-                                                          updated):
+        for param, grad, copy, s0, n, step in _kernel_runs(self, fg, state, steps, updated):
             ops.adam_step(param, grad, state["exp_avg"][s0:s0 + n],
                           state["exp_avg_sq"][s0:s0 + n], lr=float(group["lr"]),
                           betas=group["betas"], eps=group["eps"],
@@ -299,8 +319,7 @@ class ZeroSGD(_TorchArgumentsMixin, ZeroOptimizer):
     def _init_state(self, fg: FlatGroup) -> Dict[str, Any]:
         state: Dict[str, Any] = {"step": 0, "param_steps": [0] * len(fg.params)}
         if any(g["momentum"] != 0 for g in self.param_groups):
-            state["momentum_buffer"] = torch.zeros(fg.shard_numel, dtype=torch.float32,
-                                                   device=fg.device)
+            state["momentum_buffer"] = self._state_zeros(fg)
         master = self._master(fg)
         if master is not None:
             state["master"] = master
@@ -312,8 +331,7 @@ class ZeroSGD(_TorchArgumentsMixin, ZeroOptimizer):
             raise ValueError("momentum was switched on after construction; construct ZeroSGD "
                              "with momentum > 0 in the param group instead")
         steps = _advance_steps(state, fg, updated)
-        for param, grad, copy, s0, n, step in _run_pieces(fg, state.get("master"), steps,
-                                                          updated):
+        for param, grad, copy, s0, n, step in _kernel_runs(self, fg, state, steps, updated):
             buf = state["momentum_buffer"][s0:s0 + n] if momentum != 0 else None
             ops.sgd_step(param, grad, buf, lr=float(group["lr"]), momentum=momentum,
                          dampening=group["dampening"], weight_decay=group["weight_decay"],
@@ -349,6 +367,11 @@ class ZeroRedundancy(ZeroOptimizer):
             raise TypeError(f"optimizer_class must be a torch.optim.Optimizer subclass, got {optimizer_class!r}")
         if issubclass(optimizer_class, ZeroOptimizer):
             raise TypeError(f"{optimizer_class.__name__} is already a zeroshard optimizer; use it directly")
+        if optimizer_kwargs.get("offload") not in (None, "none"):
+            raise ValueError("ZeroRedundancy does not offload (its inner torch optimizer steps "
+                             "on the device): use ZeroAdamW, ZeroAdam or ZeroSGD with "
+                             "offload='cpu'")
+        optimizer_kwargs.pop("offload", None)
         if optimizer_class.__name__ not in ELEMENTWISE_OPTIMIZERS and not assume_elementwise:
             raise ValueError(
                 f"{optimizer_class.__name__} is not known to be elementwise: sharding it would change "

@@ -174,7 +174,9 @@ def _whole_state(opt, fg: FlatGroup, tensor: torch.Tensor) -> torch.Tensor:
     """A state tensor over the whole flat buffer: all-gathered from every rank's shard."""
     if opt.stage == 0:
         return tensor.detach()
-    whole = torch.zeros(fg.layout.buffer_numel, dtype=tensor.dtype, device=tensor.device)
+    # On the optimizer's device: with offload the state is in host memory, which NCCL
+    # cannot gather.
+    whole = torch.zeros(fg.layout.buffer_numel, dtype=tensor.dtype, device=opt.device)
     for b0, b1, s0 in fg.shard_slices():
         whole[b0:b1].copy_(tensor[s0:s0 + (b1 - b0)])
     works = []

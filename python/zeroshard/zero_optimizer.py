@@ -32,6 +32,7 @@ from .bucket_reducer import BucketReducer
 from .buffer_ring import auto_bucket_mb
 from .communicator import Communicator, _TorchWork, make_communicator
 from .flat_group import FlatGroup
+from .host_offload import HostOffload
 from .exposed_grads import ExposedGrads
 from . import state_dicts
 from .loss_scaler import LossScaler
@@ -57,9 +58,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  overlap: bool = True, reduce_dtype: Optional[torch.dtype] = None,
                  loss_scale: Any = "dynamic", timeout_s: float = 300.0,
                  module: Optional[torch.nn.Module] = None, units=None, prefetch: int = 1,
-                 reshard_after_forward: bool = True, **scaler_kwargs) -> None:
+                 reshard_after_forward: bool = True, offload: Optional[str] = None,
+                 **scaler_kwargs) -> None:
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
+        if offload not in (None, "none", "cpu"):
+            raise ValueError(f"offload must be None, 'none' or 'cpu', got {offload!r}")
+        if offload == "cpu" and stage == 0:
+            raise ValueError("offload='cpu' partitions the optimizer state it moves to the host: "
+                             "use stage=1, 2 or 3 (stage 0 replicates it on every rank)")
         if module is not None and not isinstance(module, torch.nn.Module):
             raise TypeError(f"module= must be the model (an nn.Module), got {type(module).__name__}")
         if stage != 3 and (units is not None or prefetch != 1 or not reshard_after_forward):
@@ -96,6 +103,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._building = False
         self.stage = stage
         self.reduce_dtype = reduce_dtype or torch.float32
+        self.offload: Optional[HostOffload] = None  # set once the device is known
 
         trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         if not trainable:
@@ -106,6 +114,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                              "one optimizer serves one device (move the model first)")
         self.device = devices.pop()
         self._check_dtypes(trainable)
+        if offload == "cpu":
+            self.offload = HostOffload(self.device)
         reject_ddp_wrapped(trainable, self._names)
         # The models these parameters belong to: their buffers are broadcast at construction,
         # their DDP-style switches (require_backward_grad_sync, no_sync) are honoured, and
@@ -143,6 +153,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                     wait_guard=self._guarded_wait)
             self.reducer.on_launch = self.units.on_bucket_launched
         self.reducer.sync_predicate = self._models_want_sync
+        self.reducer.offload = self.offload
         self.reducer.wait_guard = self._guarded_wait
         self.exposed = ExposedGrads(self)
         self.exposed.add_groups(0, self.flat_groups)
@@ -163,6 +174,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.last_step_skipped = False
         self._clip_coef = 1.0
         self._grads_present = False
+        if self.offload is not None:
+            for fg in self.flat_groups:
+                self.offload.add_group(fg)
         self.shard_state: List[Dict[str, Any]] = [self._init_state(fg) for fg in self.flat_groups]
 
     # ---- construction ------------------------------------------------------------------------
@@ -232,7 +246,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                            for ps in by_dtype.values())
         return [FlatGroup(ps, [self._names[id(p)] for p in ps], gi, rank=self.rank,
                           world_size=self.world_size, stage=self.stage,
-                          bucket_elems=self.bucket_elems, reduce_dtype=self.reduce_dtype)
+                          bucket_elems=self.bucket_elems, reduce_dtype=self.reduce_dtype,
+                          offload=self.offload is not None)
                 for ps in by_dtype.values()]
 
     def add_param_group(self, param_group: dict) -> None:
@@ -272,6 +287,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._broadcast_from_rank0(added)
         self.reducer.add_groups(added)
         self.exposed.add_groups(first, added)
+        if self.offload is not None:
+            for fg in added:
+                self.offload.add_group(fg)
         self.shard_state.extend(self._init_state(fg) for fg in added)
         self._after_add_groups(added)
 
@@ -340,6 +358,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         process_group = self.process_group
         mine = {
             "stage": self.stage, "bucket_mb": self.bucket_mb, "reduce_dtype": str(self.reduce_dtype),
+            "offload": self.offload is not None,
             "params": [(self._names[id(p)], tuple(sharded_init.whole_shape(p)), str(p.dtype),
                         bool(p.requires_grad))
                        for p in params],
@@ -349,7 +368,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                   ).all_gather_object(mine)
         ref = everyone[0]
         for r, other in enumerate(everyone):
-            for key in ("stage", "bucket_mb", "reduce_dtype"):
+            for key in ("stage", "bucket_mb", "reduce_dtype", "offload"):
                 if other[key] != ref[key]:
                     raise ValueError(f"ranks disagree on {key}: rank 0 has {ref[key]!r}, "
                                      f"rank {r} has {other[key]!r}")
@@ -375,8 +394,18 @@ class ZeroOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _master(self, fg: FlatGroup) -> Optional[torch.Tensor]:
-        """An fp32 master shard for low-precision params (None for fp32: params are master)."""
-        return None if fg.dtype == torch.float32 else fg.shard_as_fp32()
+        """An fp32 master shard for low-precision params (None for fp32: params are master;
+        with offload their host copy is HostOffload's)."""
+        if fg.dtype == torch.float32:
+            return None
+        master = fg.shard_as_fp32()
+        return self.offload.to_host(master) if self.offload is not None else master
+
+    def _state_zeros(self, fg: FlatGroup) -> torch.Tensor:
+        """A zeroed fp32 optimizer-state shard: on the device, or in host memory with offload."""
+        if self.offload is not None:
+            return self.offload.zeros(fg.shard_numel)
+        return torch.zeros(fg.shard_numel, dtype=torch.float32, device=fg.device)
 
     # ---- training step -----------------------------------------------------------------------
 
@@ -400,6 +429,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def _reduced(self) -> None:
         self.reducer.wait()
+        if self.offload is not None:
+            self.offload.finish_landing()
         if self.reducer.consume():
             self._grads_present = True
 
@@ -469,6 +500,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 fg.zero_grads()
             self._grads_dirty = False
         self.reducer.forget_grads()
+        if self.offload is not None:
+            self.offload.forget_grads()
         self._grads_present = False
         self._clip_coef = 1.0
         self._nonfinite_norm = None
@@ -541,9 +574,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self.units.free_all()
         if self._master_check_due:
             self._adopt_changed_params()
+        if self.offload is not None:
+            self.offload.before_update()
         for fg, state, got in zip(self.flat_groups, self.shard_state, updated):
             if any(got):
                 self._step_group(fg, state, self.param_groups[fg.group_index], grad_scale, got)
+        if self.offload is not None:
+            self.offload.after_update()
         self._gather_params()
         if self.scaler is not None:
             self.scaler.update(overflow=False)
@@ -571,14 +608,21 @@ class ZeroOptimizer(torch.optim.Optimizer):
         construction or a load, every element whose parameter no longer equals its master
         (rounded to the parameter's dtype) takes the parameter's value."""
         self._master_check_due = False
-        for fg, state in zip(self.flat_groups, self.shard_state):
-            master = state.get("master")
-            if master is None:
-                continue
-            current = fg.shard_as_fp32()
+        for fg, master in self._masters():
+            current = fg.shard_as_fp32().to(master.device)
             changed = current.to(fg.dtype) != master.detach().to(fg.dtype)
             if bool(changed.any()):
                 master.data[changed] = current[changed]
+
+    def _masters(self):
+        """(fg, fp32 master shard) of every FlatGroup that keeps one apart from its
+        parameters (with offload: every FlatGroup, in host memory)."""
+        if self.offload is not None:
+            yield from self.offload.masters(self.flat_groups, self.shard_state)
+            return
+        for fg, state in zip(self.flat_groups, self.shard_state):
+            if state.get("master") is not None:
+                yield fg, state["master"]
 
     def _gather_params(self) -> None:
         if self.stage in (1, 2):  # stage 3 gathers each unit when it runs
@@ -628,17 +672,36 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """Bytes this rank holds for the model, gradients, fp32 master, optimizer state and
         communication buffers (the ring buffers, allocated once; see [Note: bounded buffers]),
         their total, and under "measured" what the process really holds: peak and current RSS
-        on CPU, torch's allocated/reserved counters on CUDA (see process_memory.py)."""
+        on CPU, torch's allocated/reserved counters on CUDA (see process_memory.py).
+
+        With offload="cpu", "host" breaks down the bytes in host memory (master_params,
+        optimizer_state, grads: the reduced shard, staging: the parameters on their way to
+        the device and the landing buffers), host_bytes is their sum, and total counts the
+        device's bytes only; the top-level categories stay each category's bytes wherever
+        they are (as zeroshard.estimate reports them)."""
         report = {"model_params": 0, "grads": 0, "master_params": 0, "optimizer_state": 0}
+        host = {"master_params": 0, "optimizer_state": 0, "grads": 0, "staging": 0}
         for fg, state in zip(self.flat_groups, self.shard_state):
             for key, value in fg.memory_bytes().items():
-                report[key] += value
+                if key == "host_grads":
+                    host["grads"] += value
+                else:
+                    report[key] += value
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
                     bucket = "master_params" if key == "master" else "optimizer_state"
                     report[bucket] += value.numel() * value.element_size()
         report["comm_buffers"] = self.reducer.comm_buffer_bytes
         report["total"] = sum(report.values())
+        if self.offload is not None:
+            host["master_params"] = report["master_params"] + self.offload.nbytes()["master_params"]
+            host["optimizer_state"] = report["optimizer_state"]
+            host["staging"] = self.offload.nbytes()["staging"]
+            report["total"] -= report["master_params"] + report["optimizer_state"]
+            report["master_params"] = host["master_params"]
+            report["grads"] += host["grads"]
+            report["host"] = host
+            report["host_bytes"] = sum(host.values())
         if self.units is not None:  # model_params: shards plus the units gathered right now
             report["units"] = {
                 "count": len(self.units.units),
@@ -657,11 +720,17 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return process_memory.reset_peak(self.device)
 
     def comm_stats(self) -> Dict[str, Dict[str, int]]:
-        """Bytes this rank sent per collective kind since the last reset (ring model)."""
-        return self.comm.stats.as_dict()
+        """Bytes this rank sent per collective kind since the last reset (ring model); with
+        offload also "d2h" and "h2d": the copies and bytes between device and host memory."""
+        stats = self.comm.stats.as_dict()
+        if self.offload is not None:
+            stats.update(self.offload.stats())
+        return stats
 
     def reset_comm_stats(self) -> None:
         self.comm.stats = type(self.comm.stats)()
+        if self.offload is not None:
+            self.offload.reset_stats()
 
     # ---- checkpoints -------------------------------------------------------------------------
 

@@ -1,0 +1,230 @@
+"""HostOffload: ZeRO-Offload's host side. With offload="cpu" this rank's optimizer shard (fp32
+master, moments, reduced gradients) lives in host memory and the update runs on the CPU kernels.
+
+Owns: the host buffers (pinned when the model is on a GPU, so copies are asynchronous DMA), the
+device-to-host (D2H) and host-to-device (H2D) copy streams, the landing worker (one thread that
+finishes each gradient bucket on the host while backward goes on), the per-bucket partial
+gradient norms it computes, and the D2H/H2D byte counters. Knows FlatGroup's index spaces;
+knows nothing of collectives or optimizer maths.
+
+[Note: offload pipeline]
+1. Backward: when a bucket's reduce-scatter is done, its reduced slice (a ring slot on the
+   device, in the reduce dtype) is copied D2H on the D2H stream: straight into the pinned host
+   gradient shard when it is the slice's first gradient since the last step, else into one of
+   two pinned landing buffers. The ring slot records an event and is not written again before
+   that copy is done (BufferRing's fence). The landing worker waits for the copy, adds a landing
+   buffer into the shard where one was used, and computes the slice's sum of squares and
+   non-finite flag, while the device goes on with backward.
+2. step() (or clip_grad_norm_): the landing worker is joined; the global norm and the fp16
+   overflow check read the partial results (one small all-reduce). Only now is the update known
+   (clip coefficient, skipped or not), so only now does it start.
+3. Update: piece by piece on the CPU kernels (the core's thread pool, ZEROSHARD_NUM_THREADS),
+   each writing the updated parameters in the model's dtype into pinned staging, whose H2D copy
+   is queued at once on the H2D stream: piece k's copy overlaps piece k+1's update. The compute
+   stream then waits for the H2D stream (stages 1/2 all-gather next; stage 3 gathers later).
+On CPU tensors (tests, CPU training) the same buffers, copies and ordering are used; the copies
+are synchronous.
+
+[Note: offload is exact] The update starts only once the clip coefficient and the overflow
+decision are known, so offload computes what the same stage computes without it: the same CPU
+kernels on the same values (bitwise on CPU; on a GPU the CPU kernel stands in for the CUDA one,
+whose fp32 results may differ in the last bit). The gradient norm's partial sums are the same
+per-bucket sums in the same order as without offload. What overlaps backward is the gradient's
+way to the host and its norm; what overlaps the update is the parameters' way back. A one-step
+delayed update (DeepSpeed's DPU) would overlap more and change the maths; it is not offered.
+"""
+from __future__ import annotations
+
+import bisect
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from . import ops
+from .flat_group import FlatGroup
+
+
+class HostOffload:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.d2h_bytes = self.h2d_bytes = 0
+        self.d2h_copies = self.h2d_copies = 0
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zeroshard-landing")
+        self._landing: List[Future] = []
+        # (dtype) -> two pinned landing buffers and the future last using each
+        self._buffers: Dict[torch.dtype, List[torch.Tensor]] = {}
+        self._buffer_use: Dict[Tuple[torch.dtype, int], Future] = {}
+        self._next_buffer: Dict[torch.dtype, int] = {}
+        self._landed: set = set()  # (id(fg), bucket) whose slice holds this step's gradient
+        # (id(fg), bucket) -> (sum of squares as a 0-dim fp32 tensor, non-finite), or None
+        # when the slice was accumulated from several backwards (then recomputed).
+        self.partials: Dict[Tuple[int, int], Optional[Tuple[torch.Tensor, bool]]] = {}
+        self.fp32_params: Dict[int, torch.Tensor] = {}  # id(fg) -> host copy of fp32 params
+        self.staging: Dict[int, torch.Tensor] = {}  # id(fg) -> host low-precision params
+        self._slices: Dict[int, Tuple[List[int], List[Tuple[int, int, int]]]] = {}
+        self._uploads_done: Optional["torch.cuda.Event"] = None
+        if self.cuda:
+            self.d2h_stream = torch.cuda.Stream(device)
+            self.h2d_stream = torch.cuda.Stream(device)
+
+    # ---- host memory -------------------------------------------------------------------------
+
+    def zeros(self, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.zeros(n, dtype=dtype, pin_memory=self.cuda)
+
+    def to_host(self, t: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda)
+        out.copy_(t)
+        return out
+
+    def add_group(self, fg: FlatGroup) -> None:
+        """Host buffers of one FlatGroup: for fp32 parameters an fp32 copy of the shard (the
+        kernel updates it, then it is copied to the device), for bf16/fp16 a staging shard the
+        kernel writes the rounded parameters into."""
+        if fg.dtype == torch.float32:
+            self.fp32_params[id(fg)] = self.to_host(fg.shard_as_fp32())
+        else:
+            self.staging[id(fg)] = self.zeros(fg.shard_numel, fg.dtype)
+        slices = [s for s in fg.shard_slices() if s[1] > s[0]]
+        self._slices[id(fg)] = ([s0 for _, _, s0 in slices], slices)
+
+    def master(self, fg: FlatGroup, state: dict) -> torch.Tensor:
+        return state["master"] if "master" in state else self.fp32_params[id(fg)]
+
+    def masters(self, groups, states):
+        """(fg, host fp32 master) of every FlatGroup."""
+        for fg, state in zip(groups, states):
+            master = state.get("master") if "master" in state else self.fp32_params.get(id(fg))
+            if master is not None:
+                yield fg, master
+
+    def nbytes(self) -> Dict[str, int]:
+        """Host bytes beyond the optimizer state: fp32 parameter copies, staging, landing."""
+        copies = sum(t.numel() * t.element_size() for t in self.fp32_params.values())
+        staging = sum(t.numel() * t.element_size() for t in self.staging.values())
+        landing = sum(t.numel() * t.element_size() for bufs in self._buffers.values()
+                      for t in bufs)
+        return {"master_params": copies, "staging": staging + landing}
+
+    # ---- gradients: device to host -----------------------------------------------------------
+
+    def land(self, fg: FlatGroup, bucket: int, shard: torch.Tensor, part: torch.Tensor):
+        """Bucket `bucket`'s reduced slice `part` (device) goes into `shard` (host gradient
+        shard view). Returns the CUDA event after which `part` may be overwritten (None on
+        CPU). See [Note: offload pipeline]."""
+        key = (id(fg), bucket)
+        fresh = key not in self._landed
+        self._landed.add(key)
+        n = part.numel()
+        self.d2h_bytes += n * part.element_size()
+        self.d2h_copies += 1
+        buffer, index = (None, None) if fresh else self._landing_buffer(part.dtype, n)
+        target = shard if fresh else buffer
+        event = None
+        if self.cuda:
+            self.d2h_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.d2h_stream):
+                target.copy_(part, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.d2h_stream)
+        else:
+            target.copy_(part)
+        future = self._worker.submit(self._after_landing, key, event, shard, buffer)
+        self._landing.append(future)
+        if index is not None:
+            self._buffer_use[(part.dtype, index)] = future
+        return event
+
+    def _landing_buffer(self, dtype: torch.dtype, n: int):
+        """One of two pinned landing buffers, after the worker is done with its last use."""
+        bufs = self._buffers.setdefault(dtype, [])
+        index = self._next_buffer.get(dtype, 0)
+        self._next_buffer[dtype] = 1 - index
+        previous = self._buffer_use.pop((dtype, index), None)
+        if previous is not None:
+            previous.result()
+        if len(bufs) <= index:
+            bufs.append(self.zeros(n, dtype))
+        elif bufs[index].numel() < n:
+            bufs[index] = self.zeros(n, dtype)
+        return bufs[index][:n], index
+
+    def _after_landing(self, key, event, shard: torch.Tensor,
+                       buffer: Optional[torch.Tensor]) -> None:
+        if event is not None:
+            event.synchronize()
+        if buffer is None:
+            flag = torch.zeros(1, dtype=torch.int32)
+            total = ops.l2_norm_sq(shard, nonfinite=flag)
+            self.partials[key] = (total, bool(flag.item()))
+        else:  # accumulated over several backwards: the norm is taken at step time
+            shard.add_(buffer)
+            self.partials[key] = None
+
+    def finish_landing(self) -> None:
+        """Waits until every gradient slice sent to the host has landed (raising a worker's
+        error here)."""
+        landing, self._landing = self._landing, []
+        for future in landing:
+            future.result()
+        self._buffer_use.clear()
+
+    def forget_grads(self) -> None:
+        """A step or zero_grad() consumed the host gradients."""
+        self.finish_landing()
+        self._landed.clear()
+        self.partials.clear()
+
+    def partial(self, fg: FlatGroup, bucket: int):
+        return self.partials.get((id(fg), bucket))
+
+    # ---- parameters: host to device ----------------------------------------------------------
+
+    def before_update(self) -> None:
+        """The update is about to write the host parameter copies and staging: the previous
+        step's uploads from them must be done, and the uploads of this one must follow what
+        the device has queued (backward may still read the parameters)."""
+        if self._uploads_done is not None:
+            self._uploads_done.synchronize()
+            self._uploads_done = None
+        if self.cuda:
+            self.h2d_stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def upload(self, fg: FlatGroup, start: int, n: int) -> None:
+        """Copies the updated parameters at shard positions [start, start + n) (inside one
+        shard slice) to the device."""
+        starts, slices = self._slices[id(fg)]
+        i = bisect.bisect_right(starts, start) - 1
+        b0, b1, s0 = slices[i]
+        if start + n > s0 + (b1 - b0):
+            raise AssertionError("an upload must lie inside one shard slice")
+        offset = b0 + (start - s0)
+        dst = fg.param_values(offset, offset + n, start)
+        src = (self.staging[id(fg)] if fg.dtype != torch.float32
+               else self.fp32_params[id(fg)])[start:start + n]
+        self.h2d_bytes += n * dst.element_size()
+        self.h2d_copies += 1
+        if self.cuda:
+            with torch.cuda.stream(self.h2d_stream):
+                dst.copy_(src, non_blocking=True)
+        else:
+            dst.copy_(src)
+
+    def after_update(self) -> None:
+        """The device's next work (the all-gather, the next forward) follows the uploads."""
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self.h2d_stream)
+            self._uploads_done = torch.cuda.Event()
+            self._uploads_done.record(self.h2d_stream)
+
+    def stats(self) -> Dict[str, Dict[str, int]]:
+        return {"d2h": {"copies": self.d2h_copies, "bytes": self.d2h_bytes},
+                "h2d": {"copies": self.h2d_copies, "bytes": self.h2d_bytes}}
+
+    def reset_stats(self) -> None:
+        self.d2h_bytes = self.h2d_bytes = self.d2h_copies = self.h2d_copies = 0
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True)

@@ -1,0 +1,366 @@
+"""offload="cpu": the optimizer shard in host memory, its update on the CPU kernels.
+
+Oracle: the same stage without offload, in the same rank process, on the same data. On CPU
+tensors both run the same CPU kernels on the same values in the same order (see [Note: offload
+is exact] in host_offload.py), so every comparison here is bitwise: fp32 and bf16 parameters,
+clipping (the partial norms computed while gradients land are the non-offloaded sums), fp16
+overflow skips, accumulation with and without no_sync (the landing-buffer path), param groups
+with a scheduler, unused parameters, at stages 1-3 and world sizes 1-4. The stage-without-offload
+side is itself checked against torch.optim by the rest of the suite. GPU tests (skipped without
+one) check the CUDA pipeline: pinned buffers, streams, and the overlap of landing with backward.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from dist_harness import run_distributed  # noqa: E402
+from unit_net import make_unit_net  # noqa: E402
+from zero_oracle import (SMALL_BUCKET_MB, TINY_BUCKET_MB, make_batches, mse_loss,  # noqa: E402
+                         param_snapshot, rank_slice)
+
+import zeroshard  # noqa: E402
+
+STEPS = 4
+HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+
+
+def _build(stage, offload, *, dtype=torch.float32, kind="AdamW", groups=False, seed=0,
+           bucket_mb=TINY_BUCKET_MB, **kw):
+    model = make_unit_net(seed, dtype=dtype)
+    if kind == "SGD":
+        cls, hyper = zeroshard.ZeroSGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
+    else:
+        cls, hyper = getattr(zeroshard, "Zero" + kind), dict(HYPER)
+    params = model
+    if groups:  # blocks at another lr and no weight decay: two param groups
+        block_ids = {id(p) for p in model.blocks.parameters()}
+        params = [{"params": [p for p in model.parameters() if id(p) not in block_ids]},
+                  {"params": list(model.blocks.parameters()), "lr": hyper["lr"] / 3,
+                   "weight_decay": 0.0}]
+        kw = dict(kw, module=model)
+    opt = cls(params, stage=stage, bucket_mb=bucket_mb, offload=offload, **hyper, **kw)
+    return model, opt
+
+
+def _snapshot(model, opt):
+    with opt.full_params():
+        return param_snapshot(model)
+
+
+def _train(model, opt, rank, world_size, *, steps=STEPS, micro=1, no_sync=True, clip=None,
+           scheduler=None, poison_step=None, loss_scale=1.0):
+    """This rank's loop (zero_oracle.train_rank's shape) with the options offload must keep:
+    k micro-batches (inside no_sync or not), clipping, a scheduler, and an inf gradient on
+    rank 0 at `poison_step`. Returns the clip norms and which steps were skipped."""
+    norms, skipped = [], []
+    for step, (tokens, target) in enumerate(make_batches(steps)):
+        tokens, target = rank_slice(tokens, rank, world_size), rank_slice(target, rank, world_size)
+        opt.zero_grad()
+        for m in range(micro):
+            loss = mse_loss(model, rank_slice(tokens, m, micro), rank_slice(target, m, micro))
+            if step == poison_step and rank == 0 and m == micro - 1:
+                loss = loss * float("inf")
+            last = m == micro - 1
+            with (opt.no_sync() if no_sync and not last else contextlib.nullcontext()):
+                opt.backward(loss / micro)
+        if clip is not None:
+            norms.append(float(opt.clip_grad_norm_(clip)))
+        opt.step()
+        skipped.append(opt.last_step_skipped)
+        if scheduler is not None:
+            scheduler.step()
+    return norms, skipped
+
+
+def _pair(rank, world_size, stage, train_kw=None, **build_kw):
+    """(snapshot, norms, skipped) without and with offload."""
+    out = []
+    for offload in (None, "cpu"):
+        model, opt = _build(stage, offload, **build_kw)
+        scheduler = (torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+                     if build_kw.get("groups") else None)
+        norms, skipped = _train(model, opt, rank, world_size, scheduler=scheduler,
+                                **(train_kw or {}))
+        out.append((_snapshot(model, opt), norms, skipped))
+    return out
+
+
+def _assert_close(pair, what):
+    """Several reducing backwards per step on gloo: without offload gloo adds each rank's part
+    into the gradient shard in turn; offload adds the ranks' sum, as NCCL does. Both are fp32
+    sums of the same terms, associated differently: last-bit differences, which clipping then
+    carries into the parameters."""
+    (plain, plain_norms, plain_skipped), (off, off_norms, off_skipped) = pair
+    assert plain_skipped == off_skipped, f"{what}: skipped {off_skipped} != {plain_skipped}"
+    torch.testing.assert_close(off_norms, plain_norms, rtol=1e-6, atol=0)
+    for name, t in plain.items():
+        torch.testing.assert_close(off[name], t, rtol=1e-5, atol=1e-7,
+                                   msg=lambda m, n=name: f"{what}: {n}: {m}")
+
+
+def _assert_bitwise(pair, what):
+    (plain, plain_norms, plain_skipped), (off, off_norms, off_skipped) = pair
+    # repr: an overflowing step's norm is inf or nan on both sides
+    assert list(map(repr, plain_norms)) == list(map(repr, off_norms)), \
+        f"{what}: clip norms {off_norms} != {plain_norms}"
+    assert plain_skipped == off_skipped, f"{what}: skipped {off_skipped} != {plain_skipped}"
+    for name, t in plain.items():
+        if not torch.equal(t, off[name]):
+            diff = (t.double() - off[name].double()).abs().max().item()
+            raise AssertionError(f"{what}: {name} differs from the non-offloaded run by {diff:.3g}")
+
+
+# ---- equality with the same stage without offload -----------------------------------------------
+
+def _fp32_all_stages(rank, world_size):
+    results = {}
+    for stage in (1, 2, 3):
+        results[f"stage{stage}"] = _pair(rank, world_size, stage)
+        results[f"stage{stage}/clip"] = _pair(rank, world_size, stage, dict(clip=0.05))
+    return results
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_fp32_offload_is_bitwise_the_same_stage(world_size):
+    per_rank = run_distributed(_fp32_all_stages, world_size, timeout_s=300)
+    for rank, results in enumerate(per_rank):
+        for what, pair in results.items():
+            _assert_bitwise(pair, f"rank {rank} ws={world_size} {what}")
+        # clipping really clipped (otherwise the clip cases test nothing new)
+        norms = results["stage2/clip"][0][1]
+        assert all(n > 0.05 for n in norms), norms
+
+
+def _mixed(rank, world_size):
+    results = {}
+    for stage in (1, 2, 3):
+        # bf16 parameters through the fp32 host master, with clipping
+        results[f"bf16/stage{stage}"] = _pair(rank, world_size, stage, dict(clip=0.05),
+                                              dtype=torch.bfloat16)
+        # accumulation: inside no_sync (device local buffer) and as several reducing
+        # backwards (the second lands through a landing buffer and is added on the host)
+        results[f"accum/no_sync/stage{stage}"] = _pair(rank, world_size, stage,
+                                                       dict(micro=2, no_sync=True))
+        results[f"accum/reduce_each/stage{stage}"] = _pair(
+            rank, world_size, stage, dict(micro=2, no_sync=False, clip=0.05))
+        # two param groups (another lr, no decay), a scheduler, SGD with momentum
+        results[f"groups/stage{stage}"] = _pair(rank, world_size, stage, groups=True)
+        results[f"sgd/stage{stage}"] = _pair(rank, world_size, stage, kind="SGD",
+                                             bucket_mb=SMALL_BUCKET_MB)
+    return results
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_bf16_accumulation_groups_and_sgd_are_bitwise_the_same_stage(world_size):
+    per_rank = run_distributed(_mixed, world_size, timeout_s=400)
+    for rank, results in enumerate(per_rank):
+        for what, pair in results.items():
+            check = _assert_close if "reduce_each" in what and world_size > 1 else _assert_bitwise
+            check(pair, f"rank {rank} ws={world_size} {what}")
+
+
+def _fp16_overflow(rank, world_size):
+    results = {}
+    for stage in (1, 2, 3):
+        results[f"stage{stage}"] = _pair(
+            rank, world_size, stage, dict(poison_step=1, clip=1.0), dtype=torch.float16,
+            loss_scale="dynamic", initial_scale=2.0 ** 8, growth_interval=2, hysteresis=1,
+            bucket_mb=SMALL_BUCKET_MB)
+    return results
+
+
+def test_fp16_overflow_on_one_rank_skips_the_step_everywhere_as_without_offload():
+    per_rank = run_distributed(_fp16_overflow, 2, timeout_s=300)
+    for rank, results in enumerate(per_rank):
+        for what, pair in results.items():
+            _assert_bitwise(pair, f"rank {rank} fp16 {what}")
+            assert pair[1][2] == [False, True, False, False], pair[1][2]
+
+
+# ---- checkpoints between offloaded and non-offloaded optimizers ---------------------------------
+
+def _checkpoints(rank, world_size, root):
+    import torch.distributed as dist
+    batches = make_batches(2 * STEPS)
+    out = {}
+    for first, second in ((None, "cpu"), ("cpu", None)):
+        tag = f"{first}->{second}"
+        path = os.path.join(root, tag.replace("None", "plain"))
+        # Straight: the second kind trains all 2*STEPS steps.
+        model, opt = _build(2, second, dtype=torch.bfloat16)
+        _train(model, opt, rank, world_size, steps=2 * STEPS)
+        out[f"{tag}/straight"] = _snapshot(model, opt)
+        # Saved by the first kind after STEPS, loaded into the second kind (another init).
+        model, opt = _build(2, first, dtype=torch.bfloat16)
+        _train(model, opt, rank, world_size, steps=STEPS)
+        zeroshard.checkpoint.save(path, model=model, optimizer=opt)
+        dist.barrier()
+        model2, opt2 = _build(2, second, dtype=torch.bfloat16, seed=7)
+        zeroshard.checkpoint.load(path, model=model2, optimizer=opt2)
+        for step, (tokens, target) in enumerate(batches[STEPS:]):
+            opt2.zero_grad()
+            opt2.backward(mse_loss(model2, rank_slice(tokens, rank, world_size),
+                                   rank_slice(target, rank, world_size)))
+            opt2.step()
+        out[f"{tag}/resumed"] = _snapshot(model2, opt2)
+        # The optimizer's own state dicts across the two kinds.
+        mine = opt.state_dict()
+        model3, opt3 = _build(2, second, dtype=torch.bfloat16, seed=3)
+        opt3.load_state_dict(mine)
+        out[f"{tag}/state_dict"] = [
+            [torch.equal(a.cpu(), b.cpu()) for a, b in zip(
+                [v for k, v in sorted(s1.items()) if isinstance(v, torch.Tensor)],
+                [v for k, v in sorted(s2.items()) if isinstance(v, torch.Tensor)])]
+            for s1, s2 in zip(opt.shard_state, opt3.shard_state)]
+        out[f"{tag}/full"] = opt.full_state_dict()["state"][0]["exp_avg"].clone()
+        out[f"{tag}/full_other"] = opt3.full_state_dict()["state"][0]["exp_avg"].clone()
+        dist.barrier()
+    return out
+
+
+def _batches_resume_check(out, tag):
+    straight, resumed = out[f"{tag}/straight"], out[f"{tag}/resumed"]
+    for name, t in straight.items():
+        assert torch.equal(t, resumed[name]), f"{tag}: {name} differs after the resume"
+
+
+def test_checkpoints_move_between_offloaded_and_non_offloaded_optimizers(tmp_path):
+    per_rank = run_distributed(_checkpoints, 2, str(tmp_path), timeout_s=300)
+    for rank, out in enumerate(per_rank):
+        for tag in ("None->cpu", "cpu->None"):
+            _batches_resume_check(out, tag)
+            assert all(all(row) for row in out[f"{tag}/state_dict"]), out[f"{tag}/state_dict"]
+            assert torch.equal(out[f"{tag}/full"], out[f"{tag}/full_other"])
+
+
+# ---- reports ------------------------------------------------------------------------------------
+
+def _reports(rank, world_size):
+    out = {}
+    for stage in (1, 2, 3):
+        for dtype in (torch.float32, torch.bfloat16):
+            model, opt = _build(stage, "cpu", dtype=dtype, bucket_mb=SMALL_BUCKET_MB)
+            plain_model, plain = _build(stage, None, dtype=dtype, bucket_mb=SMALL_BUCKET_MB)
+            _train(model, opt, rank, world_size, steps=1)
+            _train(plain_model, plain, rank, world_size, steps=1)
+            opt.reset_comm_stats()
+            plain.reset_comm_stats()
+            _train(model, opt, rank, world_size, steps=1)
+            _train(plain_model, plain, rank, world_size, steps=1)
+            shard = sum(fg.shard_numel for fg in opt.flat_groups)
+            key = f"{dtype}/stage{stage}"
+            out[key] = dict(report=opt.memory_report(), plain=plain.memory_report(),
+                            stats=opt.comm_stats(), plain_stats=plain.comm_stats(), shard=shard,
+                            elem=dtype.itemsize)
+    return out
+
+
+def test_memory_report_splits_device_and_host_and_copies_are_counted():
+    per_rank = run_distributed(_reports, 2, timeout_s=300)
+    for rank, out in enumerate(per_rank):
+        for key, r in out.items():
+            report, plain, shard, elem = r["report"], r["plain"], r["shard"], r["elem"]
+            host = report["host"]
+            # The optimizer state moved to the host, whole: Adam's two moments and an fp32
+            # master for every parameter (fp32 ones too: the kernel's fp32 copy).
+            assert host["optimizer_state"] == plain["optimizer_state"] == 8 * shard, (key, r)
+            assert host["master_params"] == 4 * shard, (key, report)
+            assert host["grads"] == 4 * shard, (key, report)  # the reduced fp32 shard
+            assert report["host_bytes"] == sum(host.values()), (key, report)
+            # The device keeps the parameters and the buckets in flight: no state, no shard.
+            assert report["model_params"] == plain["model_params"], (key, report, plain)
+            device_grads = report["grads"] - host["grads"]
+            if "stage1" in key:  # stage 1 accumulates its full local buffer on the device
+                assert device_grads == plain["grads"], (key, report, plain)
+            else:
+                assert device_grads == 0, (key, report)
+            assert report["total"] == (report["model_params"] + device_grads
+                                       + report["comm_buffers"]), (key, report)
+            assert report["total"] < plain["total"], (key, report, plain)
+            # One step's copies: this rank's reduced gradient down (fp32), its updated
+            # parameters up (their dtype); the collectives are those of the plain stage.
+            stats, plain_stats = r["stats"], r["plain_stats"]
+            assert stats["d2h"]["bytes"] == 4 * shard, (key, stats["d2h"], shard)
+            assert stats["h2d"]["bytes"] == elem * shard, (key, stats["h2d"], shard)
+            for kind, entry in plain_stats.items():
+                assert stats[kind] == entry, (key, kind, stats[kind], entry)
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+
+def _errors(rank, world_size):
+    model = make_unit_net(0)
+    messages = []
+    for kwargs in (dict(stage=0, offload="cpu"), dict(stage=2, offload="gpu"),
+                   dict(stage=2, offload=True)):
+        try:
+            zeroshard.ZeroAdamW(model, **kwargs)
+        except ValueError as err:
+            messages.append(str(err))
+    try:
+        zeroshard.ZeroRedundancy(model.parameters(), torch.optim.Adagrad, stage=2,
+                                 offload="cpu")
+    except ValueError as err:
+        messages.append(str(err))
+    # nothing of the model was changed by the refused constructions
+    intact = all(p.numel() > 0 for p in model.parameters())
+    return messages, intact
+
+
+def test_bad_offload_arguments_are_refused_with_what_to_do():
+    (messages, intact), = run_distributed(_errors, 1, timeout_s=120)
+    assert len(messages) == 4, messages
+    assert "stage=1, 2 or 3" in messages[0]
+    assert "'cpu'" in messages[1] and "'gpu'" in messages[1]
+    assert "True" in messages[2]
+    assert "ZeroAdamW" in messages[3]
+    assert intact
+
+
+# ---- GPU: the pipeline itself (skipped without one) -------------------------------------------
+
+def _cuda_pipeline(rank, world_size):
+    torch.cuda.set_device(0)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        snaps = []
+        for offload in (None, "cpu"):
+            model = make_unit_net(0, dtype=dtype).cuda()
+            opt = zeroshard.ZeroAdamW(model, stage=2, bucket_mb=SMALL_BUCKET_MB,
+                                      offload=offload, **HYPER)
+            landed_in_backward = []
+            for tokens, target in make_batches(STEPS):
+                opt.zero_grad()
+                opt.backward(mse_loss(model, tokens.cuda(), target.cuda()))
+                if offload:  # gradients already on their way before step() asks for them
+                    landed_in_backward.append(opt.offload.d2h_copies)
+                opt.clip_grad_norm_(0.05)
+                opt.step()
+            torch.cuda.synchronize()
+            snaps.append({k: v.float().cpu() for k, v in param_snapshot(model).items()})
+            if offload:
+                host = [s["exp_avg"] for s in opt.shard_state]
+                out[f"{dtype}/pinned"] = all(t.is_pinned() and t.device.type == "cpu"
+                                             for t in host)
+                out[f"{dtype}/landed"] = landed_in_backward
+        out[f"{dtype}/max_diff"] = max((snaps[0][k] - snaps[1][k]).abs().max().item()
+                                       for k in snaps[0])
+    return out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_offload_pipeline_matches_the_device_step():
+    (out,) = run_distributed(_cuda_pipeline, 1, timeout_s=300)
+    for dtype in ("torch.float32", "torch.bfloat16"):
+        assert out[f"{dtype}/pinned"], out
+        assert all(n > 0 for n in out[f"{dtype}/landed"]), out
+        # The CPU kernel stands in for the CUDA one: fp32 results may differ in the last bit,
+        # and after a few steps by a few ulps of the parameters (bf16: one bf16 ulp).
+        limit = 1e-5 if dtype == "torch.float32" else 2 ** -7
+        assert out[f"{dtype}/max_diff"] <= limit, out
