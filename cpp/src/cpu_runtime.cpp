@@ -70,6 +70,10 @@ int initial_threads() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
+// parallel_for's chunks per pool thread, and the element multiple their edges fall on.
+constexpr int64_t kChunksPerThread = 8;
+constexpr int64_t kChunkAlign = 64;
+
 // True on a thread while it runs a pool task: a nested parallel_for then runs inline (the pool
 // is busy with the outer job, and waiting for it would deadlock).
 thread_local bool t_in_pool_task = false;
@@ -219,13 +223,20 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
   grain = std::max<int64_t>(grain, 1);
   const int threads = pool().size();
   const int64_t max_chunks = (n + grain - 1) / grain;
-  const int chunks = static_cast<int>(std::min<int64_t>(threads, max_chunks));
-  if (chunks <= 1 || t_in_pool_task) {
+  // Several chunks per thread, taken first come first served: a thread that loses its core for
+  // a while (on a small machine, to torch's OpenMP workers still spinning after the previous op)
+  // no longer holds up the others with a fixed half of the work; they take its chunks instead.
+  const int64_t chunks = std::min<int64_t>(static_cast<int64_t>(threads) * kChunksPerThread, max_chunks);
+  if (threads <= 1 || chunks <= 1 || t_in_pool_task) {
     fn(0, n);
     return;
   }
-  const int64_t per = (n + chunks - 1) / chunks;
-  pool().run(chunks, [&](int t) {
+  // Chunk edges on multiples of kChunkAlign elements: 2-byte outputs of neighbouring chunks then
+  // never share a cache line (no false sharing between threads at the edges).
+  int64_t per = (n + chunks - 1) / chunks;
+  if (per >= kChunkAlign) per = (per + kChunkAlign - 1) / kChunkAlign * kChunkAlign;
+  const int tasks = static_cast<int>((n + per - 1) / per);
+  pool().run(tasks, [&](int t) {
     const int64_t begin = t * per;
     const int64_t end = std::min(n, begin + per);
     if (begin < end) fn(begin, end);

@@ -20,7 +20,8 @@ int num_threads();
 void set_num_threads(int n);  // n >= 1
 
 // Runs fn(begin, end) over [0, n) in contiguous chunks of at least `grain` elements on the
-// pool; the calling thread takes part. Exceptions from fn are rethrown on the caller.
+// pool; the calling thread takes part, and chunks go to whichever thread is free first.
+// Exceptions from fn are rethrown on the caller.
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
 }  // namespace zeroshard::cpu
