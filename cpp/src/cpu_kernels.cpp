@@ -13,6 +13,9 @@ namespace {
 
 // Elementwise spans per thread chunk: big enough to amortise the pool's wake-up.
 constexpr int64_t kGrain = 1 << 15;
+// Copies of at least this many elements are streamed past the cache (see adam_span_typed):
+// 2 MiB of bf16, past what a core's L2 holds; a smaller copy may still be read from cache.
+constexpr int64_t kStreamCopyMin = 1 << 20;
 // Norm blocks are fixed so the summation order (and so the result) does not depend on threads.
 constexpr int64_t kNormBlock = 1 << 12;
 
@@ -32,6 +35,12 @@ void require_buffer(const void* p, int64_t n, const char* name) {
 void require_copy_dtype(const void* copy, DType dtype) {
   ZS_REQUIRE(copy == nullptr || dtype != DType::f32,
              "param_copy must be bfloat16 or float16 (a float32 copy is the param itself)");
+}
+
+// A 16-bit copy is streamed when it is big and its elements are 2-byte aligned (the span
+// kernel then reaches vector alignment after a few single lanes).
+bool streamable(const void* copy, int64_t n) {
+  return copy != nullptr && n >= kStreamCopyMin && reinterpret_cast<uintptr_t>(copy) % 2 == 0;
 }
 
 }  // namespace
@@ -65,7 +74,7 @@ bool adam_step(float* param, const void* grad, DType grad_dtype, float* exp_avg,
   require_copy_dtype(param_copy, copy_dtype);
   if (cfg.check_finite && !all_finite(grad, grad_dtype, n)) return true;
   const AdamBuffers b{param, grad, grad_dtype, exp_avg, exp_avg_sq, max_exp_avg_sq, param_copy,
-                      copy_dtype};
+                      copy_dtype, streamable(param_copy, n)};
   const AdamScalars s = adam_scalars(cfg);
   const KernelTable& k = table();
   parallel_for(n, kGrain, [&](int64_t begin, int64_t end) { k.adam(b, s, begin, end); });

@@ -448,6 +448,39 @@ TEST(every_path_matches_scalar_bitwise) {
     CHECK_MSG(results[k] == results[0], simd_level_name(levels[k]));
 }
 
+// Copies of 1 << 20 elements and more are written with non-temporal stores (after a lane-by-lane
+// head up to the vector alignment): on every path, at any offset, with several chunks per
+// thread, the copy must still be exactly the rounded param and the params equal the scalar path.
+TEST(streamed_param_copy_is_exact) {
+  const int64_t n = (int64_t{1} << 20) + 37;
+  const int saved = num_threads();
+  set_num_threads(3);
+  for (DType copy_dtype : {DType::bf16, DType::f16})
+    for (int64_t offset : {0, 1, 3}) {
+      std::vector<float> first_p;
+      for (SimdLevel level : available_levels()) {
+        set_simd_level(level);
+        std::vector<float> p = uniform(n, -1, 1, 21), m = uniform(n, -0.1f, 0.1f, 22),
+                           v = uniform(n, 0, 0.01f, 23), g = uniform(n, -1, 1, 24);
+        TypedBuffer copy(copy_dtype, n, offset);
+        std::fill(copy.storage.begin(), copy.storage.end(), 0xa5a5a5a5u);
+        AdamConfig cfg;
+        cfg.weight_decay = 0.1f, cfg.step = 3, cfg.check_finite = false;
+        CHECK(!adam_step(p.data(), g.data(), DType::f32, m.data(), v.data(), nullptr, copy.data(),
+                         copy_dtype, n, cfg));
+        bool exact = true;
+        for (int64_t i = 0; i < n; ++i)
+          exact = exact && static_cast<uint16_t*>(copy.data())[i] == narrow(p[i], copy_dtype);
+        const std::string ctx = std::string(simd_level_name(level)) + " " + dtype_name(copy_dtype) +
+                                " offset " + std::to_string(offset);
+        CHECK_MSG(exact, ctx);
+        if (first_p.empty()) first_p = p;
+        else CHECK_MSG(p == first_p, ctx + " params differ from the first path");
+      }
+    }
+  set_num_threads(saved);
+}
+
 TEST(adam_matches_torch_two_divisions_bitwise) {
   // The kernels divide by sqrt(1 - beta2^step) with a reciprocal and one FMA correction; that
   // must round exactly as torch's (and the CUDA kernel's) true division. Second moments spread

@@ -18,6 +18,8 @@ struct AdamBuffers {
   float* max_exp_avg_sq;  // nullptr unless amsgrad
   void* param_copy;  // nullptr: none
   DType copy_dtype;
+  // Write param_copy with non-temporal stores: set for copies too big to stay in cache.
+  bool stream_copy = false;
 };
 
 struct SgdBuffers {

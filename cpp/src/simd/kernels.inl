@@ -17,6 +17,14 @@ inline void store_from_float(void* base, int64_t i, typename V::F v) {
   else V::store_f16(static_cast<uint16_t*>(base) + i, v);
 }
 
+// Non-temporal store of a 16-bit output (bf16 / f16), same rounding as store_from_float.
+template <class V, DType D>
+inline void stream_from_float(void* base, int64_t i, typename V::F v) {
+  static_assert(D != DType::f32, "only the 16-bit copies are streamed");
+  if constexpr (D == DType::bf16) V::stream_bf16(static_cast<uint16_t*>(base) + i, v);
+  else V::stream_f16(static_cast<uint16_t*>(base) + i, v);
+}
+
 // ---- Adam / AdamW ----------------------------------------------------------------------------
 
 // sqrt(v) / c with c = sqrt(1 - beta2^step), correctly rounded like torch's division but
@@ -35,7 +43,10 @@ struct DivByConstant {
   }
 };
 
-template <DType G, bool HasCopy, DType C>
+// Stream: the 16-bit param copy is written with non-temporal stores. It is write-only here, so
+// plain stores would first read each of its lines for ownership: 2 of the 30 bytes a mixed step
+// moves per param, wasted, in a kernel bound by memory bandwidth.
+template <DType G, bool HasCopy, DType C, bool Stream>
 void adam_span_typed(const AdamBuffers& b, const AdamScalars& s, int64_t begin, int64_t end) {
   // Locals, not s.*: the stores below go through float pointers that could alias s, which made
   // the compiler reload every scalar and re-test every flag on each vector.
@@ -74,18 +85,33 @@ void adam_span_typed(const AdamBuffers& b, const AdamScalars& s, int64_t begin, 
     V::store_f32(exp_avg + i, m);
     V::store_f32(exp_avg_sq + i, v);
     V::store_f32(param + i, p);
-    if constexpr (HasCopy) store_from_float<V, C>(param_copy, i, p);
+    if constexpr (HasCopy && Stream) stream_from_float<V, C>(param_copy, i, p);
+    else if constexpr (HasCopy) store_from_float<V, C>(param_copy, i, p);
   };
   int64_t i = begin;
+  if constexpr (Stream) {
+    // Streaming stores need the copy aligned to a whole vector: one lane at a time up to there.
+    constexpr uintptr_t align = Vec::lanes * sizeof(uint16_t);
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(static_cast<uint16_t*>(param_copy) + i);
+    const int64_t head = static_cast<int64_t>(((align - addr % align) % align) / sizeof(uint16_t));
+    for (const int64_t stop = head < end - begin ? begin + head : end; i < stop; ++i) body(ScalarVec{}, i);
+  }
   for (; i + Vec::lanes <= end; i += Vec::lanes) body(Vec{}, i);
   for (; i < end; ++i) body(ScalarVec{}, i);
+  if constexpr (Stream) Vec::stream_fence();  // visible to other threads before the pool returns
+}
+
+template <DType G, bool Stream>
+void adam_span_copy(const AdamBuffers& b, const AdamScalars& s, int64_t begin, int64_t end) {
+  if (b.copy_dtype == DType::bf16) adam_span_typed<G, true, DType::bf16, Stream>(b, s, begin, end);
+  else adam_span_typed<G, true, DType::f16, Stream>(b, s, begin, end);
 }
 
 template <DType G>
 void adam_span_grad(const AdamBuffers& b, const AdamScalars& s, int64_t begin, int64_t end) {
-  if (b.param_copy == nullptr) adam_span_typed<G, false, DType::f32>(b, s, begin, end);
-  else if (b.copy_dtype == DType::bf16) adam_span_typed<G, true, DType::bf16>(b, s, begin, end);
-  else adam_span_typed<G, true, DType::f16>(b, s, begin, end);
+  if (b.param_copy == nullptr) adam_span_typed<G, false, DType::f32, false>(b, s, begin, end);
+  else if (b.stream_copy) adam_span_copy<G, true>(b, s, begin, end);
+  else adam_span_copy<G, false>(b, s, begin, end);
 }
 
 void adam_span(const AdamBuffers& b, const AdamScalars& s, int64_t begin, int64_t end) {

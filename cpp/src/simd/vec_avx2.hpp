@@ -51,7 +51,7 @@ struct Avx2Vec {
   }
   // Round to nearest even with integer adds (no AVX512-BF16 needed); NaN is quietened, not
   // rounded, so it cannot carry into infinity.
-  static void store_bf16(uint16_t* p, F v) {
+  static __m128i to_bf16(F v) {
     const __m256i u = _mm256_castps_si256(v);
     const __m256i magnitude = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
     const __m256i is_nan = _mm256_cmpgt_epi32(magnitude, _mm256_set1_epi32(0x7f800000));
@@ -61,14 +61,29 @@ struct Avx2Vec {
     const __m256i high = _mm256_srli_epi32(_mm256_blendv_epi8(rounded, quiet, is_nan), 16);
     // packus works within 128-bit halves; gather the two low quadwords into one register.
     const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(high, high), 0x08);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+    return _mm256_castsi256_si128(packed);
+  }
+  static __m128i to_f16(F v) {
+    return _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  static void store_bf16(uint16_t* p, F v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16(v));
   }
 
   static F load_f16(const uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
   static void store_f16(uint16_t* p, F v) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                     _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_f16(v));
   }
+
+  // Non-temporal stores of a 16-bit vector (p aligned to lanes * 2 bytes): write-only outputs
+  // then skip the read-for-ownership of their lines. stream_fence() orders them before return.
+  static void stream_bf16(uint16_t* p, F v) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_bf16(v));
+  }
+  static void stream_f16(uint16_t* p, F v) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_f16(v));
+  }
+  static void stream_fence() { _mm_sfence(); }
 };

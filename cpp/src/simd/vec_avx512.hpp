@@ -42,7 +42,7 @@ struct Avx512Vec {
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
   }
   // Round to nearest even with integer adds; NaN is quietened, not rounded (see Avx2Vec).
-  static void store_bf16(uint16_t* p, F v) {
+  static __m256i to_bf16(F v) {
     const __m512i u = _mm512_castps_si512(v);
     const __m512i magnitude = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
     const __mmask16 is_nan = _mm512_cmpgt_epi32_mask(magnitude, _mm512_set1_epi32(0x7f800000));
@@ -50,14 +50,28 @@ struct Avx512Vec {
     const __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
     const __m512i quiet = _mm512_or_si512(u, _mm512_set1_epi32(0x400000));
     const __m512i high = _mm512_srli_epi32(_mm512_mask_blend_epi32(is_nan, rounded, quiet), 16);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(high));
+    return _mm512_cvtepi32_epi16(high);
+  }
+  static __m256i to_f16(F v) {
+    return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  static void store_bf16(uint16_t* p, F v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16(v));
   }
 
   static F load_f16(const uint16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
   static void store_f16(uint16_t* p, F v) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                        _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_f16(v));
   }
+
+  // Non-temporal 16-bit stores (p aligned to lanes * 2 bytes); see Avx2Vec.
+  static void stream_bf16(uint16_t* p, F v) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bf16(v));
+  }
+  static void stream_f16(uint16_t* p, F v) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_f16(v));
+  }
+  static void stream_fence() { _mm_sfence(); }
 };

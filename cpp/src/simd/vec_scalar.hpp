@@ -37,6 +37,10 @@ struct ScalarVec {
   static void store_bf16(uint16_t* p, F v) { *p = float_to_bf16(v); }
   static F load_f16(const uint16_t* p) { return f16_to_float(*p); }
   static void store_f16(uint16_t* p, F v) { *p = float_to_f16(v); }
+  // One lane has nothing to stream: plain stores (the SIMD paths' tails run through these).
+  static void stream_bf16(uint16_t* p, F v) { store_bf16(p, v); }
+  static void stream_f16(uint16_t* p, F v) { store_f16(p, v); }
+  static void stream_fence() {}
 
   static uint32_t bits(float f) {
     uint32_t u;
