@@ -44,6 +44,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--stage", type=int, default=None,
                         help="ZeRO stage: 0|1|2|3 for --optimizer zeroshard or deepspeed "
                              "(default 2)")
+    parser.add_argument("--offload", choices=["none", "cpu"], default="none",
+                        help="cpu: optimizer state, reduced gradients and the update in host "
+                             "memory (ZeRO-Offload; zeroshard stages 1-3, or deepspeed)")
     parser.add_argument("--model", default="tiny", help=f"one of {sorted(gpt.PRESETS)}")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
@@ -89,6 +92,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     elif args.stage is not None:
         parser.error(f"--stage applies to --optimizer zeroshard or deepspeed, not "
                      f"{args.optimizer}")
+    if args.offload == "cpu" and not (args.optimizer in ("zeroshard", "deepspeed")
+                                      and args.stage in (1, 2, 3)):
+        parser.error("--offload cpu needs --optimizer zeroshard or deepspeed at --stage 1, 2 "
+                     "or 3 (stage 0 and the torch baselines replicate the optimizer state)")
     if args.optimizer == "deepspeed" and args.dtype != "fp32":
         parser.error("--optimizer deepspeed runs in fp32 only (its comparison rows); drop --dtype")
     args.warmup = args.steps // 10 if args.warmup is None else args.warmup
@@ -166,7 +173,9 @@ class ZeroshardSetup:
         self.optimizer = zeroshard.ZeroAdamW(
             param_groups(self.model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
             eps=1e-8, weight_decay=args.weight_decay, stage=args.stage,
-            bucket_mb=args.bucket_mb, **module)
+            bucket_mb=args.bucket_mb, offload=None if args.offload == "none" else args.offload,
+            **module)
+        self.offload = args.offload == "cpu"
         self.skipped_steps = 0
 
     def accumulation_context(self, last_micro_batch: bool):
@@ -196,7 +205,8 @@ class ZeroshardSetup:
         return dict(self.optimizer.memory_report())
 
     def label(self) -> str:
-        return f"zeroshard ZeroAdamW stage {self.stage}"
+        return f"zeroshard ZeroAdamW stage {self.stage}" + (" + CPU offload" if self.offload
+                                                           else "")
 
 
 class DDPSetup:
@@ -301,10 +311,18 @@ class DeepSpeedSetup:
 
         self.stage = args.stage
         self.model = model
-        # The client, not DeepSpeed's fused Adam: DeepSpeed's ops are not built on CPU.
-        self.optimizer = torch.optim.AdamW(
-            param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
-            weight_decay=args.weight_decay)
+        # The client, not DeepSpeed's fused Adam: DeepSpeed's ops are not built on CPU. With
+        # --offload cpu DeepSpeed wants its own CPU Adam (JIT-built on first use).
+        self.offload = args.offload == "cpu"
+        if self.offload:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            self.optimizer = DeepSpeedCPUAdam(
+                param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
+                eps=1e-8, weight_decay=args.weight_decay, adamw_mode=True)
+        else:
+            self.optimizer = torch.optim.AdamW(
+                param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
+                eps=1e-8, weight_decay=args.weight_decay)
         bucket_mb = args.bucket_mb
         if bucket_mb is None:  # the size zeroshard picks for this model, so the rows compare
             from zeroshard.buffer_ring import auto_bucket_mb
@@ -315,7 +333,9 @@ class DeepSpeedSetup:
             "gradient_accumulation_steps": args.micro_batches,
             "gradient_clipping": args.clip,  # global norm, as clip_grad_norm_; 0 = none
             "zero_optimization": {"stage": args.stage, "reduce_bucket_size": bucket_elems,
-                                  "allgather_bucket_size": bucket_elems},
+                                  "allgather_bucket_size": bucket_elems,
+                                  **({"offload_optimizer": {"device": "cpu"}}
+                                     if self.offload else {})},
             "zero_allow_untested_optimizer": True,  # a torch optimizer, not a DeepSpeed one
             "steps_per_print": 2 ** 31 - 1,
         }
@@ -365,7 +385,8 @@ class DeepSpeedSetup:
         return report
 
     def label(self) -> str:
-        return f"DeepSpeed ZeRO-{self.stage} engine + torch AdamW"
+        return (f"DeepSpeed ZeRO-{self.stage} engine + "
+                + ("CPU offload, DeepSpeedCPUAdam" if self.offload else "torch AdamW"))
 
 
 SETUPS = {"zeroshard": ZeroshardSetup, "ddp": DDPSetup, "torch-zero": TorchZeroSetup,
@@ -411,7 +432,8 @@ def expected_memory(args, param_numels: List[int], world: int, device: torch.dev
     try:
         states = estimate.estimate_model_states(
             param_numels, world_size=world, stage=stage, dtype=dtype, bucket_mb=args.bucket_mb,
-            backend="nccl" if device.type == "cuda" else "gloo", **unit_args)
+            backend="nccl" if device.type == "cuda" else "gloo",
+            offload=getattr(args, "offload", "none"), **unit_args)
     except ValueError as error:  # an estimator without stage 3 yet: the cell stays None
         expected["note"] = f"zeroshard.estimate: {error}"
         return expected

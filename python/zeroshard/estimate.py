@@ -9,9 +9,12 @@ architectures (model_shapes.py) nor allocate a model-sized tensor.
 stage 3 one per unit), one backward per step (no `no_sync()` accumulation, which adds a
 full-size gradient buffer at stages 0 and 2), and the optimizer's model states and gradient
 communication buffers. Activations, temporaries of the forward/backward, the allocator's caching
-and CUDA/NCCL context memory are not counted. offload="cpu" is the design of issue 11 (not built
-yet): master weights and optimizer state move to host memory; the numbers for it are that
-design's prediction.
+and CUDA/NCCL context memory are not counted. With offload="cpu" (stages 1-3) the fp32 master
+(for fp32 parameters too: the CPU kernel's copy), the optimizer state, the reduced gradient
+shard and the staging of updated parameters (the parameters' dtype, low-precision only) are
+host memory; the device keeps the parameters, stage 1's full local gradient buffer and the
+ring (whose slots, on gloo, then also receive each bucket's slice instead of summing into the
+shard). Landing buffers (several reducing backwards per step) are not counted.
 
 [Note: stage 3] Stage 3 builds one FlatGroup per unit (the children of every nn.ModuleList, unit
 1, 2, ...; the root unit 0 holds every other parameter, tied ones included), each with its own
@@ -147,9 +150,10 @@ def estimate_model_states(param_numels: Sequence[int], *, world_size: int, stage
     """Bytes per rank, keyed like ZeroOptimizer.memory_report(): model_params, grads,
     master_params, optimizer_state, comm_buffers, total (their sum), plus host_bytes.
 
-    offload="cpu" (issue 11's design, not built yet) moves master_params and optimizer_state to
-    host memory: those keys keep their values, host_bytes is their sum and `total` counts device
-    bytes only. Without offload host_bytes is 0. bucket_mb=None is ZeroOptimizer's automatic
+    offload="cpu" moves master_params, optimizer_state and the reduced gradient shard to host
+    memory (see [Note: what the estimate covers]): the keys keep their values wherever the
+    bytes are, host_bytes is the host's sum and `total` counts device bytes only, as
+    memory_report() does. Without offload host_bytes is 0. bucket_mb=None is ZeroOptimizer's automatic
     size (25 MiB, at most 1/32 of the gradients' bytes, at least 1/4 MiB; buffer_ring's
     auto_bucket_mb). See [Note: what the estimate covers].
 
@@ -161,6 +165,9 @@ def estimate_model_states(param_numels: Sequence[int], *, world_size: int, stage
     _check_common(world_size, stage, optimizer)
     if offload not in (None, "none", "cpu"):
         raise ValueError(f"offload must be None, 'none' or 'cpu', got {offload!r}")
+    if offload == "cpu" and stage == 0:
+        raise ValueError("offload='cpu' needs stage 1, 2 or 3 (stage 0 replicates the state)")
+    offloaded = offload == "cpu"
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     if not isinstance(max_in_flight, int) or max_in_flight < 1:
@@ -173,15 +180,17 @@ def estimate_model_states(param_numels: Sequence[int], *, world_size: int, stage
         report = _stage3_report(param_numels, units, world_size=world_size,
                                 param_dtype=param_dtype, reduce_dtype=reduce_dtype,
                                 bucket_mb=bucket_mb, max_in_flight=max_in_flight,
-                                gloo=(backend == "gloo"), optimizer=optimizer, prefetch=prefetch)
-        return _finish(report, offload)
+                                gloo=(backend == "gloo"), optimizer=optimizer, prefetch=prefetch,
+                                offload=offloaded)
+        return _finish(report)
     layout = build_layout(param_numels, world_size=world_size, dtype=param_dtype,
                           reduce_dtype=reduce_dtype, bucket_mb=bucket_mb)
     buffer, shard = layout.buffer_numel, layout.shard_numel
     # FlatGroup: stage 0 reduces into a full-size buffer; stage 1 accumulates a full-size local
     # buffer and reduces into its shard, which lives at that buffer's start; stage 2 keeps
     # only the shard.
-    grad_numel = {0: buffer, 1: buffer, 2: shard}[stage]
+    # (offload: stage 1's reduced shard is in host memory, apart from its local buffer)
+    grad_numel = {0: buffer, 1: buffer + (shard if offloaded else 0), 2: shard}[stage]
     state_numel = buffer if stage == 0 else shard  # stage 0's "shard" is the whole buffer
     report = {
         "model_params": buffer * _elem_size(param_dtype),
@@ -192,17 +201,31 @@ def estimate_model_states(param_numels: Sequence[int], *, world_size: int, stage
         "comm_buffers": planned_ring_bytes(
             [b.end - b.start for b in layout.bucket_ranges], stage=stage, world_size=world_size,
             elem_size=grad_elem, max_in_flight=max_in_flight, gloo=(backend == "gloo"),
-            param_elem_size=_elem_size(param_dtype)),
+            param_elem_size=_elem_size(param_dtype), offload=offloaded),
     }
-    return _finish(report, offload)
+    if offloaded:
+        _offload(report, shard, param_dtype, grad_elem)
+    return _finish(report)
 
 
-def _finish(report: Dict[str, int], offload: Optional[str]) -> Dict[str, int]:
+def _offload(report: Dict[str, int], shard: int, param_dtype: torch.dtype,
+             grad_elem: int) -> None:
+    """Moves the host's share of report (see [Note: what the estimate covers]) to
+    report["host"]; the keys keep every byte wherever it is."""
+    staging = 0 if param_dtype == torch.float32 else shard * _elem_size(param_dtype)
+    host = {"master_params": shard * 4, "optimizer_state": report["optimizer_state"],
+            "grads": shard * grad_elem, "staging": staging}
+    report["master_params"] = host["master_params"]
+    report["host"] = host
+
+
+def _finish(report: Dict[str, int]) -> Dict[str, int]:
     report["total"] = sum(report[k] for k in REPORT_KEYS)
     report["host_bytes"] = 0
-    if offload == "cpu":
-        report["host_bytes"] = report["master_params"] + report["optimizer_state"]
-        report["total"] -= report["host_bytes"]
+    host = report.get("host")
+    if host is not None:
+        report["host_bytes"] = sum(host.values())
+        report["total"] -= host["master_params"] + host["optimizer_state"] + host["grads"]
     if "live_units" in report:
         report["peak_total"] = report["total"] + report["live_units"]
     return report
@@ -210,7 +233,8 @@ def _finish(report: Dict[str, int], offload: Optional[str]) -> Dict[str, int]:
 
 def _stage3_report(param_numels, units, *, world_size: int, param_dtype: torch.dtype,
                    reduce_dtype: DtypeLike, bucket_mb: Optional[float], max_in_flight: int,
-                   gloo: bool, optimizer: str, prefetch: int) -> Dict[str, int]:
+                   gloo: bool, optimizer: str, prefetch: int,
+                   offload: bool = False) -> Dict[str, int]:
     numels = _checked_numels(param_numels)
     groups = _unit_groups(numels, units)
     bucket = bucket_elems(bucket_mb, reduce_dtype, sum(numels))  # from the whole model
@@ -221,16 +245,20 @@ def _stage3_report(param_numels, units, *, world_size: int, param_dtype: torch.d
     grad_elem = _elem_size(_dtype(reduce_dtype, "reduce_dtype"))
     full = {u: layout.buffer_numel * param_elem for (u, _), layout in zip(groups, layouts)}
     others = sorted((b for u, b in full.items() if u != 0), reverse=True)
-    return {
+    report = {
         "model_params": shard * param_elem,  # the full buffers are freed between steps
         "grads": shard * grad_elem,  # reduced like stage 2: the shard only
         "master_params": 0 if param_dtype == torch.float32 else shard * 4,
         "optimizer_state": shard * 4 * STATE_TENSORS[optimizer],
         "comm_buffers": planned_ring_bytes(
             [b.end - b.start for layout in layouts for b in layout.bucket_ranges], stage=2,
-            world_size=world_size, elem_size=grad_elem, max_in_flight=max_in_flight, gloo=gloo),
+            world_size=world_size, elem_size=grad_elem, max_in_flight=max_in_flight, gloo=gloo,
+            offload=offload),
         "live_units": full.get(0, 0) + sum(others[:1 + prefetch]),
     }
+    if offload:
+        _offload(report, shard, param_dtype, grad_elem)
+    return report
 
 
 def _formula_terms(stage: int, dtype: DtypeLike, optimizer: str):
@@ -448,8 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
                "'live units', the root unit (embeddings, final norm, head) and the 1 + "
                "--prefetch largest blocks gathered whole during forward/backward, and 'peak', "
                "total + live units (what --device-memory must fit at stage 3). --offload cpu "
-               "is the design of issue 11 (not built yet): the numbers are that design's "
-               "prediction (master weights and optimizer state in host memory).")
+               "(stages 1-3) puts the fp32 master, optimizer state and reduced gradient shard "
+               "in host memory: 'total' is then the device's bytes and 'host' the host's.")
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--params", type=_argument(parse_count), metavar="N",
                        help="a parameter count (1.5e9, 1.5B, 125M), split into equal tensors "
@@ -461,8 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--world-size", type=_argument(_positive_int("a world size")),
                         nargs="+", default=[1, 2, 4, 8], metavar="N",
                         help="data-parallel world sizes (default: 1 2 4 8)")
-    parser.add_argument("--stage", type=_argument(_stage), nargs="+", default=[0, 1, 2],
-                        metavar="S", help="ZeRO stages: 0, 1, 2, 3 (default: 0 1 2)")
+    parser.add_argument("--stage", type=_argument(_stage), nargs="+", default=None,
+                        metavar="S", help="ZeRO stages: 0, 1, 2, 3 (default: 0 1 2; with "
+                                          "--offload cpu 1 2 3)")
     parser.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32",
                         help="parameter dtype (default fp32)")
     parser.add_argument("--reduce-dtype", choices=list(DTYPE_NAMES), default="fp32",
@@ -470,8 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--optimizer", choices=list(STATE_TENSORS), default="adamw",
                         help="which optimizer state to count (default adamw; sgd = with momentum)")
     parser.add_argument("--offload", choices=["none", "cpu"], default="none",
-                        help="cpu: master and optimizer state in host memory (issue 11's design, "
-                             "not built yet)")
+                        help="cpu: master, optimizer state and reduced gradients in host "
+                             "memory (stages 1-3)")
     parser.add_argument("--bucket-mb", type=_argument(_positive_float), default=None,
                         help="bucket size in MiB of gradients, as ZeroOptimizer's bucket_mb "
                              "(default: its automatic size, 25 MiB but at most 1/32 of the "
@@ -605,6 +634,10 @@ def _bucket_text(args, model: Optional[tuple]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.stage is None:
+        args.stage = [1, 2, 3] if args.offload == "cpu" else [0, 1, 2]
+    if args.offload == "cpu" and 0 in args.stage:
+        parser.error("--offload cpu applies to stages 1, 2 and 3: drop stage 0 from --stage")
     model = _model_from_args(args, parser)
     if args.prefetch != 1 and 3 not in args.stage:
         parser.error("--prefetch applies to stage 3 only: add --stage 3")
@@ -615,7 +648,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     offload = args.offload == "cpu"
     described = (f"{args.dtype} params, {args.reduce_dtype} gradients, {args.optimizer}, "
                  f"{_bucket_text(args, model)}, {args.backend}"
-                 + (", offload cpu (issue 11's design, not built yet)" if offload else ""))
+                 + (", offload cpu" if offload else ""))
     rows = []
     if model is not None:
         description, numels, units = model

@@ -49,6 +49,7 @@ class HostOffload:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
+        ops.apply_default_num_threads()  # this rank's share of the cores, unless chosen
         self.d2h_bytes = self.h2d_bytes = 0
         self.d2h_copies = self.h2d_copies = 0
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zeroshard-landing")

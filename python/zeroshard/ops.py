@@ -7,6 +7,7 @@ bool, a CUDA call returns a 0-dim bool tensor on the device (test it only when y
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple, Union
 
 import torch
@@ -16,7 +17,7 @@ from ._tensors import LOW_PRECISION, address, cuda_stream, dtype_code, require_t
 
 __all__ = [
     "adam_step", "sgd_step", "l2_norm_sq", "all_finite", "scale_", "cast_",
-    "num_threads", "set_num_threads", "simd_level", "set_simd_level",
+    "num_threads", "set_num_threads", "default_num_threads", "simd_level", "set_simd_level",
 ]
 
 F32 = (torch.float32,)
@@ -196,10 +197,47 @@ def num_threads() -> int:
     return _core.cpu.num_threads()
 
 
+_threads_chosen = False  # set_num_threads() was called: defaults no longer apply
+
+
 def set_num_threads(n: int) -> None:
+    global _threads_chosen
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"num_threads must be a positive int, got {n!r}")
     _core.cpu.set_num_threads(n)
+    _threads_chosen = True
+
+
+def default_num_threads() -> int:
+    """The threads an offloading rank's CPU kernels should use: the physical cores this process
+    may run on, shared among the ranks torchrun put on this machine (LOCAL_WORLD_SIZE) unless
+    the process is already bound to a subset of the CPUs (taskset, numactl, a launcher's core
+    binding), in which case the binding is this rank's share. Hyperthread siblings share a
+    core's vector units and bandwidth: one thread per core is as fast and leaves the siblings
+    to the data loader."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+                cores.add(f.read().strip())
+        except OSError:
+            cores.add(str(cpu))
+    bound = len(cpus) < (os.cpu_count() or len(cpus))
+    try:
+        local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local_ranks = 1
+    return max(1, len(cores) if bound else len(cores) // local_ranks)
+
+
+def apply_default_num_threads() -> None:
+    """Sets default_num_threads() unless ZEROSHARD_NUM_THREADS or set_num_threads() chose."""
+    if not _threads_chosen and "ZEROSHARD_NUM_THREADS" not in os.environ:
+        _core.cpu.set_num_threads(default_num_threads())
 
 
 def simd_level() -> str:

@@ -125,9 +125,24 @@ def test_report_keys_total_and_offload():
     assert report["host_bytes"] == 0
     offloaded = estimate_model_states(numels, world_size=4, stage=2, dtype=torch.bfloat16,
                                       offload="cpu")
-    assert offloaded["host_bytes"] == report["master_params"] + report["optimizer_state"]
-    assert offloaded["total"] == report["total"] - offloaded["host_bytes"]
-    assert offloaded["optimizer_state"] == report["optimizer_state"]
+    # Host: the fp32 master, the moments, the reduced gradient shard and the bf16 staging.
+    shard = report["master_params"] // 4
+    assert offloaded["host"] == {"master_params": report["master_params"],
+                                 "optimizer_state": report["optimizer_state"],
+                                 "grads": report["grads"], "staging": 2 * shard}
+    assert offloaded["host_bytes"] == sum(offloaded["host"].values())
+    # Device: the parameters and the ring only (gloo's slots also receive the slice).
+    assert offloaded["total"] == report["model_params"] + offloaded["comm_buffers"]
+    assert offloaded["comm_buffers"] > report["comm_buffers"]
+    nccl = dict(world_size=4, stage=2, dtype="bf16", backend="nccl")
+    assert (estimate_model_states(numels, offload="cpu", **nccl)["comm_buffers"]
+            == estimate_model_states(numels, **nccl)["comm_buffers"])
+    # fp32 parameters get an fp32 host copy for the kernel (no master without offload).
+    fp32 = estimate_model_states(numels, world_size=4, stage=1, offload="cpu")
+    assert fp32["host"]["master_params"] == fp32["optimizer_state"] // 2
+    assert fp32["host"]["staging"] == 0
+    with pytest.raises(ValueError, match="stage 1, 2 or 3"):
+        estimate_model_states(numels, world_size=4, stage=0, offload="cpu")
 
 
 def test_bad_arguments_say_what_is_wrong():
@@ -470,7 +485,9 @@ def test_stage3_keys_and_shards_of_a_preset():
     offloaded = estimate_model_states(numels, world_size=8, stage=3, dtype="bf16", units=units,
                                       offload="cpu")
     assert offloaded["peak_total"] == offloaded["total"] + offloaded["live_units"]
-    assert offloaded["host_bytes"] == stage3["master_params"] + stage3["optimizer_state"]
+    assert offloaded["host_bytes"] == (stage3["master_params"] + stage3["optimizer_state"]
+                                       + stage3["grads"] + stage3["master_params"] // 2)
+    assert offloaded["total"] == (stage3["model_params"] + offloaded["comm_buffers"])
 
 
 def _row(lines, stage, world_size):

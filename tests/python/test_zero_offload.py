@@ -25,6 +25,7 @@ from zero_oracle import (SMALL_BUCKET_MB, TINY_BUCKET_MB, make_batches, mse_loss
                          param_snapshot, rank_slice)
 
 import zeroshard  # noqa: E402
+from zeroshard import estimate  # noqa: E402
 
 STEPS = 4
 HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
@@ -245,6 +246,11 @@ def _reports(rank, world_size):
     out = {}
     for stage in (1, 2, 3):
         for dtype in (torch.float32, torch.bfloat16):
+            whole = make_unit_net(0, dtype=dtype)  # the estimate reads whole parameters
+            units = dict(units=estimate.param_units_of(whole)) if stage == 3 else {}
+            predicted = estimate.estimate_model_states(
+                estimate.param_numels_of(whole), world_size=world_size, stage=stage, dtype=dtype,
+                bucket_mb=SMALL_BUCKET_MB, offload="cpu", **units)
             model, opt = _build(stage, "cpu", dtype=dtype, bucket_mb=SMALL_BUCKET_MB)
             plain_model, plain = _build(stage, None, dtype=dtype, bucket_mb=SMALL_BUCKET_MB)
             _train(model, opt, rank, world_size, steps=1)
@@ -256,6 +262,7 @@ def _reports(rank, world_size):
             shard = sum(fg.shard_numel for fg in opt.flat_groups)
             key = f"{dtype}/stage{stage}"
             out[key] = dict(report=opt.memory_report(), plain=plain.memory_report(),
+                            predicted=predicted,
                             stats=opt.comm_stats(), plain_stats=plain.comm_stats(), shard=shard,
                             elem=dtype.itemsize)
     return out
@@ -290,6 +297,11 @@ def test_memory_report_splits_device_and_host_and_copies_are_counted():
             assert stats["h2d"]["bytes"] == elem * shard, (key, stats["h2d"], shard)
             for kind, entry in plain_stats.items():
                 assert stats[kind] == entry, (key, kind, stats[kind], entry)
+            # zeroshard.estimate predicted all of it, device and host, before the model existed.
+            predicted = r["predicted"]
+            for k in ("model_params", "grads", "master_params", "optimizer_state",
+                      "comm_buffers", "total", "host_bytes", "host"):
+                assert predicted[k] == report[k], (key, k, predicted[k], report[k])
 
 
 # ---- errors ---------------------------------------------------------------------------------------
