@@ -12,6 +12,8 @@ zeroshard/baseline (<= 1.0 means zeroshard is no slower).
     python bench/bench_zero_step.py --device cuda --model gpt2-medium          # GPU machine
     python bench/bench_zero_step.py --device cuda --stage 3 --baseline stage2  # stage 3 vs 2
     python bench/bench_zero_step.py --device cpu --model tiny --reps 3         # smoke run
+    python bench/bench_zero_step.py --device cuda --model gpt2-xl --batch-size 4 --seq-len 1024 \
+        --offload cpu --baseline stage2                # CPU offload vs the same stage on the GPU
 Runs at world size 1 unless launched by torchrun; with CUDA under torchrun, gradients (and at
 stage 3 the parameter all-gathers) go through zeroshard's NCCL communicator. Stage 3 takes the
 model itself (ZeroAdamW(model, ..., stage=3)); between its steps the parameters are empty
@@ -111,13 +113,13 @@ def run_torch(args, device, x, y):
     return statistics.median(step_ms), statistics.median(opt_ms), None, None
 
 
-def run_zeroshard(args, device, x, y, stage: int, trace: str = ""):
+def run_zeroshard(args, device, x, y, stage: int, trace: str = "", offload=None):
     """Median full-step and optimizer ms, memory_report() after the timed steps, and (with
     `trace`) collective_overlap() of the profiled steps."""
     model = build_model(args.model, device)
     # Stage 3 shards the parameters module by module: it takes the model itself.
     opt = zeroshard.ZeroAdamW(model if stage == 3 else model.parameters(), lr=1e-4,
-                              weight_decay=0.1, stage=stage)
+                              weight_decay=0.1, stage=stage, offload=offload)
 
     def train_step():
         loss = model(x, y)
@@ -346,6 +348,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--offload", choices=("none", "cpu"), default="none",
+                        help="the zeroshard row with offload='cpu' (the baseline never offloads)")
     parser.add_argument("--json", default="")
     parser.add_argument("--trace", default="", help="save a torch.profiler Chrome trace of two "
                         "zeroshard steps here (.json or .json.gz)")
@@ -368,12 +372,16 @@ def main(argv=None) -> int:
     elif args.baseline == "stage2":
         base_step, base_opt, base_memory, _ = run_zeroshard(args, device, x, y, stage=2)
     release(device)
+    offload = "cpu" if args.offload == "cpu" else None
     ours_step, ours_opt, memory, overlap = run_zeroshard(args, device, x, y, args.stage,
-                                                         args.trace)
+                                                         args.trace, offload=offload)
+    tokens = args.batch_size * int(x.shape[1])
     rows = {"params": numel, "device": str(device), "model": args.model, "stage": args.stage,
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
             "batch": [args.batch_size, int(x.shape[1])], "warmup": args.warmup, "reps": args.reps,
             "baseline": args.baseline, "baseline_step_ms": base_step, "baseline_opt_ms": base_opt,
+            "offload": args.offload, "zeroshard_tokens_per_s": tokens / ours_step * 1e3,
+            "baseline_tokens_per_s": tokens / base_step * 1e3 if base_step else None,
             "zeroshard_step_ms": ours_step, "zeroshard_opt_ms": ours_opt,
             "opt_ratio": ours_opt / base_opt if base_opt else None,
             "step_ratio": ours_step / base_step if base_step else None,
@@ -388,8 +396,9 @@ def main(argv=None) -> int:
         print(f"{'':28s}{'full step ms':>14s}{'optimizer ms':>14s}")
         if base_step is not None:
             print(f"{BASELINE_LABELS[args.baseline]:28s}{base_step:14.2f}{base_opt:14.2f}")
-        print(f"{'zeroshard ZeroAdamW stage ' + str(args.stage):28s}{ours_step:14.2f}"
-              f"{ours_opt:14.2f}")
+        label = f"zeroshard ZeroAdamW stage {args.stage}" + (" +offload" if offload else "")
+        print(f"{label:34s}{ours_step:8.2f}{ours_opt:14.2f}  "
+              f"({rows['zeroshard_tokens_per_s']:,.0f} tokens/s)")
         if base_step is not None:
             name = "torch" if args.baseline == "torch" else "stage 2"
             print(f"ratio zeroshard stage {args.stage}/{name}: optimizer {rows['opt_ratio']:.3f}x, "

@@ -59,6 +59,9 @@ PRESETS: Dict[str, GPTConfig] = {
     # ~355M, GPT-2 medium shape: a GPU run.
     "gpt2-medium": GPTConfig(vocab_size=50304, block_size=1024, n_layer=24, n_head=16,
                              d_model=1024, default_seq_len=1024),
+    # ~1.56B, GPT-2 XL shape: the CPU-offload benchmark of issue 11 (one GPU).
+    "gpt2-xl": GPTConfig(vocab_size=50304, block_size=1024, n_layer=48, n_head=25,
+                         d_model=1600, default_seq_len=1024),
 }
 
 

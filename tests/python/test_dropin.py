@@ -33,10 +33,24 @@ def oracle(clip=None, micro=1):
     return _oracles[key]
 
 
+class Offloaded(int):
+    """A stage with offload="cpu": compares as its stage number, shows as "2+offload"."""
+    offload = "cpu"
+
+    def __str__(self) -> str:
+        return f"{int(self)}+offload"
+
+    __repr__ = __str__
+
+    def __reduce__(self):  # the spawned ranks get it back as an Offloaded
+        return (Offloaded, (int(self),))
+
+
 def _zero(model, stage, **kw):
     # Stage 3 gathers parameters module by module: it takes the model itself.
-    return zeroshard.ZeroAdamW(model if stage == 3 else model.parameters(), stage=stage,
-                               bucket_mb=SMALL_BUCKET_MB, **HYPER, **kw)
+    return zeroshard.ZeroAdamW(model if stage == 3 else model.parameters(), stage=int(stage),
+                               bucket_mb=SMALL_BUCKET_MB, offload=getattr(stage, "offload", None),
+                               **HYPER, **kw)
 
 
 def _snap(model, opt):
@@ -63,7 +77,7 @@ def _train_after_to(rank, world_size, stage):
     return _snap(model, opt)
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3, Offloaded(2), Offloaded(3)])
 def test_model_moved_after_construction_still_trains(stage):
     per_rank = run_distributed(_train_after_to, 2, stage)
     assert_ranks_identical(per_rank, f"stage {stage}")
@@ -124,7 +138,7 @@ def _train_zeroing(rank, world_size, stage, how):
     return _snap(model, opt)
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3, Offloaded(2)])
 @pytest.mark.parametrize("how", ["model", "model_keep", "none"])
 def test_gradients_restart_from_zero_after_step(stage, how):
     per_rank = run_distributed(_train_zeroing, 2, stage, how)
@@ -237,7 +251,8 @@ def _full_state_dict(rank, world_size, stage):
     return opt.full_state_dict()
 
 
-@pytest.mark.parametrize("world_size,stage", [(1, 2), (3, 1), (4, 2), (2, 0), (3, 3)])
+@pytest.mark.parametrize("world_size,stage", [(1, 2), (3, 1), (4, 2), (2, 0), (3, 3),
+                                              (3, Offloaded(2))])
 def test_full_state_dict_equals_torch_optim_state_dict(world_size, stage):
     full = run_distributed(_full_state_dict, world_size, stage)[0]
     model = make_model()
@@ -305,7 +320,7 @@ def _torch_idioms(rank, world_size, stage, use_scaler, foreach):
     return _snap(model, opt), torch.stack(norms)
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3, Offloaded(1), Offloaded(3)])
 @pytest.mark.parametrize("use_scaler", [False, True])
 def test_torch_clip_grad_norm_and_grad_scaler(stage, use_scaler):
     per_rank = run_distributed(_torch_idioms, 2, stage, use_scaler, None)
@@ -334,7 +349,7 @@ def _overflow_skips_everywhere(rank, world_size, stage):
     return _snap(model, opt), before, scaler.get_scale()
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
+@pytest.mark.parametrize("stage", [0, 2, 3, Offloaded(2)])
 def test_grad_scaler_overflow_on_one_rank_skips_on_all(stage):
     for after, before, scale in run_distributed(_overflow_skips_everywhere, 2, stage):
         assert_params_close(after, before, "skipped step", rtol=0, atol=0)
@@ -407,7 +422,7 @@ def _accumulate(rank, world_size, stage, switch):
     return _snap(model, opt), reductions
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
+@pytest.mark.parametrize("stage", [0, 2, 3, Offloaded(2)])
 @pytest.mark.parametrize("switch", ["require_backward_grad_sync", "no_sync"])
 def test_ddp_accumulation_switches_are_honoured(stage, switch):
     per_rank = run_distributed(_accumulate, 2, stage, switch)

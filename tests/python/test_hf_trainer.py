@@ -134,12 +134,12 @@ def _oracle_run(tmp):
                                          torch.nn.parallel.DistributedDataParallel)}
 
 
-def _zero_run(tmp, stage):
+def _zero_run(tmp, stage, offload=None):
     model = _tiny_gpt2()
     counter = _ReductionCounter()
     trainer = ZeroTrainer(model=model, args=_training_args(tmp, save=True),
                           train_dataset=_Sequences(SAMPLES), callbacks=[counter],
-                          zero_stage=stage, zero_kwargs={"timeout_s": 60})
+                          zero_stage=stage, zero_kwargs={"timeout_s": 60, "offload": offload})
     counter.trainer = trainer
     trainer.train()
     return {**_logged(trainer), "weights": _weights(model, trainer),
@@ -168,11 +168,11 @@ def _given_optimizer_run(tmp):
     return {**_logged(trainer), "weights": _weights(model)}
 
 
-def _resumed_run(tmp, checkpoint, stage):
+def _resumed_run(tmp, checkpoint, stage, offload=None):
     model = _tiny_gpt2()  # fresh weights: the checkpoint must bring back everything
     trainer = ZeroTrainer(model=model, args=_training_args(tmp, save=False),
                           train_dataset=_Sequences(SAMPLES), zero_stage=stage,
-                          zero_kwargs={"timeout_s": 60})
+                          zero_kwargs={"timeout_s": 60, "offload": offload})
     trainer.train(resume_from_checkpoint=checkpoint)
     return {**_logged(trainer), "weights": _weights(model, trainer),
             "checkpoint_files": sorted(os.listdir(checkpoint))}
@@ -208,6 +208,10 @@ def _all_runs(rank, world_size, tmp):
         checkpoint = os.path.join(out, f"checkpoint-{SAVE_AT}")
         _part(results, f"resumed{stage}", _resumed_run, os.path.join(tmp, f"resumed{stage}"),
               checkpoint, stage)
+    # offload="cpu" through zero_kwargs; resumed from the non-offloaded stage-2 checkpoint.
+    _part(results, "offload2", _zero_run, os.path.join(tmp, "offload2"), 2, "cpu")
+    _part(results, "resumed_offload2", _resumed_run, os.path.join(tmp, "resumed_offload2"),
+          os.path.join(tmp, "zero2", f"checkpoint-{SAVE_AT}"), 2, "cpu")
     _part(results, "given", _given_optimizer_run, os.path.join(tmp, "given"))
     # Last: it leaves a DDP-wrapped model behind.
     _part(results, "plain", _plain_trainer_run, os.path.join(tmp, "plain"))
@@ -262,6 +266,20 @@ def test_zero_trainer_matches_trainer_adamw(runs, stage):
                          rtol=1e-4, atol=1e-5)
     _assert_same_weights(zero[1]["weights"], zero[0]["weights"], "rank 1 vs rank 0",
                          rtol=0, atol=0)
+
+
+def test_zero_trainer_with_cpu_offload_trains_what_stage2_trains(runs):
+    """zero_kwargs={"offload": "cpu"}: the same losses, norms and weights as stage 2 without
+    it (bitwise: the same CPU kernels on the same values), and a non-offloaded checkpoint
+    resumes into an offloaded run like the uninterrupted stage-2 run."""
+    zero2, offload = _ok(runs, "zero2"), _ok(runs, "offload2")
+    resumed = _ok(runs, "resumed_offload2")
+    assert offload[0]["loss"] == zero2[0]["loss"] and resumed[0]["loss"] == zero2[0]["loss"]
+    assert offload[0]["grad_norm"] == zero2[0]["grad_norm"]
+    for rank in range(WORLD_SIZE):
+        for run, what in ((offload, "offloaded"), (resumed, "resumed offloaded")):
+            _assert_same_weights(run[rank]["weights"], zero2[rank]["weights"],
+                                 f"rank {rank}: {what} vs stage 2", rtol=0, atol=0)
 
 
 def test_zero_trainer_with_an_optimizer_built_before_the_trainer(runs):
