@@ -36,6 +36,7 @@ delayed update (DeepSpeed's DPU) would overlap more and change the maths; it is 
 from __future__ import annotations
 
 import bisect
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
 
@@ -66,6 +67,9 @@ class HostOffload:
         self.staging: Dict[int, torch.Tensor] = {}  # id(fg) -> host low-precision params
         self._slices: Dict[int, Tuple[List[int], List[Tuple[int, int, int]]]] = {}
         self._uploads_done: Optional["torch.cuda.Event"] = None
+        # time.perf_counter() when this step's first gradient slice had landed on the host
+        # (the GPU test compares it with the end of backward on the device: the overlap).
+        self.first_landed_at: Optional[float] = None
         if self.cuda:
             self.d2h_stream = torch.cuda.Stream(device)
             self.h2d_stream = torch.cuda.Stream(device)
@@ -156,6 +160,8 @@ class HostOffload:
                        buffer: Optional[torch.Tensor]) -> None:
         if event is not None:
             event.synchronize()
+        if self.first_landed_at is None:
+            self.first_landed_at = time.perf_counter()
         if buffer is None:
             flag = torch.zeros(1, dtype=torch.int32)
             total = ops.l2_norm_sq(shard, nonfinite=flag)
@@ -177,6 +183,7 @@ class HostOffload:
         self.finish_landing()
         self._landed.clear()
         self.partials.clear()
+        self.first_landed_at = None
 
     def partial(self, fg: FlatGroup, bucket: int):
         return self.partials.get((id(fg), bucket))
