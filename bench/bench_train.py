@@ -3,6 +3,7 @@
     python bench/bench_train.py                      # the default rows, a few minutes here
     python bench/bench_train.py --model gpt-17m --batch-size 8 --seq-len 128 --steps 10 \\
         --rows ddp zero1 zero2 zero3 ds-zero1 ds-zero2 ds-zero3
+    python bench/bench_train.py --rows zero2 zero2-offload ds-zero2-offload   # CPU offload (by name)
 
 Owns the benchmark's row list, the launching of one `torchrun` job per row (each runs
 examples/train_gpt.py with --metrics-json), and the comparison table, per rank in MiB: ZeRO's
@@ -53,6 +54,12 @@ ROWS: Dict[str, tuple] = {
     "ds-zero1": ("DeepSpeed ZeRO-1 + AdamW", ["--optimizer", "deepspeed", "--stage", "1"]),
     "ds-zero2": ("DeepSpeed ZeRO-2 + AdamW", ["--optimizer", "deepspeed", "--stage", "2"]),
     "ds-zero3": ("DeepSpeed ZeRO-3 + AdamW", ["--optimizer", "deepspeed", "--stage", "3"]),
+    # CPU offload (issue 11), asked for by name: on a CPU-only machine the "device" is host
+    # memory too, so these rows show the split and the copies' cost, not a saving.
+    "zero2-offload": ("zeroshard stage 2 + CPU offload",
+                      ["--optimizer", "zeroshard", "--stage", "2", "--offload", "cpu"]),
+    "ds-zero2-offload": ("DeepSpeed ZeRO-2 + CPU offload",
+                         ["--optimizer", "deepspeed", "--stage", "2", "--offload", "cpu"]),
 }
 
 
@@ -61,7 +68,8 @@ def is_deepspeed_row(name: str) -> bool:
 
 
 def default_rows() -> List[str]:
-    return [name for name in ROWS if not is_deepspeed_row(name) or HAVE_DEEPSPEED]
+    return [name for name in ROWS if (not is_deepspeed_row(name) or HAVE_DEEPSPEED)
+            and not name.endswith("-offload")]
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

@@ -27,10 +27,10 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from . import gradient_checks, process_memory, sharded_init
+from . import gradient_checks, memory_reports, process_memory, rank_agreement, sharded_init
 from .bucket_reducer import BucketReducer
 from .buffer_ring import auto_bucket_mb
-from .communicator import Communicator, _TorchWork, make_communicator
+from .communicator import Communicator, make_communicator
 from .flat_group import FlatGroup
 from .host_offload import HostOffload
 from .exposed_grads import ExposedGrads
@@ -42,10 +42,6 @@ from .param_units import ParamUnits, Unit, find_units, owning_units
 from .rendezvous import rendezvous_for
 
 _SCALER_KWARGS = ("initial_scale", "growth_interval", "hysteresis", "min_scale")
-# Ranks reach the optimizer's construction after loading data and models at their own pace, so
-# its collectives wait at least this long even when timeout_s (meant for training-step
-# collectives) is short; it still bounds a rank that never builds its optimizer.
-CONSTRUCTION_TIMEOUT_S = 600.0
 # How long a collective blocked in backward may stay unfinished after another rank entered its
 # next zeroshard call before this rank concludes it went past that call (see _guarded_wait).
 NOT_AWAITED_GRACE_S = 2.0
@@ -298,40 +294,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def _broadcast_from_rank0(self, groups: Optional[List[FlatGroup]] = None,
                               flat: bool = True) -> None:
-        """Every rank starts from rank 0's weights, as DDP makes it at construction: scripts
-        that seed each rank differently would otherwise train an average of mismatched
-        models. At construction this covers the flat parameters, the other (frozen)
-        parameters and the buffers of the models found; add_param_group covers its groups."""
-        if self.world_size == 1:
-            return
-        if groups is None:
-            groups = self.flat_groups if flat else []
-            flat_ids = {id(p) for fg in self.flat_groups for p in fg.params}
-            others, seen = [], set(flat_ids)
-            candidates = [p for g in self.param_groups for p in g["params"]]
-            for m in self.modules:
-                candidates += list(m.parameters()) + list(m.buffers())
-            for t in candidates:
-                if id(t) not in seen and t.device == self.device and t.numel() > 0:
-                    seen.add(id(t))
-                    others.append(t)
-        else:
-            others = []
-        tensors = [fg.flat_param for fg in groups] + [t.data for t in others]
-        src = dist.get_global_rank(self.process_group, 0) if self.process_group is not None else 0
-        works = []
-        with torch.no_grad():
-            for t in tensors:
-                staged = t if t.is_contiguous() else t.contiguous()
-                self.comm.stats.control_bytes += staged.numel() * staged.element_size()
-                works.append((t, staged, _TorchWork(
-                    dist.broadcast(staged, src=src, group=self.process_group, async_op=True),
-                    "broadcast of rank 0's parameters", self.rank,
-                    max(self.timeout_s, CONSTRUCTION_TIMEOUT_S))))
-            for t, staged, work in works:
-                work.wait()
-                if staged is not t:
-                    t.copy_(staged)
+        rank_agreement.broadcast_from_rank0(self, groups, flat)
 
     def _name_from_modules(self) -> None:
         for m in self.modules:
@@ -351,36 +314,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return all(getattr(m, "require_backward_grad_sync", True) for m in self.modules)
 
     def _check_ranks_agree(self, params) -> None:
-        """One small collective so that ranks with different models or settings fail at once,
-        naming the difference, instead of hanging or corrupting a later collective."""
-        if self.world_size == 1:
-            return
-        process_group = self.process_group
-        mine = {
-            "stage": self.stage, "bucket_mb": self.bucket_mb, "reduce_dtype": str(self.reduce_dtype),
-            "offload": self.offload is not None,
-            "params": [(self._names[id(p)], tuple(sharded_init.whole_shape(p)), str(p.dtype),
-                        bool(p.requires_grad))
-                       for p in params],
-        }
-        # With the timeout: a rank that never builds its optimizer must not hang the others.
-        everyone = rendezvous_for(process_group, max(self.timeout_s, CONSTRUCTION_TIMEOUT_S)
-                                  ).all_gather_object(mine)
-        ref = everyone[0]
-        for r, other in enumerate(everyone):
-            for key in ("stage", "bucket_mb", "reduce_dtype", "offload"):
-                if other[key] != ref[key]:
-                    raise ValueError(f"ranks disagree on {key}: rank 0 has {ref[key]!r}, "
-                                     f"rank {r} has {other[key]!r}")
-            if len(other["params"]) != len(ref["params"]):
-                raise ValueError(f"ranks disagree on the parameter list: rank 0 has "
-                                 f"{len(ref['params'])} parameters, rank {r} has "
-                                 f"{len(other['params'])}")
-            for i, (a, b) in enumerate(zip(ref["params"], other["params"])):
-                if a[1:] != b[1:]:
-                    raise ValueError(f"ranks disagree on parameter {i}: rank 0 has {a[0]} "
-                                     f"shape {a[1]} {a[2]} requires_grad={a[3]}, rank {r} has "
-                                     f"{b[0]} shape {b[1]} {b[2]} requires_grad={b[3]}")
+        rank_agreement.check_ranks_agree(self, params)
 
     # ---- subclass interface ------------------------------------------------------------------
 
@@ -669,47 +603,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
     # ---- reports -----------------------------------------------------------------------------
 
     def memory_report(self) -> Dict[str, Any]:
-        """Bytes this rank holds for the model, gradients, fp32 master, optimizer state and
-        communication buffers (the ring buffers, allocated once; see [Note: bounded buffers]),
-        their total, and under "measured" what the process really holds: peak and current RSS
-        on CPU, torch's allocated/reserved counters on CUDA (see process_memory.py).
-
-        With offload="cpu", "host" breaks down the bytes in host memory (master_params,
-        optimizer_state, grads: the reduced shard, staging: the parameters on their way to
-        the device and the landing buffers), host_bytes is their sum, and total counts the
-        device's bytes only; the top-level categories stay each category's bytes wherever
-        they are (as zeroshard.estimate reports them)."""
-        report = {"model_params": 0, "grads": 0, "master_params": 0, "optimizer_state": 0}
-        host = {"master_params": 0, "optimizer_state": 0, "grads": 0, "staging": 0}
-        for fg, state in zip(self.flat_groups, self.shard_state):
-            for key, value in fg.memory_bytes().items():
-                if key == "host_grads":
-                    host["grads"] += value
-                else:
-                    report[key] += value
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor):
-                    bucket = "master_params" if key == "master" else "optimizer_state"
-                    report[bucket] += value.numel() * value.element_size()
-        report["comm_buffers"] = self.reducer.comm_buffer_bytes
-        report["total"] = sum(report.values())
-        if self.offload is not None:
-            host["master_params"] = report["master_params"] + self.offload.nbytes()["master_params"]
-            host["optimizer_state"] = report["optimizer_state"]
-            host["staging"] = self.offload.nbytes()["staging"]
-            report["total"] -= report["master_params"] + report["optimizer_state"]
-            report["master_params"] = host["master_params"]
-            report["grads"] += host["grads"]
-            report["host"] = host
-            report["host_bytes"] = sum(host.values())
-        if self.units is not None:  # model_params: shards plus the units gathered right now
-            report["units"] = {
-                "count": len(self.units.units),
-                "gathered": sum(u.gathered for u in self.units.units),
-                "peak_gathered": self.units.peak_alive,
-                "largest_unit_bytes": max(u.full_nbytes for u in self.units.units)}
-        report["measured"] = process_memory.measured(self.device)
-        return report
+        """Bytes this rank holds per category (see memory_reports.memory_report)."""
+        return memory_reports.memory_report(self)
 
     def reset_peak_memory(self) -> bool:
         """Starts memory_report()["measured"]["peak_bytes"] over from now (e.g. after warm-up);

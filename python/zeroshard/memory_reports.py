@@ -1,0 +1,55 @@
+"""memory_reports: the bytes a ZeroOptimizer holds per category, where they are (device or host
+with offload), and what the process measures. A function of a ZeroOptimizer (flat_groups,
+shard_state, reducer, units, offload, device).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+
+from . import process_memory
+
+
+def memory_report(opt) -> Dict[str, Any]:
+    """Bytes this rank holds for the model, gradients, fp32 master, optimizer state and
+    communication buffers (the ring buffers, allocated once; see [Note: bounded buffers]),
+    their total, and under "measured" what the process really holds: peak and current RSS
+    on CPU, torch's allocated/reserved counters on CUDA (see process_memory.py).
+
+    With offload="cpu", "host" breaks down the bytes in host memory (master_params,
+    optimizer_state, grads: the reduced shard, staging: the parameters on their way to
+    the device and the landing buffers), host_bytes is their sum, and total counts the
+    device's bytes only; the top-level categories stay each category's bytes wherever
+    they are (as zeroshard.estimate reports them)."""
+    report = {"model_params": 0, "grads": 0, "master_params": 0, "optimizer_state": 0}
+    host = {"master_params": 0, "optimizer_state": 0, "grads": 0, "staging": 0}
+    for fg, state in zip(opt.flat_groups, opt.shard_state):
+        for key, value in fg.memory_bytes().items():
+            if key == "host_grads":
+                host["grads"] += value
+            else:
+                report[key] += value
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                bucket = "master_params" if key == "master" else "optimizer_state"
+                report[bucket] += value.numel() * value.element_size()
+    report["comm_buffers"] = opt.reducer.comm_buffer_bytes
+    report["total"] = sum(report.values())
+    if opt.offload is not None:
+        host["master_params"] = report["master_params"] + opt.offload.nbytes()["master_params"]
+        host["optimizer_state"] = report["optimizer_state"]
+        host["staging"] = opt.offload.nbytes()["staging"]
+        report["total"] -= report["master_params"] + report["optimizer_state"]
+        report["master_params"] = host["master_params"]
+        report["grads"] += host["grads"]
+        report["host"] = host
+        report["host_bytes"] = sum(host.values())
+    if opt.units is not None:  # model_params: shards plus the units gathered right now
+        report["units"] = {
+            "count": len(opt.units.units),
+            "gathered": sum(u.gathered for u in opt.units.units),
+            "peak_gathered": opt.units.peak_alive,
+            "largest_unit_bytes": max(u.full_nbytes for u in opt.units.units)}
+    report["measured"] = process_memory.measured(opt.device)
+    return report
