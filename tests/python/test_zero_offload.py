@@ -21,19 +21,19 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from dist_harness import run_distributed  # noqa: E402
 from unit_net import make_unit_net  # noqa: E402
-from zero_oracle import (SMALL_BUCKET_MB, TINY_BUCKET_MB, make_batches, mse_loss,  # noqa: E402
-                         param_snapshot, rank_slice)
+from zero_oracle import (SMALL_BUCKET_MB, TINY_BUCKET_MB, assert_params_close,  # noqa: E402
+                         make_batches, mse_loss, param_snapshot, rank_slice, train_oracle)
 
 import zeroshard  # noqa: E402
-from zeroshard import estimate  # noqa: E402
+from zeroshard import estimate, export  # noqa: E402
 
 STEPS = 4
 HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
 
 
 def _build(stage, offload, *, dtype=torch.float32, kind="AdamW", groups=False, seed=0,
-           bucket_mb=TINY_BUCKET_MB, **kw):
-    model = make_unit_net(seed, dtype=dtype)
+           bucket_mb=TINY_BUCKET_MB, changing_order=False, **kw):
+    model = make_unit_net(seed, dtype=dtype, changing_order=changing_order)
     if kind == "SGD":
         cls, hyper = zeroshard.ZeroSGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
     else:
@@ -238,6 +238,85 @@ def test_checkpoints_move_between_offloaded_and_non_offloaded_optimizers(tmp_pat
             _batches_resume_check(out, tag)
             assert all(all(row) for row in out[f"{tag}/state_dict"]), out[f"{tag}/state_dict"]
             assert torch.equal(out[f"{tag}/full"], out[f"{tag}/full_other"])
+
+
+def _reshard(rank, world_size, root):
+    """Saved by 2 ranks at stage 2 with offload, loaded by 3 at stage 3 with offload."""
+    import torch.distributed as dist
+    sub = {n: dist.new_group(list(range(n))) for n in (2, 3)}
+    batches = make_batches(2 * STEPS)
+    if rank < 2:
+        model, opt = _build(2, "cpu", process_group=sub[2], bucket_mb=SMALL_BUCKET_MB)
+        _train(model, opt, rank, 2, steps=STEPS)
+        zeroshard.checkpoint.save(os.path.join(root, "n2"), model=model, optimizer=opt)
+    dist.barrier()
+    model, opt = _build(3, "cpu", seed=7, process_group=sub[3], bucket_mb=SMALL_BUCKET_MB)
+    zeroshard.checkpoint.load(os.path.join(root, "n2"), model=model, optimizer=opt)
+    for tokens, target in batches[STEPS:]:
+        opt.zero_grad()
+        opt.backward(mse_loss(model, rank_slice(tokens, rank, 3), rank_slice(target, rank, 3)))
+        opt.step()
+    return _snapshot(model, opt)
+
+
+def test_offloaded_checkpoint_reshards_across_world_sizes_and_stages(tmp_path):
+    per_rank = run_distributed(_reshard, 3, str(tmp_path), timeout_s=300)
+    oracle = make_unit_net(0)
+    train_oracle(oracle, torch.optim.AdamW(oracle.parameters(), **HYPER),
+                 make_batches(2 * STEPS))
+    for rank, snap in enumerate(per_rank):
+        assert_params_close(snap, param_snapshot(oracle), f"rank {rank} resumed at 3 ranks")
+    # and the exported checkpoint is the oracle's state after STEPS steps
+    weights = str(tmp_path / "w.safetensors")
+    export.export(str(tmp_path / "n2"), weights, optimizer_out=str(tmp_path / "o.pt"))
+    from safetensors.torch import load_file
+    half = make_unit_net(0)
+    half_opt = torch.optim.AdamW(half.parameters(), **HYPER)
+    train_oracle(half, half_opt, make_batches(STEPS))
+    exported = load_file(weights)
+    for name, t in half.state_dict().items():
+        torch.testing.assert_close(exported[name], t, rtol=1e-5, atol=1e-6)
+    stock = torch.optim.AdamW(half.parameters(), **HYPER)
+    stock.load_state_dict(torch.load(str(tmp_path / "o.pt"), weights_only=True))
+    for p in half.parameters():
+        torch.testing.assert_close(stock.state[p]["exp_avg_sq"], half_opt.state[p]["exp_avg_sq"],
+                                   rtol=1e-5, atol=1e-9)
+
+
+# ---- the rest of the optimizer's surface ----------------------------------------------------
+
+def _surface(rank, world_size):
+    results = {}
+    for stage in (2, 3):
+        # amsgrad's running maximum lives on the host too
+        results[f"amsgrad/stage{stage}"] = _pair(rank, world_size, stage, amsgrad=True)
+        # a block skipped every third forward: its parameters keep their own step counts
+        results[f"unused/stage{stage}"] = _pair(rank, world_size, stage, dict(clip=0.05),
+                                                changing_order=True)
+    # add_param_group after construction (stages 1/2): the new group is offloaded too
+    pair = []
+    for offload in (None, "cpu"):
+        model = make_unit_net(0)
+        block_ids = {id(p) for p in model.blocks.parameters()}
+        opt = zeroshard.ZeroAdamW([p for p in model.parameters() if id(p) not in block_ids],
+                                  stage=2, bucket_mb=TINY_BUCKET_MB, offload=offload, **HYPER)
+        opt.add_param_group({"params": list(model.blocks.parameters()), "lr": 3e-3})
+        norms, skipped = _train(model, opt, rank, world_size, clip=0.05)
+        pair.append((_snapshot(model, opt), norms, skipped))
+        if offload:
+            results["added_group_on_host"] = all(
+                t.device.type == "cpu" for t in opt.shard_state[-1].values()
+                if isinstance(t, torch.Tensor))
+    results["add_param_group"] = pair
+    return results
+
+
+def test_amsgrad_unused_parameters_and_added_groups_are_bitwise_the_same_stage():
+    per_rank = run_distributed(_surface, 2, timeout_s=300)
+    for rank, results in enumerate(per_rank):
+        assert results.pop("added_group_on_host")
+        for what, pair in results.items():
+            _assert_bitwise(pair, f"rank {rank} {what}")
 
 
 # ---- reports ------------------------------------------------------------------------------------
