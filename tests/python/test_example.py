@@ -129,3 +129,24 @@ def test_zeroshard_stage3_matches_stage2(tmp_path, micro_batches):
         assert memory["units"]["gathered"] == 0 and memory["units"]["count"] == 5  # 4 blocks+root
         assert memory["model_params"] == pytest.approx(4 * numel / world, rel=0.05)
         assert memory["optimizer_state"] == pytest.approx(8 * numel / world, rel=0.05)
+
+
+@needs_zero_api
+@pytest.mark.parametrize("stage,dtype", [(2, "fp32"), (3, "bf16")])
+def test_offload_cpu_trains_what_the_stage_trains(tmp_path, stage, dtype):
+    """--offload cpu: the same losses and final weights as the same stage without it (the same
+    CPU kernels on the same values), with the optimizer state and the reduced gradients in
+    host memory and only the parameters and the bucket ring counted on the device."""
+    base = ["--optimizer", "zeroshard", "--stage", str(stage), "--dtype", dtype]
+    plain = run_train(tmp_path, 2, base)
+    offloaded = run_train(tmp_path, 2, base + ["--offload", "cpu"])
+    assert_learns(offloaded)
+    assert offloaded["losses"] == plain["losses"]
+    assert offloaded["param_checksum"] == plain["param_checksum"]
+    numel, world = offloaded["params"], 2
+    for rank in offloaded["ranks"]:
+        memory = rank["memory"]
+        host = memory["host"]
+        assert host["optimizer_state"] == pytest.approx(8 * numel / world, rel=0.05)
+        assert host["master_params"] == pytest.approx(4 * numel / world, rel=0.05)
+        assert memory["total"] == memory["model_params"] + memory["comm_buffers"]
