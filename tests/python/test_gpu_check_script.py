@@ -18,11 +18,13 @@ import pytest
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, os.pardir))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.sh")
 STEPS = ["preflight", "configure", "build", "env", "pytest", "zs_bench", "bench_ops", "zero_step",
-         "zero_step3", "example"]
+         "zero_step3", "offload", "example"]
+OFFLOAD_TARGETS = ["offload tokens/s vs the same run without offload", "offload step time"]
 TARGETS = ["adamw bf16 28 B/param", "l2 norm bf16", "gpt2-medium step vs torch fused+copy",
            "ZeroAdamW stage 2 train step / torch", "ZeroAdamW stage 3 step / stage 2",
-           "stage 3 all-gathers overlap compute"]
-STAGE3_TARGETS = TARGETS[-2:]
+           "stage 3 all-gathers overlap compute"] + OFFLOAD_TARGETS
+STAGE3_TARGETS = TARGETS[4:6]
+BUDGET_S = 475  # the default budget: under 8 minutes, with room for a rerun in 15
 # What the device tool returns from $OUT: at most 8 files, names of letters, digits, '.', '_', '-'.
 OUT_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -77,8 +79,8 @@ def test_dry_run_runs_every_step_and_prints_the_table_last(tmp_path):
     rows = step_rows(text)
     assert list(rows) == STEPS and all(status == "ok" for status, _, _ in rows.values()), rows
     # the limits add up to the budget, and the budget leaves room for a rerun in 15 minutes
-    assert sum(int(limit) for _, _, limit in rows.values()) <= 470
-    assert "of a 470 s budget" in text and "DRY RUN" in text
+    assert sum(int(limit) for _, _, limit in rows.values()) <= BUDGET_S
+    assert f"of a {BUDGET_S} s budget" in text and "DRY RUN" in text
     # the table is last: its title, then nothing but table lines
     tail = text[text.rindex("==== gpu_check summary"):].splitlines()
     assert tail[-1].startswith("trace: ")
@@ -88,12 +90,21 @@ def test_dry_run_runs_every_step_and_prints_the_table_last(tmp_path):
     assert "[dry run] would run: ninja -C build-gpu -j" in text
     assert "--device gpu --gpu-sizes 1e9" in text  # zs_bench: GPU rows only
     # stage 3: the module-taking bench at gpt2-medium, timed against stage 2, its own trace
-    zero3 = text[text.index("==== zero_step3 (limit"):text.index("==== example (limit")]
+    zero3 = text[text.index("==== zero_step3 (limit"):text.index("==== offload (limit")]
     assert ("bench/bench_zero_step.py --device cuda --model gpt2-medium --stage 3 "
             "--baseline stage2" in zero3)
     assert "zero_step3.json --trace" in zero3 and "zero_step3_trace.json.gz" in zero3
     assert "zero_step3_trace.json.gz not written" in tail[-1]
     assert "stage 3 / stage 2 memory" in text
+    # offload (issue 11): gpt2-xl 4x1024 at stage 2 with offload="cpu", timed against the same
+    # stage 2 without it in one process; the CUDA offload tests run in the pytest step
+    offload = text[text.index("==== offload (limit"):text.index("==== example (limit")]
+    assert ("bench/bench_zero_step.py --device cuda --model gpt2-xl --batch-size 4 --seq-len 1024 "
+            "--stage 2 --offload cpu --baseline stage2 --warmup 2 --reps 5 --json" in offload)
+    assert "offload.json" in offload and "--trace" not in offload
+    pytest_step = text[text.index("==== pytest (limit"):text.index("==== zs_bench (limit")]
+    assert "tests/python/test_zero_offload.py -k cuda or not test_zero_offload" in pytest_step
+    assert "6.60 GiB device, 27.00 GiB host" in tail[-2]
     files = sorted(os.listdir(out))
     assert files == ["gpu_check.log", "logs.tar.gz", "summary.txt"]
     assert all(OUT_NAME.match(f) and (out / f).is_file() for f in files)
@@ -121,7 +132,7 @@ def test_the_budget_clamps_every_limit_and_skips_what_no_longer_fits(tmp_path):
     rows = step_rows(proc.stdout)
     status, spent, limit = rows["pytest"]
     assert status.startswith("TIMEOUT") and int(limit) <= 4
-    for step in ("zs_bench", "bench_ops", "zero_step", "zero_step3", "example"):
+    for step in ("zs_bench", "bench_ops", "zero_step", "zero_step3", "offload", "example"):
         assert rows[step][0] == "SKIPPED (budget spent)", rows
 
 
@@ -134,6 +145,42 @@ def test_a_failed_stage3_step_leaves_its_targets_unmeasured(tmp_path):
     verdicts = target_verdicts(proc.stdout)
     assert all(verdicts[t] == "not measured" for t in STAGE3_TARGETS), verdicts
     assert verdicts["ZeroAdamW stage 2 train step / torch"] == "PASS"
+
+
+def test_a_failed_offload_step_leaves_its_targets_unmeasured(tmp_path):
+    proc, _, _ = run_check(tmp_path, GPU_CHECK_DRY_FAIL="offload")
+    assert proc.returncode == 1
+    rows = step_rows(proc.stdout)
+    assert rows["offload"][0] == "FAILED (rc=1)"
+    assert rows["zero_step3"][0] == "ok" and rows["example"][0] == "ok"
+    verdicts = target_verdicts(proc.stdout)
+    assert all(verdicts[t] == "not measured" for t in OFFLOAD_TARGETS), verdicts
+    assert verdicts["ZeroAdamW stage 3 step / stage 2"] == "PASS"
+    memory = [ln for ln in proc.stdout.splitlines() if ln.startswith(report.OFFLOAD_MEMORY_ROW)]
+    assert len(memory) == 1 and "not measured" in memory[0]
+
+
+def test_the_pytest_step_selects_every_gpu_test_and_only_the_cuda_offload_ones():
+    # -k applies to every file on the command line: it must keep all of the GPU files' tests.
+    with open(SCRIPT) as f:
+        script = f.read()
+    m = re.search(r'step pytest (.*?)\n\n?  step ', script, re.S)
+    words = m.group(1).replace("\\\n", " ").split()
+    files = [w for w in words if w.startswith("tests/")]
+    keyword = re.search(r'-k "([^"]+)"', m.group(1)).group(1)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+         "--collect-only", *files, "-k", keyword], cwd=ROOT, capture_output=True, text=True,
+        timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    selected = [ln for ln in proc.stdout.splitlines() if "::" in ln]
+    offload = [ln for ln in selected if ln.startswith("tests/python/test_zero_offload.py::")]
+    assert offload and all("::test_cuda" in ln for ln in offload), offload
+    full = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+         "--collect-only", *[f for f in files if "test_zero_offload" not in f]], cwd=ROOT,
+        capture_output=True, text=True, timeout=120)
+    assert len(selected) - len(offload) == sum("::" in ln for ln in full.stdout.splitlines())
 
 
 def test_a_failed_build_skips_the_gpu_steps(tmp_path):
@@ -316,3 +363,75 @@ def test_collective_labels_are_removed_after_the_trace():
         assert {"all_gather", "all_gather_buckets", "reduce_scatter"} <= set(vars(comm))
     assert not set(bench.LABELS) & set(vars(comm))
     assert comm.all_gather.__func__ is LocalCommunicator.all_gather
+
+
+def _offload_rows(folder):
+    rows = {t["what"]: t for t in report.targets(str(folder))}
+    return (rows[report.OFFLOAD_TOKENS_ROW], rows[report.OFFLOAD_STEP_ROW],
+            rows[report.OFFLOAD_MEMORY_ROW])
+
+
+def test_report_offload_rows(tmp_path):
+    # missing file: nothing measured, nothing passes
+    tokens, step, memory = _offload_rows(tmp_path)
+    assert tokens["verdict"] == step["verdict"] == "not measured"
+    assert memory["measured"] == "not measured" and memory["verdict"] == ""
+    # the dry run's sample: gpt2-xl 4x1024, 88.9% of the tokens/s, 0.45 s a step
+    report.write_sample(str(tmp_path), "offload")
+    tokens, step, memory = _offload_rows(tmp_path)
+    assert tokens["value"] == pytest.approx(400 / 450 * 100) and tokens["verdict"] == "PASS"
+    assert tokens["target"] == ">= 85%"
+    assert step["value"] == pytest.approx(0.45) and step["verdict"] == "PASS"
+    assert step["measured"] == "0.450 s/step (gpt2-xl 4x1024)" and step["target"] == "<= 0.6 s/step"
+    assert memory["measured"] == "6.60 GiB device, 27.00 GiB host" and memory["target"] == "(info)"
+    gib = 2 ** 30
+    run = dict(model="gpt2-xl", batch=[4, 1024], stage=2, baseline="stage2", offload="cpu",
+               zeroshard_step_ms=700.0, baseline_step_ms=500.0,
+               zeroshard_tokens_per_s=4096 / 0.7, baseline_tokens_per_s=4096 / 0.5,
+               zeroshard_memory=dict(total=7 * gib, host_bytes=28 * gib))
+    # slower than both targets
+    _write(tmp_path, "offload.json", run)
+    tokens, step, memory = _offload_rows(tmp_path)
+    assert tokens["value"] == pytest.approx(500 / 700 * 100) and tokens["verdict"] == "MISS"
+    assert step["value"] == pytest.approx(0.7) and step["verdict"] == "MISS"
+    assert memory["device_bytes"] == 7 * gib and memory["host_bytes"] == 28 * gib
+    # exactly at the targets passes
+    _write(tmp_path, "offload.json", dict(run, zeroshard_step_ms=600.0, baseline_step_ms=510.0,
+                                          zeroshard_tokens_per_s=85.0, baseline_tokens_per_s=100.0))
+    tokens, step, _ = _offload_rows(tmp_path)
+    assert tokens["verdict"] == "PASS" and step["verdict"] == "PASS"
+    # another shape: reported, not judged against the GPT-2 XL step time
+    _write(tmp_path, "offload.json", dict(run, model="gpt2-medium", batch=[8, 1024]))
+    tokens, step, _ = _offload_rows(tmp_path)
+    assert tokens["verdict"] == "MISS"  # the ratio holds at any shape
+    assert step["verdict"] == "not comparable" and "gpt2-medium 8x1024" in step["measured"]
+    # no baseline in the run: no ratio; a baseline other than stage 2 is not the same run
+    for baseline in ("none", "torch"):
+        _write(tmp_path, "offload.json", dict(run, baseline=baseline,
+                                              baseline_tokens_per_s=None if baseline == "none"
+                                              else 9000.0))
+        tokens, step, _ = _offload_rows(tmp_path)
+        assert tokens["verdict"] == "not measured" and step["verdict"] == "MISS"
+    # a run that did not offload measures nothing about offload
+    _write(tmp_path, "offload.json", dict(run, offload="none"))
+    rows = _offload_rows(tmp_path)
+    assert all(r["measured"] == "not measured" for r in rows)
+    assert [r["verdict"] for r in rows] == ["not measured", "not measured", ""]
+
+
+def test_report_reads_what_bench_zero_step_really_writes_with_offload(tmp_path):
+    # A real (tiny, CPU, world size 1) stage-2 run with offload="cpu" against stage 2 without it:
+    # the keys the offload rows read are the ones the bench writes.
+    bench = importlib.util.module_from_spec(_step_spec)
+    _step_spec.loader.exec_module(bench)
+    if importlib.util.find_spec("zeroshard.host_offload") is None:
+        pytest.skip("the zeroshard this test imports predates offload='cpu' (reinstall it)")
+    rc = bench.main(["--device", "cpu", "--model", "tiny", "--stage", "2", "--offload", "cpu",
+                     "--baseline", "stage2", "--batch-size", "1", "--seq-len", "16",
+                     "--warmup", "1", "--reps", "1", "--json", str(tmp_path / "offload.json")])
+    assert rc == 0
+    tokens, step, memory = _offload_rows(tmp_path)
+    assert tokens["value"] is not None and tokens["value"] > 0
+    assert tokens["verdict"] in ("PASS", "MISS")
+    assert step["verdict"] == "not comparable" and "tiny 1x16" in step["measured"]
+    assert memory["host_bytes"] > 0 and memory["device_bytes"] >= 0
