@@ -17,6 +17,8 @@ namespace {
 bool built_with_cuda() { return false; }
 int device_count() { return 0; }
 std::string device_name(int) { no_cuda("device_name"); }
+void host_register(void*, int64_t) { no_cuda("host_register"); }
+void host_unregister(void*) { no_cuda("host_unregister"); }
 void check_finite(const void*, DType, int64_t, int32_t*, Stream) { no_cuda("check_finite"); }
 void adam_step(float*, const void*, DType, float*, float*, float*, void*, DType, int64_t,
                const AdamConfig&, int32_t*, Stream) {

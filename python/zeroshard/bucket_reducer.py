@@ -401,6 +401,8 @@ class BucketReducer:
             self._retire_oldest()
         if self._trim_due:  # the ring grew while the launch order was a guess
             self._trim_due = False
+            if self.offload is not None:  # a trimmed slot's memory may still be copied from
+                self.offload.finish_landing()
             for ring in self.rings.values():
                 ring.trim(self.max_in_flight + 1)
 

@@ -42,7 +42,7 @@ ALIGN_BYTES = 128  # every parameter starts on a 128-byte boundary (vector loads
 class FlatGroup:
     def __init__(self, params: Sequence[torch.Tensor], names: Sequence[str], group_index: int,
                  *, rank: int, world_size: int, stage: int, bucket_elems: int,
-                 reduce_dtype: torch.dtype, offload: bool = False) -> None:
+                 reduce_dtype: torch.dtype, host_zeros=None) -> None:
         self.params: List[torch.Tensor] = list(params)
         self.names: List[str] = list(names)
         self.group_index = group_index
@@ -75,13 +75,13 @@ class FlatGroup:
         self.gathered = True
         self._placeholder: Optional[torch.Tensor] = None
         self.local_grads: Optional[torch.Tensor] = None
-        # offload="cpu": the reduced shard lives in host memory (see host_offload.py).
-        self.offload = offload
-        if offload:
+        # offload="cpu": the reduced shard lives in host memory, from `host_zeros(n, dtype)`
+        # (HostOffload.zeros, page-locked on a GPU; see host_offload.py).
+        self.offload = host_zeros is not None
+        if self.offload:
             if stage == 1:
                 self.local_grads = self._zeros(self.layout.buffer_numel)
-            self.reduced_grads = torch.zeros(self.layout.shard_numel, dtype=reduce_dtype,
-                                             pin_memory=self.device.type == "cuda")
+            self.reduced_grads = host_zeros(self.layout.shard_numel, reduce_dtype)
         elif stage == 1:
             self.local_grads = self._zeros(self.layout.buffer_numel)
             self.reduced_grads = self.local_grads[:self.layout.shard_numel]

@@ -36,14 +36,27 @@ delayed update (DeepSpeed's DPU) would overlap more and change the maths; it is 
 from __future__ import annotations
 
 import bisect
+import os
 import time
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from . import ops
+from . import _core, ops
 from .flat_group import FlatGroup
+
+PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _unregister_all(registered: List[Tuple[int, torch.Tensor]]) -> None:
+    for address, _ in registered:
+        try:
+            _core.gpu.host_unregister(address)
+        except Exception:  # noqa: BLE001 - at interpreter exit the CUDA context may be gone
+            pass
+    registered.clear()
 
 
 class HostOffload:
@@ -67,6 +80,9 @@ class HostOffload:
         self.staging: Dict[int, torch.Tensor] = {}  # id(fg) -> host low-precision params
         self._slices: Dict[int, Tuple[List[int], List[Tuple[int, int, int]]]] = {}
         self._uploads_done: Optional["torch.cuda.Event"] = None
+        # (address, backing tensor) of every page-locked range, unlocked when this goes away
+        self._registered: List[Tuple[int, torch.Tensor]] = []
+        weakref.finalize(self, _unregister_all, self._registered)
         # time.perf_counter() when this step's first gradient slice had landed on the host
         # (the GPU test compares it with the end of backward on the device: the overlap).
         self.first_landed_at: Optional[float] = None
@@ -76,11 +92,26 @@ class HostOffload:
 
     # ---- host memory -------------------------------------------------------------------------
 
+    def empty(self, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A host tensor, page-locked by the core when the model is on a GPU. Not torch's
+        pin_memory: its allocator rounds each block up to a power of two (a 6.3 GB master
+        would take 8 GB); this pins exactly the pages of a tensor of its own."""
+        if not self.cuda or n == 0:
+            return torch.empty(n, dtype=dtype)
+        nbytes = n * torch.tensor([], dtype=dtype).element_size()
+        span = -(-nbytes // PAGE_BYTES) * PAGE_BYTES
+        raw = torch.empty(span + PAGE_BYTES, dtype=torch.uint8)  # room to start on a page
+        start = (-raw.data_ptr()) % PAGE_BYTES
+        region = raw[start:start + span]  # whole pages no other tensor shares
+        _core.gpu.host_register(region.data_ptr(), span)
+        self._registered.append((region.data_ptr(), raw))
+        return region[:nbytes].view(dtype)
+
     def zeros(self, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.zeros(n, dtype=dtype, pin_memory=self.cuda)
+        return self.empty(n, dtype).zero_()
 
     def to_host(self, t: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda)
+        out = self.empty(t.numel(), t.dtype).view(t.shape)
         out.copy_(t)
         return out
 

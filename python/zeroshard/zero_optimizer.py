@@ -243,7 +243,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return [FlatGroup(ps, [self._names[id(p)] for p in ps], gi, rank=self.rank,
                           world_size=self.world_size, stage=self.stage,
                           bucket_elems=self.bucket_elems, reduce_dtype=self.reduce_dtype,
-                          offload=self.offload is not None)
+                          host_zeros=self.offload.zeros if self.offload is not None else None)
                 for ps in by_dtype.values()]
 
     def add_param_group(self, param_group: dict) -> None:

@@ -21,6 +21,11 @@ bool built_with_cuda();
 int device_count();                  // 0 when there is no driver or no device; never throws
 std::string device_name(int device);  // throws when the device does not exist
 
+// Page-locks the host range [ptr, ptr + bytes) for asynchronous copies (cudaHostRegister); the
+// range must not overlap one already registered. host_unregister takes the same ptr.
+void host_register(void* ptr, int64_t bytes);
+void host_unregister(void* ptr);
+
 // Sets *found_inf to 1 (never back to 0) when any of x[0..n) is inf or NaN.
 void check_finite(const void* x, DType dtype, int64_t n, int32_t* found_inf, Stream stream);
 
