@@ -381,7 +381,7 @@ class BucketReducer:
                 if in_place:
                     group.shard_in_local = True
                 if self.offload is not None:  # to the host shard, while backward goes on
-                    fence = self.offload.land(group, b, shard, part)
+                    fence = self.offload.land(group, b, shard, part, after=work.done_event)
                     if fence is not None:
                         slot.fence = fence
                 elif not into_shard:

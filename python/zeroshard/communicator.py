@@ -65,6 +65,12 @@ class Work:
     def is_completed(self) -> bool:
         return True
 
+    @property
+    def done_event(self):
+        """The CUDA event that marks the collective done on the device, or None (finished, or
+        not a CUDA collective): offload's copies of its output wait for it alone."""
+        return None
+
 
 class _TorchWork(Work):
     """A torch.distributed work handle, waited with a timeout so that a dead or stuck peer ends
@@ -339,6 +345,10 @@ class _CudaWork(Work):
 
     def is_completed(self) -> bool:
         return self._event.query()
+
+    @property
+    def done_event(self):
+        return self._event
 
 
 class _LaunchRecord:

@@ -146,10 +146,12 @@ class HostOffload:
 
     # ---- gradients: device to host -----------------------------------------------------------
 
-    def land(self, fg: FlatGroup, bucket: int, shard: torch.Tensor, part: torch.Tensor):
+    def land(self, fg: FlatGroup, bucket: int, shard: torch.Tensor, part: torch.Tensor,
+             after=None):
         """Bucket `bucket`'s reduced slice `part` (device) goes into `shard` (host gradient
-        shard view). Returns the CUDA event after which `part` may be overwritten (None on
-        CPU). See [Note: offload pipeline]."""
+        shard view), once the CUDA event `after` (the collective that wrote `part`) is done;
+        without one, once the caller's stream's work so far is. Returns the CUDA event after
+        which `part` may be overwritten (None on CPU). See [Note: offload pipeline]."""
         key = (id(fg), bucket)
         fresh = key not in self._landed
         self._landed.add(key)
@@ -160,7 +162,10 @@ class HostOffload:
         target = shard if fresh else buffer
         event = None
         if self.cuda:
-            self.d2h_stream.wait_stream(torch.cuda.current_stream(self.device))
+            if after is not None:  # the collective only, not the backward queued since
+                self.d2h_stream.wait_event(after)
+            else:
+                self.d2h_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.d2h_stream):
                 target.copy_(part, non_blocking=True)
                 event = torch.cuda.Event()
