@@ -1,5 +1,7 @@
 #include "zeroshard/cpu_runtime.hpp"
 
+#include <dlfcn.h>
+
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -173,6 +175,76 @@ class ThreadPool {
   std::exception_ptr error_;
 };
 
+// The OpenMP runtime (GNU libgomp) when the process has already loaded it, as torch does. Its
+// threads keep spinning for some milliseconds after each of torch's parallel ops; on a machine
+// with as many cores as threads, zeroshard's own pool then shared cores with them and its steps
+// ran up to 1.5x slower right after a torch op. Run on the same team instead: the spinning
+// threads pick our work up at once. Never loaded by us (RTLD_NOLOAD): without torch, or with
+// ZEROSHARD_OPENMP=0, the pool below does the work.
+struct OpenMp {
+  void (*parallel)(void (*fn)(void*), void* data, unsigned threads, unsigned flags) = nullptr;
+  int (*thread_num)() = nullptr;
+};
+
+OpenMp find_openmp() {
+  OpenMp omp;
+  if (const char* env = std::getenv("ZEROSHARD_OPENMP")) {
+    if (std::strcmp(env, "0") == 0) return omp;
+  }
+  void* lib = dlopen("libgomp.so.1", RTLD_LAZY | RTLD_NOLOAD);
+  if (lib == nullptr) return omp;
+  omp.parallel = reinterpret_cast<decltype(omp.parallel)>(dlsym(lib, "GOMP_parallel"));
+  omp.thread_num = reinterpret_cast<decltype(omp.thread_num)>(dlsym(lib, "omp_get_thread_num"));
+  if (omp.parallel == nullptr || omp.thread_num == nullptr) omp = OpenMp{};
+  return omp;  // the handle stays open: its functions are used for the life of the process
+}
+
+// Found once loaded; until then looked for again on each call (torch may be imported later).
+const OpenMp* openmp() {
+  static std::atomic<const OpenMp*> found{nullptr};
+  if (const OpenMp* omp = found.load(std::memory_order_acquire)) return omp;
+  static std::mutex mutex;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (const OpenMp* omp = found.load(std::memory_order_acquire)) return omp;
+  const OpenMp omp = find_openmp();
+  if (omp.parallel == nullptr) return nullptr;
+  const OpenMp* kept = new OpenMp(omp);  // lives as long as the process, like the pool
+  found.store(kept, std::memory_order_release);
+  return kept;
+}
+
+// One parallel_for on the OpenMP team: tasks taken from a shared counter, as in the pool.
+struct OpenMpJob {
+  const std::function<void(int)>* task;
+  int tasks;
+  std::atomic<int> next{0};
+  std::mutex error_mutex;
+  std::exception_ptr error;
+
+  static void run(void* self) {
+    auto* job = static_cast<OpenMpJob*>(self);
+    const bool nested = t_in_pool_task;
+    t_in_pool_task = true;
+    for (int t = job->next.fetch_add(1); t < job->tasks; t = job->next.fetch_add(1)) {
+      try {
+        (*job->task)(t);
+      } catch (...) {  // nothing may leave an OpenMP region
+        std::lock_guard<std::mutex> lock(job->error_mutex);
+        if (!job->error) job->error = std::current_exception();
+      }
+    }
+    t_in_pool_task = nested;
+  }
+};
+
+void run_on_openmp(const OpenMp& omp, int threads, int tasks, const std::function<void(int)>& task) {
+  OpenMpJob job;
+  job.task = &task;
+  job.tasks = tasks;
+  omp.parallel(&OpenMpJob::run, &job, static_cast<unsigned>(threads), 0);
+  if (job.error) std::rethrow_exception(job.error);
+}
+
 ThreadPool& pool() {
   // Never destroyed: at process exit the workers may already be gone or blocked inside a
   // library (gloo, torch) that tears itself down in an order we do not control, and joining
@@ -236,11 +308,13 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
   int64_t per = (n + chunks - 1) / chunks;
   if (per >= kChunkAlign) per = (per + kChunkAlign - 1) / kChunkAlign * kChunkAlign;
   const int tasks = static_cast<int>((n + per - 1) / per);
-  pool().run(tasks, [&](int t) {
+  const std::function<void(int)> task = [&](int t) {
     const int64_t begin = t * per;
     const int64_t end = std::min(n, begin + per);
     if (begin < end) fn(begin, end);
-  });
+  };
+  if (const OpenMp* omp = openmp()) run_on_openmp(*omp, threads, tasks, task);
+  else pool().run(tasks, task);
 }
 
 }  // namespace zeroshard::cpu

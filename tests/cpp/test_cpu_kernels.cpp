@@ -13,6 +13,8 @@
 #include <thread>
 #include <chrono>
 
+#include <dlfcn.h>
+
 #include "check.hpp"
 #include "reference_numerics.hpp"
 #include "zeroshard/cpu_kernels.hpp"
@@ -602,6 +604,56 @@ TEST(bad_arguments_throw) {
   CHECK_THROWS(InvalidArgument, cast(&x, DType::f32, nullptr, DType::bf16, 1));
   // Zero-size calls accept null pointers.
   CHECK(!adam_step(nullptr, nullptr, DType::f32, nullptr, nullptr, nullptr, nullptr, DType::bf16, 0, AdamConfig{}));
+}
+
+// Once the process has libgomp loaded (as torch loads it), parallel_for runs on the OpenMP team
+// instead of the pool. Last test on purpose: from here on every call takes that path. The same
+// guarantees hold there: full coverage, exceptions rethrown, nesting, thread-count-free results.
+TEST(openmp_team_runs_parallel_for_like_the_pool) {
+  const int saved = num_threads();
+  const int64_t n = 300007;
+  set_num_threads(1);
+  std::vector<float> p1 = uniform(n, -1, 1, 30), m1(n, 0.0f), v1(n, 0.0f);
+  const auto g = uniform(n, -1, 1, 31);
+  AdamConfig cfg;
+  CHECK(!adam_step(p1.data(), g.data(), DType::f32, m1.data(), v1.data(), nullptr, nullptr,
+                   DType::bf16, n, cfg));
+  if (dlopen("libgomp.so.1", RTLD_NOW | RTLD_GLOBAL) == nullptr) {
+    std::printf("skip openmp_team_runs_parallel_for_like_the_pool: no libgomp.so.1\n");
+    set_num_threads(saved);
+    return;
+  }
+  for (int threads = 1; threads <= 4; ++threads) {
+    set_num_threads(threads);
+    std::vector<std::atomic<int>> hits(n);
+    parallel_for(n, 7, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) hits[i].fetch_add(1);
+    });
+    bool once = true;
+    for (auto& h : hits) once = once && h.load() == 1;
+    CHECK_MSG(once, "threads " + std::to_string(threads));
+    bool caught = false;
+    try {
+      parallel_for(n, 1, [&](int64_t b, int64_t e) {
+        if (b <= n / 2 && n / 2 < e) throw std::runtime_error("boom");
+      });
+    } catch (const std::runtime_error& e) {
+      caught = std::string(e.what()) == "boom";
+    }
+    CHECK_MSG(caught, "threads " + std::to_string(threads));
+    std::atomic<int64_t> total{0};
+    parallel_for(1000, 1, [&](int64_t b, int64_t e) {
+      parallel_for(e - b, 1, [&](int64_t ib, int64_t ie) { total.fetch_add(ie - ib); });
+    });
+    CHECK(total.load() == 1000);
+    if (threads > 1)  // one thread runs inline, outside any task
+      CHECK_THROWS(InvalidArgument, parallel_for(4, 1, [&](int64_t, int64_t) { set_num_threads(2); }));
+    std::vector<float> p = uniform(n, -1, 1, 30), m(n, 0.0f), v(n, 0.0f);
+    CHECK(!adam_step(p.data(), g.data(), DType::f32, m.data(), v.data(), nullptr, nullptr,
+                     DType::bf16, n, cfg));
+    CHECK_MSG(p == p1 && m == m1 && v == v1, "adam on the OpenMP team, threads " + std::to_string(threads));
+  }
+  set_num_threads(saved);
 }
 
 int main() { return zs_test::run_tests(); }
