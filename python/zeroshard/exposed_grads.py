@@ -242,6 +242,8 @@ class ExposedGrads:
     def _zero(self, handle: GradHandle) -> None:
         gi, j = self._check_live(handle)
         self._norms.clear()
+        self.owner._reduced()  # a slice still landing (offload) would overwrite the zeros
+        self._changed()
         for piece in self.owner.flat_groups[gi].param_grad_pieces(j):
             piece.zero_()
 
@@ -249,8 +251,14 @@ class ExposedGrads:
         gi, j = self._check_live(handle)
         self.owner._reduced()
         self._norms.clear()
+        self._changed()
         for piece in self.owner.flat_groups[gi].param_grad_pieces(j):
             piece.mul_(factor.to(piece.device) if isinstance(factor, torch.Tensor) else factor)
+
+    def _changed(self) -> None:
+        """The script changed reduced gradients: offload's per-slice norms no longer hold."""
+        if getattr(self.owner, "offload", None) is not None:
+            self.owner.offload.partials.clear()
 
     def _norm_of(self, handle: GradHandle, norm_type: float) -> torch.Tensor:
         key = self._check_live(handle)

@@ -162,7 +162,7 @@ def _zeroed_between_backward_and_step(rank, world_size, stage):
     return before, after_noop, _snap(model, opt)
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
+@pytest.mark.parametrize("stage", [0, 2, 3, Offloaded(2)])
 def test_model_zero_grad_discards_the_pending_gradient(stage):
     before, after_noop, final = run_distributed(_zeroed_between_backward_and_step, 2, stage)[0]
     assert_params_close(after_noop, before, "a step after model.zero_grad()", rtol=0, atol=0)

@@ -308,6 +308,21 @@ def _surface(rank, world_size):
                 t.device.type == "cpu" for t in opt.shard_state[-1].values()
                 if isinstance(t, torch.Tensor))
     results["add_param_group"] = pair
+    # the script changes the reduced gradients through p.grad (torch's clip, zero_ of one
+    # parameter): the norms offload took while they landed must not be used afterwards
+    norms = {}
+    for offload in (None, "cpu"):
+        model, opt = _build(2, offload)
+        tokens, target = make_batches(1)[0]
+        opt.backward(mse_loss(model, rank_slice(tokens, rank, world_size),
+                              rank_slice(target, rank, world_size)))
+        before = float(opt.clip_grad_norm_(1e9))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        clipped = float(opt.clip_grad_norm_(1e9))
+        model.blocks[0].fc1.weight.grad.zero_()
+        zeroed = float(opt.clip_grad_norm_(1e9))
+        norms[offload] = (before, clipped, zeroed)
+    results["norms_after_script_changes"] = norms
     return results
 
 
@@ -315,6 +330,10 @@ def test_amsgrad_unused_parameters_and_added_groups_are_bitwise_the_same_stage()
     per_rank = run_distributed(_surface, 2, timeout_s=300)
     for rank, results in enumerate(per_rank):
         assert results.pop("added_group_on_host")
+        norms = results.pop("norms_after_script_changes")
+        assert norms[None] == norms["cpu"], norms
+        before, clipped, zeroed = norms["cpu"]
+        assert before > 0.06 and abs(clipped - 0.05) < 1e-4 and zeroed < clipped, norms
         for what, pair in results.items():
             _assert_bitwise(pair, f"rank {rank} {what}")
 
