@@ -11,8 +11,8 @@ full-size gradient buffer at stages 0 and 2), and the optimizer's model states a
 communication buffers. Activations, temporaries of the forward/backward, the allocator's caching
 and CUDA/NCCL context memory are not counted. With offload="cpu" (stages 1-3) the fp32 master
 (for fp32 parameters too: the CPU kernel's copy), the optimizer state, the reduced gradient
-shard and the staging of updated parameters (the parameters' dtype, low-precision only) are
-host memory; the device keeps the parameters, stage 1's full local gradient buffer and the
+shard and the staging of updated parameters (two buffers of the largest bucket's slice in the
+parameters' dtype, low-precision only) are host memory; the device keeps the parameters, stage 1's full local gradient buffer and the
 ring (whose slots, on gloo, then also receive each bucket's slice instead of summing into the
 shard). Landing buffers (several reducing backwards per step) are not counted.
 
@@ -204,15 +204,19 @@ def estimate_model_states(param_numels: Sequence[int], *, world_size: int, stage
             param_elem_size=_elem_size(param_dtype), offload=offloaded),
     }
     if offloaded:
-        _offload(report, shard, param_dtype, grad_elem)
+        _offload(report, shard, param_dtype, grad_elem,
+                 [b.end - b.start for b in layout.bucket_ranges], world_size)
     return _finish(report)
 
 
-def _offload(report: Dict[str, int], shard: int, param_dtype: torch.dtype,
-             grad_elem: int) -> None:
+def _offload(report: Dict[str, int], shard: int, param_dtype: torch.dtype, grad_elem: int,
+             bucket_numels: Sequence[int], world_size: int) -> None:
     """Moves the host's share of report (see [Note: what the estimate covers]) to
-    report["host"]; the keys keep every byte wherever it is."""
-    staging = 0 if param_dtype == torch.float32 else shard * _elem_size(param_dtype)
+    report["host"]; the keys keep every byte wherever it is. Low-precision parameters go up
+    through two staging buffers of the largest bucket's slice."""
+    largest_slice = -(-max(bucket_numels, default=0) // world_size)
+    staging = (0 if param_dtype == torch.float32
+               else 2 * largest_slice * _elem_size(param_dtype))
     host = {"master_params": shard * 4, "optimizer_state": report["optimizer_state"],
             "grads": shard * grad_elem, "staging": staging}
     report["master_params"] = host["master_params"]
@@ -257,7 +261,9 @@ def _stage3_report(param_numels, units, *, world_size: int, param_dtype: torch.d
         "live_units": full.get(0, 0) + sum(others[:1 + prefetch]),
     }
     if offload:
-        _offload(report, shard, param_dtype, grad_elem)
+        _offload(report, shard, param_dtype, grad_elem,
+                 [b.end - b.start for layout in layouts for b in layout.bucket_ranges],
+                 world_size)
     return report
 
 

@@ -19,8 +19,11 @@ knows nothing of collectives or optimizer maths.
    overflow check read the partial results (one small all-reduce). Only now is the update known
    (clip coefficient, skipped or not), so only now does it start.
 3. Update: piece by piece on the CPU kernels (the core's thread pool, ZEROSHARD_NUM_THREADS),
-   each writing the updated parameters in the model's dtype into pinned staging, whose H2D copy
-   is queued at once on the H2D stream: piece k's copy overlaps piece k+1's update. The compute
+   each writing the updated parameters in the model's dtype into one of two pinned staging
+   buffers (a bucket slice each), whose H2D copy is queued at once on the H2D stream: piece
+   k's copy overlaps piece k+1's update, and piece k+2 waits for piece k's copy before it
+   writes that buffer again. fp32 parameters are copied from the fp32 host copy the kernel
+   updated. The compute
    stream then waits for the H2D stream (stages 1/2 all-gather next; stage 3 gathers later).
 On CPU tensors (tests, CPU training) the same buffers, copies and ordering are used; the copies
 are synchronous.
@@ -77,7 +80,13 @@ class HostOffload:
         # when the slice was accumulated from several backwards (then recomputed).
         self.partials: Dict[Tuple[int, int], Optional[Tuple[torch.Tensor, bool]]] = {}
         self.fp32_params: Dict[int, torch.Tensor] = {}  # id(fg) -> host copy of fp32 params
-        self.staging: Dict[int, torch.Tensor] = {}  # id(fg) -> host low-precision params
+        # dtype -> two staging buffers for low-precision parameters on their way up, each
+        # with the event of its last H2D copy (None: free); sized by add_group
+        self.staging: Dict[torch.dtype, List[torch.Tensor]] = {}
+        self._staging_done: Dict[Tuple[torch.dtype, int], "torch.cuda.Event"] = {}
+        self._staging_next: Dict[torch.dtype, int] = {}
+        self._staging_numel: Dict[torch.dtype, int] = {}
+        self._staging_last: Tuple[torch.dtype, int] = (torch.float32, 0)  # the buffer in use
         self._slices: Dict[int, Tuple[List[int], List[Tuple[int, int, int]]]] = {}
         self._uploads_done: Optional["torch.cuda.Event"] = None
         # (address, backing tensor) of every page-locked range, unlocked when this goes away
@@ -117,14 +126,33 @@ class HostOffload:
 
     def add_group(self, fg: FlatGroup) -> None:
         """Host buffers of one FlatGroup: for fp32 parameters an fp32 copy of the shard (the
-        kernel updates it, then it is copied to the device), for bf16/fp16 a staging shard the
-        kernel writes the rounded parameters into."""
+        kernel updates it, then it is copied to the device); for bf16/fp16 the two staging
+        buffers of its dtype, grown to its largest bucket slice (every rank's slice of a bucket
+        is the bucket over the world size, so every rank holds the same bytes)."""
         if fg.dtype == torch.float32:
             self.fp32_params[id(fg)] = self.to_host(fg.shard_as_fp32())
         else:
-            self.staging[id(fg)] = self.zeros(fg.shard_numel, fg.dtype)
+            largest = max((-(-(e - s) // fg.world_size) for s, e in fg.bucket_ranges), default=0)
+            if largest > self._staging_numel.get(fg.dtype, 0):
+                self._staging_numel[fg.dtype] = largest
+                self.staging[fg.dtype] = [self.empty(largest, fg.dtype) for _ in range(2)]
         slices = [s for s in fg.shard_slices() if s[1] > s[0]]
         self._slices[id(fg)] = ([s0 for _, _, s0 in slices], slices)
+
+    def staging_buffer(self, dtype: torch.dtype, n: int) -> torch.Tensor:
+        """The next of dtype's two staging buffers (its first n elements), once the H2D copy
+        that last read it is done."""
+        index = self._staging_next.get(dtype, 0)
+        self._staging_next[dtype] = 1 - index
+        done = self._staging_done.pop((dtype, index), None)
+        if done is not None:
+            done.synchronize()
+        buffer = self.staging[dtype][index]
+        if buffer.numel() < n:
+            raise AssertionError(f"a kernel run of {n} elements does not fit the staging buffer "
+                                 f"of {buffer.numel()}: runs lie inside one bucket slice")
+        self._staging_last = (dtype, index)
+        return buffer[:n]
 
     def master(self, fg: FlatGroup, state: dict) -> torch.Tensor:
         return state["master"] if "master" in state else self.fp32_params[id(fg)]
@@ -139,7 +167,8 @@ class HostOffload:
     def nbytes(self) -> Dict[str, int]:
         """Host bytes beyond the optimizer state: fp32 parameter copies, staging, landing."""
         copies = sum(t.numel() * t.element_size() for t in self.fp32_params.values())
-        staging = sum(t.numel() * t.element_size() for t in self.staging.values())
+        staging = sum(t.numel() * t.element_size() for bufs in self.staging.values()
+                      for t in bufs)
         landing = sum(t.numel() * t.element_size() for bufs in self._buffers.values()
                       for t in bufs)
         return {"master_params": copies, "staging": staging + landing}
@@ -227,18 +256,20 @@ class HostOffload:
     # ---- parameters: host to device ----------------------------------------------------------
 
     def before_update(self) -> None:
-        """The update is about to write the host parameter copies and staging: the previous
-        step's uploads from them must be done, and the uploads of this one must follow what
-        the device has queued (backward may still read the parameters)."""
+        """The update is about to write the host fp32 parameter copies: the previous step's
+        uploads from them must be done, and the uploads of this one must follow what the
+        device has queued (backward may still read the parameters)."""
         if self._uploads_done is not None:
             self._uploads_done.synchronize()
             self._uploads_done = None
         if self.cuda:
             self.h2d_stream.wait_stream(torch.cuda.current_stream(self.device))
 
-    def upload(self, fg: FlatGroup, start: int, n: int) -> None:
+    def upload(self, fg: FlatGroup, start: int, n: int,
+               staged: Optional[torch.Tensor] = None) -> None:
         """Copies the updated parameters at shard positions [start, start + n) (inside one
-        shard slice) to the device."""
+        shard slice) to the device: from `staged` (the staging buffer the kernel wrote, for
+        low-precision parameters) or from the fp32 host copy."""
         starts, slices = self._slices[id(fg)]
         i = bisect.bisect_right(starts, start) - 1
         b0, b1, s0 = slices[i]
@@ -246,13 +277,16 @@ class HostOffload:
             raise AssertionError("an upload must lie inside one shard slice")
         offset = b0 + (start - s0)
         dst = fg.param_values(offset, offset + n, start)
-        src = (self.staging[id(fg)] if fg.dtype != torch.float32
-               else self.fp32_params[id(fg)])[start:start + n]
+        src = staged if staged is not None else self.fp32_params[id(fg)][start:start + n]
         self.h2d_bytes += n * dst.element_size()
         self.h2d_copies += 1
         if self.cuda:
             with torch.cuda.stream(self.h2d_stream):
                 dst.copy_(src, non_blocking=True)
+                if staged is not None:  # the buffer is written again after this copy only
+                    done = torch.cuda.Event()
+                    done.record(self.h2d_stream)
+                    self._staging_done[self._staging_last] = done
         else:
             dst.copy_(src)
 

@@ -73,21 +73,19 @@ def _check_group_flags(cls_name: str, torch_name: str, group: Dict[str, Any]) ->
     _check_lr(group.get("lr", 0.0))
 
 
-def _shard_pieces(fg: FlatGroup, master: Optional[torch.Tensor],
-                  host_copy: Optional[torch.Tensor] = None, offload: bool = False):
+def _shard_pieces(fg: FlatGroup, master: Optional[torch.Tensor], offload: bool = False):
     """(param, grad, param_copy, shard_start, n) for each non-empty piece of the rank's shard:
     `param` is fp32 (the flat buffer itself, or the master shard for low-precision params), and
     `param_copy` the low-precision model view the kernel writes in the same pass (or None).
-    With offload, `param` is the host master and `param_copy` the host staging (`host_copy`,
-    None for fp32 parameters), copied to the device after the kernel."""
+    With offload, `param` is the host master and `param_copy` None (_kernel_runs gives each
+    run a staging buffer)."""
     for b0, b1, s0 in fg.shard_slices():
         n = b1 - b0
         if n == 0:
             continue
         grad = fg.shard_grads(b0, b1, s0)
         if offload:
-            yield (master[s0:s0 + n], grad,
-                   None if host_copy is None else host_copy[s0:s0 + n], s0, n)
+            yield master[s0:s0 + n], grad, None, s0, n
         elif master is None:
             yield fg.param_values(b0, b1, s0), grad, None, s0, n
         else:
@@ -130,27 +128,28 @@ def _kernel_runs(opt: ZeroOptimizer, fg: FlatGroup, state: Dict[str, Any], steps
     if host is None:
         yield from _run_pieces(fg, state.get("master"), steps, updated)
         return
-    master, staging = host.master(fg, state), host.staging.get(id(fg))
-    for run in _run_pieces(fg, master, steps, updated, host_copy=staging, offload=True):
-        yield run
-        host.upload(fg, run[3], run[4])
+    low_precision = fg.dtype != torch.float32
+    for param, grad, _, s0, n, step in _run_pieces(fg, host.master(fg, state), steps, updated,
+                                                   offload=True):
+        staged = host.staging_buffer(fg.dtype, n) if low_precision else None
+        yield param, grad, staged, s0, n, step
+        host.upload(fg, s0, n, staged)
 
 
 def _run_pieces(fg: FlatGroup, master: Optional[torch.Tensor], steps: List[int],
-                updated: List[bool], host_copy: Optional[torch.Tensor] = None,
-                offload: bool = False):
+                updated: List[bool], offload: bool = False):
     """(param, grad, param_copy, state_start, n, step) for each kernel call of one step: the
     shard pieces (as _shard_pieces) when every parameter is updated at the same step count,
     else the runs of consecutive updated parameters with equal counts within them."""
     if all(updated) and len(set(steps)) <= 1:
         step = steps[0] if steps else 0
-        for param, grad, copy, s0, n in _shard_pieces(fg, master, host_copy, offload):
+        for param, grad, copy, s0, n in _shard_pieces(fg, master, offload):
             yield param, grad, copy, s0, n, step
         return
     segments = sorted((st, st + (p1 - p0), j) for j, pieces in enumerate(fg.param_shard_pieces)
                       for p0, p1, st in pieces)
     starts = [seg[0] for seg in segments]
-    for param, grad, copy, s0, n in _shard_pieces(fg, master, host_copy, offload):
+    for param, grad, copy, s0, n in _shard_pieces(fg, master, offload):
         runs = []  # [state_start, state_end, step]
         cut = True
         i = max(0, bisect.bisect_right(starts, s0) - 1)

@@ -125,11 +125,13 @@ def test_report_keys_total_and_offload():
     assert report["host_bytes"] == 0
     offloaded = estimate_model_states(numels, world_size=4, stage=2, dtype=torch.bfloat16,
                                       offload="cpu")
-    # Host: the fp32 master, the moments, the reduced gradient shard and the bf16 staging.
-    shard = report["master_params"] // 4
+    # Host: the fp32 master, the moments, the reduced gradient shard and the bf16 staging
+    # (two buffers of a bucket's slice: the automatic bucket here is its minimum, 1/4 MiB of
+    # fp32 gradients, so a slice at 4 ranks is 2**16 / 4 elements).
+    slice_numel = 2 ** 18 // 4 // 4
     assert offloaded["host"] == {"master_params": report["master_params"],
                                  "optimizer_state": report["optimizer_state"],
-                                 "grads": report["grads"], "staging": 2 * shard}
+                                 "grads": report["grads"], "staging": 2 * 2 * slice_numel}
     assert offloaded["host_bytes"] == sum(offloaded["host"].values())
     # Device: the parameters and the ring only (gloo's slots also receive the slice).
     assert offloaded["total"] == report["model_params"] + offloaded["comm_buffers"]
@@ -486,7 +488,8 @@ def test_stage3_keys_and_shards_of_a_preset():
                                       offload="cpu")
     assert offloaded["peak_total"] == offloaded["total"] + offloaded["live_units"]
     assert offloaded["host_bytes"] == (stage3["master_params"] + stage3["optimizer_state"]
-                                       + stage3["grads"] + stage3["master_params"] // 2)
+                                       + stage3["grads"] + offloaded["host"]["staging"])
+    assert 0 < offloaded["host"]["staging"] < stage3["master_params"] // 8  # not a shard copy
     assert offloaded["total"] == (stage3["model_params"] + offloaded["comm_buffers"])
 
 

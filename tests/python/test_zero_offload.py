@@ -454,7 +454,8 @@ def _cuda_pipeline(rank, world_size):
             if offload:
                 host = [t for s in opt.shard_state for t in s.values()
                         if isinstance(t, torch.Tensor)]
-                host += list(opt.offload.staging.values()) + list(opt.offload.fp32_params.values())
+                host += [t for bufs in opt.offload.staging.values() for t in bufs]
+                host += list(opt.offload.fp32_params.values())
                 host += [fg.reduced_grads for fg in opt.flat_groups]
                 out[f"{dtype}/pinned"] = all(t.is_pinned() and t.device.type == "cpu"
                                              for t in host)
