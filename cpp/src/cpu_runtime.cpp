@@ -183,7 +183,6 @@ class ThreadPool {
 // ZEROSHARD_OPENMP=0, the pool below does the work.
 struct OpenMp {
   void (*parallel)(void (*fn)(void*), void* data, unsigned threads, unsigned flags) = nullptr;
-  int (*thread_num)() = nullptr;
 };
 
 OpenMp find_openmp() {
@@ -194,8 +193,6 @@ OpenMp find_openmp() {
   void* lib = dlopen("libgomp.so.1", RTLD_LAZY | RTLD_NOLOAD);
   if (lib == nullptr) return omp;
   omp.parallel = reinterpret_cast<decltype(omp.parallel)>(dlsym(lib, "GOMP_parallel"));
-  omp.thread_num = reinterpret_cast<decltype(omp.thread_num)>(dlsym(lib, "omp_get_thread_num"));
-  if (omp.parallel == nullptr || omp.thread_num == nullptr) omp = OpenMp{};
   return omp;  // the handle stays open: its functions are used for the life of the process
 }
 
