@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +33,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from zeroshard import ops
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_ops import cpu_model  # noqa: E402  (the same machine line as the kernel benchmark)
 
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-4, (0.9, 0.95), 1e-8, 0.1
 PATHS = {  # name: (grad dtype, copy dtype or None)
@@ -166,17 +168,6 @@ def print_table(rows: List[Dict]) -> None:
             target = f">= {r['target']:.1f}x {'ok' if r['meets_target'] else 'MISSED'}"
         print(f"{r['numel'] / 1e6:6.0f}M {r['path']:<10}{r['impl']:<19}{r['ms']:9.2f}"
               f"{r['gb_per_s']:7.1f}{r['ratio']:9.2f}  {target}")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
