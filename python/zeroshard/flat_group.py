@@ -238,7 +238,13 @@ class FlatGroup:
 
     def shard_as_fp32(self) -> torch.Tensor:
         """A new fp32 tensor (shard space) holding this rank's shard of the flat parameters."""
-        out = torch.empty(self.shard_numel, dtype=torch.float32, device=self.device)
+        return self.copy_shard_into(torch.empty(self.shard_numel, dtype=torch.float32,
+                                                device=self.device))
+
+    def copy_shard_into(self, out: torch.Tensor) -> torch.Tensor:
+        """Copies this rank's shard of the flat parameters into `out` (shard space, any dtype
+        and device) slice by slice: no shard-sized temporary on the device (offload fills
+        host tensors this way). Returns out."""
         for b0, b1, s0 in self.shard_slices():
             out[s0:s0 + (b1 - b0)].copy_(self.param_values(b0, b1, s0))
         return out

@@ -119,10 +119,10 @@ class HostOffload:
     def zeros(self, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.empty(n, dtype).zero_()
 
-    def to_host(self, t: torch.Tensor) -> torch.Tensor:
-        out = self.empty(t.numel(), t.dtype).view(t.shape)
-        out.copy_(t)
-        return out
+    def shard_fp32(self, fg: FlatGroup) -> torch.Tensor:
+        """A host fp32 copy of fg's parameter shard, filled slice by slice (a model that only
+        just fits its device has no room for a shard-sized fp32 temporary there)."""
+        return fg.copy_shard_into(self.empty(fg.shard_numel))
 
     def add_group(self, fg: FlatGroup) -> None:
         """Host buffers of one FlatGroup: for fp32 parameters an fp32 copy of the shard (the
@@ -130,7 +130,7 @@ class HostOffload:
         buffers of its dtype, grown to its largest bucket slice (every rank's slice of a bucket
         is the bucket over the world size, so every rank holds the same bytes)."""
         if fg.dtype == torch.float32:
-            self.fp32_params[id(fg)] = self.to_host(fg.shard_as_fp32())
+            self.fp32_params[id(fg)] = self.shard_fp32(fg)
         else:
             largest = max((-(-(e - s) // fg.world_size) for s, e in fg.bucket_ranges), default=0)
             if largest > self._staging_numel.get(fg.dtype, 0):

@@ -248,7 +248,7 @@ def load_full_state_dict(opt, state_dict: Dict[str, Any]) -> None:
     with torch.no_grad():
         for fg, shard_state in zip(opt.flat_groups, opt.shard_state):
             if "master" in shard_state:  # refreshed from the parameters unless saved
-                shard_state["master"].copy_(fg.shard_as_fp32())
+                fg.copy_shard_into(shard_state["master"])
         for target, pieces in copies:
             for s0, values in pieces:
                 target[s0:s0 + values.numel()].copy_(values)

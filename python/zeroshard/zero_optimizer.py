@@ -332,8 +332,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         with offload their host copy is HostOffload's)."""
         if fg.dtype == torch.float32:
             return None
-        master = fg.shard_as_fp32()
-        return self.offload.to_host(master) if self.offload is not None else master
+        return self.offload.shard_fp32(fg) if self.offload is not None else fg.shard_as_fp32()
 
     def _state_zeros(self, fg: FlatGroup) -> torch.Tensor:
         """A zeroed fp32 optimizer-state shard: on the device, or in host memory with offload."""
@@ -543,10 +542,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
         (rounded to the parameter's dtype) takes the parameter's value."""
         self._master_check_due = False
         for fg, master in self._masters():
-            current = fg.shard_as_fp32().to(master.device)
-            changed = current.to(fg.dtype) != master.detach().to(fg.dtype)
-            if bool(changed.any()):
-                master.data[changed] = current[changed]
+            for b0, b1, s0 in fg.shard_slices():  # slice by slice: no shard-sized temporary
+                if b1 == b0:
+                    continue
+                current = fg.param_values(b0, b1, s0).to(master.device, torch.float32)
+                kept = master.detach()[s0:s0 + (b1 - b0)]
+                changed = current.to(fg.dtype) != kept.to(fg.dtype)
+                if bool(changed.any()):
+                    kept[changed] = current[changed]
 
     def _masters(self):
         """(fg, fp32 master shard) of every FlatGroup that keeps one apart from its
