@@ -247,7 +247,10 @@ class ZeroAdamW(_ZeroAdamBase):
     ZeroAdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
               *, maximize=False, foreach=None, capturable=False, differentiable=False,
               fused=None, stage=2, process_group=None, bucket_mb=None, overlap=True,
-              reduce_dtype=None, loss_scale="dynamic", timeout_s=300)
+              reduce_dtype=None, loss_scale="dynamic", timeout_s=300, offload=None)
+    offload="cpu" (stages 1-3) keeps this rank's master, state and reduced gradients in host
+    memory and steps them on the CPU kernels (host_offload.py); at stage 3 module=, units=,
+    prefetch= and reshard_after_forward= apply too.
     amsgrad and maximize are honoured (per param group too); foreach and fused are accepted
     and stored (zeroshard is always fused); capturable and differentiable are refused.
     """
