@@ -525,33 +525,39 @@ TEST(adam_matches_torch_two_divisions_bitwise) {
   }
 }
 
+// What parallel_for promises on any path (the pool, an OpenMP team) at `threads` threads:
+// every index exactly once, a task's exception rethrown to the caller, usable afterwards, and
+// nested calls without deadlock.
+static void check_parallel_for_contract(int threads) {
+  const int64_t n = 100003;
+  std::vector<std::atomic<int>> hits(n);
+  parallel_for(n, 7, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) hits[i].fetch_add(1);
+  });
+  bool once = true;
+  for (auto& h : hits) once = once && h.load() == 1;
+  CHECK_MSG(once, "threads " + std::to_string(threads));
+  bool caught = false;
+  try {
+    parallel_for(n, 1, [&](int64_t b, int64_t e) {
+      if (b <= n / 2 && n / 2 < e) throw std::runtime_error("boom");
+    });
+  } catch (const std::runtime_error& e) {
+    caught = std::string(e.what()) == "boom";
+  }
+  CHECK_MSG(caught, "threads " + std::to_string(threads));
+  std::atomic<int64_t> total{0};
+  parallel_for(1000, 1, [&](int64_t b, int64_t e) {
+    parallel_for(e - b, 1, [&](int64_t ib, int64_t ie) { total.fetch_add(ie - ib); });
+  });
+  CHECK(total.load() == 1000);
+}
+
 TEST(thread_pool_covers_range_and_propagates_exceptions) {
   const int saved = num_threads();
   for (int threads = 1; threads <= 4; ++threads) {
     set_num_threads(threads);
-    const int64_t n = 100003;
-    std::vector<std::atomic<int>> hits(n);
-    parallel_for(n, 7, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) hits[i].fetch_add(1);
-    });
-    bool once = true;
-    for (auto& h : hits) once = once && h.load() == 1;
-    CHECK_MSG(once, "threads " + std::to_string(threads));
-    bool caught = false;
-    try {
-      parallel_for(n, 1, [&](int64_t b, int64_t e) {
-        if (b <= n / 2 && n / 2 < e) throw std::runtime_error("boom");
-      });
-    } catch (const std::runtime_error& e) {
-      caught = std::string(e.what()) == "boom";
-    }
-    CHECK_MSG(caught, "threads " + std::to_string(threads));
-    // Still usable afterwards, and nested calls run without deadlock.
-    std::atomic<int64_t> total{0};
-    parallel_for(1000, 1, [&](int64_t b, int64_t e) {
-      parallel_for(e - b, 1, [&](int64_t ib, int64_t ie) { total.fetch_add(ie - ib); });
-    });
-    CHECK(total.load() == 1000);
+    check_parallel_for_contract(threads);
   }
   CHECK_THROWS(InvalidArgument, set_num_threads(0));
   set_num_threads(saved);
@@ -625,27 +631,7 @@ TEST(openmp_team_runs_parallel_for_like_the_pool) {
   }
   for (int threads = 1; threads <= 4; ++threads) {
     set_num_threads(threads);
-    std::vector<std::atomic<int>> hits(n);
-    parallel_for(n, 7, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) hits[i].fetch_add(1);
-    });
-    bool once = true;
-    for (auto& h : hits) once = once && h.load() == 1;
-    CHECK_MSG(once, "threads " + std::to_string(threads));
-    bool caught = false;
-    try {
-      parallel_for(n, 1, [&](int64_t b, int64_t e) {
-        if (b <= n / 2 && n / 2 < e) throw std::runtime_error("boom");
-      });
-    } catch (const std::runtime_error& e) {
-      caught = std::string(e.what()) == "boom";
-    }
-    CHECK_MSG(caught, "threads " + std::to_string(threads));
-    std::atomic<int64_t> total{0};
-    parallel_for(1000, 1, [&](int64_t b, int64_t e) {
-      parallel_for(e - b, 1, [&](int64_t ib, int64_t ie) { total.fetch_add(ie - ib); });
-    });
-    CHECK(total.load() == 1000);
+    check_parallel_for_contract(threads);
     if (threads > 1)  // one thread runs inline, outside any task
       CHECK_THROWS(InvalidArgument, parallel_for(4, 1, [&](int64_t, int64_t) { set_num_threads(2); }));
     std::vector<float> p = uniform(n, -1, 1, 30), m(n, 0.0f), v(n, 0.0f);
