@@ -39,6 +39,7 @@ from .loss_scaler import LossScaler
 from .owning_modules import NoSyncMethod, root_modules
 from .param_lists import reject_ddp_wrapped, reject_duplicates, split_names
 from .param_units import ParamUnits, Unit, find_units, owning_units
+from .param_watch import ParamWatch
 from .rendezvous import rendezvous_for
 
 _SCALER_KWARGS = ("initial_scale", "growth_interval", "hysteresis", "min_scale")
@@ -157,6 +158,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._ddp_checked = False  # DDP wrappers added after construction: checked at backward
         self._grads_dirty = False  # gradients arrived since they were last zeroed
         self._master_check_due = True  # see _adopt_changed_params
+        # Offload: parameters the script changes between steps (see param_watch.py)
+        self.param_watch = ParamWatch()
         self._nonfinite_norm: Optional[float] = None  # set by clip_grad_norm_, read by step
         self.scaler: Optional[LossScaler] = None
         if any(fg.dtype == torch.float16 for fg in self.flat_groups) and loss_scale is not None:
@@ -505,6 +508,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if self.units is not None:  # gathered copies would be stale after the update
             self.units.check_order()
             self.units.free_all()
+        if self.param_watch.changed():  # the script wrote into parameters with a master
+            self._master_check_due = True
         if self._master_check_due:
             self._adopt_changed_params()
         if self.offload is not None:
@@ -515,6 +520,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if self.offload is not None:
             self.offload.after_update()
         self._gather_params()
+        if self.offload is not None:
+            self.param_watch.record(self.flat_groups)
         if self.scaler is not None:
             self.scaler.update(overflow=False)
         self._consume_grads()
@@ -538,8 +545,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         the parameters at construction. A script that then loads weights into the model
         (model.load_state_dict after building the optimizer, or after loading optimizer state)
         would have them silently reverted by the first update. So before the first step after
-        construction or a load, every element whose parameter no longer equals its master
-        (rounded to the parameter's dtype) takes the parameter's value."""
+        construction or a load, and with offload before any step after which ParamWatch saw
+        the parameters change, every element whose parameter no longer equals its master (rounded to the
+        parameter's dtype) takes the parameter's value."""
         self._master_check_due = False
         for fg, master in self._masters():
             for b0, b1, s0 in fg.shard_slices():  # slice by slice: no shard-sized temporary

@@ -360,6 +360,51 @@ def test_amsgrad_unused_parameters_and_added_groups_are_bitwise_the_same_stage()
             _assert_bitwise(pair, f"rank {rank} {what}")
 
 
+# ---- parameters the script changes between steps ------------------------------------------------
+
+CLAMP = 0.02
+
+
+def _clamped(rank, world_size):
+    """A WGAN-style loop: every parameter clamped after each step (`p.data.clamp_`, the classic
+    form, which no version counter sees). With offload the update reads a host copy, yet the
+    clamp must stick, as it does in torch.optim: the next update starts from the clamped values.
+    fp32 without offload (parameters are their own master) is the reference, bitwise."""
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for stage in (1, 2):
+            pair, peaks = [], []
+            for offload in (None, "cpu"):
+                model, opt = _build(stage, offload, dtype=dtype)
+                peak = 0.0
+                for step, (tokens, target) in enumerate(make_batches(STEPS)):
+                    opt.zero_grad()
+                    opt.backward(mse_loss(model, rank_slice(tokens, rank, world_size),
+                                          rank_slice(target, rank, world_size)))
+                    opt.step()
+                    if step > 0:  # one update away from clamped values
+                        peak = max(peak, max(float(p.detach().abs().max())
+                                             for p in model.parameters()))
+                    for p in model.parameters():
+                        p.data.clamp_(-CLAMP, CLAMP)
+                pair.append((param_snapshot(model), [], []))
+                peaks.append(peak)
+            out[f"{dtype}/stage{stage}"] = (pair, peaks)
+    return out
+
+
+def test_parameters_the_script_changes_between_steps_stick():
+    per_rank = run_distributed(_clamped, 2, timeout_s=300)
+    for rank, out in enumerate(per_rank):
+        for what, (pair, peaks) in out.items():
+            if "float32" in what:
+                _assert_bitwise(pair, f"rank {rank} {what}")
+            # AdamW moves a parameter by about lr per step: from clamped values no further.
+            # Reverted to an unclamped host copy, the weights would be ~10x larger.
+            offloaded_peak = peaks[1]
+            assert offloaded_peak <= CLAMP + 1.5 * HYPER["lr"], (what, peaks)
+
+
 # ---- reports ------------------------------------------------------------------------------------
 
 def _reports(rank, world_size):
