@@ -95,6 +95,10 @@ class HostOffload:
         # time.perf_counter() when this step's first gradient slice had landed on the host
         # (the GPU test compares it with the end of backward on the device: the overlap).
         self.first_landed_at: Optional[float] = None
+        # Kernel runs that started while the previous run's H2D copy was still in flight (the
+        # GPU test's evidence that the update and the copies overlap), and that copy's event.
+        self.uploads_overlapped = 0
+        self._last_upload: Optional["torch.cuda.Event"] = None
         if self.cuda:
             self.d2h_stream = torch.cuda.Stream(device)
             self.h2d_stream = torch.cuda.Stream(device)
@@ -283,12 +287,19 @@ class HostOffload:
         if self.cuda:
             with torch.cuda.stream(self.h2d_stream):
                 dst.copy_(src, non_blocking=True)
-                if staged is not None:  # the buffer is written again after this copy only
-                    done = torch.cuda.Event()
-                    done.record(self.h2d_stream)
-                    self._staging_done[self._staging_last] = done
+                done = torch.cuda.Event()
+                done.record(self.h2d_stream)
+            if staged is not None:  # the buffer is written again after this copy only
+                self._staging_done[self._staging_last] = done
+            self._last_upload = done
         else:
             dst.copy_(src)
+
+    def kernel_starting(self) -> None:
+        """Called before each kernel run of the update: counts the runs that start while the
+        previous run's parameters are still on their way to the device."""
+        if self._last_upload is not None and not self._last_upload.query():
+            self.uploads_overlapped += 1
 
     def after_update(self) -> None:
         """The device's next work (the all-gather, the next forward) follows the uploads."""

@@ -132,6 +132,7 @@ def _kernel_runs(opt: ZeroOptimizer, fg: FlatGroup, state: Dict[str, Any], steps
     for param, grad, _, s0, n, step in _run_pieces(fg, host.master(fg, state), steps, updated,
                                                    offload=True):
         staged = host.staging_buffer(fg.dtype, n) if low_precision else None
+        host.kernel_starting()
         yield param, grad, staged, s0, n, step
         host.upload(fg, s0, n, staged)
 

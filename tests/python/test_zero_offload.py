@@ -534,7 +534,8 @@ def _cuda_pipeline(rank, world_size):
 def _cuda_overlap(rank, world_size):
     """A GPU-bound backward (8 wide layers, 16k rows): the first gradient slice must be on
     the host before the device has finished backward, i.e. its D2H copy and the landing
-    worker ran while backward kernels were still running."""
+    worker ran while backward kernels were still running. Then the update: some kernel runs
+    must start while the previous run's H2D copy is still in flight."""
     import time
     torch.cuda.set_device(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(4096, 4096) for _ in range(8)]).cuda()
@@ -550,7 +551,7 @@ def _cuda_overlap(rank, world_size):
         gpu_done = time.perf_counter()
         results.append((landed, gpu_done))
         opt.step()
-    return results
+    return results, opt.offload.uploads_overlapped
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -566,7 +567,9 @@ def test_cuda_offload_pipeline_matches_the_device_step():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_gradients_land_on_the_host_while_backward_runs():
-    (results,) = run_distributed(_cuda_overlap, 1, timeout_s=300)
+    ((results, overlapped),) = run_distributed(_cuda_overlap, 1, timeout_s=300)
     # warm-up aside, a slice landed before the device finished backward
     assert any(landed is not None and landed < gpu_done for landed, gpu_done in results[1:]), \
         results
+    # and the update's kernels ran while earlier slices' parameters were still being copied up
+    assert overlapped > 0, overlapped
