@@ -2,8 +2,9 @@
 
 Owns: the per-rank byte counts of model states and communication buffers, computed from the same
 core Layout that FlatGroup builds and the same ring plan BufferRing follows; ZeRO's closed-form
-formulas; the command line (`python -m zeroshard.estimate --help`). Must not know model
-architectures (model_shapes.py) nor allocate a model-sized tensor.
+formulas; the parsing and formatting of counts and sizes. Must not know model architectures
+(model_shapes.py) nor allocate a model-sized tensor. The command line (`python -m
+zeroshard.estimate --help`) is estimate_cli.py; `main` here runs it.
 
 [Note: what the estimate covers] One param group of one parameter dtype (one FlatGroup; at
 stage 3 one per unit), one backward per step (no `no_sync()` accumulation, which adds a
@@ -37,7 +38,6 @@ launch order]) and trims the ring to max_in_flight + 1 slots once it has.
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from typing import Dict, List, Optional, Sequence, Union
@@ -47,8 +47,7 @@ import torch
 from . import _core
 from .buffer_ring import auto_bucket_mb, planned_ring_bytes
 from .flat_group import ALIGN_BYTES
-from .model_shapes import (PRESETS, UNIFORM_TENSOR_NUMEL, preset_model, read_config_model,
-                           uniform_numels, uniform_units)
+from .model_shapes import UNIFORM_TENSOR_NUMEL, uniform_numels, uniform_units
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # fp32 state tensors the optimizer keeps per shard element (optimizers.py's _init_state).
@@ -318,6 +317,11 @@ def param_units_of(module: torch.nn.Module, units=None) -> List[int]:
 
 # ---- what fits ------------------------------------------------------------------------------
 
+def _device_peak(report: Dict[str, int]) -> int:
+    """The device bytes that must fit: peak_total at stage 3, total otherwise."""
+    return report.get("peak_total", report["total"])
+
+
 def largest_fitting_params(device_bytes: int, *, world_size: int, stage: int,
                            **settings) -> int:
     """The largest parameter count, split as model_shapes.uniform_numels does, whose `total`
@@ -421,289 +425,10 @@ def format_count(n: int) -> str:
     return str(n)
 
 
-def _argument(convert):
-    """An argparse type from a converter that raises ValueError with a readable message."""
-    def parse(text: str):
-        try:
-            return convert(text)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-    parse.__name__ = convert.__name__
-    return parse
-
-
-def _positive_int(what: str):
-    def convert(text: str) -> int:
-        if not re.fullmatch(r"[0-9]+", text.strip()) or int(text) < 1:
-            raise ValueError(f"{what} is a positive integer, got {text!r}")
-        return int(text)
-    convert.__name__ = what
-    return convert
-
-
-def _device_peak(report: Dict[str, int]) -> int:
-    """The device bytes that must fit: peak_total at stage 3, total otherwise."""
-    return report.get("peak_total", report["total"])
-
-
-def _stage(text: str) -> int:
-    if text.strip() not in ("0", "1", "2", "3"):
-        raise ValueError(f"a stage is 0, 1, 2 or 3, got {text!r}")
-    return int(text)
-
-
-def _whole_number(what: str):
-    def convert(text: str) -> int:
-        if not re.fullmatch(r"[0-9]+", text.strip()):
-            raise ValueError(f"{what} is a whole number >= 0, got {text!r}")
-        return int(text)
-    convert.__name__ = what
-    return convert
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ValueError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m zeroshard.estimate",
-        description="Per-rank bytes a zeroshard ZeRO optimizer will hold for a model (parameters, "
-                    "gradients, fp32 master, optimizer state, communication buffers), from the "
-                    "same buffer layout the optimizer builds. Activations are not counted.",
-        epilog="Stage 3 partitions the parameters too: its table row is between steps (as "
-               "memory_report() counts it), and two more columns give the training peak: "
-               "'live units', the root unit (embeddings, final norm, head) and the 1 + "
-               "--prefetch largest blocks gathered whole during forward/backward, and 'peak', "
-               "total + live units (what --device-memory must fit at stage 3). --offload cpu "
-               "(stages 1-3) puts the fp32 master, optimizer state and reduced gradient shard "
-               "in host memory: 'total' is then the device's bytes and 'host' the host's.")
-    model = parser.add_mutually_exclusive_group()
-    model.add_argument("--params", type=_argument(parse_count), metavar="N",
-                       help="a parameter count (1.5e9, 1.5B, 125M), split into equal tensors "
-                            "of at most 4096x4096 elements")
-    model.add_argument("--preset", choices=sorted(PRESETS),
-                       help="a model whose exact parameter shapes are built in")
-    model.add_argument("--config", metavar="CONFIG_JSON",
-                       help="a Hugging Face config.json of a GPT-2 or Llama-style model")
-    parser.add_argument("--world-size", type=_argument(_positive_int("a world size")),
-                        nargs="+", default=[1, 2, 4, 8], metavar="N",
-                        help="data-parallel world sizes (default: 1 2 4 8)")
-    parser.add_argument("--stage", type=_argument(_stage), nargs="+", default=None,
-                        metavar="S", help="ZeRO stages: 0, 1, 2, 3 (default: 0 1 2; with "
-                                          "--offload cpu 1 2 3)")
-    parser.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32",
-                        help="parameter dtype (default fp32)")
-    parser.add_argument("--reduce-dtype", choices=list(DTYPE_NAMES), default="fp32",
-                        help="gradient dtype, as ZeroOptimizer's reduce_dtype (default fp32)")
-    parser.add_argument("--optimizer", choices=list(STATE_TENSORS), default="adamw",
-                        help="which optimizer state to count (default adamw; sgd = with momentum)")
-    parser.add_argument("--offload", choices=["none", "cpu"], default="none",
-                        help="cpu: master, optimizer state and reduced gradients in host "
-                             "memory (stages 1-3)")
-    parser.add_argument("--bucket-mb", type=_argument(_positive_float), default=None,
-                        help="bucket size in MiB of gradients, as ZeroOptimizer's bucket_mb "
-                             "(default: its automatic size, 25 MiB but at most 1/32 of the "
-                             "gradients' bytes)")
-    parser.add_argument("--prefetch", type=_argument(_whole_number("prefetch")), default=1,
-                        help="stage 3: units gathered ahead of the running one, as "
-                             "ZeroOptimizer's prefetch (default 1)")
-    parser.add_argument("--max-in-flight", type=_argument(_positive_int("max-in-flight")),
-                        default=2, help="buckets reduced at once (default 2)")
-    parser.add_argument("--backend", choices=["nccl", "gloo"], default="nccl",
-                        help="collective backend (default nccl; gloo adds an all-to-all receive "
-                             "buffer per bucket)")
-    parser.add_argument("--device-memory", type=_argument(parse_memory), metavar="SIZE",
-                        help="memory per device (80GB, 80GiB): also print the largest model "
-                             "whose model states fit (stage 3: its peak), per stage and world "
-                             "size")
-    parser.add_argument("--plot", metavar="FILE.png",
-                        help="write a stacked bar chart of the bytes (needs matplotlib)")
-    return parser
-
-
-def _model_from_args(args, parser) -> Optional[tuple]:
-    """(description, numels, units) of the model the arguments name, or None."""
-    if args.params is not None:
-        return ("--params, split into equal tensors of at most 4096x4096",
-                uniform_numels(args.params), uniform_units(args.params))
-    if args.preset is not None:
-        return (f"preset {args.preset}",) + preset_model(args.preset)
-    if args.config is not None:
-        try:
-            family, numels, units = read_config_model(args.config)
-        except ValueError as err:
-            parser.error(str(err))
-        return f"{args.config} ({family}-style)", numels, units
-    return None
-
-
-def _units_text(args, model: tuple) -> str:
-    """What the stage-3 rows assume about the model's units."""
-    _, numels, units = model
-    sizes: Dict[int, int] = {}
-    for n, u in zip(numels, units):
-        sizes[u] = sizes.get(u, 0) + n
-    if args.params is not None:
-        return (f"Stage 3 units: --params gives no architecture, so each of the {len(numels)} "
-                f"tensors (at most {UNIFORM_TENSOR_NUMEL:,} elements) is assumed to be a unit "
-                "of its own and the root unit empty; a real model's blocks are larger and its "
-                "root holds the embeddings, so 'live units' and 'peak' come out low (the other "
-                "columns hardly depend on the split). --preset or --config give real units.")
-    blocks = [n for u, n in sizes.items() if u != 0]
-    return (f"Stage 3 units: the root (embeddings, final norm, head) of "
-            f"{format_count(sizes.get(0, 0))} parameters and {len(blocks)} blocks (the "
-            f"nn.ModuleList children) of at most {format_count(max(blocks, default=0))}; "
-            f"prefetch {args.prefetch}.")
-
-
-def _settings(args) -> dict:
-    return dict(dtype=args.dtype, reduce_dtype=args.reduce_dtype, bucket_mb=args.bucket_mb,
-                offload=args.offload, max_in_flight=args.max_in_flight, backend=args.backend,
-                optimizer=args.optimizer)
-
-
-def _table(rows: List[dict], *, host: bool, device_bytes: Optional[int]) -> str:
-    stage3 = any("live_units" in r for r in rows)
-    columns = [("stage", lambda r: str(r["stage"])), ("N", lambda r: str(r["world_size"])),
-               ("params", lambda r: format_bytes(r["model_params"])),
-               ("grads", lambda r: format_bytes(r["grads"])),
-               ("fp32 master", lambda r: format_bytes(r["master_params"])),
-               ("optim state", lambda r: format_bytes(r["optimizer_state"])),
-               ("comm bufs", lambda r: format_bytes(r["comm_buffers"])),
-               ("total" + (" (device)" if host else ""), lambda r: format_bytes(r["total"]))]
-    if stage3:
-        columns.append(("live units", lambda r: format_bytes(r["live_units"])
-                        if "live_units" in r else "-"))
-        columns.append(("peak" + (" (device)" if host else ""),
-                        lambda r: format_bytes(_device_peak(r))))
-    if host:
-        columns.append(("host", lambda r: format_bytes(r["host_bytes"])))
-    if device_bytes is not None:
-        columns.append(("fits", lambda r: "yes" if _device_peak(r) <= device_bytes else "no"))
-    columns.append(("ZeRO formula", lambda r: f"{r['formula_text']} = "
-                                              f"{format_bytes(r['formula'])}"))
-    cells = [[name for name, _ in columns]] + [[cell(r) for _, cell in columns] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def plot(rows: List[dict], path: str, *, title: str, device_bytes: Optional[int] = None) -> None:
-    """A stacked bar per stage x world size of the byte categories, in GiB."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise RuntimeError("--plot needs matplotlib: pip install matplotlib "
-                           "(or pip install zeroshard[plot])") from None
-    matplotlib.use("Agg")  # files only; no display needed
-    import matplotlib.pyplot as plt
-
-    labels = {"model_params": "parameters", "grads": "gradients", "master_params": "fp32 master",
-              "optimizer_state": "optimizer state", "comm_buffers": "comm buffers"}
-    if any("live_units" in r for r in rows):
-        labels["live_units"] = "live units (stage 3, training)"
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(rows) + 2), 4.5))
-    x = range(len(rows))
-    bottom = [0.0] * len(rows)
-    for key, label in labels.items():
-        heights = [r.get(key, 0) / 2 ** 30 for r in rows]
-        ax.bar(x, heights, bottom=bottom, label=label)
-        bottom = [b + h for b, h in zip(bottom, heights)]
-    if device_bytes is not None:
-        ax.axhline(device_bytes / 2 ** 30, color="black", linestyle="--", label="device memory")
-    ax.set_xticks(list(x), [f"s{r['stage']}\nN={r['world_size']}" for r in rows])
-    ax.set_ylabel("GiB per rank")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def _bucket_text(args, model: Optional[tuple]) -> str:
-    if args.bucket_mb is not None:
-        return f"bucket {args.bucket_mb:g} MiB"
-    if model is None:
-        return "automatic bucket size"
-    elem = _elem_size(DTYPE_NAMES[args.reduce_dtype])
-    return f"bucket {auto_bucket_mb(sum(model[1]), elem):.3g} MiB (automatic)"
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.stage is None:
-        args.stage = [1, 2, 3] if args.offload == "cpu" else [0, 1, 2]
-    if args.offload == "cpu" and 0 in args.stage:
-        parser.error("--offload cpu applies to stages 1, 2 and 3: drop stage 0 from --stage")
-    model = _model_from_args(args, parser)
-    if args.prefetch != 1 and 3 not in args.stage:
-        parser.error("--prefetch applies to stage 3 only: add --stage 3")
-    if model is None and args.device_memory is None:
-        parser.error("name a model (--params, --preset or --config), or give --device-memory "
-                     "to find the largest model that fits")
-    settings = _settings(args)
-    offload = args.offload == "cpu"
-    described = (f"{args.dtype} params, {args.reduce_dtype} gradients, {args.optimizer}, "
-                 f"{_bucket_text(args, model)}, {args.backend}"
-                 + (", offload cpu" if offload else ""))
-    rows = []
-    if model is not None:
-        description, numels, units = model
-        total_params = sum(numels)
-        print(f"Model: {description}: {total_params:,} parameters in {len(numels)} tensors")
-        print(f"Settings: {described}")
-        print("Per-rank bytes (model states and gradient communication buffers; activations "
-              "not counted):")
-        for stage in args.stage:
-            for world_size in args.world_size:
-                extra = dict(units=units, prefetch=args.prefetch) if stage == 3 else {}
-                report = estimate_model_states(numels, world_size=world_size, stage=stage,
-                                               **settings, **extra)
-                rows.append(dict(report, stage=stage, world_size=world_size,
-                                 formula=zero_formula_bytes(total_params, world_size=world_size,
-                                                            stage=stage, dtype=args.dtype,
-                                                            optimizer=args.optimizer),
-                                 formula_text=formula_text(stage, args.dtype, args.optimizer)))
-        print(_table(rows, host=offload, device_bytes=args.device_memory))
-        print("ZeRO formula: the paper's closed form (gradients in the parameter dtype, no "
-              "padding, no comm buffers), Ψ parameters, N ranks.")
-        if 3 in args.stage:
-            print("Stage 3: the row is between steps; 'live units' are the parameters gathered "
-                  "whole during forward/backward (the root unit and the 1 + prefetch largest "
-                  "blocks), 'peak' = total + live units.")
-            print(_units_text(args, model))
-    if args.device_memory is not None:
-        print(f"Largest model whose states fit in {args.device_memory:,} bytes "
-              f"({format_bytes(args.device_memory)}) per device "
-              f"(a parameter count split into 4096x4096 tensors; {described}"
-              + ("; stage 3: its peak, each tensor a unit of its own" if 3 in args.stage
-                 else "") + "):")
-        for stage in args.stage:
-            for world_size in args.world_size:
-                extra = dict(prefetch=args.prefetch) if stage == 3 else {}
-                n = largest_fitting_params(args.device_memory, world_size=world_size,
-                                           stage=stage, **settings, **extra)
-                print(f"  stage {stage}, N={world_size}: {format_count(n)} parameters ({n:,})")
-    if args.plot:
-        if not rows:
-            parser.error("--plot needs a model (--params, --preset or --config)")
-        try:
-            plot(rows, args.plot, title=f"{model[0]}: {described}",
-                 device_bytes=args.device_memory)
-        except RuntimeError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        print(f"Wrote {args.plot}")
-    return 0
+    """The command line (estimate_cli.py): `python -m zeroshard.estimate --help`."""
+    from .estimate_cli import main as cli_main
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
