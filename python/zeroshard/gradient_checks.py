@@ -43,23 +43,32 @@ def _host_nonfinite(opt) -> bool:
 
 def global_norm(opt, norm_type: float) -> float:
     """The norm of order norm_type of every rank's reduced gradients (still loss-scaled).
-    Partial results stay on the device; one host sync for the whole norm."""
+    Partial results stay where the gradients are (offload: summed on the host, then one copy
+    to the device for the all-reduce); one host sync for the whole norm."""
     total = torch.zeros(1, dtype=torch.float64, device=opt.device)
     if opt.offload is not None and norm_type == 2.0:
+        on_host = torch.zeros(1, dtype=torch.float64)
         for sum_sq, _ in _host_sums_of_squares(opt):
-            total += sum_sq.to(device=opt.device, dtype=torch.float64)
-    for g in (shard_grad_pieces(opt) if opt.offload is None or norm_type != 2.0 else ()):
+            on_host += sum_sq.to(torch.float64)
+        total.copy_(on_host)
+    else:
+        _accumulate_norm(opt, norm_type, total)
+    if opt.stage != 0:  # stage 0 shards hold the whole replicated gradient already
+        op = dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
+        opt.comm.control_all_reduce(total, op)
+    value = total.item()
+    return value if math.isinf(norm_type) else value ** (1.0 / norm_type)
+
+
+def _accumulate_norm(opt, norm_type: float, total: torch.Tensor) -> None:
+    """Adds each piece's norm ** norm_type into total (the maximum for inf), on its device."""
+    for g in shard_grad_pieces(opt):
         if norm_type == 2.0:
             total += ops.l2_norm_sq(g).to(device=opt.device, dtype=torch.float64)
         elif math.isinf(norm_type):
             torch.maximum(total, g.abs().max().double().to(opt.device), out=total)
         else:
             total += (torch.linalg.vector_norm(g.double(), norm_type) ** norm_type).to(opt.device)
-    if opt.stage != 0:  # stage 0 shards hold the whole replicated gradient already
-        op = dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
-        opt.comm.control_all_reduce(total, op)
-    value = total.item()
-    return value if math.isinf(norm_type) else value ** (1.0 / norm_type)
 
 
 def overflowed(opt) -> bool:

@@ -161,13 +161,6 @@ class HostOffload:
     def master(self, fg: FlatGroup, state: dict) -> torch.Tensor:
         return state["master"] if "master" in state else self.fp32_params[id(fg)]
 
-    def masters(self, groups, states):
-        """(fg, host fp32 master) of every FlatGroup."""
-        for fg, state in zip(groups, states):
-            master = state.get("master") if "master" in state else self.fp32_params.get(id(fg))
-            if master is not None:
-                yield fg, master
-
     def nbytes(self) -> Dict[str, int]:
         """Host bytes beyond the optimizer state: fp32 parameter copies, staging, landing."""
         copies = sum(t.numel() * t.element_size() for t in self.fp32_params.values())
@@ -314,6 +307,3 @@ class HostOffload:
 
     def reset_stats(self) -> None:
         self.d2h_bytes = self.h2d_bytes = self.d2h_copies = self.h2d_copies = 0
-
-    def close(self) -> None:
-        self._worker.shutdown(wait=True)

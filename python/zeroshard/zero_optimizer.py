@@ -563,7 +563,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """(fg, fp32 master shard) of every FlatGroup that keeps one apart from its
         parameters (with offload: every FlatGroup, in host memory)."""
         if self.offload is not None:
-            yield from self.offload.masters(self.flat_groups, self.shard_state)
+            for fg, state in zip(self.flat_groups, self.shard_state):
+                yield fg, self.offload.master(fg, state)
             return
         for fg, state in zip(self.flat_groups, self.shard_state):
             if state.get("master") is not None:
