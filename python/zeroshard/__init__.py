@@ -10,6 +10,8 @@ from .communicator import CollectiveTimeout
 from .gradient_reducer import GradientReducer
 from .optimizers import ZeroAdam, ZeroAdamW, ZeroRedundancy, ZeroSGD
 from .sharded_init import sharded_init
+from .sharded_modules import full_params
+from .sharded_tensor import ShardedAccessError, ShardedTensor, ShardedParameter
 from .zero_optimizer import ZeroOptimizer
 from . import checkpoint
 
@@ -18,4 +20,4 @@ CoreError = _core.CoreError
 
 __all__ = ["ZeroAdamW", "ZeroAdam", "ZeroSGD", "ZeroRedundancy", "ZeroOptimizer",
            "GradientReducer", "sharded_init", "ops", "CoreError", "CollectiveTimeout", "checkpoint",
-           "__version__"]
+           "full_params", "ShardedAccessError", "ShardedTensor", "ShardedParameter", "__version__"]

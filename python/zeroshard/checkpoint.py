@@ -16,8 +16,10 @@ Every rank writes its own shard of every flat group: its slice of the flat param
 Model params are saved as shards rather than whole by rank 0 because the shards are what each
 rank owns at stages 1/2 (for fp32 params the param shard *is* the master), writes are spread
 evenly over ranks, and no rank gathers the model. Tensors outside the flat groups (frozen
-params, buffers) are replicated, so rank 0 writes them whole. A tied tensor is saved once under
-its first state_dict name; its other names are recorded as aliases, for export.
+params, buffers) are replicated, so rank 0 writes them whole; those that are sharded (frozen
+parameters at stage 3, a sharded_init model or its copy saved with no optimizer) are gathered
+whole first, one at a time, on every rank. A tied tensor is saved once under its first
+state_dict name; its other names are recorded as aliases, for export.
 
 Atomicity: a save writes PATH/ckpt-<token>/ (data, fsync, metadata, fsync), then replaces
 PATH/LATEST atomically (write, fsync, rename, fsync the directory) and only then deletes older
@@ -42,6 +44,7 @@ import torch.distributed as dist
 from . import checkpoint_format as fmt
 from .checkpoint_format import CheckpointError
 from .rendezvous import rendezvous_for
+from .sharded_tensor import gather_whole, is_sharded, whole_shape
 from .state_dicts import PARAM_STEPS
 from .zero_optimizer import ZeroOptimizer
 
@@ -116,11 +119,18 @@ def _model_tensors(model: torch.nn.Module) -> "OrderedDict[str, torch.Tensor]":
 
 
 def _true_shapes(optimizer) -> Dict[int, torch.Size]:
-    """id(param) -> its shape, for the optimizer's parameters: at stage 3 a parameter is an empty
-    placeholder between steps (its data lives in shards), so its own .shape says (0,)."""
+    """id(param) -> its shape, for the optimizer's parameters (a sharded parameter answers its
+    whole shape too; kept for parameters the optimizer holds gathered)."""
     if optimizer is None:
         return {}
     return {id(p): shape for fg in optimizer.flat_groups for p, shape in zip(fg.params, fg.shapes)}
+
+
+def _whole_replicated(tensors, flat) -> Dict[int, torch.Tensor]:
+    """id(tensor) -> whole value of each sharded tensor outside the flat groups (a collective
+    per tensor, on every rank: rank 0 writes them)."""
+    return {id(t): gather_whole([t])[0] for t in tensors.values()
+            if id(t) not in flat and is_sharded(t)}
 
 
 def _tied_aliases(model: torch.nn.Module) -> Dict[str, Tuple[str, int]]:
@@ -277,11 +287,13 @@ def save(path, *, model: torch.nn.Module, optimizer: Optional[ZeroOptimizer] = N
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 state["cuda"] = torch.cuda.get_rng_state_all()
             torch.save(state, os.path.join(directory, fmt.rng_file_name(ranks.rank)))
+        wholes = _whole_replicated(tensors, flat)
         if ranks.rank == 0:
             writer = fmt.RecordWriter(os.path.join(directory, fmt.REPLICATED))
             for name, t in tensors.items():
                 if id(t) not in flat:
-                    writer.write_record(name, t, shape=list(t.shape))
+                    value = wholes.get(id(t), t)
+                    writer.write_record(name, value, shape=list(value.shape))
             info["replicated"] = writer.close()
             if extra is not None:
                 torch.save(extra, os.path.join(directory, fmt.EXTRA))
@@ -466,7 +478,7 @@ def _stage_model(meta, tensors, saved_names, readers, shapes) -> Dict[str, torch
     try:
         values = {}
         for name, t in tensors.items():
-            out = torch.empty(shapes.get(id(t), t.shape), dtype=t.dtype)
+            out = torch.empty(shapes.get(id(t), whole_shape(t)), dtype=t.dtype)
             flat = by_name[saved_names[name]]["flat"]
             if flat is None:
                 replicated.read_into(saved_names[name], 0, out.view(-1))

@@ -35,6 +35,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.distributed as dist
 from torch.autograd import Variable
+from .sharded_tensor import raw
 
 _PASSTHROUGH = ("__get__", "__set__", "__delete__", "dim", "size", "numel", "stride",
                 "is_contiguous", "element_size", "nelement", "data_ptr", "storage_offset",
@@ -88,8 +89,10 @@ class ExposedGrads:
     def add_groups(self, first_index: int, groups) -> None:
         for gi, fg in enumerate(groups, start=first_index):
             for j, p in enumerate(fg.params):
+                with raw():  # a sharded parameter's own shape (its placeholder's): autograd's
+                    shape = p.shape  # check of p.grad against it reads that one
                 handle = torch.Tensor._make_subclass(
-                    GradHandle, torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape),
+                    GradHandle, torch.zeros((), dtype=p.dtype, device=p.device).expand(shape),
                     False)
                 handle._exposed, handle._key = self, (gi, j)
                 self.handles[(gi, j)] = handle

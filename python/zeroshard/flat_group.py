@@ -21,11 +21,14 @@ consumes the reduced shard, no gradient may be added to local_grads (see `shard_
 [Note: stage 3 parameters] At stage 3 the rank's slice of the parameters lives in `shard_param`
 (shard space, the parameters' dtype) and `flat_param` holds data only while its unit is gathered.
 Freeing resizes its storage to zero bytes (views autograd saved in forward stay valid objects
-and see the data again once it is gathered back into the same storage) and points every
-parameter at an empty placeholder: a tensor that still viewed the freed storage would read
-out of bounds (a crash, not an error) when touched between steps. So outside its unit's
-forward and backward a parameter is an empty tensor of shape (0,); gathering points it back
-at its view of the full buffer.
+and see the data again once it is gathered back into the same storage) and turns every
+parameter into a ShardedParameter (sharded_tensor.py) over its pieces of `shard_param`: its
+shape is the whole parameter's, its data this rank's elements, so what a script does to it
+between steps (clamp_, an EMA's lerp_, an init, a norm) acts on the shard, and anything that
+needs the whole tensor raises. A parameter's pieces are contiguous in shard space (consecutive
+bucket slices of one rank), so its local values are one view. Gathering points it back at its
+view of the full buffer. Frozen parameters (`frozen=True`) are partitioned the same way and
+gathered with their unit, but have no gradient buffers and take no part in reductions.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ import torch
 
 from . import _core
 from . import sharded_init
+from .sharded_tensor import Shard, ShardSpec, raw, shard_parameter, unmake_sharded
 
 ALIGN_BYTES = 128  # every parameter starts on a 128-byte boundary (vector loads, NCCL)
 
@@ -42,7 +46,8 @@ ALIGN_BYTES = 128  # every parameter starts on a 128-byte boundary (vector loads
 class FlatGroup:
     def __init__(self, params: Sequence[torch.Tensor], names: Sequence[str], group_index: int,
                  *, rank: int, world_size: int, stage: int, bucket_elems: int,
-                 reduce_dtype: torch.dtype, host_zeros=None) -> None:
+                 reduce_dtype: torch.dtype, host_zeros=None, frozen: bool = False,
+                 process_group=None) -> None:
         self.params: List[torch.Tensor] = list(params)
         self.names: List[str] = list(names)
         self.group_index = group_index
@@ -50,6 +55,13 @@ class FlatGroup:
         first = self.params[0]
         self.dtype, self.device = first.dtype, first.device
         self.reduce_dtype = reduce_dtype
+        self.frozen = frozen  # stage 3: partitioned and gathered, never reduced or updated
+        self.process_group = process_group
+        # Stage 3: the fp32 master of this group's shard, where one is kept apart from
+        # shard_param (set by the optimizer; a sharded parameter's in-place edits reach it).
+        self.master_source = lambda: None
+        self.owner = None  # a weakref to the owning optimizer (zeroshard.full_params finds it)
+        self.shards: List[Shard] = []
         align_elems = max(1, ALIGN_BYTES // first.element_size())
         # Whole shapes: a parameter built under sharded_init is an empty placeholder until here.
         self.shapes = [sharded_init.whole_shape(p) for p in self.params]
@@ -77,8 +89,10 @@ class FlatGroup:
         self.local_grads: Optional[torch.Tensor] = None
         # offload="cpu": the reduced shard lives in host memory, from `host_zeros(n, dtype)`
         # (HostOffload.zeros, page-locked on a GPU; see host_offload.py).
-        self.offload = host_zeros is not None
-        if self.offload:
+        self.offload = host_zeros is not None and not frozen
+        if frozen:
+            self.reduced_grads = self._zeros(0)
+        elif self.offload:
             if stage == 1:
                 self.local_grads = self._zeros(self.layout.buffer_numel)
             self.reduced_grads = host_zeros(self.layout.shard_numel, reduce_dtype)
@@ -115,7 +129,34 @@ class FlatGroup:
                                        device=self.device)
         for b0, b1, s0 in self.shard_slices():
             self.shard_param[s0:s0 + (b1 - b0)].copy_(self.flat_param[b0:b1])
+        self.shards = self._make_shards()
         self.free()
+
+    def _make_shards(self) -> List[Shard]:
+        """Each parameter's ShardSpec (every rank's pieces, from the layout) and its local view
+        of shard_param; see [Note: stage 3 parameters]."""
+        rank_pieces = [[[] for _ in range(self.world_size)] for _ in self.params]
+        for r in range(self.world_size):
+            for piece in self.layout.shard_pieces(r):
+                pr = piece.param_range
+                if pr.end > pr.start:
+                    rank_pieces[piece.param][r].append((pr.start, pr.end))
+        shards = []
+        for j, shape in enumerate(self.shapes):
+            mine = self.param_shard_pieces[j]
+            s0 = mine[0][2] if mine else 0
+            n = sum(p1 - p0 for p0, p1, _ in mine)
+            if mine and mine[-1][2] + (mine[-1][1] - mine[-1][0]) != s0 + n:
+                raise AssertionError(f"{self.names[j]}: pieces not contiguous in shard space")
+            spec = ShardSpec(torch.Size(shape), tuple(tuple(sorted(rp)) for rp in rank_pieces[j]),
+                             self.rank, self.process_group, self.names[j])
+
+            def master(s0=s0, n=n):
+                m = self.master_source()
+                return None if m is None else m[s0:s0 + n]
+            shards.append(Shard(spec, self.shard_param[s0:s0 + n], master,
+                                lambda: self.owner() if self.owner is not None else None))
+        return shards
 
     @property
     def full_nbytes(self) -> int:
@@ -126,8 +167,8 @@ class FlatGroup:
         if self.shard_param is not None and self.gathered:
             if self._placeholder is None:
                 self._placeholder = torch.empty(0, dtype=self.dtype, device=self.device)
-            for p in self.params:
-                p.data = self._placeholder
+            for p, shard in zip(self.params, self.shards):
+                shard_parameter(p, shard, self._placeholder)
             self.flat_param.untyped_storage().resize_(0)
             self.gathered = False
 
@@ -137,7 +178,7 @@ class FlatGroup:
             self._check_attached_sharded()  # model.to(dtype) since: an error, not a revert
             self.flat_param.untyped_storage().resize_(self.full_nbytes)
             for p, shape, (start, end) in zip(self.params, self.shapes, self.param_ranges):
-                p.data = self.flat_param[start:end].view(shape)
+                unmake_sharded(p, self.flat_param[start:end].view(shape))
             self.gathered = True
 
     def param_values(self, buffer_start: int, buffer_end: int, shard_start: int) -> torch.Tensor:
@@ -198,6 +239,10 @@ class FlatGroup:
 
     def _check_attached_sharded(self) -> None:
         """Stage 3: the parameters must still be views of flat_param's storage."""
+        with raw():
+            self._check_attached_sharded_raw()
+
+    def _check_attached_sharded_raw(self) -> None:
         storages = {self.flat_param.untyped_storage()._cdata}
         if self._placeholder is not None:
             storages.add(self._placeholder.untyped_storage()._cdata)

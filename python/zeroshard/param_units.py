@@ -24,12 +24,22 @@ nothing is freed.
 [Note: unit order] Prefetch follows the order units ran in the previous forward (and, in
 backward, the reverse of the current forward). Every rank records its own order, so a changed
 order (a branch) costs one wasted gather, never a hang. A rank whose order differs from the
-others' would pair its gather with another unit's and read wrong weights; so each gather
-all-gathers the unit's index with it (4 bytes, a float32 exact up to 2**24: NCCL reduces
-float types only), and a mismatch raises an error naming both units. On CPU the index is checked
-before the data is used. On CUDA reading it would stall the host on every gather, so the indexes
-stay on the device and are checked at the next step() (or full_params()), before any update:
-that step's forward may have run on mixed weights, but the error stops it from being applied.
+others' would pair its gather with another unit's and read wrong weights, and a forward that
+one rank runs alone (evaluation under `if rank == 0:`) would pair its gathers with the other
+ranks' training collectives; so each gather first all-gathers a call tag (call_tags.py: the
+unit's index and whether it is a grad-recording forward, an evaluation or backward), and a
+mismatch raises an error naming both sides on every rank. On CPU the tag is checked before the
+data collective is launched, so mismatched collectives never pair. On CUDA reading it would
+stall the host on every gather, so the tags stay on the device and are checked at the next
+step() (or full_params()), before any update; only the root's (the first gather of each
+forward, where a forward one rank runs alone begins) is checked at once.
+
+[Note: frozen parameters] A unit's frozen FlatGroups are gathered with it and never reduced.
+The usual early free (once all the unit's gradient buckets are launched) is not enough when
+it has frozen parameters: autograd may still need them for the gradient of the unit's inputs
+(a LoRA layer's base weight, after its adapters' gradients are done). Such a unit is freed
+once both have happened: its buckets are launched and the gradient of its forward inputs is
+computed (a multi-grad hook on them), or at the end of backward.
 """
 from __future__ import annotations
 
@@ -40,8 +50,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch.utils._pytree import tree_flatten
 
+from . import call_tags
 from .communicator import Communicator, Work
 from .flat_group import FlatGroup
+from .sharded_tensor import ShardedAccessError
 
 
 class Unit:
@@ -54,6 +66,7 @@ class Unit:
         self.launched = 0  # of them launched in the current backward
         self.pending: Optional[tuple] = None  # (tag_work, tags, [data works]) of a gather
         self.kept = False  # stays gathered until its backward (reshard_after_forward=False)
+        self.inputs_pending = False  # frozen params: the inputs' gradient is not computed yet
 
     @property
     def gathered(self) -> bool:
@@ -62,6 +75,37 @@ class Unit:
     @property
     def full_nbytes(self) -> int:
         return sum(fg.full_nbytes for fg in self.groups)
+
+    @property
+    def has_frozen(self) -> bool:
+        return any(fg.frozen for fg in self.groups)
+
+
+class _UnitHook:
+    """A module hook of ParamUnits. A copy.deepcopy of the model (an EMA) gets a hook that does
+    nothing (the copy gathers through sharded_modules' hooks, not this optimizer's units);
+    pickling the model refuses, as its sharded parameters do."""
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def __deepcopy__(self, memo):
+        return _no_op_hook
+
+    def __reduce__(self):
+        raise ShardedAccessError(
+            "a model trained by a zeroshard stage-3 optimizer cannot be pickled (torch.save of "
+            "the model object): its parameters are sharded across ranks. Save with "
+            "zeroshard.checkpoint.save(path, model=model, optimizer=opt), or save whole "
+            "tensors: `with zeroshard.full_params(model): sd = model.state_dict()` on every "
+            "rank, then torch.save(sd) on rank 0.")
+
+
+def _no_op_hook(*args):
+    return None
 
 
 def find_units(module: torch.nn.Module, units=None) -> List[tuple]:
@@ -130,7 +174,8 @@ class ParamUnits:
         for u in self.units:
             for fg in u.groups:
                 self.unit_of_group[id(fg)] = u
-                u.buckets += fg.layout.num_buckets
+                if not fg.frozen:
+                    u.buckets += fg.layout.num_buckets
         self.root = next((u for u in self.units if u.is_root), None)
         self.by_index = {u.index: u for u in self.units}
         self.record: List[int] = []  # units' pre-forwards in the current forward
@@ -149,9 +194,9 @@ class ParamUnits:
     def _install_hooks(self) -> None:
         for u in self.units:
             self._handles.append(u.module.register_forward_pre_hook(
-                lambda m, args, u=u: self._before_forward(u), prepend=True))
+                _UnitHook(lambda m, args, u=u: self._before_forward(u)), prepend=True))
             self._handles.append(u.module.register_forward_hook(
-                lambda m, args, out, u=u: self._after_forward(u, out)))
+                _UnitHook(lambda m, args, out, u=u: self._after_forward(u, args, out))))
             # Modules holding the unit's parameters may be called on their own (an input
             # embedding through get_input_embeddings(), a head): gather first there too.
             mine = {id(q) for fg in u.groups for q in fg.params}
@@ -160,8 +205,9 @@ class ParamUnits:
             for m in owners.values():
                 if m is not u.module:
                     self._handles.append(m.register_forward_pre_hook(
-                        lambda mod, args, u=u: self.ensure(u)))
-                self._handles.append(m._register_state_dict_hook(self._state_dict_guard))
+                        _UnitHook(lambda mod, args, u=u: self.ensure(u)), prepend=True))
+                self._handles.append(m._register_state_dict_hook(
+                    _UnitHook(self._state_dict_guard)))
 
     def remove_hooks(self) -> None:
         for h in self._handles:
@@ -185,7 +231,7 @@ class ParamUnits:
         if self.matches:
             self._prefetch(self.previous[k + 1:])
 
-    def _after_forward(self, u: Unit, output) -> None:
+    def _after_forward(self, u: Unit, args, output) -> None:
         if self._in_backward():
             return
         tensors = [t for t in tree_flatten(output)[0]
@@ -195,6 +241,13 @@ class ParamUnits:
             torch.autograd.graph.register_multi_grad_hook(
                 tensors, lambda grad, u=u: self._before_backward(u), mode="any")
             self.backward_pos = 0
+            if u.has_frozen:  # see [Note: frozen parameters]
+                inputs = [t for t in tree_flatten(args)[0]
+                          if isinstance(t, torch.Tensor) and t.requires_grad]
+                u.inputs_pending = bool(inputs)
+                if inputs:
+                    torch.autograd.graph.register_multi_grad_hook(
+                        inputs, lambda grads, u=u: self._inputs_done(u), mode="all")
         if u.is_root:
             # The forward is over: nothing else of it needs a full unit.
             for other in self.units:
@@ -233,22 +286,15 @@ class ParamUnits:
                 self._start_gather(v)
 
     def _state_dict_guard(self, module, state_dict, prefix, local_metadata) -> None:
+        """Gathered (inside full_params): a copy that outlives the gathered buffer. Sharded:
+        the entry is a ShardedTensor (an EMA's foreach lerp_ over state_dict() works on it;
+        torch.save of it raises)."""
         for name, p in module._parameters.items():
             if state_dict.get(prefix + name) is p:  # keep_vars=True: the objects, no data read
                 continue
             fg = self._sharded.get(id(p)) if p is not None else None
-            if fg is None:
-                continue
-            if fg.gathered:
-                # Gathered (inside full_params): a copy that outlives the gathered buffer.
+            if fg is not None and fg.gathered:
                 state_dict[prefix + name] = state_dict[prefix + name].clone()
-            else:
-                raise RuntimeError(
-                    f"{prefix}{name} is sharded across ranks by zeroshard stage 3 and holds no "
-                    "data outside its unit's forward and backward, so state_dict() cannot "
-                    "return it. On every rank: `with opt.full_params(): sd = "
-                    "model.state_dict()` (whole tensors), or save with "
-                    "zeroshard.checkpoint.save / export with zeroshard.export.")
 
     # ---- gather and free ---------------------------------------------------------------------
 
@@ -262,11 +308,19 @@ class ParamUnits:
     def _start_gather(self, u: Unit) -> None:
         tag_work = tags = None
         if self.comm.world_size > 1:
-            # [Note: unit order]: every rank must be gathering this same unit.
+            # [Note: unit order]: every rank must be gathering this same unit, for the same kind
+            # of pass.
             device = u.groups[0].device
+            code = call_tags.encode(call_tags.UNIT, u.index, self._phase())
             tags = torch.empty(self.comm.world_size, dtype=torch.float32, device=device)
-            mine = torch.full((1,), float(u.index), dtype=torch.float32, device=device)
+            mine = torch.full((1,), float(code), dtype=torch.float32, device=device)
             tag_work = self.comm.all_gather_control(tags, mine)
+            if device.type != "cuda" or u.is_root:
+                self._wait(tag_work)
+                self._check_tags(tags, code)
+                tag_work = None
+            else:
+                tags = (tags, code)
         pairs = []
         for fg in u.groups:
             fg.materialize()
@@ -284,31 +338,25 @@ class ParamUnits:
         u.pending = None
         if tag_work is not None:
             self._wait(tag_work)
-            if tags.device.type == "cuda":
-                self._unchecked.append((u, tags))
-            else:
-                self._check_tags(u, tags)
+            self._unchecked.append(tags)  # CUDA: (tags, code), compared at check_order()
         self._wait(work)
 
-    def _check_tags(self, u: Unit, tags: torch.Tensor) -> None:
-        seen = [int(t) for t in tags.tolist()]
-        if all(t == u.index for t in seen):
-            return
-        names = {i: v.name for i, v in self.by_index.items()}
-        other = next(r for r, t in enumerate(seen) if t != u.index)
-        raise RuntimeError(
-            f"stage 3: rank {self.comm.rank} gathered unit {u.name!r} while rank "
-            f"{other} gathered {names.get(seen[other], seen[other])!r}: the ranks ran "
-            "their units in different orders (a branch that depends on the rank's data "
-            "or on the rank?). Every rank must call the same units in the same order "
-            "in each forward; make the branch agree across ranks, or put the "
-            "branching modules in one unit (units=) so they are gathered together.")
+    @staticmethod
+    def _phase() -> int:
+        return call_tags.phase() | (1 if ParamUnits._in_backward() else 0)
+
+    def _check_tags(self, tags: torch.Tensor, code: int) -> None:
+        def name_of(kind: int, index: int) -> str:
+            if kind == call_tags.UNIT and index in self.by_index:
+                return self.by_index[index].name
+            return f"#{index}"
+        call_tags.check([int(t) for t in tags.tolist()], code, self.comm.rank, name_of)
 
     def check_order(self) -> None:
-        """CUDA: compares the unit indexes gathered since the last check (one host sync)."""
+        """CUDA: compares the unit tags gathered since the last check (one host sync)."""
         pending, self._unchecked = self._unchecked, []
-        for u, tags in pending:
-            self._check_tags(u, tags)
+        for tags, code in pending:
+            self._check_tags(tags, code)
 
     def _wait(self, work: Work) -> None:
         if self.wait_guard is not None and not work.is_completed():
@@ -345,7 +393,14 @@ class ParamUnits:
         if u is None:
             return
         u.launched += 1
-        if u.launched == u.buckets and self._in_backward():
+        self._free_if_done(u)
+
+    def _inputs_done(self, u: Unit) -> None:
+        u.inputs_pending = False
+        self._free_if_done(u)
+
+    def _free_if_done(self, u: Unit) -> None:
+        if u.launched == u.buckets and not u.inputs_pending and self._in_backward():
             self.free(u)
 
     def before_backward(self) -> None:

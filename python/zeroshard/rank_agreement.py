@@ -31,13 +31,14 @@ def broadcast_from_rank0(opt, groups: Optional[List[FlatGroup]] = None,
         return
     if groups is None:
         groups = opt.flat_groups if flat else []
-        flat_ids = {id(p) for fg in opt.flat_groups for p in fg.params}
+        flat_ids = {id(p) for fg in opt.flat_groups + opt.frozen_groups for p in fg.params}
         others, seen = [], set(flat_ids)
         candidates = [p for g in opt.param_groups for p in g["params"]]
         for m in opt.modules:
             candidates += list(m.parameters()) + list(m.buffers())
         for t in candidates:
-            if id(t) not in seen and t.device == opt.device and t.numel() > 0:
+            if id(t) not in seen and t.device == opt.device and t.numel() > 0 and \
+                    not sharded_init.is_sharded(t):
                 seen.add(id(t))
                 others.append(t)
     else:

@@ -4,17 +4,19 @@
         model = GPT(cfg)
     opt = zeroshard.ZeroAdamW(model, stage=3)   # adopts the shards
 
-Owns: the hooks and the torch-function mode active inside the block, the record of each
-sharded parameter (`p._zeroshard_shard`: its whole shape and this rank's even slice of its
-elements), and gathering a parameter whole again (for the optimizer's adoption, or for an
-operation that needs it). Knows nothing of optimizers, units or buckets.
+Owns: the hooks and the torch-function mode active inside the block, sharding each parameter
+into a ShardedParameter (sharded_tensor.py) that holds this rank's even slice of its elements,
+and gathering a parameter whole again (for the optimizer's adoption, or for an operation that
+needs it). Knows nothing of optimizers, units or buckets. After the block the model is a
+sharded model: each module gathers its parameters for its forward (sharded_modules.py), so it
+runs without an optimizer (a frozen teacher, a reference model) on every rank.
 
 [Note: construction by shards] Every rank runs the same construction code with the same seed
 (as DeepSpeed's zero.Init requires). When a module is assigned into its parent (nn.Module's
 module-registration hook: its __init__ is over), its parameters are broadcast from rank 0 (so
 every rank keeps rank 0's weights, as the optimizer's construction broadcast would give) and
 each rank keeps only its slice: elements [r*c, (r+1)*c) of the flattened parameter, c =
-ceil(numel / N). The parameter itself becomes an empty placeholder. Parameters the root module
+ceil(numel / N). The parameter itself becomes a ShardedParameter over that slice. Parameters the root module
 registers itself are sharded when the block ends. Peak memory is then about one module (the
 largest child) plus the shards, not the model.
 
@@ -30,7 +32,6 @@ does, and the weights are identical to it.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
@@ -38,7 +39,10 @@ import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
-from .communicator import all_gather_single
+from . import sharded_modules
+from .sharded_tensor import (Shard, ShardSpec, ShardedParameter, gather_whole as _gather_whole,
+                             raw, shard_parameter, unmake_sharded)
+from .sharded_tensor import whole_shape  # noqa: F401  (part of this module's interface)
 
 # Operations (as methods or torch.nn.init functions) that write every element of their first
 # argument without reading it: no gather is needed before them.
@@ -53,82 +57,56 @@ _PASS_THROUGH = {"requires_grad_", "register_hook", "register_post_accumulate_gr
                  "__hash__", "__repr__", "__format__", "__reduce_ex__", "__deepcopy__"}
 
 
-@dataclass
-class ShardRecord:
-    shape: torch.Size
-    local: torch.Tensor  # this rank's slice, flat (chunk elements, the last rank's padded)
-    chunk: int
-    group: Optional[dist.ProcessGroup]
-    world_size: int
-    rank: int
-
-    @property
-    def numel(self) -> int:
-        return self.shape.numel()
-
-
-def record_of(p: torch.Tensor) -> Optional[ShardRecord]:
-    return getattr(p, "_zeroshard_shard", None)
+def record_of(p: torch.Tensor) -> Optional[Shard]:
+    """The shard of a parameter sharded by sharded_init (not yet adopted by an optimizer)."""
+    if isinstance(p, ShardedParameter) and p._zs.owner is None:
+        return p._zs
+    return None
 
 
 def is_sharded(p: torch.Tensor) -> bool:
     return record_of(p) is not None
 
 
-def whole_shape(p: torch.Tensor) -> torch.Size:
-    record = record_of(p)
-    return record.shape if record is not None else p.shape
-
-
-def _shard(p: torch.nn.Parameter, group, world_size: int, rank: int) -> None:
-    if is_sharded(p) or p.numel() == 0 or p.device.type == "meta":
-        return
-    with torch.no_grad():
-        if world_size > 1:
-            whole = p.detach().contiguous()
-            src = dist.get_global_rank(group, 0) if group is not None else 0
-            dist.broadcast(whole, src=src, group=group)
-        else:
-            whole = p.detach()
-        flat = whole.reshape(-1)
-        chunk = -(-flat.numel() // world_size)
-        local = torch.zeros(chunk, dtype=p.dtype, device=p.device)
-        piece = flat[rank * chunk:(rank + 1) * chunk]
-        local[:piece.numel()].copy_(piece)
-    record = ShardRecord(p.shape, local, chunk, group, world_size, rank)
-    p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-    p._zeroshard_shard = record
+def _shard(p: torch.nn.Parameter, group, world_size: int, rank: int, name: str) -> None:
+    with raw():
+        if isinstance(p, ShardedParameter) or p.numel() == 0 or p.device.type == "meta":
+            return
+        with torch.no_grad():
+            if world_size > 1:
+                whole = p.detach().contiguous()
+                src = dist.get_global_rank(group, 0) if group is not None else 0
+                dist.broadcast(whole, src=src, group=group)
+            else:
+                whole = p.detach()
+            spec = ShardSpec.even(p.shape, world_size, rank, group, name)
+            local = spec.take(whole).clone()
+    shard_parameter(p, Shard(spec, local))
 
 
 def gather_whole(p: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The whole value of a sharded parameter (a collective over its group), written into `out`
     (flat, numel elements) when given."""
-    record = record_of(p)
-    padded = torch.empty(record.chunk * record.world_size, dtype=record.local.dtype,
-                         device=record.local.device)
-    if record.world_size > 1:
-        all_gather_single(padded, record.local, group=record.group)
-    else:
-        padded.copy_(record.local)
-    whole = padded[:record.numel]
-    if out is not None:
-        out.copy_(whole)
-        return out
-    return whole.view(record.shape)
+    with raw():
+        (whole,) = _gather_whole([p])
+        if out is not None:
+            out.copy_(whole.reshape(-1))
+            return out
+        return whole
 
 
 def unshard(p: torch.Tensor) -> None:
     """Makes a sharded parameter whole again (a collective), forgetting its record."""
     if is_sharded(p):
-        whole = gather_whole(p).clone()
-        del p._zeroshard_shard
-        p.data = whole
+        unmake_sharded(p, gather_whole(p), forget=True)
 
 
 def release(p: torch.Tensor) -> None:
-    """Forgets the record of a parameter whose whole value now lives elsewhere."""
+    """Forgets the record of a parameter whose whole value now lives elsewhere (the caller
+    points its data there next)."""
     if is_sharded(p):
-        del p._zeroshard_shard
+        with raw():
+            unmake_sharded(p, torch.empty(0, dtype=p.dtype, device=p.device), forget=True)
 
 
 class _WholeParams(TorchFunctionMode):
@@ -146,35 +124,35 @@ class _WholeParams(TorchFunctionMode):
         name = getattr(func, "__name__", "")
         if descriptor is not None and is_sharded(target):  # a property: p.shape, p.data...
             if name == "__get__" and descriptor in ("shape", "ndim", "data"):
-                shape = record_of(target).shape
+                shape = record_of(target).spec.shape
                 return shape if descriptor == "shape" else (
                     len(shape) if descriptor == "ndim" else target)
             if name == "__set__" and descriptor == "data":  # p.data = value: into the slice
                 self._assign(target, args[1])
                 return None
-            return func(*args, **kwargs)
+            with raw():
+                return func(*args, **kwargs)
         if name in _PASS_THROUGH:
             return func(*args, **kwargs)
         if name in _SHAPE_QUERIES and is_sharded(target) and len(args) <= 2 and not kwargs:
             with torch._C.DisableTorchFunction():
-                probe = torch.empty(record_of(target).shape, device="meta")
+                probe = torch.empty(record_of(target).spec.shape, device="meta")
                 return getattr(probe, name)(*args[1:])
         temps = {}
         for key, p in sharded.items():
             record = record_of(p)
             if p is target and name in _OVERWRITES:
-                temps[key] = torch.empty(record.shape, dtype=record.local.dtype,
+                temps[key] = torch.empty(record.spec.shape, dtype=record.local.dtype,
                                          device=record.local.device)
             else:
                 temps[key] = gather_whole(p).clone()
         swap = lambda a: temps.get(id(a), a) if isinstance(a, torch.Tensor) else a  # noqa: E731
-        result = func(*tree_map(swap, args), **tree_map(swap, kwargs))
+        with raw():
+            result = func(*tree_map(swap, args), **tree_map(swap, kwargs))
         for key, p in sharded.items():  # in-place changes go back to the slices
             record = record_of(p)
-            flat = temps[key].reshape(-1)
-            piece = flat[record.rank * record.chunk:(record.rank + 1) * record.chunk]
-            with torch.no_grad():
-                record.local[:piece.numel()].copy_(piece)
+            with torch.no_grad(), raw():
+                record.local.copy_(record.spec.take(temps[key]))
         back = {id(temps[key]): p for key, p in sharded.items()}
         return tree_map(lambda r: back.get(id(r), r) if isinstance(r, torch.Tensor) else r,
                         result)
@@ -186,18 +164,16 @@ class _WholeParams(TorchFunctionMode):
         record = record_of(p)
         if is_sharded(value):
             value = gather_whole(value)
-        if value.shape != record.shape or value.dtype != record.local.dtype or \
+        if value.shape != record.spec.shape or value.dtype != record.local.dtype or \
                 value.device != record.local.device:
             raise RuntimeError(
-                f"inside zeroshard.sharded_init a parameter of shape {tuple(record.shape)} "
+                f"inside zeroshard.sharded_init a parameter of shape {tuple(record.spec.shape)} "
                 f"({record.local.dtype} on {record.local.device}) was given data of shape "
                 f"{tuple(value.shape)} ({value.dtype} on {value.device}): a sharded parameter "
                 "cannot change shape, dtype or device while the model is built. Call .to() "
                 "or .half() after the block, before building the optimizer.")
-        flat = value.detach().reshape(-1)
-        piece = flat[record.rank * record.chunk:(record.rank + 1) * record.chunk]
-        with torch.no_grad():
-            record.local[:piece.numel()].copy_(piece)
+        with torch.no_grad(), raw():
+            record.local.copy_(record.spec.take(value.detach()))
 
 
 @contextlib.contextmanager
@@ -211,17 +187,19 @@ def sharded_init(process_group: Optional[dist.ProcessGroup] = None):
         rank = dist.get_rank(process_group)
     else:
         world_size, rank = 1, 0
-    created: List[torch.nn.Parameter] = []
+    created: List[tuple] = []  # (name, parameter)
+    holders: List[torch.nn.Module] = []  # modules that registered parameters
 
     def on_module(parent, name, child):
         if child is not None:
-            for p in child.parameters():
-                _shard(p, process_group, world_size, rank)
+            for pname, p in child.named_parameters():
+                _shard(p, process_group, world_size, rank, f"{name}.{pname}")
         return None
 
     def on_parameter(module, name, param):
         if param is not None:
-            created.append(param)
+            created.append((name, param))
+            holders.append(module)
         return None
 
     module_hook = torch.nn.modules.module.register_module_module_registration_hook(on_module)
@@ -230,8 +208,10 @@ def sharded_init(process_group: Optional[dist.ProcessGroup] = None):
     try:
         with _WholeParams():
             yield
-            for p in created:  # the root's own parameters, and any module never registered
-                _shard(p, process_group, world_size, rank)
+            for name, p in created:  # the root's own parameters, and any module never registered
+                _shard(p, process_group, world_size, rank, name)
+            for m in dict.fromkeys(holders):  # run without an optimizer: gather per module
+                sharded_modules.install_gather_hooks(m, recurse=False)
     finally:
         module_hook.remove()
         param_hook.remove()

@@ -21,6 +21,7 @@ import contextlib
 import datetime
 import math
 import time
+import weakref
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional
 
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from . import gradient_checks, memory_reports, process_memory, rank_agreement, sharded_init
+from . import sharded_modules
 from .bucket_reducer import BucketReducer
 from .buffer_ring import auto_bucket_mb
 from .communicator import Communicator, make_communicator
@@ -56,7 +58,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  loss_scale: Any = "dynamic", timeout_s: float = 300.0,
                  module: Optional[torch.nn.Module] = None, units=None, prefetch: int = 1,
                  reshard_after_forward: bool = True, offload: Optional[str] = None,
-                 **scaler_kwargs) -> None:
+                 partition_frozen: bool = True, **scaler_kwargs) -> None:
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
         if offload not in (None, "none", "cpu"):
@@ -69,6 +71,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if stage != 3 and (units is not None or prefetch != 1 or not reshard_after_forward):
             raise ValueError("units=, prefetch= and reshard_after_forward= apply to stage 3 "
                              f"only (this optimizer has stage={stage})")
+        if not isinstance(partition_frozen, bool):
+            raise ValueError(f"partition_frozen must be True or False, got {partition_frozen!r}")
         if not (isinstance(prefetch, int) and prefetch >= 0):
             raise ValueError(f"prefetch must be a whole number of units >= 0, got {prefetch!r}")
         if bucket_mb is not None and not (isinstance(bucket_mb, (int, float)) and bucket_mb > 0):
@@ -82,7 +86,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if unknown:
             raise TypeError(
                 f"unexpected keyword arguments {sorted(unknown)}; zeroshard's own are stage, "
-                "process_group, bucket_mb, overlap, reduce_dtype, loss_scale, timeout_s and the "
+                "process_group, bucket_mb, overlap, reduce_dtype, loss_scale, timeout_s, module, "
+                "units, prefetch, reshard_after_forward, offload, partition_frozen and the "
                 f"loss scaler's {', '.join(_SCALER_KWARGS)}")
         if isinstance(params, torch.nn.Module):
             if module is not None and module is not params:
@@ -99,6 +104,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._building = False
         self.stage = stage
+        self.partition_frozen = partition_frozen and stage == 3
         self.reduce_dtype = reduce_dtype or torch.float32
         self.offload: Optional[HostOffload] = None  # set once the device is known
 
@@ -134,6 +140,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
         self.bucket_elems = max(1, int(self.bucket_mb * 2 ** 20) // elem)
         self.flat_groups: List[FlatGroup] = []
+        # Stage 3: frozen parameters, partitioned and gathered with their units, never reduced
+        self.frozen_groups: List[FlatGroup] = []
         self.units: Optional[ParamUnits] = None
         if stage == 3:
             unit_list = self._flatten_units(module, units)
@@ -177,6 +185,24 @@ class ZeroOptimizer(torch.optim.Optimizer):
             for fg in self.flat_groups:
                 self.offload.add_group(fg)
         self.shard_state: List[Dict[str, Any]] = [self._init_state(fg) for fg in self.flat_groups]
+        if stage == 3:
+            self._own_shards()
+            # A copy.deepcopy of the model (an EMA) is a sharded model with no optimizer: these
+            # hooks gather its modules in its forward (they do nothing for this optimizer's).
+            sharded_modules.install_gather_hooks(module)
+
+    def _own_shards(self) -> None:
+        """Stage 3: each sharded parameter's in-place edits reach its fp32 master (where one is
+        kept apart from the parameter), and zeroshard.full_params(model) finds this optimizer."""
+        me = weakref.ref(self)
+        for fg, state in zip(self.flat_groups, self.shard_state):
+            fg.owner = me
+            if self.offload is not None:
+                fg.master_source = lambda fg=fg, state=state: self.offload.master(fg, state)
+            else:
+                fg.master_source = lambda state=state: state.get("master")
+        for fg in self.frozen_groups:
+            fg.owner = me
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -188,7 +214,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def _flatten_units(self, module: torch.nn.Module, units) -> List[Unit]:
         """Stage 3: one FlatGroup per unit, param group and dtype (a unit's gather reads its
-        shards only). Frozen parameters are not partitioned: they stay whole on every rank."""
+        shards only), and one per unit and dtype of its frozen parameters (partition_frozen:
+        gathered with the unit, never reduced; otherwise they stay whole on every rank)."""
         found = find_units(module, units)
         owner = owning_units(module, [m for _, m in found])
         unit_list = [Unit(0, "<root>", module, True)] + [
@@ -210,7 +237,33 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     fg.shard_and_free()  # peak memory: one group whole at a time
                 u.groups.extend(added)
                 self.flat_groups.extend(added)
+            if self.partition_frozen:
+                frozen = self._flatten_frozen(module, u, owner)
+                u.groups.extend(frozen)
+                self.frozen_groups.extend(frozen)
         return unit_list
+
+    def _flatten_frozen(self, module: torch.nn.Module, u: Unit, owner) -> List[FlatGroup]:
+        """The frozen FlatGroups of unit u: its parameters that require no grad, per dtype
+        (float32/bfloat16/float16 on the optimizer's device; others stay whole)."""
+        by_dtype: "OrderedDict[torch.dtype, list]" = OrderedDict()
+        names = dict((id(p), n) for n, p in module.named_parameters(remove_duplicate=True))
+        for p in dict.fromkeys(module.parameters()):
+            if (not p.requires_grad and owner.get(id(p)) == u.index and p.device == self.device
+                    and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                    and sharded_init.whole_shape(p).numel() > 0):
+                by_dtype.setdefault(p.dtype, []).append(p)
+        groups = []
+        for ps in by_dtype.values():
+            fg = FlatGroup(ps, [names.get(id(p), "a frozen parameter") for p in ps], -1,
+                           rank=self.rank, world_size=self.world_size, stage=3,
+                           bucket_elems=self.bucket_elems, reduce_dtype=self.reduce_dtype,
+                           frozen=True, process_group=self.process_group)
+            if not all(sharded_init.is_sharded(p) for p in ps):
+                self._broadcast_from_rank0([fg])
+            fg.shard_and_free()
+            groups.append(fg)
+        return groups
 
     def _adopt_sharded_init(self, module: Optional[torch.nn.Module]) -> None:
         """Parameters built under zeroshard.sharded_init hold only this rank's slice. Stage 3
@@ -228,7 +281,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                     f"{record.world_size} ranks, but the optimizer's process group has "
                     f"{self.world_size}: pass the same process_group to both")
         for p in sharded:
-            if self.stage != 3 or not p.requires_grad:
+            if self.stage != 3 or (not p.requires_grad and not self.partition_frozen):
                 sharded_init.unshard(p)
 
     def _flatten_group(self, gi: int, select=None, adopted: Optional[list] = None
@@ -246,7 +299,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return [FlatGroup(ps, [self._names[id(p)] for p in ps], gi, rank=self.rank,
                           world_size=self.world_size, stage=self.stage,
                           bucket_elems=self.bucket_elems, reduce_dtype=self.reduce_dtype,
-                          host_zeros=self.offload.zeros if self.offload is not None else None)
+                          host_zeros=self.offload.zeros if self.offload is not None else None,
+                          process_group=self.process_group)
                 for ps in by_dtype.values()]
 
     def add_param_group(self, param_group: dict) -> None:
