@@ -275,10 +275,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
         sharded = [p for p in dict.fromkeys(params) if sharded_init.is_sharded(p)]
         for p in sharded:
             record = sharded_init.record_of(p)
-            if record.world_size != self.world_size:
+            if record.spec.world_size != self.world_size:
                 raise ValueError(
                     f"{self._names.get(id(p), 'a parameter')} was sharded by sharded_init over "
-                    f"{record.world_size} ranks, but the optimizer's process group has "
+                    f"{record.spec.world_size} ranks, but the optimizer's process group has "
                     f"{self.world_size}: pass the same process_group to both")
         for p in sharded:
             if self.stage != 3 or (not p.requires_grad and not self.partition_frozen):

@@ -204,10 +204,16 @@ def test_stage3_parameters_outside_forward_and_full_params():
     reference = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = zeroshard.ZeroAdamW(model, lr=1e-2, stage=3)
     weight = model.blocks[0].fc1.weight
-    # Outside forward/backward: an empty placeholder (never a view of freed memory).
-    assert weight.shape == (0,) and weight.untyped_storage().nbytes() == 0
-    with pytest.raises(RuntimeError, match="full_params"):
-        model.state_dict()
+    # Outside forward/backward: a sharded parameter (whole shape, this rank's data), whose
+    # torch storage is an empty placeholder (never a view of freed memory).
+    assert isinstance(weight, zeroshard.ShardedParameter)
+    assert weight.shape == reference["blocks.0.fc1.weight"].shape
+    with zeroshard.sharded_tensor.raw():
+        assert weight.untyped_storage().nbytes() == 0
+    sharded_sd = model.state_dict()  # sharded values, usable elementwise; whole inside full_params
+    assert isinstance(sharded_sd["blocks.0.fc1.weight"], zeroshard.ShardedTensor)
+    with pytest.raises(zeroshard.ShardedAccessError, match="full_params"):
+        torch.save(sharded_sd, os.devnull)
     assert set(model.state_dict(keep_vars=True)) >= set(reference)  # the objects themselves
     with opt.full_params():
         for n, p in model.named_parameters():
