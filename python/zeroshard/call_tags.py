@@ -88,11 +88,11 @@ def exchange(group, code: int, device: torch.device, rank: int, world_size: int,
     part)` defaults to torch.distributed's; the optimizer passes its communicator's."""
     if world_size == 1:
         return
-    import torch.distributed as dist
+    from .communicator import all_gather_single
     full = torch.empty(world_size, dtype=torch.float32, device=device)
     part = torch.full((1,), float(code), dtype=torch.float32, device=device)
     if all_gather is None:
-        dist.all_gather_into_tensor(full, part, group=group)
+        all_gather_single(full, part, group=group)
     else:
         all_gather(full, part)
     check([int(t) for t in full.tolist()], code, rank, name_of)

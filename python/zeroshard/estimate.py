@@ -35,6 +35,17 @@ The communication buffers are one BufferRing shared by every unit's buckets, pla
 2's (planned_ring_bytes over all the units' buckets): BucketReducer sizes every slot for the
 largest bucket of any unit, learns the launch order from rank 0's first backward (its [Note:
 launch order]) and trims the ring to max_in_flight + 1 slots once it has.
+
+[Note: frozen parameters] Parameters with requires_grad=False (a LoRA's base model, a frozen
+embedding; `frozen_numels=`, from `frozen_numels_of(model)`) have no gradients, master or
+optimizer state: they are the `frozen_params` key only, part of `total` (device memory, with
+offload too). At stages 0-2, and at stage 3 with partition_frozen=False, every rank holds them
+whole. At stage 3 with partition_frozen (the optimizer's default) they are partitioned like
+the trainable parameters: one FlatGroup per unit (`frozen_units=`, from `frozen_units_of`),
+with its own padded Layout, so `frozen_params` is this rank's shards (about their bytes / N),
+and each unit's frozen buffer is gathered with the unit, so it is in that unit's `live_units`
+bytes. They are of one dtype (`frozen_dtype`, default the trainable ones' `dtype`); the bucket
+size is the trainable parameters' alone, as the optimizer's.
 """
 from __future__ import annotations
 
@@ -47,7 +58,7 @@ import torch
 from . import _core
 from .buffer_ring import auto_bucket_mb, planned_ring_bytes
 from .flat_group import ALIGN_BYTES
-from .model_shapes import UNIFORM_TENSOR_NUMEL, uniform_numels, uniform_units
+from .model_shapes import UNIFORM_TENSOR_NUMEL, uniform_numels, uniform_units, units_after
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # fp32 state tensors the optimizer keeps per shard element (optimizers.py's _init_state).
@@ -56,7 +67,7 @@ STATE_TENSORS = {"adamw": 2, "adam": 2, "adamw-amsgrad": 3, "adam-amsgrad": 3,
                  "sgd-no-momentum": 0}
 STAGES = (0, 1, 2, 3)
 MODEL_STATE_KEYS = ("model_params", "grads", "master_params", "optimizer_state")
-REPORT_KEYS = MODEL_STATE_KEYS + ("comm_buffers",)
+REPORT_KEYS = MODEL_STATE_KEYS + ("frozen_params", "comm_buffers")
 
 DtypeLike = Union[str, torch.dtype]
 
@@ -103,13 +114,14 @@ def build_layout(param_numels: Sequence[int], *, world_size: int, dtype: DtypeLi
                    bucket_elems(bucket_mb, reduce_dtype, sum(numels)))
 
 
-def _checked_numels(param_numels: Sequence[int]) -> List[int]:
+def _checked_numels(param_numels: Sequence[int], what: str = "param_numels",
+                    empty_ok: bool = False) -> List[int]:
     numels = list(param_numels)
-    if not numels:
-        raise ValueError("param_numels is empty: a model needs at least one parameter")
+    if not numels and not empty_ok:
+        raise ValueError(f"{what} is empty: a model needs at least one parameter")
     if any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in numels):
         bad = next(n for n in numels if not isinstance(n, int) or isinstance(n, bool) or n < 0)
-        raise ValueError(f"param_numels must be non-negative integers, got {bad!r}")
+        raise ValueError(f"{what} must be non-negative integers, got {bad!r}")
     return numels
 
 
@@ -119,21 +131,29 @@ def _layout(numels: List[int], world_size: int, dtype: torch.dtype,
     return _core.Layout(numels, world_size, align_elems, bucket)
 
 
-def _unit_groups(numels: List[int], units: Optional[Sequence[int]]) -> List[tuple]:
+def _unit_groups(numels: List[int], units: Optional[Sequence[int]],
+                 names: tuple = ("units", "param_numels")) -> List[tuple]:
     """[(unit, [parameter indices in registration order])], root first then units in order:
-    the FlatGroups _flatten_units builds for one param group of one dtype."""
+    the FlatGroups _flatten_units builds for one param group of one dtype. `names` are the
+    caller's argument names (units, numels), for the errors."""
+    units_name, numels_name = names
     if units is None:
+        if units_name == "frozen_units":
+            raise ValueError(
+                "stage 3 partitions frozen parameters by unit: pass frozen_units= parallel to "
+                "frozen_numels (0 = the root unit), e.g. frozen_units=frozen_units_of(model), "
+                "or partition_frozen=False to keep them whole on every rank")
         raise ValueError(
             "stage 3 needs each parameter's unit: pass units= parallel to param_numels "
             "(0 = the root unit, i = the i-th unit), e.g. units=param_units_of(model), or "
             "model_shapes' gpt2_units / llama_units / uniform_units")
     units = list(units)
     if len(units) != len(numels):
-        raise ValueError(f"units has {len(units)} entries, param_numels {len(numels)}: give "
-                         "one unit per parameter")
+        raise ValueError(f"{units_name} has {len(units)} entries, {numels_name} {len(numels)}: "
+                         "give one unit per parameter")
     if any(not isinstance(u, int) or isinstance(u, bool) or u < 0 for u in units):
         bad = next(u for u in units if not isinstance(u, int) or isinstance(u, bool) or u < 0)
-        raise ValueError(f"units must be non-negative integers (0 = root), got {bad!r}")
+        raise ValueError(f"{units_name} must be non-negative integers (0 = root), got {bad!r}")
     members: Dict[int, List[int]] = {}
     for i, u in enumerate(units):
         members.setdefault(u, []).append(i)
@@ -145,9 +165,19 @@ def estimate_model_states(param_numels: Sequence[int], *, world_size: int, stage
                           bucket_mb: Optional[float] = None, offload: Optional[str] = None,
                           max_in_flight: int = 2, backend: str = "gloo",
                           optimizer: str = "adamw", units: Optional[Sequence[int]] = None,
-                          prefetch: int = 1) -> Dict[str, int]:
+                          prefetch: int = 1, frozen_numels: Sequence[int] = (),
+                          frozen_units: Optional[Sequence[int]] = None,
+                          frozen_dtype: Optional[DtypeLike] = None,
+                          partition_frozen: bool = True) -> Dict[str, int]:
     """Bytes per rank, keyed like ZeroOptimizer.memory_report(): model_params, grads,
-    master_params, optimizer_state, comm_buffers, total (their sum), plus host_bytes.
+    master_params, optimizer_state, frozen_params, comm_buffers, total (their sum), plus
+    host_bytes. param_numels are the trainable parameters' element counts (param_numels_of).
+
+    frozen_numels are the element counts of the parameters with requires_grad=False
+    (frozen_numels_of(model); none by default), of frozen_dtype (default: dtype); at stage 3
+    with partition_frozen (the optimizer's default) they need frozen_units (frozen_units_of).
+    frozen_params is their bytes on this rank: partitioned (about their bytes / world_size) at
+    stage 3 with partition_frozen, whole otherwise. See [Note: frozen parameters].
 
     offload="cpu" moves master_params, optimizer_state and the reduced gradient shard to host
     memory (see [Note: what the estimate covers]): the keys keep their values wherever the
@@ -173,14 +203,27 @@ def estimate_model_states(param_numels: Sequence[int], *, world_size: int, stage
         raise ValueError(f"max_in_flight must be a positive integer, got {max_in_flight!r}")
     param_dtype = _dtype(dtype, "dtype")
     grad_elem = _elem_size(_dtype(reduce_dtype, "reduce_dtype"))
+    if not isinstance(partition_frozen, bool):
+        raise ValueError(f"partition_frozen must be True or False, got {partition_frozen!r}")
+    frozen = _checked_numels(frozen_numels, "frozen_numels", empty_ok=True)
+    frozen_elem = _elem_size(param_dtype if frozen_dtype is None
+                             else _dtype(frozen_dtype, "frozen_dtype"))
     if stage == 3:
         if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
             raise ValueError(f"prefetch must be a whole number of units >= 0, got {prefetch!r}")
+        # unit -> (shard, buffer) bytes of its frozen FlatGroup; none when kept whole
+        frozen_groups = (_frozen_groups(frozen, frozen_units, world_size, frozen_elem,
+                                        bucket_elems(bucket_mb, reduce_dtype,
+                                                     sum(_checked_numels(param_numels))))
+                         if partition_frozen else {})
         report = _stage3_report(param_numels, units, world_size=world_size,
                                 param_dtype=param_dtype, reduce_dtype=reduce_dtype,
                                 bucket_mb=bucket_mb, max_in_flight=max_in_flight,
                                 gloo=(backend == "gloo"), optimizer=optimizer, prefetch=prefetch,
-                                offload=offloaded)
+                                offload=offloaded, frozen_full={
+                                    u: full for u, (_, full) in frozen_groups.items()})
+        report["frozen_params"] = (sum(shard for shard, _ in frozen_groups.values())
+                                   if partition_frozen else sum(frozen) * frozen_elem)
         return _finish(report)
     layout = build_layout(param_numels, world_size=world_size, dtype=param_dtype,
                           reduce_dtype=reduce_dtype, bucket_mb=bucket_mb)
@@ -201,6 +244,7 @@ def estimate_model_states(param_numels: Sequence[int], *, world_size: int, stage
             [b.end - b.start for b in layout.bucket_ranges], stage=stage, world_size=world_size,
             elem_size=grad_elem, max_in_flight=max_in_flight, gloo=(backend == "gloo"),
             param_elem_size=_elem_size(param_dtype), offload=offloaded),
+        "frozen_params": sum(frozen) * frozen_elem,  # whole on every rank below stage 3
     }
     if offloaded:
         _offload(report, shard, param_dtype, grad_elem,
@@ -234,10 +278,25 @@ def _finish(report: Dict[str, int]) -> Dict[str, int]:
     return report
 
 
+def _frozen_groups(frozen: List[int], frozen_units: Optional[Sequence[int]], world_size: int,
+                   elem: int, bucket: int) -> Dict[int, tuple]:
+    """unit -> (this rank's shard bytes, full buffer bytes) of the unit's frozen FlatGroup, as
+    the optimizer's _flatten_frozen builds it (with the trainable parameters' bucket size;
+    empty tensors are left out, as it leaves them)."""
+    if not any(frozen):
+        return {}
+    groups = _unit_groups(frozen, frozen_units, ("frozen_units", "frozen_numels"))
+    layouts = {u: _core.Layout([frozen[i] for i in members if frozen[i] > 0], world_size,
+                               max(1, ALIGN_BYTES // elem), bucket)
+               for u, members in groups if any(frozen[i] for i in members)}
+    return {u: (layout.shard_numel * elem, layout.buffer_numel * elem)
+            for u, layout in layouts.items()}
+
+
 def _stage3_report(param_numels, units, *, world_size: int, param_dtype: torch.dtype,
                    reduce_dtype: DtypeLike, bucket_mb: Optional[float], max_in_flight: int,
-                   gloo: bool, optimizer: str, prefetch: int,
-                   offload: bool = False) -> Dict[str, int]:
+                   gloo: bool, optimizer: str, prefetch: int, offload: bool = False,
+                   frozen_full: Optional[Dict[int, int]] = None) -> Dict[str, int]:
     numels = _checked_numels(param_numels)
     groups = _unit_groups(numels, units)
     bucket = bucket_elems(bucket_mb, reduce_dtype, sum(numels))  # from the whole model
@@ -247,6 +306,8 @@ def _stage3_report(param_numels, units, *, world_size: int, param_dtype: torch.d
     param_elem = _elem_size(param_dtype)
     grad_elem = _elem_size(_dtype(reduce_dtype, "reduce_dtype"))
     full = {u: layout.buffer_numel * param_elem for (u, _), layout in zip(groups, layouts)}
+    for u, frozen_bytes in (frozen_full or {}).items():  # gathered with its unit
+        full[u] = full.get(u, 0) + frozen_bytes
     others = sorted((b for u, b in full.items() if u != 0), reverse=True)
     report = {
         "model_params": shard * param_elem,  # the full buffers are freed between steps
@@ -305,14 +366,30 @@ def param_numels_of(module: torch.nn.Module) -> List[int]:
     return [p.numel() for p in module.parameters() if p.requires_grad]
 
 
+def frozen_numels_of(module: torch.nn.Module) -> List[int]:
+    """Element counts of a module's frozen parameters (requires_grad=False), each shared
+    tensor once, in order: estimate_model_states' frozen_numels."""
+    return [p.numel() for p in module.parameters() if not p.requires_grad]
+
+
 def param_units_of(module: torch.nn.Module, units=None) -> List[int]:
     """The stage-3 unit of each of param_numels_of(module)'s parameters, as ZeroOptimizer(module,
     stage=3, units=units) splits them (0 = the root unit; param_units.find_units and
     owning_units)."""
+    return _units_of(module, units, trainable=True)
+
+
+def frozen_units_of(module: torch.nn.Module, units=None) -> List[int]:
+    """The stage-3 unit of each of frozen_numels_of(module)'s parameters, the units they are
+    partitioned and gathered with (as param_units_of)."""
+    return _units_of(module, units, trainable=False)
+
+
+def _units_of(module: torch.nn.Module, units, trainable: bool) -> List[int]:
     from .param_units import find_units, owning_units
     found = find_units(module, units)
     owner = owning_units(module, [m for _, m in found])
-    return [owner[id(p)] for p in module.parameters() if p.requires_grad]
+    return [owner[id(p)] for p in module.parameters() if p.requires_grad == trainable]
 
 
 # ---- what fits ------------------------------------------------------------------------------
@@ -327,9 +404,15 @@ def largest_fitting_params(device_bytes: int, *, world_size: int, stage: int,
     """The largest parameter count, split as model_shapes.uniform_numels does, whose `total`
     (device bytes of model states and comm buffers) is at most device_bytes; 0 if none fits.
     At stage 3 its `peak_total` must fit, with model_shapes.uniform_units' assumption (each
-    tensor its own unit). `settings` are estimate_model_states' keywords."""
+    tensor its own unit). `settings` are estimate_model_states' keywords; frozen_numels there
+    are frozen parameters beside the trainable ones, at stage 3 (without frozen_units) each a
+    unit of its own after theirs (model_shapes.units_after)."""
+    frozen_count = len(settings.get("frozen_numels", ()))
+
     def peak(num_params: int) -> int:
         extra = dict(units=uniform_units(num_params)) if stage == 3 else {}
+        if stage == 3 and "frozen_units" not in settings:
+            extra["frozen_units"] = units_after(extra["units"], frozen_count)
         report = estimate_model_states(uniform_numels(num_params), world_size=world_size,
                                        stage=stage, **settings, **extra)
         return _device_peak(report)

@@ -14,7 +14,7 @@ from .estimate import (DTYPE_NAMES, STATE_TENSORS, _device_peak, _elem_size,
                        estimate_model_states, format_bytes, format_count, formula_text,
                        largest_fitting_params, parse_count, parse_memory, zero_formula_bytes)
 from .model_shapes import (PRESETS, UNIFORM_TENSOR_NUMEL, preset_model, read_config_model,
-                           uniform_numels, uniform_units)
+                           uniform_numels, uniform_units, units_after)
 
 
 def _argument(convert):
@@ -76,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
                "--prefetch largest blocks gathered whole during forward/backward, and 'peak', "
                "total + live units (what --device-memory must fit at stage 3). --offload cpu "
                "(stages 1-3) puts the fp32 master, optimizer state and reduced gradient shard "
-               "in host memory: 'total' is then the device's bytes and 'host' the host's.")
+               "in host memory: 'total' is then the device's bytes and 'host' the host's. "
+               "--frozen adds frozen parameters (no gradients, master or optimizer state; a "
+               "LoRA's base model) beside the trainable model: the 'frozen' column, whole on "
+               "every rank except at stage 3, which partitions them over the N ranks unless "
+               "--no-partition-frozen.")
     model = parser.add_mutually_exclusive_group()
     model.add_argument("--params", type=_argument(parse_count), metavar="N",
                        help="a parameter count (1.5e9, 1.5B, 125M), split into equal tensors "
@@ -85,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a model whose exact parameter shapes are built in")
     model.add_argument("--config", metavar="CONFIG_JSON",
                        help="a Hugging Face config.json of a GPT-2 or Llama-style model")
+    parser.add_argument("--frozen", type=_argument(parse_count), metavar="N",
+                        help="frozen parameters (requires_grad=False, e.g. a LoRA's base model) "
+                             "beside the model's trainable ones, in --dtype, split into equal "
+                             "tensors of at most 4096x4096 (stage 3: each a unit of its own)")
+    parser.add_argument("--partition-frozen", action=argparse.BooleanOptionalAction,
+                        default=True,
+                        help="stage 3: partition the frozen parameters over the ranks, as "
+                             "ZeroOptimizer's partition_frozen (default: yes)")
     parser.add_argument("--world-size", type=_argument(_positive_int("a world size")),
                         nargs="+", default=[1, 2, 4, 8], metavar="N",
                         help="data-parallel world sizes (default: 1 2 4 8)")
@@ -137,6 +149,11 @@ def _model_from_args(args, parser) -> Optional[tuple]:
     return None
 
 
+def _frozen_numels(args) -> list:
+    """The --frozen parameters' element counts (none without it)."""
+    return uniform_numels(args.frozen) if args.frozen is not None else []
+
+
 def _units_text(args, model: tuple) -> str:
     """What the stage-3 rows assume about the model's units."""
     _, numels, units = model
@@ -148,25 +165,37 @@ def _units_text(args, model: tuple) -> str:
                 f"tensors (at most {UNIFORM_TENSOR_NUMEL:,} elements) is assumed to be a unit "
                 "of its own and the root unit empty; a real model's blocks are larger and its "
                 "root holds the embeddings, so 'live units' and 'peak' come out low (the other "
-                "columns hardly depend on the split). --preset or --config give real units.")
+                "columns hardly depend on the split). --preset or --config give real units."
+                + _frozen_units_text(args))
     blocks = [n for u, n in sizes.items() if u != 0]
     return (f"Stage 3 units: the root (embeddings, final norm, head) of "
             f"{format_count(sizes.get(0, 0))} parameters and {len(blocks)} blocks (the "
             f"nn.ModuleList children) of at most {format_count(max(blocks, default=0))}; "
-            f"prefetch {args.prefetch}.")
+            f"prefetch {args.prefetch}." + _frozen_units_text(args))
+
+
+def _frozen_units_text(args) -> str:
+    if args.frozen is None or not args.partition_frozen:
+        return ""
+    return (f" The --frozen parameters' {len(_frozen_numels(args))} tensors are assumed to be "
+            "units of their own after the model's (a real model's frozen weights share its "
+            "blocks, so 'live units' may come out low).")
 
 
 def _settings(args) -> dict:
     return dict(dtype=args.dtype, reduce_dtype=args.reduce_dtype, bucket_mb=args.bucket_mb,
                 offload=args.offload, max_in_flight=args.max_in_flight, backend=args.backend,
-                optimizer=args.optimizer)
+                optimizer=args.optimizer, frozen_numels=_frozen_numels(args),
+                partition_frozen=args.partition_frozen)
 
 
 def _table(rows: List[dict], *, host: bool, device_bytes: Optional[int]) -> str:
     stage3 = any("live_units" in r for r in rows)
     columns = [("stage", lambda r: str(r["stage"])), ("N", lambda r: str(r["world_size"])),
-               ("params", lambda r: format_bytes(r["model_params"])),
-               ("grads", lambda r: format_bytes(r["grads"])),
+               ("params", lambda r: format_bytes(r["model_params"]))]
+    if any(r["frozen_params"] for r in rows):
+        columns.append(("frozen", lambda r: format_bytes(r["frozen_params"])))
+    columns += [("grads", lambda r: format_bytes(r["grads"])),
                ("fp32 master", lambda r: format_bytes(r["master_params"])),
                ("optim state", lambda r: format_bytes(r["optimizer_state"])),
                ("comm bufs", lambda r: format_bytes(r["comm_buffers"])),
@@ -199,8 +228,11 @@ def plot(rows: List[dict], path: str, *, title: str, device_bytes: Optional[int]
     matplotlib.use("Agg")  # files only; no display needed
     import matplotlib.pyplot as plt
 
-    labels = {"model_params": "parameters", "grads": "gradients", "master_params": "fp32 master",
+    labels = {"model_params": "parameters", "frozen_params": "frozen parameters",
+              "grads": "gradients", "master_params": "fp32 master",
               "optimizer_state": "optimizer state", "comm_buffers": "comm buffers"}
+    if not any(r["frozen_params"] for r in rows):
+        del labels["frozen_params"]
     if any("live_units" in r for r in rows):
         labels["live_units"] = "live units (stage 3, training)"
     fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(rows) + 2), 4.5))
@@ -240,14 +272,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model = _model_from_args(args, parser)
     if args.prefetch != 1 and 3 not in args.stage:
         parser.error("--prefetch applies to stage 3 only: add --stage 3")
+    if not args.partition_frozen and (args.frozen is None or 3 not in args.stage):
+        parser.error("--no-partition-frozen applies to frozen parameters at stage 3: add "
+                     "--frozen N and --stage 3")
     if model is None and args.device_memory is None:
         parser.error("name a model (--params, --preset or --config), or give --device-memory "
                      "to find the largest model that fits")
     settings = _settings(args)
     offload = args.offload == "cpu"
+    frozen_text = ""
+    if args.frozen is not None:
+        frozen_text = (f", {args.frozen:,} frozen parameters beside the trainable ones"
+                       + ("" if args.partition_frozen else " (whole at stage 3 too)"))
     described = (f"{args.dtype} params, {args.reduce_dtype} gradients, {args.optimizer}, "
                  f"{_bucket_text(args, model)}, {args.backend}"
-                 + (", offload cpu" if offload else ""))
+                 + (", offload cpu" if offload else "") + frozen_text)
     rows = []
     if model is not None:
         description, numels, units = model
@@ -258,7 +297,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "not counted):")
         for stage in args.stage:
             for world_size in args.world_size:
-                extra = dict(units=units, prefetch=args.prefetch) if stage == 3 else {}
+                extra = dict(units=units, prefetch=args.prefetch,
+                             frozen_units=units_after(units, len(settings["frozen_numels"]))
+                             ) if stage == 3 else {}
                 report = estimate_model_states(numels, world_size=world_size, stage=stage,
                                                **settings, **extra)
                 rows.append(dict(report, stage=stage, world_size=world_size,
@@ -268,7 +309,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  formula_text=formula_text(stage, args.dtype, args.optimizer)))
         print(_table(rows, host=offload, device_bytes=args.device_memory))
         print("ZeRO formula: the paper's closed form (gradients in the parameter dtype, no "
-              "padding, no comm buffers), Ψ parameters, N ranks.")
+              "padding, no comm buffers), Ψ parameters, N ranks"
+              + (" (the trainable ones: frozen parameters are not in it)."
+                 if args.frozen is not None else "."))
         if 3 in args.stage:
             print("Stage 3: the row is between steps; 'live units' are the parameters gathered "
                   "whole during forward/backward (the root unit and the 1 + prefetch largest "

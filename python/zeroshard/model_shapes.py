@@ -12,7 +12,9 @@ owning_units): the blocks are the children of an nn.ModuleList (GPT-2's `transfo
 Llama's `model.layers.<i>`), unit i+1 for block i; everything else (embeddings, final norm, an
 untied head; a tied head is the embedding's tensor) is the root unit 0. A bare parameter count
 has no blocks: `uniform_units` assumes each tensor of the uniform split is a unit of its own
-(root empty), the smallest units such a count allows.
+(root empty), the smallest units such a count allows. Frozen parameters given as a bare count
+beside a model (the estimator's --frozen) are split the same way, each tensor a unit of its own
+numbered after the model's (`units_after`): a real model's frozen weights share its blocks.
 """
 from __future__ import annotations
 
@@ -219,3 +221,10 @@ def uniform_units(num_params: int) -> List[int]:
     """The units assumed for uniform_numels(num_params) at stage 3: each tensor a unit of its own
     (1, 2, ...), nothing in the root (see [Note: units])."""
     return list(range(1, len(uniform_numels(num_params)) + 1))
+
+
+def units_after(units: List[int], count: int) -> List[int]:
+    """`count` tensors each a unit of its own, numbered after the largest of `units` (frozen
+    tensors beside a model; see [Note: units])."""
+    first = max(units, default=0) + 1
+    return list(range(first, first + count))

@@ -30,9 +30,12 @@ _PASS_CALL = {"requires_grad_", "register_hook", "register_post_accumulate_grad_
               "is_complex", "get_device", "is_pinned", "is_shared", "retain_grad",
               "__setstate__", "__dir__", "is_signed", "_is_view", "storage_offset",
               "is_inference", "_typed_storage", "storage", "share_memory_", "__get__",
-              "__instancecheck__", "__subclasscheck__"}
+              "__instancecheck__", "__subclasscheck__", "_has_compatible_shallow_copy_type"}
 _SHAPE = {"size", "numel", "dim", "ndimension", "nelement", "__len__", "stride",
           "is_contiguous"}
+# A whole tensor shaped or typed after a sharded one: only its shape, dtype and device are read.
+_TEMPLATE_ARG = {"view_as", "reshape_as", "expand_as", "type_as", "broadcast_to"}
+_NEW = {"new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"}
 # Write every element without reading any: run on a whole temporary, keep this rank's pieces.
 _FILLS = {"normal_", "uniform_", "bernoulli_", "exponential_", "random_", "log_normal_",
           "cauchy_", "geometric_", "zeros_", "ones_", "constant_", "trunc_normal_",
@@ -43,7 +46,8 @@ _LIKE = {"zeros_like", "ones_like", "full_like", "empty_like", "rand_like", "ran
 _CONVERSIONS = {"to", "type", "float", "double", "half", "bfloat16", "cpu", "cuda", "contiguous",
                 "clone", "type_as"}
 _ALIASES = {"detach", "detach_"}
-_REDUCTIONS = {"sum", "nansum", "mean", "nanmean", "norm", "vector_norm", "max", "min", "amax",
+_REDUCTIONS = {"sum", "nansum", "mean", "nanmean", "norm", "vector_norm", "linalg_vector_norm",
+               "linalg_norm", "max", "min", "amax",
                "amin", "all", "any", "count_nonzero", "std", "var", "equal", "allclose",
                "_foreach_norm", "dist"}
 _DUNDERS = {"__add__": "add", "__radd__": "add", "__iadd__": "add_", "__sub__": "sub",
@@ -117,11 +121,19 @@ def handle(func, args: tuple, kwargs: Dict[str, Any]):
     accessor = _property(func)
     if accessor is not None:
         return _property_access(func, accessor, args)
-    target = args[0] if args else None
+    # torch.nn.init's functions pass their tensor by keyword
+    target = args[0] if args else kwargs.get("tensor")
     if name in _PASS_CALL:
         return func(*args, **kwargs)
     if name in _SHAPE and isinstance(target, ShardedTensor):
         return _shape_query(name, target, args[1:], kwargs)
+    if name in _NEW and isinstance(target, ShardedTensor):
+        return func(*args, **kwargs)  # a new whole tensor of the placeholder's dtype and device
+    if name in _TEMPLATE_ARG and not isinstance(target, ShardedTensor) and len(args) == 2 \
+            and isinstance(args[1], ShardedTensor):
+        template = args[1]
+        return func(target, torch.empty(template._zs.spec.shape, dtype=template.dtype,
+                                        device="meta") if name != "type_as" else template)
     if name in ("__repr__", "__str__", "__format__"):
         return ShardedTensor.__repr__(target)
     if name in ("__reduce_ex__", "__reduce__", "__getstate__"):
@@ -262,7 +274,10 @@ def _apply_in_place(func, target: ShardedTensor, args, kwargs, spec: ShardSpec) 
         local_args = (target._zs.local,) + tree_map(lambda a: _local_of(a, spec), args[1:])
         func(*local_args, **tree_map(lambda a: _local_of(a, spec), kwargs))
         return
-    move = lambda a: a.to(master.device) if isinstance(a, torch.Tensor) else a  # noqa: E731
+    def move(a):  # fp32 on the master's device: torch's in-place ops take one float dtype
+        if not isinstance(a, torch.Tensor):
+            return a
+        return a.to(master.device, master.dtype if a.is_floating_point() else a.dtype)
     local_args = (master,) + tree_map(lambda a: move(_local_of(a, spec, master=True)), args[1:])
     func(*local_args, **tree_map(lambda a: move(_local_of(a, spec, master=True)), kwargs))
     target._zs.local.copy_(master)
@@ -367,7 +382,8 @@ def _fill(func, target: ShardedTensor, args, kwargs):
     _check_autograd(_name(func), target, [target])
     s = target._zs
     whole = torch.empty(s.spec.shape, dtype=s.local.dtype, device=s.local.device)
-    func(whole, *args[1:], **kwargs)
+    swap = lambda a: whole if a is target else a  # noqa: E731
+    func(*[swap(a) for a in args], **{k: swap(v) for k, v in kwargs.items()})
     _write(target, whole)
     return target
 
@@ -434,18 +450,18 @@ def _reduce_value(func, name: str, target: ShardedTensor, args, kwargs):
         p = args[2] if len(args) > 2 else kwargs.get("p", 2)
         diff = x - _local_of(args[1], target._zs.spec)
         return _norm_of_local(target, diff, p)
-    if name in ("norm", "vector_norm"):
-        p = args[1] if len(args) > 1 else kwargs.get("p", kwargs.get("ord", 2))
+    if name in ("norm", "vector_norm", "linalg_vector_norm", "linalg_norm"):
+        p = args[1] if len(args) > 1 else kwargs.get("p", kwargs.get("ord"))
+        if name == "linalg_norm" and p not in (None, "fro") and len(target._zs.spec.shape) > 1:
+            raise access_error(target, "a matrix norm (linalg.norm with ord=)")
         return _norm(target, 2 if p in (None, "fro") else p, kwargs.get("dtype"))
     numel = target._zs.spec.numel
     if name in ("sum", "nansum", "mean", "nanmean"):
         v = x.double()
+        count = float((~torch.isnan(v)).sum()) if name.startswith("nan") else float(v.numel())
         if name.startswith("nan"):
-            count = float((~torch.isnan(v)).sum())
             v = torch.nan_to_num(v, nan=0.0)
-        else:
-            count = float(numel)
-        total, count = _all_reduce(target, [float(v.sum()), count], _SUM)
+        total, count = _all_reduce(target, [float(v.sum()), count], _SUM)  # local counts add up
         value = total / count if name.endswith("mean") else total
         return _scalar(value, kwargs.get("dtype") or x.dtype, x.device)
     if name in ("max", "amax", "min", "amin"):

@@ -28,6 +28,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from .communicator import all_gather_single
+
 __all__ = ["ShardSpec", "ShardedTensor", "ShardedParameter", "ShardedAccessError",
            "is_sharded", "shard_of", "make_sharded", "unmake_sharded", "raw"]
 
@@ -257,7 +259,7 @@ def gather_whole(tensors: Sequence[ShardedTensor]) -> List[torch.Tensor]:
             cat = torch.cat(packed)
             send[:cat.numel()].copy_(cat)
     received = torch.empty(longest * world, dtype=dtype, device=device)
-    dist.all_gather_into_tensor(received, send, group=spec0.group)
+    all_gather_single(received, send, group=spec0.group)
     for r in range(world):
         at = r * longest
         for s, w in zip(shards, wholes):

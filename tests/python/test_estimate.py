@@ -13,11 +13,12 @@ import zeroshard
 from dist_harness import run_distributed
 from zeroshard import estimate
 from zeroshard.estimate import (estimate_model_states, format_bytes, formula_text,
-                                param_numels_of, param_units_of, zero_formula_bytes)
+                                frozen_numels_of, frozen_units_of, param_numels_of,
+                                param_units_of, zero_formula_bytes)
 from zeroshard.model_shapes import (config_model, config_numels, gpt2_numels, gpt2_units,
                                     llama_numels, llama_units, preset_model, preset_numels,
                                     read_config_model, read_config_numels, uniform_numels,
-                                    uniform_units)
+                                    uniform_units, units_after)
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "examples"))
 from gpt import GPT, GPTConfig  # noqa: E402  (examples/gpt.py)
@@ -120,7 +121,7 @@ def test_report_keys_total_and_offload():
     numels = uniform_numels(10 ** 6)
     report = estimate_model_states(numels, world_size=4, stage=2, dtype="bf16")
     assert set(report) == {"model_params", "grads", "master_params", "optimizer_state",
-                           "comm_buffers", "total", "host_bytes"}
+                           "frozen_params", "comm_buffers", "total", "host_bytes"}
     assert report["total"] == sum(report[k] for k in MODEL_STATE_KEYS + ("comm_buffers",))
     assert report["host_bytes"] == 0
     offloaded = estimate_model_states(numels, world_size=4, stage=2, dtype=torch.bfloat16,
@@ -166,6 +167,15 @@ def test_bad_arguments_say_what_is_wrong():
         estimate_model_states([10], world_size=2, stage=1, dtype="int8")
     with pytest.raises(ValueError, match="unknown preset"):
         preset_numels("gpt5")
+    with pytest.raises(ValueError, match="pass frozen_units= parallel to frozen_numels"):
+        estimate_model_states([10], world_size=2, stage=3, units=[0], frozen_numels=[4])
+    with pytest.raises(ValueError, match="frozen_units has 2 entries, frozen_numels 1"):
+        estimate_model_states([10], world_size=2, stage=3, units=[0], frozen_numels=[4],
+                              frozen_units=[0, 1])
+    with pytest.raises(ValueError, match="frozen_numels must be non-negative integers"):
+        estimate_model_states([10], world_size=2, stage=1, frozen_numels=[-4])
+    with pytest.raises(ValueError, match="partition_frozen must be True or False"):
+        estimate_model_states([10], world_size=2, stage=1, partition_frozen="yes")
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -325,6 +335,8 @@ def test_cli_device_memory_prints_the_largest_fit(capsys):
     (["--preset", "gpt2", "--device-memory", "80"], "cannot read '80' as an amount of memory"),
     (["--config", "/nonexistent/config.json"], "cannot read /nonexistent/config.json"),
     (["--world-size", "2"], "name a model"),
+    (["--preset", "gpt2", "--frozen", "1B", "--no-partition-frozen"],
+     "--no-partition-frozen applies to frozen parameters at stage 3"),
 ])
 def test_cli_bad_input_exits_with_the_reason(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -549,3 +561,147 @@ def test_cli_plot_stage3(tmp_path):
     assert estimate.main(["--preset", "gpt2", "--world-size", "4", "--stage", "2", "3",
                           "--plot", str(path)]) == 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- frozen parameters -------------------------------------------------------------------------
+class LoraBlock(nn.Module):
+    def __init__(self, d, rank):
+        super().__init__()
+        self.base = nn.Linear(d, d, bias=False).requires_grad_(False)
+        self.down, self.up = nn.Linear(d, rank, bias=False), nn.Linear(rank, d, bias=False)
+
+    def forward(self, x):
+        return x + self.base(x) + self.up(self.down(x))
+
+
+class LoraNet(nn.Module):
+    """A LoRA fine-tune: frozen embedding and block weights (90% of the elements; at these
+    defaults multiples of 256, unpadded at 4 ranks), trainable adapters and final norm."""
+    def __init__(self, dtype=torch.float32, vocab=32, d=64, rank=4, freeze=True):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d).requires_grad_(False)
+        self.blocks = nn.ModuleList(LoraBlock(d, rank) for _ in range(3))
+        self.norm = nn.LayerNorm(d)
+        self.to(dtype).requires_grad_(True) if not freeze else self.to(dtype)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x).float().pow(2).mean()
+
+
+def _frozen_estimates(model, **settings):
+    """(trainable part alone, with the frozen parameters) estimates of model."""
+    units = dict(units=param_units_of(model)) if settings["stage"] == 3 else {}
+    alone = estimate_model_states(param_numels_of(model), **units, **settings)
+    frozen = estimate_model_states(param_numels_of(model), frozen_numels=frozen_numels_of(model),
+                                   frozen_units=frozen_units_of(model), **units, **settings)
+    return alone, frozen
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+def test_frozen_base_is_partitioned_at_stage3(dtype_name):
+    model = LoraNet(DTYPES[dtype_name])
+    assert frozen_numels_of(model) == [32 * 64] + [64 * 64] * 3
+    assert frozen_units_of(model) == [0, 1, 2, 3]
+    frozen_bytes = sum(p.numel() * p.element_size() for p in model.parameters()
+                       if not p.requires_grad)
+    assert frozen_bytes >= 0.85 * sum(p.numel() * p.element_size() for p in model.parameters())
+    alone, frozen = _frozen_estimates(model, world_size=4, stage=3, dtype=dtype_name,
+                                      bucket_mb=TINY_BUCKET_MB)
+    assert alone["frozen_params"] == 0 and frozen["frozen_params"] == frozen_bytes / 4
+    for key in MODEL_STATE_KEYS + ("comm_buffers",):
+        assert frozen[key] == alone[key], key
+    assert frozen["total"] == alone["total"] + frozen_bytes / 4
+    # Gathered with their units: the root's embedding and the two largest blocks' base weights.
+    elem = DTYPES[dtype_name].itemsize
+    assert frozen["live_units"] == alone["live_units"] + elem * (32 * 64 + 2 * 64 * 64)
+    assert frozen["peak_total"] == frozen["total"] + frozen["live_units"]
+
+
+@pytest.mark.parametrize("stage,partition_frozen,offload", [
+    (2, True, None), (2, True, "cpu"), (0, True, None), (3, False, None)])
+def test_frozen_params_are_whole_below_stage3_or_unpartitioned(stage, partition_frozen, offload):
+    model = LoraNet(torch.bfloat16)
+    frozen_bytes = 2 * sum(frozen_numels_of(model))
+    alone, frozen = _frozen_estimates(model, world_size=4, stage=stage, dtype="bf16",
+                                      partition_frozen=partition_frozen, offload=offload)
+    assert frozen["frozen_params"] == frozen_bytes
+    assert frozen["total"] == alone["total"] + frozen_bytes  # on the device, offload or not
+    for key in set(alone) - {"frozen_params", "total", "peak_total"}:
+        assert frozen[key] == alone[key], key  # live_units too: whole, nothing gathered
+    # fp32 trainable adapters beside a bf16 base: the frozen bytes are the base's dtype's.
+    fp32 = estimate_model_states(param_numels_of(model), world_size=4, stage=stage,
+                                 frozen_numels=frozen_numels_of(model), frozen_dtype="bf16",
+                                 partition_frozen=partition_frozen, units=param_units_of(model))
+    assert fp32["frozen_params"] == frozen_bytes
+
+
+def test_without_frozen_params_nothing_changes():
+    assert frozen_numels_of(LoraNet(freeze=False)) == [] == frozen_units_of(LoraNet(freeze=False))
+    numels = [7, 1000, 561, 4099]  # AWKWARD_SHAPES; the numbers are the estimator's before
+    stage2 = estimate_model_states(numels, world_size=4, stage=2, bucket_mb=TINY_BUCKET_MB)
+    assert stage2 == dict(model_params=23040, grads=5760, master_params=0, optimizer_state=11520,
+                          frozen_params=0, comm_buffers=64512, total=104832, host_bytes=0)
+    # Empty frozen tensors (the optimizer leaves them out), one in a unit of its own.
+    stage3 = estimate_model_states(numels, world_size=4, stage=3, units=[0, 1, 1, 2],
+                                   dtype="bf16", bucket_mb=0.001, frozen_numels=[0, 0],
+                                   frozen_units=[1, 5])
+    assert stage3 == dict(model_params=3200, grads=6400, master_params=6400,
+                          optimizer_state=12800, frozen_params=0, comm_buffers=12288,
+                          live_units=12800, total=41088, host_bytes=0, peak_total=53888)
+
+
+def _frozen_reports_on_rank(rank, world_size):
+    out = {}
+    for partition_frozen in (True, False):
+        model = LoraNet(vocab=37, d=22, rank=3)  # awkward sizes: padded shards
+        opt = zeroshard.ZeroAdamW(model, stage=3, lr=1e-3, bucket_mb=TINY_BUCKET_MB,
+                                  partition_frozen=partition_frozen)
+        opt.zero_grad()
+        opt.backward(model(torch.randint(0, 37, (4,), generator=torch.Generator().manual_seed(0))))
+        opt.step()
+        out[partition_frozen] = dict(
+            report=dict(opt.memory_report(), measured=None),
+            shards=sum(fg.shard_param.numel() * 4 for fg in opt.frozen_groups),
+            unit_bytes={u.index: u.full_nbytes for u in opt.units.units})
+    return out
+
+
+def test_frozen_params_match_the_stage3_optimizer():
+    for rank_reports in run_distributed(_frozen_reports_on_rank, 2, timeout_s=180):
+        for partition_frozen, real in rank_reports.items():
+            model = LoraNet(vocab=37, d=22, rank=3)
+            _, frozen = _frozen_estimates(model, world_size=2, stage=3, bucket_mb=TINY_BUCKET_MB,
+                                          partition_frozen=partition_frozen)
+            whole = 4 * sum(frozen_numels_of(model))
+            assert frozen["frozen_params"] == (real["shards"] if partition_frozen else whole)
+            assert whole / 2 < real["shards"] < whole  # partitioned, with some padding
+            for key in ALL_KEYS + ("frozen_params",):
+                if key in real["report"] and (key != "total" or "frozen_params" in real["report"]):
+                    assert real["report"][key] == frozen[key], (partition_frozen, key)
+            largest = sorted((b for u, b in real["unit_bytes"].items() if u), reverse=True)
+            assert frozen["live_units"] == real["unit_bytes"][0] + sum(largest[:2])
+
+
+def test_cli_frozen_column_and_no_partition_frozen(capsys):
+    argv = ["--params", "20M", "--frozen", "180M", "--world-size", "4", "--stage", "2", "3",
+            "--dtype", "bf16"]
+    assert estimate.main(argv) == 0
+    partitioned = capsys.readouterr().out.splitlines()
+    assert estimate.main(argv + ["--no-partition-frozen"]) == 0
+    whole = capsys.readouterr().out.splitlines()
+    assert "frozen" in partitioned[3].split()  # the table's header
+    numels, frozen = uniform_numels(20 * 10 ** 6), uniform_numels(180 * 10 ** 6)
+    units = dict(units=uniform_units(20 * 10 ** 6),
+                 frozen_units=units_after(uniform_units(20 * 10 ** 6), len(frozen)))
+    for stage, lines, partition in ((2, partitioned, True), (3, partitioned, True),
+                                    (3, whole, False)):
+        report = estimate_model_states(numels, world_size=4, stage=stage, dtype="bf16",
+                                       backend="nccl", frozen_numels=frozen,
+                                       partition_frozen=partition, **units)
+        assert report["frozen_params"] == 2 * 180 * 10 ** 6 // (4 if stage == 3 and partition
+                                                                else 1)
+        for key in ALL_KEYS + ("frozen_params",):
+            assert format_bytes(report[key]) in _row(lines, stage, 4), (stage, partition, key)
