@@ -288,7 +288,7 @@ def _frozen_groups(frozen: List[int], frozen_units: Optional[Sequence[int]], wor
     groups = _unit_groups(frozen, frozen_units, ("frozen_units", "frozen_numels"))
     layouts = {u: _core.Layout([frozen[i] for i in members if frozen[i] > 0], world_size,
                                max(1, ALIGN_BYTES // elem), bucket)
-               for u, members in groups if any(frozen[i] for i in members)}
+               for u, members in groups}
     return {u: (layout.shard_numel * elem, layout.buffer_numel * elem)
             for u, layout in layouts.items()}
 

@@ -34,6 +34,7 @@ def memory_report(opt) -> Dict[str, Any]:
             if isinstance(value, torch.Tensor):
                 bucket = "master_params" if key == "master" else "optimizer_state"
                 report[bucket] += value.numel() * value.element_size()
+    report["frozen_params"] = _frozen_bytes(opt)
     report["comm_buffers"] = opt.reducer.comm_buffer_bytes
     report["total"] = sum(report.values())
     if opt.offload is not None:
@@ -53,3 +54,20 @@ def memory_report(opt) -> Dict[str, Any]:
             "largest_unit_bytes": max(u.full_nbytes for u in opt.units.units)}
     report["measured"] = process_memory.measured(opt.device)
     return report
+
+
+def _frozen_bytes(opt) -> int:
+    """Bytes of the model's parameters that train nothing: at stage 3 (partition_frozen) this
+    rank's shards of them plus the units gathered now; otherwise whole on every rank."""
+    total = sum(fg.memory_bytes()["model_params"] for fg in opt.frozen_groups)
+    partitioned = {id(p) for fg in opt.frozen_groups + opt.flat_groups for p in fg.params}
+    seen = set()
+    for m in opt.modules:
+        for p in m.parameters():
+            if id(p) in partitioned or id(p) in seen or p.requires_grad:
+                continue
+            seen.add(id(p))
+            shard = getattr(p, "_zs", None)  # sharded by sharded_init, not adopted
+            total += (shard.local.numel() if shard is not None and type(p) is not
+                      torch.nn.Parameter else p.numel()) * p.element_size()
+    return total

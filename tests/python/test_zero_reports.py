@@ -13,7 +13,8 @@ requires_zero = pytest.mark.skipif(not hasattr(zeroshard, "ZeroAdamW"),
                                    reason="zeroshard.ZeroAdamW not implemented yet (issue 3)")
 STAGES = (0, 1, 2)
 DTYPES = (torch.float32, torch.bfloat16)
-REPORT_KEYS = {"model_params", "grads", "master_params", "optimizer_state", "comm_buffers", "total"}
+REPORT_KEYS = {"model_params", "grads", "master_params", "optimizer_state", "frozen_params",
+               "comm_buffers", "total"}
 COMM_KINDS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast")
 ALIGN_BYTES = 128
 CONTROL_BYTES = 256   # room for small control messages (an overflow flag, a norm) per step
@@ -138,7 +139,8 @@ def test_bounds_are_tight_enough_to_fail():
     numel = sum(trainable_numels())
     assert padded_bound(3) < 1.1 * numel
     replicated = {"model_params": 4 * numel, "grads": 4 * numel, "master_params": 0,
-                  "optimizer_state": 8 * numel, "comm_buffers": 0, "total": 16 * numel}
+                  "optimizer_state": 8 * numel, "frozen_params": 0, "comm_buffers": 0,
+                  "total": 16 * numel}
     check_memory(replicated, torch.float32, 0, 3)
     with pytest.raises(AssertionError):
         check_memory(replicated, torch.float32, 1, 3)
