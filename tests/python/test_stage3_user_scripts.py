@@ -80,6 +80,9 @@ def _script(rank: int, world_size: int, case: str, zero: bool):
         teacher.requires_grad_(False).eval()
     if case in ("ema", "timm_ema"):  # built after the optimizer, as torch's SWA docs show
         ema = copy.deepcopy(model).requires_grad_(False)
+    shadows = None
+    if case == "diffusers_ema":  # diffusers' EMAModel(model.parameters()): detached clones
+        shadows = [p.clone().detach() for p in model.parameters()]
     if case == "averaged_model":
         averaged = torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(DECAY))
@@ -110,10 +113,24 @@ def _script(rank: int, world_size: int, case: str, zero: bool):
                                      list(model.state_dict().values()), 1 - DECAY)
             if averaged is not None:
                 averaged.update_parameters(model)
+            if shadows is not None:
+                for s, p in zip(shadows, model.parameters()):
+                    s.sub_((1 - DECAY) * (s - p))
+                if step == 1:  # EMAModel's store / copy_to / evaluate / restore
+                    stored = [p.detach().cpu().clone() for p in model.parameters()]
+                    for s, p in zip(shadows, model.parameters()):
+                        p.data.copy_(s.to(p.device).data)
+                    ema_evals.append(float(mse_loss(model, tokens, target)))
+                    for c, p in zip(stored, model.parameters()):
+                        p.data.copy_(c.data)
             shadow = ema if ema is not None else averaged
             if shadow is not None and step == 1:  # the EMA evaluated mid-run, on every rank
                 ema_evals.append(float(mse_loss(shadow, tokens, target)))
     result = {"losses": losses, "ema_evals": ema_evals}
+    if shadows is not None:  # whole-tensor reductions of each shadow (collectives at stage 3)
+        with torch.no_grad():
+            result["shadow_sums"] = [[float(s.sum()), float(s.norm()), float(s.abs().max())]
+                                     for s in shadows]
     with _whole(model, zero):
         result["weights"] = {n: p.detach().clone() for n, p in model.named_parameters()}
     shadow = ema if ema is not None else (averaged.module if averaged is not None else None)
@@ -140,6 +157,12 @@ def _check(per_rank, reference, what):
             for name, value in reference[key].items():
                 torch.testing.assert_close(r[key][name], value, rtol=1e-5, atol=1e-6,
                                            msg=f"{what}: {key} {name}")
+    if "shadow_sums" in reference:
+        for r in per_rank:
+            torch.testing.assert_close(torch.tensor(r["shadow_sums"], dtype=torch.float64),
+                                       torch.tensor(reference["shadow_sums"],
+                                                    dtype=torch.float64),
+                                       rtol=1e-5, atol=1e-6, msg=f"{what}: EMA shadows")
     if reference["ema_evals"]:
         evals = torch.tensor([r["ema_evals"] for r in per_rank]).mean(0)
         torch.testing.assert_close(evals, torch.tensor(reference["ema_evals"]), rtol=1e-5,
@@ -148,6 +171,7 @@ def _check(per_rank, reference, what):
 
 @pytest.mark.parametrize("case,world_size", [
     ("wgan", 2), ("wgan", 3), ("ema", 2), ("ema", 3), ("timm_ema", 3), ("averaged_model", 2),
+    ("diffusers_ema", 3),
     ("teacher", 2), ("teacher", 3), ("lora", 2), ("lora", 3)])
 def test_user_script_matches_ddp(case, world_size):
     per_rank = run_distributed(_script, world_size, case, True, timeout_s=180)
