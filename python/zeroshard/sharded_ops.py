@@ -17,8 +17,7 @@ import torch.distributed as dist
 from torch.utils._pytree import tree_flatten, tree_map
 
 from . import call_tags
-from .sharded_tensor import (ShardedAccessError, ShardedParameter, ShardedTensor, ShardSpec,
-                             make_sharded, shard_of)
+from .sharded_tensor import ShardedAccessError, ShardedTensor, ShardSpec, make_sharded
 
 # Read or set about the tensor object, not its values.
 _PASS_GET = {"dtype", "device", "requires_grad", "is_leaf", "grad", "grad_fn", "layout",

@@ -70,7 +70,8 @@ def _script(rank: int, world_size: int, case: str, zero: bool):
     trainable = [p for p in model.parameters() if p.requires_grad]
     if zero:
         opt = zeroshard.ZeroAdamW(trainable, lr=LR, weight_decay=0.1, stage=3, module=model,
-                                  bucket_mb=TINY_BUCKET_MB)
+                                  bucket_mb=TINY_BUCKET_MB,
+                                  offload="cpu" if case.endswith("_offload") else None)
     else:
         opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.1)
     teacher = ema = averaged = None
@@ -102,7 +103,7 @@ def _script(rank: int, world_size: int, case: str, zero: bool):
         opt.zero_grad()
         losses.append(float(loss.detach()))
         with torch.no_grad():
-            if case == "wgan":  # the critic's weight clipping, after its step
+            if case.startswith("wgan"):  # the critic's weight clipping, after its step
                 for p in model.parameters():
                     p.data.clamp_(-CLIP, CLIP)
             if case == "ema":
@@ -142,7 +143,7 @@ def _script(rank: int, world_size: int, case: str, zero: bool):
 
 @functools.lru_cache(maxsize=None)
 def _reference(case: str):
-    return _script(0, 1, case, False)
+    return _script(0, 1, case.replace("_offload", ""), False)
 
 
 def _check(per_rank, reference, what):
@@ -171,7 +172,7 @@ def _check(per_rank, reference, what):
 
 @pytest.mark.parametrize("case,world_size", [
     ("wgan", 2), ("wgan", 3), ("ema", 2), ("ema", 3), ("timm_ema", 3), ("averaged_model", 2),
-    ("diffusers_ema", 3),
+    ("diffusers_ema", 3), ("wgan_offload", 2),
     ("teacher", 2), ("teacher", 3), ("lora", 2), ("lora", 3)])
 def test_user_script_matches_ddp(case, world_size):
     per_rank = run_distributed(_script, world_size, case, True, timeout_s=180)
