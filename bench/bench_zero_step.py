@@ -16,9 +16,9 @@ zeroshard/baseline (<= 1.0 means zeroshard is no slower).
         --offload cpu --baseline stage2                # CPU offload vs the same stage on the GPU
 Runs at world size 1 unless launched by torchrun; with CUDA under torchrun, gradients (and at
 stage 3 the parameter all-gathers) go through zeroshard's NCCL communicator. Stage 3 takes the
-model itself (ZeroAdamW(model, ..., stage=3)); between its steps the parameters are empty
-placeholders, so nothing here touches them after the optimizer is built (the parameter count
-comes from a meta-device copy). `--trace out.json.gz` profiles two more zeroshard steps after
+model itself (ZeroAdamW(model, ..., stage=3)); between its steps the parameters are sharded,
+so nothing here reads them after the optimizer is built (the parameter count comes from a
+meta-device copy). `--trace out.json.gz` profiles two more zeroshard steps after
 the timed ones with torch.profiler (CPU + CUDA) and saves the gzipped Chrome trace: every
 kernel, copy and NCCL collective of a step on one timeline (open it in Perfetto or
 chrome://tracing). The communicator's calls are labelled zeroshard::all_gather,
@@ -362,8 +362,8 @@ def main(argv=None) -> int:
         else torch.device("cpu")
     config = preset(args.model)
     x, y = batch(config, args.batch_size, min(args.seq_len, config.block_size), device)
-    # Sizes only, before any optimizer (a stage-3 model's parameters are empty placeholders
-    # between steps) and with no 355M-parameter init on the CPU.
+    # Sizes only, before any optimizer (a stage-3 model's parameters are sharded between
+    # steps) and with no 355M-parameter init on the CPU.
     with torch.device("meta"):
         numel = sum(p.numel() for p in GPT(config).parameters())
     base_step = base_opt = base_memory = None

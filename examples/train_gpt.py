@@ -155,8 +155,9 @@ def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
 class ZeroshardSetup:
     """zeroshard.ZeroAdamW on the plain model: no DDP wrapper, the optimizer reduces gradients.
     At stage 3 the optimizer also owns the parameters: it gathers each block (unit) around its
-    forward and backward, and outside them every parameter is an empty placeholder; the script
-    reads whole weights only inside `whole_params()` (the optimizer's full_params())."""
+    forward and backward, and outside them every parameter is sharded (whole shape, this rank's
+    part of the data); the script reads whole weights only inside `whole_params()` (the
+    optimizer's full_params())."""
 
     library = "zeroshard"  # imported before the start RSS is read (see train)
 
@@ -528,13 +529,15 @@ def closing_report(args, setup, memory: Dict, expected: Dict, peak_bytes: int, n
 def param_checksum(setup, model: torch.nn.Module, shapes: List[tuple]) -> float:
     """The fp64 sum of every parameter, read whole (inside the setup's whole_params(), a
     collective where parameters are partitioned: every rank calls this). Checks each parameter
-    has its recorded shape there, so an empty stage-3 placeholder cannot pass for a weight."""
+    has its recorded shape there and is an ordinary tensor, so a sharded stage-3 parameter
+    cannot pass for a whole weight."""
     with setup.whole_params(), torch.no_grad():
         params = list(model.parameters())
         found = [tuple(p.shape) for p in params]
-        if found != shapes:
+        sharded = [type(p).__name__ for p in params if type(p).__name__.startswith("Sharded")]
+        if found != shapes or sharded:
             raise RuntimeError(f"whole parameters have shapes {found[:3]}..., not the recorded "
-                               f"{shapes[:3]}...")
+                               f"{shapes[:3]}... (still sharded: {sharded[:3]})")
         return float(sum(p.detach().double().sum() for p in params))
 
 
@@ -566,7 +569,7 @@ def train(args) -> int:
     start_rss = current_rss_bytes()
     model = gpt.GPT(config, seed=args.seed).to(device)
     # Shapes and counts recorded before a setup flattens or partitions the parameters (DeepSpeed
-    # does; at stage 3 zeroshard leaves each one an empty placeholder between steps).
+    # does; zeroshard's stage 3 keeps them sharded between steps).
     param_shapes = [tuple(p.shape) for p in model.parameters()]
     numel = model.num_parameters()
     expected = expected_memory(args, [math.prod(shape) for shape in param_shapes], world, device,

@@ -243,7 +243,7 @@ class _ZeroAdamBase(_TorchArgumentsMixin, ZeroOptimizer):
 
 
 class ZeroAdamW(_ZeroAdamBase):
-    """torch.optim.AdamW, partitioned (stage 0/1/2) over the data-parallel ranks.
+    """torch.optim.AdamW, partitioned (stage 0/1/2/3) over the data-parallel ranks.
 
     ZeroAdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False,
               *, maximize=False, foreach=None, capturable=False, differentiable=False,
@@ -251,7 +251,8 @@ class ZeroAdamW(_ZeroAdamBase):
               reduce_dtype=None, loss_scale="dynamic", timeout_s=300, offload=None)
     offload="cpu" (stages 1-3) keeps this rank's master, state and reduced gradients in host
     memory and steps them on the CPU kernels (host_offload.py); at stage 3 module=, units=,
-    prefetch= and reshard_after_forward= apply too.
+    prefetch=, reshard_after_forward= and partition_frozen= (default True: frozen parameters
+    are partitioned too, see param_units.py) apply too.
     amsgrad and maximize are honoured (per param group too); foreach and fused are accepted
     and stored (zeroshard is always fused); capturable and differentiable are refused.
     """
