@@ -186,6 +186,7 @@ class ParamUnits:
         self.peak_alive = 0  # most non-root units with full buffers at once
         self._unchecked: List[tuple] = []  # CUDA: (unit, tags) not yet compared
         self._sharded = {id(p): fg for u in self.units for fg in u.groups for p in fg.params}
+        self.on_first_forward: Optional[Callable[[], None]] = None  # the optimizer's checks
         self._handles = []
         self._install_hooks()
 
@@ -222,6 +223,9 @@ class ParamUnits:
         if self._in_backward():  # a checkpointed unit recomputed in backward
             self.ensure(u)
             return
+        if self.on_first_forward is not None:
+            check, self.on_first_forward = self.on_first_forward, None
+            check()
         if u.is_root or len(self.record) > 4 * len(self.units):
             self.previous, self.record, self.matches = (self.record or self.previous), [], True
         k = len(self.record)

@@ -157,6 +157,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                     reshard_after_forward=reshard_after_forward,
                                     wait_guard=self._guarded_wait)
             self.reducer.on_launch = self.units.on_bucket_launched
+            self.units.on_first_forward = lambda: self._check_ddp_once()
         self.reducer.sync_predicate = self._models_want_sync
         self.reducer.offload = self.offload
         self.reducer.wait_guard = self._guarded_wait
@@ -429,11 +430,17 @@ class ZeroOptimizer(torch.optim.Optimizer):
     # wrap the model in DDP late. The first gradient of each backward (ExposedGrads' tensor
     # hook) and every step() check for these, so each either works or raises.
 
-    def _on_backward_start(self) -> None:
+    def _check_ddp_once(self) -> None:
+        """A DDP wrapper added after construction: refused at the first backward, or at stage
+        3 at the first forward (DDP's own hooks would otherwise meet sharded parameters inside
+        autograd, whose shape check fails first with no word of zeroshard)."""
         if not self._ddp_checked:
             self._ddp_checked = True
             reject_ddp_wrapped([p for fg in self.flat_groups for p in fg.params], self._names,
                                after=True)
+
+    def _on_backward_start(self) -> None:
+        self._check_ddp_once()
         self._reattach()
         self._forget_withdrawn_grads()
         self.exposed.withdraw()

@@ -29,3 +29,25 @@ def test_ddp_wrapped_parameters_are_refused(one_rank_group):
     other = torch.nn.Linear(5, 3)  # not wrapped: accepted while the DDP model lives
     opt = zeroshard.ZeroAdamW(other.parameters(), stage=2)
     assert len(opt.flat_groups) == 1
+
+
+def _wrapped_after_stage3(rank, world_size):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ModuleList(
+        [torch.nn.Linear(8, 8)]), torch.nn.Linear(8, 2))
+    model.forward = lambda x: model[2](model[1][0](model[0](x)))
+    zeroshard.ZeroAdamW(model, stage=3)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    try:
+        ddp(torch.randn(4, 8)).sum().backward()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_ddp_wrapped_after_a_stage3_optimizer_is_refused_before_autograd():
+    """Before: autograd's 'invalid gradient ... expected shape compatible with [0]' crash."""
+    from dist_harness import run_distributed
+    for message in run_distributed(_wrapped_after_stage3, 2, timeout_s=120):
+        assert message is not None and "DistributedDataParallel" in message, message
+        assert "Drop the DDP wrapper" in message
