@@ -91,6 +91,16 @@ def _timeout(optimizer, timeout_s) -> float:
     return float(timeout_s)
 
 
+def unwrap_optimizer(optimizer):
+    """The zeroshard optimizer under a framework's wrapper(s): accelerate's AcceleratedOptimizer
+    and Lightning's LightningOptimizer keep the one they wrap in `.optimizer`."""
+    seen = 0
+    while optimizer is not None and not isinstance(optimizer, ZeroOptimizer) and \
+            hasattr(optimizer, "optimizer") and seen < 8:
+        optimizer, seen = optimizer.optimizer, seen + 1
+    return optimizer
+
+
 def _check_args(path, model, optimizer) -> str:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
@@ -248,13 +258,15 @@ def _commit(path: str, directory: str, meta: Dict[str, Any]) -> None:
 
 def save(path, *, model: torch.nn.Module, optimizer: Optional[ZeroOptimizer] = None,
          extra: Any = None, rng: bool = False, timeout_s: Optional[float] = None) -> None:
-    """Saves model (and optimizer) state to the directory `path`, atomically.
+    """Saves model (and optimizer) state to the directory `path`, atomically. `optimizer` may be
+    a framework's wrapper of a zeroshard optimizer (accelerate's, Lightning's).
 
     Every rank of the optimizer's group must call it (not only rank 0): a rank that does not
     makes the others raise CollectiveCallError. `extra` (small, picklable: scheduler state,
     epoch...) comes back from load(). `rng=True` also saves each rank's torch and Python RNG
     states (restored by load(rng=True) at the same world size). `timeout_s` bounds each wait for
     the other ranks (default: the optimizer's timeout_s, else 300)."""
+    optimizer = unwrap_optimizer(optimizer)
     path = _check_args(path, model, optimizer)
     if optimizer is not None:
         optimizer._reattach()  # parameters moved by model.to() since construction
@@ -499,6 +511,7 @@ def load(path, *, model: torch.nn.Module, optimizer: Optional[ZeroOptimizer] = N
     against its checksum, reading into new tensors; only when every rank succeeded does it copy
     into the model and optimizer. On error nothing has changed and every rank raises. Every
     rank must call it; `timeout_s` as for save()."""
+    optimizer = unwrap_optimizer(optimizer)
     path = _check_args(path, model, optimizer)
     if optimizer is not None:
         optimizer._reattach()  # parameters moved by model.to() since construction

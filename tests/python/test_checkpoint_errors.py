@@ -186,3 +186,27 @@ def test_save_killed_at_every_durability_point_leaves_a_loadable_checkpoint(tmp_
     assert len(killed) >= 6, lines  # fsyncs of data, metadata, dirs, pointer; replace; cleanup
     assert any(l[5] == "1" for l in killed) and any(l[5] == "2" for l in killed), lines
     assert lines[-1][3] == "False" and lines[-1][5] == "2" and proc.stdout.endswith("done\n")
+
+
+class _FrameworkWrapper:
+    """What accelerate's AcceleratedOptimizer and Lightning's LightningOptimizer look like to
+    zeroshard.checkpoint: the real optimizer in `.optimizer`."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+
+def test_framework_optimizer_wrappers_are_unwrapped(tmp_path):
+    model, opt = make(0, 2)
+    train(model, opt, K, 0, 0, 1)
+    path = str(tmp_path / "wrapped")
+    zeroshard.checkpoint.save(path, model=model, optimizer=_FrameworkWrapper(
+        _FrameworkWrapper(opt)))
+    again_model, again = make(5, 2)
+    zeroshard.checkpoint.load(path, model=again_model, optimizer=_FrameworkWrapper(again))
+    assert _snapshot_of(again_model, again).keys() == _snapshot_of(model, opt).keys()
+    for key, value in _snapshot_of(model, opt).items():
+        other = _snapshot_of(again_model, again)[key]
+        assert (torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other), key
+    with pytest.raises(TypeError, match="zeroshard optimizer"):
+        zeroshard.checkpoint.save(path, model=model, optimizer=_FrameworkWrapper(object()))

@@ -34,6 +34,7 @@ from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_pt_utils import reissue_pt_warnings
 
 import zeroshard
+from zeroshard.checkpoint import unwrap_optimizer as _unwrap_optimizer
 from zeroshard.zero_optimizer import ZeroOptimizer
 
 __all__ = ["ZeroTrainer", "ZeroTrainerMixin", "OPTIMIZER_SHARDS_DIR"]
@@ -50,14 +51,6 @@ _FROM_TRAINING_ARGS = {
     "weight_decay": "TrainingArguments(weight_decay=...)",
     "stage": "ZeroTrainer(zero_stage=...)",
 }
-
-
-def _unwrap_optimizer(optimizer) -> Optional[torch.optim.Optimizer]:
-    """The optimizer under accelerate's AcceleratedOptimizer wrapper(s)."""
-    while optimizer is not None and not isinstance(optimizer, ZeroOptimizer) and hasattr(
-            optimizer, "optimizer"):
-        optimizer = optimizer.optimizer
-    return optimizer
 
 
 class ZeroTrainerMixin:
