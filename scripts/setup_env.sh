@@ -41,16 +41,20 @@ else
   py="$venv/bin/python"
   # transformers and accelerate: the Hugging Face Trainer tests (tests/python/test_hf_trainer.py);
   # pinned because ZeroTrainer overrides Trainer hooks whose names and order change between releases.
+  # pytorch-lightning: ZeroStrategy's tests (tests/python/test_lightning.py), pinned likewise.
   # matplotlib: python -m zeroshard.estimate --plot (tests/python/test_estimate.py).
   transformers_version=5.23.0
   accelerate_version=1.15.0
+  lightning_version=2.6.6
   if ! "$py" -c "import torch, pybind11, scikit_build_core, pytest, pytest_timeout, numpy, safetensors
-import transformers, accelerate, matplotlib
+import transformers, accelerate, matplotlib, pytorch_lightning
 assert transformers.__version__ == '$transformers_version'
-assert accelerate.__version__ == '$accelerate_version'" 2>/dev/null; then
+assert accelerate.__version__ == '$accelerate_version'
+assert pytorch_lightning.__version__ == '$lightning_version'" 2>/dev/null; then
     "$py" -m pip install -q --upgrade pip
     "$py" -m pip install -q "$torch_spec" numpy pybind11 scikit-build-core ninja pytest pytest-timeout \
-      safetensors "transformers==$transformers_version" "accelerate==$accelerate_version" matplotlib
+      safetensors "transformers==$transformers_version" "accelerate==$accelerate_version" \
+      "pytorch-lightning==$lightning_version" matplotlib
   fi
 fi
 

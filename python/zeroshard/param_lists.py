@@ -61,9 +61,26 @@ def reject_ddp_wrapped(params, names: Dict[int, str], *, after: bool = False) ->
                 if after else "belongs to a model wrapped in DistributedDataParallel")
         raise ValueError(
             f"{name} {when}, which reduces its gradients a second time. Drop the DDP wrapper: "
-            "zeroshard's optimizer does the data-parallel reduction itself. (With the Hugging "
-            "Face Trainer, which wraps models in DDP, use "
-            "zeroshard.integrations.transformers.ZeroTrainer.)")
+            f"zeroshard's optimizer does the data-parallel reduction itself. {_framework_hint()}")
+
+
+def _framework_hint() -> str:
+    """Where the wrapper comes from, judged by the frameworks loaded, and zeroshard's way
+    through each."""
+    import sys
+    hints = []
+    if "transformers" in sys.modules:
+        hints.append("with the Hugging Face Trainer use "
+                     "zeroshard.integrations.transformers.ZeroTrainer")
+    if "accelerate" in sys.modules:
+        hints.append("with accelerate use zeroshard.integrations.accelerate.ZeroAccelerator in "
+                     "place of accelerate.Accelerator")
+    if "pytorch_lightning" in sys.modules or "lightning" in sys.modules:
+        hints.append("with Lightning use Trainer(strategy=zeroshard.integrations.lightning."
+                     "ZeroStrategy())")
+    if not hints:
+        return "Remove the `DistributedDataParallel(model)` call from the script."
+    return "(" + "; ".join(hints) + "; in a loop of your own remove the DDP(model) call.)"
 
 
 def reject_duplicates(params, names: Dict[int, str]) -> None:
