@@ -89,6 +89,9 @@ class _UnitHook:
     def __init__(self, fn: Callable) -> None:
         self.fn = fn
 
+    # Gathers, frees and collectives are not traceable: torch.compile runs them eagerly,
+    # between the compiled pieces of the model (a graph break at each unit boundary).
+    @torch.compiler.disable
     def __call__(self, *args):
         return self.fn(*args)
 

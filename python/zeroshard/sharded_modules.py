@@ -74,6 +74,7 @@ def _comm_device(group, device: torch.device) -> torch.device:
 class GatherBeforeForward:
     """Forward pre-hook: gathers the module's own standalone sharded parameters."""
 
+    @torch.compiler.disable  # a collective: never traced
     def __call__(self, module: torch.nn.Module, args) -> None:
         params = _standalone_params(module)
         if not params:
@@ -93,6 +94,7 @@ class GatherBeforeForward:
 class ReshardAfterForward:
     """Forward hook: shards them again, or once the gradient of the inputs is computed."""
 
+    @torch.compiler.disable
     def __call__(self, module: torch.nn.Module, args, output) -> None:
         params = module.__dict__.pop(_GATHERED, None)
         if not params:
