@@ -3,7 +3,7 @@ torch.optim.AdamW on the whole batch (what DDP + the compiled model computes).
 
 Stage 3 gathers and frees units in module hooks that torch.compile must not trace (collectives,
 storage resizes): they run eagerly between the compiled pieces. Checked: `torch.compile(model)`
-and per-block `block.compile()`, at stages 2, 3 (default reshard_after_forward=True, and with
+and per-block `block.compile()`, at stages 0, 1, 2, 3 (default reshard_after_forward=True, and with
 activation checkpointing) and 2 + offload; every step's loss and the final weights within 1e-5
 relative. The aot_eager backend runs Dynamo and AOTAutograd (where graphs save parameters for
 backward, the part that interacts with stage 3's gathers) without inductor's code generation,
@@ -67,6 +67,7 @@ def _train(rank, world_size, how, stage, offload, backend, checkpointing):
 @pytest.mark.parametrize("how,stage,offload,backend,checkpointing", [
     ("whole", 3, None, "aot_eager", ""), ("blocks", 3, None, "aot_eager", ""),
     ("whole", 3, None, "aot_eager", "nonreentrant"), ("whole", 2, None, "aot_eager", ""),
+    ("whole", 0, None, "aot_eager", ""), ("blocks", 1, None, "aot_eager", ""),
     ("blocks", 2, "cpu", "aot_eager", ""), ("whole", 3, None, "inductor", "")])
 def test_compiled_model_trains_like_ddp(how, stage, offload, backend, checkpointing):
     want_losses, want, _ = _train(0, 0, how, stage, offload, backend, checkpointing)
