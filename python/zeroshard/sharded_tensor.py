@@ -236,28 +236,48 @@ def whole_shape(t: torch.Tensor) -> torch.Size:
 
 # ---- gathering (collectives over the spec's group) ----------------------------------------------
 
+def _even_chunk(spec: ShardSpec) -> Optional[int]:
+    """c when rank r holds exactly elements [r*c, min((r+1)*c, numel)) (sharded_init's layout):
+    an all-gather of c elements a rank then lands every element in place."""
+    n = spec.numel
+    c = -(-n // spec.world_size) if spec.world_size else 0
+    for r, pieces in enumerate(spec.rank_pieces):
+        start, end = min(r * c, n), min((r + 1) * c, n)
+        if (pieces != ((start, end),)) if end > start else pieces:
+            return None
+    return c
+
+
 def gather_whole(tensors: Sequence[ShardedTensor]) -> List[torch.Tensor]:
     """The whole values of sharded tensors of one group and device, in one all-gather: each rank
-    sends its locals packed (padded to the longest rank's), then every whole is unpacked."""
+    sends its locals packed (padded to the longest rank's), then every whole is unpacked. One
+    tensor in sharded_init's even layout is gathered in place: one whole-sized temporary."""
     if not tensors:
         return []
     shards = [t._zs for t in tensors]
     spec0 = shards[0].spec
     dtype, device = shards[0].local.dtype, shards[0].local.device
     world = spec0.world_size
+    distributed = world > 1 and dist.is_available() and dist.is_initialized()
+    chunk = _even_chunk(spec0) if len(shards) == 1 and distributed else None
+    if chunk is not None:
+        received = torch.empty(chunk * world, dtype=dtype, device=device)
+        send = torch.zeros(chunk, dtype=dtype, device=device)
+        send[:shards[0].local.numel()].copy_(shards[0].local)
+        all_gather_single(received, send, group=spec0.group)
+        return [received[:spec0.numel].view(spec0.shape)]
     wholes = [torch.empty(s.spec.shape, dtype=dtype, device=device) for s in shards]
-    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+    if not distributed:
         for s, w in zip(shards, wholes):
             s.spec.place(s.local, w.view(-1))
         return wholes
     lengths = [sum(s.spec.local_numel(r) for s in shards) for r in range(world)]
     longest = max(lengths)
     send = torch.zeros(longest, dtype=dtype, device=device)
-    if shards[0].local.numel() or len(shards) > 1:
-        packed = [s.local.to(dtype) for s in shards if s.local.numel()]
-        if packed:
-            cat = torch.cat(packed)
-            send[:cat.numel()].copy_(cat)
+    packed = [s.local.to(dtype) for s in shards if s.local.numel()]
+    if packed:
+        cat = torch.cat(packed) if len(packed) > 1 else packed[0]
+        send[:cat.numel()].copy_(cat)
     received = torch.empty(longest * world, dtype=dtype, device=device)
     all_gather_single(received, send, group=spec0.group)
     for r in range(world):

@@ -17,6 +17,7 @@ launches nothing. Importing Lightning costs each rank seconds of CPU, so one dis
 per world size trains every run once (module fixtures) and the tests check its parts. A part
 that raises is recorded with its traceback and the session goes on; its tests fail with it.
 """
+import contextlib
 import os
 import subprocess
 import sys
@@ -60,7 +61,7 @@ class Net(pl.LightningModule):
             torch.nn.Sequential(torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.Tanh()) for _ in range(2))
         self.head = torch.nn.Linear(HIDDEN, OUT)
         self.stage, self.offload = stage, offload
-        self.losses, self.clip_calls = [], 0
+        self.losses, self.batches, self.clip_calls = [], [], 0
 
     def forward(self, x):
         h = torch.tanh(self.stem(x))
@@ -72,6 +73,7 @@ class Net(pl.LightningModule):
         x, y = batch
         loss = F.mse_loss(self(x), y)
         self.losses.append(loss.item())
+        self.batches.append((x, y))  # what Lightning fed this rank, for a replay without it
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -103,14 +105,14 @@ class TorchAdamWUnderZeroStrategy(Net):
 
 
 class Data(pl.LightningDataModule):
-    """Fixed random regression data, shuffled per epoch by Lightning's DistributedSampler."""
+    """Fixed regression data, shuffled per epoch by Lightning's DistributedSampler."""
 
     def __init__(self, world_size):
         super().__init__()
         n = STEPS_PER_EPOCH * GRAD_ACCUM * BATCH * world_size
         g = torch.Generator().manual_seed(1234)
         self.x = torch.randn(n, IN, generator=g)
-        self.y = torch.randn(n, OUT, generator=g)
+        self.y = torch.tanh(self.x @ torch.randn(IN, OUT, generator=g))  # learnable
 
     def _loader(self, shuffle):
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.x, self.y),
@@ -124,11 +126,13 @@ class Data(pl.LightningDataModule):
 
 
 class ReductionCounter(pl.Callback):
-    """reduce_scatter calls per micro-batch, from the zeroshard optimizer's comm_stats()."""
+    """reduce_scatter calls per micro-batch, from the zeroshard optimizer's comm_stats(); the
+    optimizer's stage, and whether the parameters are sharded between steps."""
 
     def __init__(self):
         self.non_final, self.final = [], []
         self._start = 0
+        self.stage, self.sharded = None, []
 
     @staticmethod
     def _calls(trainer):
@@ -136,6 +140,9 @@ class ReductionCounter(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._start = self._calls(trainer)
+        self.stage = trainer.strategy.zero_optimizer.stage
+        self.sharded.append(all(isinstance(p, zeroshard.ShardedParameter)
+                                for p in pl_module.parameters()))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         delta = self._calls(trainer) - self._start
@@ -146,9 +153,11 @@ class GradNorms(pl.Callback):
     """The oracle's whole gradient norm before each step (DDP has averaged the gradients)."""
 
     def __init__(self):
-        self.norms = []
+        self.norms, self.wrapped_in_ddp = [], []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.wrapped_in_ddp.append(isinstance(trainer.strategy.model,
+                                              torch.nn.parallel.DistributedDataParallel))
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         self.norms.append(float(torch.linalg.vector_norm(torch.stack(
             [torch.linalg.vector_norm(g) for g in grads]))))
@@ -165,20 +174,25 @@ def _join_lightning_env(rank, world_size):
     warnings.filterwarnings("ignore")  # Lightning's advice on num_workers, logging...
 
 
-def _trainer(strategy, world_size, root, epochs=EPOCHS, callbacks=(), clip_algorithm=None):
+def _trainer(strategy, world_size, root, epochs=EPOCHS, callbacks=(), clip_algorithm=None,
+             precision="32-true"):
     return pl.Trainer(strategy=strategy, accelerator="cpu", devices=world_size,
+                      precision=precision,
                       max_epochs=epochs, gradient_clip_val=CLIP,
                       gradient_clip_algorithm=clip_algorithm,
                       accumulate_grad_batches=GRAD_ACCUM, callbacks=list(callbacks),
                       default_root_dir=root, logger=False, enable_progress_bar=False,
-                      num_sanity_val_steps=0, limit_val_batches=2, check_val_every_n_epoch=100,
+                      # Evaluation inside fit too: at stage 3 a forward is a collective.
+                      num_sanity_val_steps=1, limit_val_batches=2, check_val_every_n_epoch=1,
                       enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint)
                                                for c in callbacks))
 
 
-def _checkpointing(root):
-    return pl.callbacks.ModelCheckpoint(dirpath=os.path.join(root, "ckpts"), filename="{epoch}",
-                                        every_n_epochs=1, save_top_k=-1)
+def _checkpointing(root, folder="ckpts", **kwargs):
+    """Every epoch's checkpoint; or, with save_top_k=1, only the newest (monitor="epoch")."""
+    return pl.callbacks.ModelCheckpoint(dirpath=os.path.join(root, folder), filename="{epoch}",
+                                        every_n_epochs=1, save_on_train_epoch_end=True,
+                                        **{"save_top_k": -1, **kwargs})
 
 
 def _weights(module):
@@ -191,33 +205,74 @@ def _fit(module, strategy, world_size, root, ckpt_path=None, epochs=EPOCHS, call
     data = Data(world_size)
     trainer = _trainer(strategy, world_size, root, epochs, callbacks)
     trainer.fit(module, data, ckpt_path=ckpt_path)
-    validated = trainer.validate(module, data, verbose=False)[0]["val_loss"]
-    return trainer, {"losses": module.losses, "weights": _weights(module),
-                     "val_loss": validated, "global_step": trainer.global_step,
-                     "lr": trainer.lr_scheduler_configs[0].scheduler.get_last_lr()
-                     if trainer.lr_scheduler_configs else None}
+    out = {"losses": list(module.losses), "weights": _weights(module),
+           "global_step": trainer.global_step,
+           "lr": trainer.lr_scheduler_configs[0].scheduler.get_last_lr()}
+    # Evaluation after fit: at stage 3 the module is still sharded, gathered unit by unit.
+    out["val_loss"] = trainer.validate(module, data, verbose=False)[0]["val_loss"]
+    return trainer, out
+
+
+def _validate_epoch0(trainer, module, world_size, root):
+    """trainer.validate(ckpt_path=...): Lightning's whole weights, loaded without an optimizer
+    (at stage 3 into the sharded module)."""
+    path = os.path.join(root, "ckpts", "epoch=0.ckpt")
+    return trainer.validate(module, Data(world_size), ckpt_path=path, verbose=False)[0]["val_loss"]
 
 
 def _oracle_run(world_size, root):
-    norms = GradNorms()
-    trainer, out = _fit(Net(), "ddp", world_size, root, callbacks=[norms, _checkpointing(root)])
-    wrapped = isinstance(trainer.strategy.model, torch.nn.parallel.DistributedDataParallel)
-    return {**out, "grad_norms": norms.norms, "wrapped_in_ddp": wrapped}
+    norms, module = GradNorms(), Net()
+    trainer, out = _fit(module, "ddp", world_size, root, callbacks=[norms, _checkpointing(root)])
+    out["val_loss_epoch0"] = _validate_epoch0(trainer, module, world_size, root)
+    return {**out, "grad_norms": norms.norms, "wrapped_in_ddp": all(norms.wrapped_in_ddp)}
 
 
 def _zero_run(world_size, root, stage, offload=None, save_after_epoch_0=False):
     counter = ReductionCounter()
     module = Net(stage=stage, offload=offload)
-    _, out = _fit(module, ZeroStrategy(), world_size, root,
-                  callbacks=[counter, _checkpointing(root)])
+    trainer, out = _fit(module, ZeroStrategy(), world_size, root,
+                        callbacks=[counter, _checkpointing(root),
+                                   _checkpointing(root, "latest", save_top_k=1, monitor="epoch",
+                                                  mode="max")])
+    out["val_loss_epoch0"] = _validate_epoch0(trainer, module, world_size, root)
     out.update(non_final_reductions=counter.non_final, final_reductions=counter.final,
-               clip_calls=module.clip_calls, files=sorted(os.listdir(os.path.join(root, "ckpts"))))
+               stage=counter.stage, sharded_between_steps=counter.sharded,
+               clip_calls=module.clip_calls, files=sorted(os.listdir(os.path.join(root, "ckpts"))),
+               latest_files=sorted(os.listdir(os.path.join(root, "latest"))))
     if save_after_epoch_0:
         # trainer.save_checkpoint outside fit, after a 1-epoch fit (every rank calls it).
         trainer, _ = _fit(Net(stage=stage), ZeroStrategy(), world_size,
                           os.path.join(root, "one_epoch"), epochs=1)
         trainer.save_checkpoint(os.path.join(root, "one_epoch.ckpt"))
     return out
+
+
+def _fp16_run(world_size, root):
+    """precision="16-true": fp16 parameters, whose gradients zeroshard unscales by its loss
+    scale. The oracle is the same training written without Lightning (opt.backward scales the
+    loss), replaying the batches Lightning fed this rank."""
+    module = Net(stage=2)
+    trainer = _trainer(ZeroStrategy(), world_size, root, precision="16-true")
+    trainer.fit(module, Data(world_size))
+    model = Net(stage=2).half()
+    opt = zeroshard.ZeroAdamW(model.parameters(), lr=LR, betas=(0.9, 0.99), weight_decay=0.1,
+                              stage=2, timeout_s=60)
+    schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    scales = []
+    for step in range(EPOCHS * STEPS_PER_EPOCH):
+        opt.zero_grad()
+        for micro in range(GRAD_ACCUM):
+            x, y = module.batches[step * GRAD_ACCUM + micro]
+            final = micro == GRAD_ACCUM - 1
+            with contextlib.nullcontext() if final else opt.no_sync():
+                opt.backward(F.mse_loss(model(x), y) / GRAD_ACCUM)
+        scales.append(opt.loss_scale)
+        opt.clip_grad_norm_(CLIP)
+        opt.step()
+        if (step + 1) % STEPS_PER_EPOCH == 0:  # Lightning's default interval: the epoch
+            schedule.step()
+    return {"lightning": _weights(module), "plain": _weights(model), "loss_scales": scales,
+            "dtypes": {p.dtype for p in module.parameters()}}
 
 
 def _checkpoint_contents(path):
@@ -272,6 +327,7 @@ def _two_rank_runs(rank, world_size, tmp):
               epoch0(name), stage)
         _part(results, f"{name}/resumed_from_save", _resumed_run, world_size,
               at(f"resumed_save{stage}"), os.path.join(at(name), "one_epoch.ckpt"), stage)
+    _part(results, "fp16", _fp16_run, world_size, at("fp16"))
     _part(results, "from_ddp", _resumed_run, world_size, at("from_ddp"), epoch0("oracle"), 2)
     _part(results, "torch_optimizer", _refused_run, world_size, at("torch_optimizer"),
           TorchAdamWUnderZeroStrategy(stage=2))
@@ -328,6 +384,7 @@ def _assert_matches_oracle(zero, oracle, what):
                              rtol=1e-5, atol=1e-6)
         assert z["global_step"] == o["global_step"] == EPOCHS * STEPS_PER_EPOCH
         torch.testing.assert_close(z["val_loss"], o["val_loss"], rtol=1e-5, atol=0)
+        torch.testing.assert_close(z["val_loss_epoch0"], o["val_loss_epoch0"], rtol=1e-5, atol=0)
     _assert_same_weights(zero[1]["weights"], zero[0]["weights"], f"{what}: rank 1 vs rank 0",
                          rtol=0, atol=0)
 
@@ -339,15 +396,26 @@ def test_oracle_is_lightning_ddp_with_torch_adamw(runs):
     assert len(norms) == EPOCHS * STEPS_PER_EPOCH
     # Every step clips, so the comparisons below check clipping, not only the norm.
     assert min(norms) > CLIP, norms
-    assert oracle[0]["losses"][-1] < oracle[0]["losses"][0], oracle[0]["losses"]
+    half = MICRO_BATCHES // EPOCHS  # it learns: epoch 1's mean loss below epoch 0's
+    losses = oracle[0]["losses"]
+    assert sum(losses[half:]) < sum(losses[:half]), losses
 
 
-@pytest.mark.parametrize("name", ["zero2", "zero3", "offload2"])
-def test_zero_strategy_matches_ddp_with_torch_adamw(runs, name):
+def _assert_stage(zero, stage):
+    for z in zero:
+        assert z["stage"] == stage
+        # Stage 3: every parameter a ShardedParameter at every batch start (between steps).
+        assert z["sharded_between_steps"] == [stage == 3] * MICRO_BATCHES
+
+
+@pytest.mark.parametrize("name, stage", [("zero2", 2), ("zero3", 3), ("offload2", 2)])
+def test_zero_strategy_matches_ddp_with_torch_adamw(runs, name, stage):
+    _assert_stage(_ok(runs, name), stage)
     _assert_matches_oracle(_ok(runs, name), _ok(runs, "oracle"), name)
 
 
 def test_zero_strategy_stage3_at_three_ranks_matches_ddp(runs3):
+    _assert_stage(_ok(runs3, "zero3"), 3)
     _assert_matches_oracle(_ok(runs3, "zero3"), _ok(runs3, "oracle"), "stage 3 at 3 ranks")
 
 
@@ -393,6 +461,12 @@ def test_checkpoint_file_holds_whole_weights_and_a_marker(runs, stage):
     assert len(saved["lr_schedulers"]) == 1
 
 
+def test_removed_checkpoints_take_their_shards_along(runs):
+    """ModelCheckpoint(save_top_k=1) removes epoch 0's file when it saves epoch 1's."""
+    for zero in _ok(runs, "zero2"):
+        assert zero["latest_files"] == ["epoch=1.ckpt", "epoch=1.ckpt" + SHARDS_SUFFIX]
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("source", ["resumed", "resumed_from_save"])
 def test_fit_from_checkpoint_ends_at_the_uninterrupted_weights(runs, stage, source):
@@ -419,6 +493,16 @@ def test_fit_from_a_ddp_checkpoint(runs):
                                    rtol=1e-5, atol=0)
         _assert_same_weights(resumed[rank]["weights"], oracle[rank]["weights"],
                              f"rank {rank}: from DDP's checkpoint vs DDP", rtol=1e-5, atol=1e-6)
+
+
+def test_fp16_parameters_train_like_the_same_script_without_lightning(runs):
+    """precision="16-true": the strategy scales the loss as opt.backward does (unscaled, the
+    optimizer would divide the gradients by the loss scale, and the clipping norm with them)."""
+    for rank, fp16 in enumerate(_ok(runs, "fp16")):
+        assert fp16["dtypes"] == {torch.float16}
+        assert min(fp16["loss_scales"]) > 1, fp16["loss_scales"]
+        _assert_same_weights(fp16["lightning"], fp16["plain"], f"rank {rank}: 16-true vs plain",
+                             rtol=0, atol=0)
 
 
 def test_torch_optimizer_under_zero_strategy_is_refused(runs):
