@@ -5,12 +5,14 @@ Checked against the oracle, same model init, data, sampler and seed, on 2 gloo r
 also on 3): every micro-batch's loss and the final weights (rtol 1e-5) at stage 2, stage 3 and
 stage 2 with offload="cpu", with gradient_clip_val small enough that every step clips (through
 the optimizer's clip_grad_norm_, counted) and accumulate_grad_batches=2 with no reduce-scatter
-on the non-final micro-batches (opt.comm_stats()). Checkpoints: ModelCheckpoint's file holds
-whole weights and only a marker for the optimizer, every rank's shard sits in
-`<file>.zeroshard/`; fit(ckpt_path=...) from ModelCheckpoint's epoch-0 file or from
-trainer.save_checkpoint after a 1-epoch fit ends at the uninterrupted run's weights (stages 2
-and 3), and a strategy="ddp" checkpoint resumes too. Errors: a torch.optim optimizer under
-ZeroStrategy, clipping by value.
+on the non-final micro-batches (opt.comm_stats()); evaluation inside and after fit, also from a
+checkpoint file. precision="16-true" (fp16 parameters, zeroshard's loss scaler) against the
+same training written without Lightning. Checkpoints: ModelCheckpoint's file holds whole
+weights and only a marker for the optimizer, every rank's shard sits in `<file>.zeroshard/`
+(removed with its file); fit(ckpt_path=...) from ModelCheckpoint's epoch-0 file or from
+trainer.save_checkpoint after a 1-epoch fit ends at the uninterrupted run's weights, bitwise
+(stages 2 and 3), and a strategy="ddp" checkpoint resumes too. Errors: a torch.optim optimizer
+under ZeroStrategy, clipping by value, DDP wrapper arguments.
 
 Lightning joins the harness's ranks as it joins torchrun's (the torchelastic variables), so it
 launches nothing. Importing Lightning costs each rank seconds of CPU, so one distributed session
@@ -19,6 +21,7 @@ that raises is recorded with its traceback and the session goes on; its tests fa
 """
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import traceback
@@ -293,6 +296,16 @@ def _resumed_run(world_size, root, checkpoint, stage):
     return out
 
 
+def _without_shards_run(world_size, root, checkpoint, stage):
+    """Lightning's file copied without its `.zeroshard` directory, then resumed."""
+    lone = os.path.join(root, os.path.basename(checkpoint))
+    if torch.distributed.get_rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.copy(checkpoint, lone)
+    torch.distributed.barrier()
+    return _resumed_run(world_size, root, lone, stage)
+
+
 def _refused_run(world_size, root, module, clip_algorithm=None):
     trainer = _trainer(ZeroStrategy(), world_size, root, clip_algorithm=clip_algorithm)
     trainer.fit(module, Data(world_size))
@@ -329,6 +342,8 @@ def _two_rank_runs(rank, world_size, tmp):
               at(f"resumed_save{stage}"), os.path.join(at(name), "one_epoch.ckpt"), stage)
     _part(results, "fp16", _fp16_run, world_size, at("fp16"))
     _part(results, "from_ddp", _resumed_run, world_size, at("from_ddp"), epoch0("oracle"), 2)
+    _part(results, "without_shards", _without_shards_run, world_size, at("without_shards"),
+          epoch0("zero2"), 2)
     _part(results, "torch_optimizer", _refused_run, world_size, at("torch_optimizer"),
           TorchAdamWUnderZeroStrategy(stage=2))
     _part(results, "value_clipping", _refused_run, world_size, at("value_clipping"),
@@ -511,6 +526,14 @@ def test_torch_optimizer_under_zero_strategy_is_refused(runs):
         assert error is not None, f"rank {rank}: trained a torch.optim optimizer unsharded"
         assert error.strip().splitlines()[-1].startswith("TypeError"), error
         assert "zeroshard optimizer" in error and 'strategy="ddp"' in error, error
+
+
+def test_resuming_without_the_shards_directory_says_so(runs):
+    for rank, res in enumerate(runs):
+        error = res["without_shards"].get("error")
+        assert error is not None, f"rank {rank}: resumed without the optimizer state"
+        assert error.strip().splitlines()[-1].startswith("FileNotFoundError"), error
+        assert "epoch=0.ckpt" + SHARDS_SUFFIX in error and "missing" in error, error
 
 
 def test_clipping_by_value_is_refused(runs):

@@ -135,7 +135,8 @@ class ZeroStrategy(_DDPStrategy):
     def zero_optimizer(self) -> ZeroOptimizer:
         """The zeroshard optimizer that configure_optimizers returned (set up by fit)."""
         if not self.optimizers:
-            raise RuntimeError("no optimizer yet: trainer.fit() builds it from configure_optimizers")
+            raise RuntimeError("no optimizer yet: trainer.fit() builds it from "
+                               "configure_optimizers")
         return unwrap_optimizer(self.optimizers[0])
 
     def setup_optimizers(self, trainer) -> None:
@@ -274,7 +275,8 @@ class ZeroStrategy(_DDPStrategy):
         if self.is_global_zero:
             shutil.rmtree(shards_path(filepath), ignore_errors=True)
 
-    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> Dict[str, Any]:
+    def load_checkpoint(self, checkpoint_path,
+                        weights_only: Optional[bool] = None) -> Dict[str, Any]:
         checkpoint_path = self.broadcast(checkpoint_path)
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         self._loaded_shards = False
