@@ -64,16 +64,17 @@ def _train(rank, world_size, how, stage, offload, backend, checkpointing):
     return losses, weights, traced
 
 
-@pytest.mark.parametrize("how,stage,offload,backend,checkpointing", [
-    ("whole", 3, None, "aot_eager", ""), ("blocks", 3, None, "aot_eager", ""),
-    ("whole", 3, None, "aot_eager", "nonreentrant"), ("whole", 2, None, "aot_eager", ""),
-    ("whole", 0, None, "aot_eager", ""), ("blocks", 1, None, "aot_eager", ""),
-    ("blocks", 2, "cpu", "aot_eager", ""), ("whole", 3, None, "inductor", "")])
-def test_compiled_model_trains_like_ddp(how, stage, offload, backend, checkpointing):
+@pytest.mark.parametrize("how,stage,offload,backend,checkpointing,world_size", [
+    ("whole", 3, None, "aot_eager", "", 2), ("blocks", 3, None, "aot_eager", "", 2),
+    ("whole", 3, None, "aot_eager", "", 3),
+    ("whole", 3, None, "aot_eager", "nonreentrant", 2), ("whole", 2, None, "aot_eager", "", 2),
+    ("whole", 0, None, "aot_eager", "", 2), ("blocks", 1, None, "aot_eager", "", 2),
+    ("blocks", 2, "cpu", "aot_eager", "", 2), ("whole", 3, None, "inductor", "", 2)])
+def test_compiled_model_trains_like_ddp(how, stage, offload, backend, checkpointing, world_size):
     want_losses, want, _ = _train(0, 0, how, stage, offload, backend, checkpointing)
-    per_rank = run_distributed(_train, 2, how, stage, offload, backend, checkpointing,
+    per_rank = run_distributed(_train, world_size, how, stage, offload, backend, checkpointing,
                                timeout_s=300)
-    # Each rank's loss is over its half of the batch: their mean is the whole batch's.
+    # Each rank's loss is over its equal part of the batch: their mean is the whole batch's.
     losses = torch.tensor([losses for losses, _, _ in per_rank]).mean(0)
     torch.testing.assert_close(losses, torch.tensor(want_losses), rtol=1e-5, atol=1e-7)
     assert want_losses[0] > want_losses[-1]
