@@ -14,7 +14,9 @@ namespace zeroshard::gpu {
 
 void host_register(void* ptr, int64_t bytes) {
   ZS_REQUIRE(ptr != nullptr && bytes > 0, "host_register needs a non-null range of bytes > 0");
-  ZS_CUDA_CHECK(cudaHostRegister(ptr, static_cast<size_t>(bytes), cudaHostRegisterDefault));
+  // Portable: pinned for every CUDA context, not only the one current here (a script that
+  // never calls set_device has cuda:0 current while its tensors live on another GPU).
+  ZS_CUDA_CHECK(cudaHostRegister(ptr, static_cast<size_t>(bytes), cudaHostRegisterPortable));
 }
 
 void host_unregister(void* ptr) {

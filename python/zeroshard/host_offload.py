@@ -69,7 +69,10 @@ class HostOffload:
         ops.apply_default_num_threads()  # this rank's share of the cores, unless chosen
         self.d2h_bytes = self.h2d_bytes = 0
         self.d2h_copies = self.h2d_copies = 0
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zeroshard-landing")
+        # The worker waits on this device's events: it must make this device current, or its
+        # first CUDA call opens a context on cuda:0 (every rank's, ~0.5 GiB each there).
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zeroshard-landing",
+                                          initializer=self._bind_worker)
         self._landing: List[Future] = []
         # (dtype) -> two pinned landing buffers and the future last using each
         self._buffers: Dict[torch.dtype, List[torch.Tensor]] = {}
@@ -102,6 +105,10 @@ class HostOffload:
         if self.cuda:
             self.d2h_stream = torch.cuda.Stream(device)
             self.h2d_stream = torch.cuda.Stream(device)
+
+    def _bind_worker(self) -> None:
+        if self.cuda:
+            torch.cuda.set_device(self.device)
 
     # ---- host memory -------------------------------------------------------------------------
 

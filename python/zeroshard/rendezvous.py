@@ -65,9 +65,20 @@ class _GroupProgress:
         self.polls = 0  # since this rank's last enter()
         self.current_op = "zeroshard object collective"
         self.broken: Optional[str] = None  # why the ranks are out of step, once they are
+        self.device: Optional[torch.device] = None  # the rank's GPU, for NCCL object collectives
 
 
 _progress_by_group: Dict[Any, _GroupProgress] = {}
+
+
+def bind_rendezvous_device(process_group: Optional[dist.ProcessGroup],
+                           device: torch.device) -> None:
+    """The GPU this rank's object collectives of the group use (an optimizer's device): a
+    script that never calls torch.cuda.set_device has cuda:0 current on every rank."""
+    rendezvous = rendezvous_for(process_group, 1.0)
+    progress = getattr(rendezvous, "_progress", None)
+    if progress is not None:
+        progress.device = device
 
 
 def rendezvous_for(process_group: Optional[dist.ProcessGroup], timeout_s: float) -> "Rendezvous":
@@ -335,6 +346,8 @@ class Rendezvous:
         # NCCL moves only CUDA tensors; gloo (and gloo-for-CPU mixed groups) CPU ones.
         backend = str(dist.get_backend(self._progress.group))
         if backend == "nccl":
+            if self._progress.device is not None:
+                return self._progress.device
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 

@@ -42,7 +42,7 @@ from .owning_modules import NoSyncMethod, root_modules
 from .param_lists import reject_ddp_wrapped, reject_duplicates, split_names
 from .param_units import ParamUnits, Unit, find_units, owning_units
 from .param_watch import ParamWatch
-from .rendezvous import rendezvous_for
+from .rendezvous import bind_rendezvous_device, rendezvous_for
 
 _SCALER_KWARGS = ("initial_scale", "growth_interval", "hysteresis", "min_scale")
 # How long a collective blocked in backward may stay unfinished after another rank entered its
@@ -119,6 +119,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._check_dtypes(trainable)
         if offload == "cpu":
             self.offload = HostOffload(self.device)
+        if self.device.type == "cuda":  # object collectives use this rank's GPU, not cuda:0
+            bind_rendezvous_device(process_group, self.device)
         reject_ddp_wrapped(trainable, self._names)
         # The models these parameters belong to: their buffers are broadcast at construction,
         # their DDP-style switches (require_backward_grad_sync, no_sync) are honoured, and
@@ -492,6 +494,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def _consume_grads(self) -> None:
         """After step(): the next backward starts from zero, however the script zeroes."""
         self.exposed.withdraw(apply_script_changes=False)
+        if self.offload is not None:
+            # D2H copies may still be landing in the host gradient shard: zeroing it first
+            # would be overwritten by (or tear) a late copy on a GPU.
+            self.offload.finish_landing()
         if self._grads_dirty:
             for fg in self.flat_groups:
                 fg.zero_grads()
