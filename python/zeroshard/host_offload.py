@@ -39,6 +39,7 @@ delayed update (DeepSpeed's DPU) would overlap more and change the maths; it is 
 from __future__ import annotations
 
 import bisect
+import mmap
 import os
 import time
 import weakref
@@ -60,6 +61,16 @@ def _unregister_all(registered: List[Tuple[int, torch.Tensor]]) -> None:
         except Exception:  # noqa: BLE001 - at interpreter exit the CUDA context may be gone
             pass
     registered.clear()
+
+
+def host_pages(nbytes: int) -> torch.Tensor:
+    """uint8 host memory of its own, nbytes rounded up to whole pages, starting on a page (an
+    anonymous mmap). The tensor starts where its storage starts, so torch's is_pinned() (which
+    asks about the storage's address) sees the registration, and no other tensor shares a page
+    of it (a second registration of a page would fail)."""
+    span = max(1, -(-nbytes // PAGE_BYTES)) * PAGE_BYTES
+    region = torch.frombuffer(mmap.mmap(-1, span), dtype=torch.uint8)  # keeps the mmap alive
+    return region
 
 
 class HostOffload:
@@ -115,16 +126,13 @@ class HostOffload:
     def empty(self, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A host tensor, page-locked by the core when the model is on a GPU. Not torch's
         pin_memory: its allocator rounds each block up to a power of two (a 6.3 GB master
-        would take 8 GB); this pins exactly the pages of a tensor of its own."""
+        would take 8 GB); this pins exactly the pages of memory of its own (host_pages)."""
         if not self.cuda or n == 0:
             return torch.empty(n, dtype=dtype)
         nbytes = n * torch.tensor([], dtype=dtype).element_size()
-        span = -(-nbytes // PAGE_BYTES) * PAGE_BYTES
-        raw = torch.empty(span + PAGE_BYTES, dtype=torch.uint8)  # room to start on a page
-        start = (-raw.data_ptr()) % PAGE_BYTES
-        region = raw[start:start + span]  # whole pages no other tensor shares
-        _core.gpu.host_register(region.data_ptr(), span)
-        self._registered.append((region.data_ptr(), raw))
+        region = host_pages(nbytes)
+        _core.gpu.host_register(region.data_ptr(), region.numel())
+        self._registered.append((region.data_ptr(), region))
         return region[:nbytes].view(dtype)
 
     def zeros(self, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
