@@ -496,6 +496,10 @@ class NcclCommunicator(Communicator):
     def control_all_reduce(self, tensor, op=dist.ReduceOp.SUM):
         self.stats.control_bytes += tensor.numel() * tensor.element_size()
         if self.world_size > 1:
+            # torch's NCCL communicator runs this, not ours: ordered after every collective of
+            # ours already queued (torch's stream waits on the caller's, which waits on ours).
+            # NCCL documents that kernels of two communicators running at once can deadlock.
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
             dist.all_reduce(tensor, op=op, group=self.group)
         return tensor
 
