@@ -358,13 +358,16 @@ class _LaunchRecord:
     a thread's current device starts as GPU 0, and a CUDA call there would create a context on
     GPU 0 on every rank."""
 
-    __slots__ = ("event", "device")
+    __slots__ = ("event", "device", "abandoned")
 
     def __init__(self, device: Optional[torch.device] = None) -> None:
         self.event: Optional[torch.cuda.Event] = None
         self.device = device
+        self.abandoned = False  # the launch raised: nothing is in flight to wait for
 
     def is_done(self) -> bool:
+        if self.abandoned:
+            return True
         if self.event is None:
             return False
         if self.device is None:
@@ -484,8 +487,14 @@ class NcclCommunicator(Communicator):
         record = _LaunchRecord(self.device)
         if self._watchdog is not None:
             self._watchdog.track(kind, record.is_done)
-        with torch.cuda.device(self.device):
-            fn(self.stream.cuda_stream)
+        try:
+            with torch.cuda.device(self.device):
+                fn(self.stream.cuda_stream)
+        except BaseException:
+            # A launch that raised left nothing in flight: its record must not later make the
+            # watchdog abort a healthy communicator.
+            record.abandoned = True
+            raise
         for t in counted:
             self._count(kind, t)
         done = torch.cuda.Event()

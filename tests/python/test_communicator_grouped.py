@@ -139,3 +139,38 @@ def test_make_watchdog_wires_the_communicators_abort_and_async_error():
         assert FakeComm.aborted == 1
     finally:
         watchdog.close()
+
+
+def test_an_abandoned_launch_record_never_fires_the_watchdog():
+    """A launch that raised (NcclCommunicator._launch marks its record abandoned) leaves nothing
+    in flight: the watchdog must not time it out and abort a healthy communicator later. The
+    same record not abandoned does fire: the check can fail."""
+    pytest.importorskip("zeroshard.nccl_watchdog")
+
+    class FakeComm:
+        aborted = 0
+
+        def abort(self):
+            FakeComm.aborted += 1
+
+        def async_error(self):
+            return None
+
+    for abandoned in (True, False):
+        FakeComm.aborted = 0
+        watchdog = communicator._make_watchdog(FakeComm(), 0, 0.2)
+        try:
+            record = _LaunchRecord()
+            record.abandoned = abandoned
+            watchdog.track("reduce_scatter", record.is_done)
+            fired = False
+            for _ in range(40):
+                try:
+                    watchdog.check()
+                except CollectiveTimeout:
+                    fired = True
+                    break
+                time.sleep(0.025)
+            assert fired is not abandoned and FakeComm.aborted == (0 if abandoned else 1)
+        finally:
+            watchdog.close()
