@@ -116,19 +116,23 @@ def test_launch_record_is_not_done_until_its_event_is_recorded_and_finished():
     assert record.is_done()
 
 
+class _FakeComm:
+    """What the watchdog needs of a communicator: abort() (counted) and async_error()."""
+
+    def __init__(self, error=None) -> None:
+        self.error, self.aborted = error, 0
+
+    def abort(self):
+        self.aborted += 1
+
+    def async_error(self):
+        return self.error
+
+
 def test_make_watchdog_wires_the_communicators_abort_and_async_error():
     pytest.importorskip("zeroshard.nccl_watchdog")
-
-    class FakeComm:
-        aborted = 0
-
-        def abort(self):
-            FakeComm.aborted += 1
-
-        def async_error(self):
-            return "ncclRemoteError: remote process exited"
-
-    watchdog = communicator._make_watchdog(FakeComm(), 2, 30.0)
+    comm = _FakeComm("ncclRemoteError: remote process exited")
+    watchdog = communicator._make_watchdog(comm, 2, 30.0)
     try:
         record = _LaunchRecord()
         watchdog.track("all_reduce", record.is_done)
@@ -136,7 +140,7 @@ def test_make_watchdog_wires_the_communicators_abort_and_async_error():
             for _ in range(200):  # the polling thread sees the async error within a poll
                 watchdog.check()
                 time.sleep(0.02)
-        assert FakeComm.aborted == 1
+        assert comm.aborted == 1
     finally:
         watchdog.close()
 
@@ -146,19 +150,9 @@ def test_an_abandoned_launch_record_never_fires_the_watchdog():
     in flight: the watchdog must not time it out and abort a healthy communicator later. The
     same record not abandoned does fire: the check can fail."""
     pytest.importorskip("zeroshard.nccl_watchdog")
-
-    class FakeComm:
-        aborted = 0
-
-        def abort(self):
-            FakeComm.aborted += 1
-
-        def async_error(self):
-            return None
-
     for abandoned in (True, False):
-        FakeComm.aborted = 0
-        watchdog = communicator._make_watchdog(FakeComm(), 0, 0.2)
+        comm = _FakeComm()
+        watchdog = communicator._make_watchdog(comm, 0, 0.2)
         try:
             record = _LaunchRecord()
             record.abandoned = abandoned
@@ -171,6 +165,6 @@ def test_an_abandoned_launch_record_never_fires_the_watchdog():
                     fired = True
                     break
                 time.sleep(0.025)
-            assert fired is not abandoned and FakeComm.aborted == (0 if abandoned else 1)
+            assert fired is not abandoned and comm.aborted == (0 if abandoned else 1)
         finally:
             watchdog.close()

@@ -31,6 +31,8 @@ import torch  # noqa: E402
 
 import zeroshard  # noqa: E402
 from dist_harness import run_distributed  # noqa: E402
+from framework_runs import assert_same_weights as _assert_same_weights  # noqa: E402
+from framework_runs import ok_results as _ok  # noqa: E402
 from zeroshard.integrations.transformers import OPTIMIZER_SHARDS_DIR, ZeroTrainer  # noqa: E402
 
 WORLD_SIZE = 2
@@ -225,22 +227,6 @@ def runs(tmp_path_factory):
     """Every rank's results of every part."""
     tmp = str(tmp_path_factory.mktemp("hf_trainer"))
     return run_distributed(_all_runs, WORLD_SIZE, tmp, timeout_s=420)
-
-
-def _ok(runs, name):
-    """The part's result on each rank, or the test fails with the part's traceback."""
-    errors = [f"--- rank {r}:\n{res[name]['error']}" for r, res in enumerate(runs)
-              if "error" in res[name]]
-    if errors:
-        pytest.fail(f"part {name!r} raised:\n" + "\n".join(errors), pytrace=False)
-    return [res[name]["ok"] for res in runs]
-
-
-def _assert_same_weights(got, want, what, **tolerance):
-    assert got.keys() == want.keys(), what
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], msg=lambda m: f"{what}, {name}: {m}",
-                                   **tolerance)
 
 
 def test_oracle_is_the_trainers_own_adamw_under_ddp(runs):

@@ -36,6 +36,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import zeroshard  # noqa: E402
 from dist_harness import run_distributed  # noqa: E402
+from framework_runs import assert_same_weights as _assert_same_weights  # noqa: E402
+from framework_runs import ok_results as _ok  # noqa: E402
 from zeroshard.checkpoint_format import read_metadata  # noqa: E402
 from zeroshard.integrations.lightning import SHARDS_SUFFIX, ZeroStrategy  # noqa: E402
 
@@ -372,22 +374,6 @@ def runs(tmp_path_factory):
 def runs3(tmp_path_factory):
     return run_distributed(_three_rank_runs, 3, str(tmp_path_factory.mktemp("pl3")),
                            timeout_s=200)
-
-
-def _ok(runs, name):
-    """The part's result on each rank, or the test fails with the part's traceback."""
-    errors = [f"--- rank {r}:\n{res[name]['error']}" for r, res in enumerate(runs)
-              if "error" in res[name]]
-    if errors:
-        pytest.fail(f"part {name!r} raised:\n" + "\n".join(errors), pytrace=False)
-    return [res[name]["ok"] for res in runs]
-
-
-def _assert_same_weights(got, want, what, **tolerance):
-    assert got.keys() == want.keys(), what
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], msg=lambda m: f"{what}, {name}: {m}",
-                                   **tolerance)
 
 
 def _assert_matches_oracle(zero, oracle, what):
