@@ -127,6 +127,19 @@ def test_shared_flag_guards_every_buffer():
     assert not bool(skipped) and not torch.equal(param, torch.ones(n, device=DEV))
 
 
+def test_unchecked_step_allocates_no_flag():
+    """check_finite=False without found_inf (the optimizers' call): nothing checked, so no
+    device flag is allocated and filled per call, and the answer is a plain False."""
+    n = 4096
+    param, grad, m, v = (torch.ones(n, device=DEV) for _ in range(4))
+    ops.adam_step(param, grad, m, v, lr=1e-3, step=1, check_finite=False)  # warm the allocator
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_stats(DEV)["allocation.all.allocated"]
+    skipped = ops.adam_step(param, grad, m, v, lr=1e-3, step=2, check_finite=False)
+    assert skipped is False
+    assert torch.cuda.memory_stats(DEV)["allocation.all.allocated"] == before
+
+
 def test_check_finite_requires_flag():
     n = 16
     p, g, m, v = (torch.zeros(n, device=DEV) for _ in range(4))
