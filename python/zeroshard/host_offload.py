@@ -93,6 +93,12 @@ class HostOffload:
         # (id(fg), bucket) -> (sum of squares as a 0-dim fp32 tensor, non-finite), or None
         # when the slice was accumulated from several backwards (then recomputed).
         self.partials: Dict[Tuple[int, int], Optional[Tuple[torch.Tensor, bool]]] = {}
+        # Take each slice's norm as it lands only when this step will read norms (a clip in the
+        # previous step, or fp16's overflow check): otherwise the landing pass would re-read
+        # every gradient byte for nothing. A norm read anyway is taken at step time, the same
+        # kernel on the same slices: exact either way. The optimizer sets it after each step.
+        self.partials_wanted = True
+        self.partials_taken = 0  # slices whose norm was taken at landing (tests read it)
         self.fp32_params: Dict[int, torch.Tensor] = {}  # id(fg) -> host copy of fp32 params
         # dtype -> two staging buffers for low-precision parameters on their way up, each
         # with the event of its last H2D copy (None: free); sized by add_group
@@ -239,10 +245,13 @@ class HostOffload:
             event.synchronize()
         if self.first_landed_at is None:
             self.first_landed_at = time.perf_counter()
-        if buffer is None:
+        if buffer is None and self.partials_wanted:
             flag = torch.zeros(1, dtype=torch.int32)
             total = ops.l2_norm_sq(shard, nonfinite=flag)
             self.partials[key] = (total, bool(flag.item()))
+            self.partials_taken += 1
+        elif buffer is None:
+            self.partials[key] = None  # no norm wanted: taken at step time if one is read
         else:  # accumulated over several backwards: the norm is taken at step time
             shard.add_(buffer)
             self.partials[key] = None

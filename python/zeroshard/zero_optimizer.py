@@ -172,6 +172,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         # Offload: parameters the script changes between steps (see param_watch.py)
         self.param_watch = ParamWatch()
         self._nonfinite_norm: Optional[float] = None  # set by clip_grad_norm_, read by step
+        self._norm_read = False  # clip_grad_norm_ since the last step (offload's partials)
         self.scaler: Optional[LossScaler] = None
         if any(fg.dtype == torch.float16 for fg in self.flat_groups) and loss_scale is not None:
             if loss_scale == "dynamic":
@@ -538,6 +539,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             return torch.tensor(norm, dtype=torch.float32)
         coef = max_norm / (norm + 1e-6)
         self._clip_coef = coef if coef < 1.0 else 1.0
+        self._norm_read = True
         return torch.tensor(norm, dtype=torch.float32)
 
     def _overflowed(self) -> bool:
@@ -549,6 +551,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.offload is not None:  # the next step takes norms as gradients land if this one read them
+            self.offload.partials_wanted = self.scaler is not None or self._norm_read
+        self._norm_read = False
         self._poll_peers(f"{type(self).__name__}.step")
         self._reattach()
         self._forget_withdrawn_grads()

@@ -587,3 +587,39 @@ def test_host_pages_start_on_a_page_and_where_their_storage_starts():
         assert region.numel() == -(-nbytes // PAGE_BYTES) * PAGE_BYTES
         region.view(-1)[:] = 7  # writable memory of its own
         assert int(region.sum()) == 7 * region.numel()
+
+
+def _norms_at_landing(rank, world_size, clip_steps):
+    """Slices whose norm offload took while they landed, per step, and the final weights, for a
+    run that clips on `clip_steps` only; and the same run without offload."""
+    out = {}
+    for offload in ("cpu", None):
+        model, opt = _build(2, offload)
+        taken = []
+        for step, (tokens, target) in enumerate(make_batches(STEPS)):
+            opt.backward(mse_loss(model, rank_slice(tokens, rank, world_size),
+                                  rank_slice(target, rank, world_size)))
+            if step in clip_steps:
+                opt.clip_grad_norm_(0.05)
+            opt.step()
+            opt.zero_grad()
+            if offload:
+                taken.append(opt.offload.partials_taken)
+        out[offload] = (taken, param_snapshot(model))
+    return out
+
+
+@pytest.mark.parametrize("clip_steps", [(), (0, 1, 2, 3), (2,)])
+def test_norms_are_taken_at_landing_only_when_the_step_will_read_them(clip_steps):
+    """Issue 19: the landing pass re-read every gradient slice for its norm even when nothing
+    clipped. Now only after a step that read norms (the first step takes them: nothing is known
+    yet), and a norm read without them is taken at step time: bitwise the same either way."""
+    for result in run_distributed(_norms_at_landing, 2, clip_steps, timeout_s=120):
+        taken, weights = result["cpu"]
+        _, expected = result[None]
+        per_step = [taken[0]] + [b - a for a, b in zip(taken, taken[1:])]
+        assert per_step[0] > 0
+        for step in range(1, STEPS):  # a step takes norms iff the step before it clipped
+            assert (per_step[step] > 0) == (step - 1 in clip_steps), (clip_steps, per_step)
+        for name, value in expected.items():
+            assert torch.equal(weights[name], value), name
