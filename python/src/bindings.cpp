@@ -152,10 +152,15 @@ void bind_gpu(py::module_& m) {
   gpu.def("built_with_cuda", &zs::gpu::built_with_cuda);
   gpu.def("device_count", &zs::gpu::device_count);
   gpu.def("device_name", &zs::gpu::device_name);
-  gpu.def("host_register", [](uintptr_t p, int64_t bytes) {
-    zs::gpu::host_register(ptr<void>(p), bytes);
-  });
-  gpu.def("host_unregister", [](uintptr_t p) { zs::gpu::host_unregister(ptr<void>(p)); });
+  // Page-locking a multi-GB buffer takes seconds: the other Python threads (the landing
+  // worker, the NCCL watchdog) go on meanwhile.
+  gpu.def(
+      "host_register",
+      [](uintptr_t p, int64_t bytes) { zs::gpu::host_register(ptr<void>(p), bytes); },
+      py::call_guard<py::gil_scoped_release>());
+  gpu.def(
+      "host_unregister", [](uintptr_t p) { zs::gpu::host_unregister(ptr<void>(p)); },
+      py::call_guard<py::gil_scoped_release>());
   gpu.def("check_finite", [](uintptr_t x, int d, int64_t n, uintptr_t flag, uintptr_t s) {
     zs::gpu::check_finite(ptr<const void>(x), dtype(d), n, ptr<int32_t>(flag), ptr<void>(s));
   });

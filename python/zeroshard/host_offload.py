@@ -54,7 +54,13 @@ from .flat_group import FlatGroup
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def _unregister_all(registered: List[Tuple[int, torch.Tensor]]) -> None:
+def _unregister_all(registered: List[Tuple[int, torch.Tensor]],
+                    device: Optional[torch.device] = None) -> None:
+    if registered and device is not None:
+        try:  # a D2H or H2D copy may still be in flight into these pages: let it land first
+            torch.cuda.synchronize(device)
+        except Exception:  # noqa: BLE001 - at interpreter exit the CUDA context may be gone
+            pass
     for address, _ in registered:
         try:
             _core.gpu.host_unregister(address)
@@ -111,7 +117,8 @@ class HostOffload:
         self._uploads_done: Optional["torch.cuda.Event"] = None
         # (address, backing tensor) of every page-locked range, unlocked when this goes away
         self._registered: List[Tuple[int, torch.Tensor]] = []
-        weakref.finalize(self, _unregister_all, self._registered)
+        weakref.finalize(self, _unregister_all, self._registered,
+                         device if self.cuda else None)
         # time.perf_counter() when this step's first gradient slice had landed on the host
         # (the GPU test compares it with the end of backward on the device: the overlap).
         self.first_landed_at: Optional[float] = None
