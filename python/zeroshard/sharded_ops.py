@@ -33,7 +33,7 @@ _PASS_CALL = {"requires_grad_", "register_hook", "register_post_accumulate_grad_
 _SHAPE = {"size", "numel", "dim", "ndimension", "nelement", "__len__", "stride",
           "is_contiguous"}
 # A whole tensor shaped or typed after a sharded one: only its shape, dtype and device are read.
-_TEMPLATE_ARG = {"view_as", "reshape_as", "expand_as", "type_as", "broadcast_to"}
+_TEMPLATE_ARG = {"view_as", "reshape_as", "expand_as", "type_as"}
 _NEW = {"new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"}
 # Write every element without reading any: run on a whole temporary, keep this rank's pieces.
 _FILLS = {"normal_", "uniform_", "bernoulli_", "exponential_", "random_", "log_normal_",

@@ -157,9 +157,13 @@ class ShardedTensor(torch.Tensor):
     def __deepcopy__(self, memo):
         if id(self) in memo:
             return memo[id(self)]
+        parameter = isinstance(self, ShardedParameter)
         with raw():
-            copy = make_sharded(type(self) is ShardedParameter, self._zs.spec,
-                                self._zs.local.clone(), requires_grad=self.requires_grad)
+            copy = make_sharded(parameter, self._zs.spec, self._zs.local.clone(),
+                                requires_grad=self.requires_grad)
+        if parameter and self._zs_base is not torch.nn.Parameter:  # a library's own class
+            copy._zs_base = self._zs_base
+            copy.__class__ = _sharded_class(self._zs_base)
         memo[id(self)] = copy
         return copy
 

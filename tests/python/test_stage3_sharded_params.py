@@ -192,3 +192,20 @@ def test_single_rank_sharded_parameter_face():
     assert isinstance(detached, zeroshard.ShardedTensor) and not detached.requires_grad
     assert float(detached.clone().mul(2).sum()) == pytest.approx(float((ref.detach() * 2).sum()),
                                                                  rel=1e-6)
+
+
+class _LibraryParameter(torch.nn.Parameter):
+    """A library's own parameter class (as some quantisation and PEFT libraries have)."""
+
+
+def test_a_parameter_subclass_stays_itself_sharded_and_in_copies():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ModuleList([torch.nn.Linear(3, 3)]))
+    model[0].weight = _LibraryParameter(model[0].weight.detach().clone())
+    zeroshard.ZeroAdamW(model, lr=1e-2, stage=3)
+    w = model[0].weight
+    assert isinstance(w, _LibraryParameter) and isinstance(w, zeroshard.ShardedParameter)
+    twin = copy.deepcopy(model)[0].weight
+    assert isinstance(twin, _LibraryParameter) and isinstance(twin, zeroshard.ShardedParameter)
+    assert twin._zs.local is not w._zs.local and torch.equal(twin._zs.local, w._zs.local)
+    with zeroshard.full_params(model):
+        assert type(model[0].weight) is _LibraryParameter
