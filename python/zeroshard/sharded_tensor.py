@@ -266,8 +266,10 @@ def gather_whole(tensors: Sequence[ShardedTensor]) -> List[torch.Tensor]:
     chunk = _even_chunk(spec0) if len(shards) == 1 and distributed else None
     if chunk is not None:
         received = torch.empty(chunk * world, dtype=dtype, device=device)
-        send = torch.zeros(chunk, dtype=dtype, device=device)
-        send[:shards[0].local.numel()].copy_(shards[0].local)
+        send = shards[0].local
+        if send.numel() != chunk:  # the last rank's shorter piece, padded
+            send = torch.zeros(chunk, dtype=dtype, device=device)
+            send[:shards[0].local.numel()].copy_(shards[0].local)
         all_gather_single(received, send, group=spec0.group)
         return [received[:spec0.numel].view(spec0.shape)]
     wholes = [torch.empty(s.spec.shape, dtype=dtype, device=device) for s in shards]
