@@ -82,6 +82,16 @@ class TagMismatchError(RuntimeError):
     """Ranks made different zeroshard collectives; raised on every rank alike."""
 
 
+def collective_device(group, local_device: torch.device) -> torch.device:
+    """Where a small collective over `group` runs: the communicator's rule for object
+    collectives (CPU for gloo, also in a mixed group; the tensors' own GPU for NCCL)."""
+    from .communicator import _object_collective_device
+    device = _object_collective_device(group, local_device)
+    if device is None:
+        return torch.device("cpu")
+    return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+
+
 def exchange(group, code: int, device: torch.device, rank: int, world_size: int,
              name_of: Callable[[int, int], str], all_gather: Optional[Callable] = None) -> None:
     """All-gathers `code` over the group and checks it (one host sync). `all_gather(full,

@@ -44,7 +44,7 @@ def _gather(params: List[torch.nn.Parameter], where: str) -> None:
         return
     spec = params[0]._zs.spec
     if spec.world_size > 1 and dist.is_available() and dist.is_initialized():
-        device = _comm_device(spec.group, params[0]._zs.local.device)
+        device = call_tags.collective_device(spec.group, params[0]._zs.local.device)
         code = call_tags.encode(call_tags.MODULE, call_tags.index_of_name(where),
                                 call_tags.phase())
         call_tags.exchange(spec.group, code, device, spec.rank, spec.world_size,
@@ -62,13 +62,6 @@ def _reshard(params: List[torch.nn.Parameter]) -> None:
     for p in params:
         if not isinstance(p, ShardedParameter) and "_zs" in p.__dict__:
             shard_parameter(p, p._zs)
-
-
-def _comm_device(group, device: torch.device) -> torch.device:
-    if "nccl" in str(dist.get_backend(group)):
-        return device if device.type == "cuda" else torch.device("cuda",
-                                                                 torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 class GatherBeforeForward:

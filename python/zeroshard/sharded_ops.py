@@ -517,7 +517,7 @@ def _all_reduce(t: ShardedTensor, values: List[float], op) -> List[float]:
     spec = t._zs.spec
     if spec.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
         return values
-    device = _comm_device(spec.group, t._zs.local.device)
+    device = call_tags.collective_device(spec.group, t._zs.local.device)
     op_code = {_SUM: 0, _MAX: 1, _MIN: 2}[op]
     code = call_tags.encode(call_tags.REDUCTION, op_code, 0)
     call_tags.exchange(spec.group, code, device, spec.rank, spec.world_size,
@@ -525,11 +525,3 @@ def _all_reduce(t: ShardedTensor, values: List[float], op) -> List[float]:
     buf = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(buf, op=op, group=spec.group)
     return buf.tolist()
-
-
-def _comm_device(group, local_device: torch.device) -> torch.device:
-    backend = dist.get_backend(group)
-    if "nccl" in str(backend):
-        return local_device if local_device.type == "cuda" else torch.device(
-            "cuda", torch.cuda.current_device())
-    return torch.device("cpu")
