@@ -52,6 +52,7 @@ from torch.autograd import Variable
 from .buffer_ring import BufferRing, Slot
 from .communicator import Communicator, Work
 from .flat_group import FlatGroup
+from .side_stream import caller_wait
 
 
 class _GroupState:
@@ -278,8 +279,9 @@ class BucketReducer:
         if slot is None:
             return ring.new_slot()
         if slot.fence is not None:  # an offload copy may still read it: writes wait for it
-            torch.cuda.current_stream(group.device).wait_event(slot.fence)
+            caller_wait(slot.fence, group.device)
             slot.fence = None
+        slot.poison()  # simulated asynchrony: a collective or copy still reading it reads NaN
         return slot
 
     def _slots_in_flight(self) -> int:

@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .simulated_async import poison
+
 
 class Slot:
     """Named buffers of one in-flight bucket; views of persistent tensors."""
@@ -26,7 +28,7 @@ class Slot:
     def __init__(self, ring: "BufferRing") -> None:
         self.ring = ring
         self._tensors: Dict[str, torch.Tensor] = {}
-        # CUDA event after which the slot may be written again (an offload D2H copy still
+        # The event after which the slot may be written again (an offload D2H copy still
         # reading it when the slot was released), or None.
         self.fence = None
 
@@ -43,6 +45,12 @@ class Slot:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._tensors.values())
+
+    def poison(self) -> None:
+        """Handed out again: with simulated asynchrony, its old contents become NaN (see [Note:
+        simulated asynchrony]); otherwise nothing."""
+        for t in self._tensors.values():
+            poison(t)
 
 
 class BufferRing:

@@ -172,10 +172,15 @@ class Communicator:
     def broadcast(self, tensor: torch.Tensor, root: int = 0) -> Work:
         raise NotImplementedError
 
-    def all_gather_buckets(self, pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]]) -> Work:
+    def all_gather_buckets(self, pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+                           record_outputs: bool = True) -> Work:
         """all_gather(full, part) for each (full, part) pair, as one operation: NCCL fuses them
         into one group launch; other backends run them one by one. Counted as len(pairs)
-        all_gather calls, as if made separately. One Work for all of them."""
+        all_gather calls, as if made separately. One Work for all of them.
+        record_outputs=False (NCCL): the caller frees the outputs only after waiting for the
+        Work, so the allocator need not be told that the communication stream uses them (stage
+        3's unit buffers: recording them would hold each freed unit's memory back until the
+        gather's stream caught up, as FSDP2 found)."""
         pairs = list(pairs)
         for full, part in pairs:
             self._check_split(part, full, self.world_size)
@@ -477,6 +482,8 @@ class NcclCommunicator(Communicator):
 
     def _launch(self, kind: str, counted: Sequence[torch.Tensor], fn,
                 tensors: Sequence[torch.Tensor]) -> Work:
+        """fn(stream) enqueues the collective; `tensors` are recorded on the communication stream
+        (the allocator keeps them until it is done with them)."""
         self._check()
         if not self._comm_box:
             raise RuntimeError(f"{kind}: this NcclCommunicator was closed")
@@ -530,7 +537,7 @@ class NcclCommunicator(Communicator):
     def all_gather(self, full, part):
         return self.all_gather_buckets([(full, part)])
 
-    def all_gather_buckets(self, pairs):
+    def all_gather_buckets(self, pairs, record_outputs=True):
         pairs = list(pairs)
         for full, part in pairs:
             self._check_split(part, full, self.world_size)
@@ -548,8 +555,8 @@ class NcclCommunicator(Communicator):
             finally:
                 self._comm.group_end()
 
-        return self._launch("all_gather", [full for full, _ in pairs], launch,
-                            [t for pair in pairs for t in pair])
+        recorded = [t for full, part in pairs for t in ((full, part) if record_outputs else (part,))]
+        return self._launch("all_gather", [full for full, _ in pairs], launch, recorded)
 
     def broadcast(self, tensor, root=0):
         code = _dtype(tensor)
@@ -574,7 +581,16 @@ def default_timeout_s() -> float:
 def make_communicator(process_group: Optional[dist.ProcessGroup], device: torch.device,
                       timeout: Optional[datetime.timedelta] = None) -> Communicator:
     """The communicator for tensors on `device` over `process_group` (None: the default group,
-    or world size 1 when torch.distributed is not initialised)."""
+    or world size 1 when torch.distributed is not initialised). With ZEROSHARD_SIMULATE_ASYNC=1
+    on CPU, its collectives run late (see [Note: simulated asynchrony])."""
+    comm = _make_communicator(process_group, device, timeout)
+    from . import simulated_async
+    if simulated_async.applies_to(device):
+        return simulated_async.SimulatedAsyncCommunicator(comm)
+    return comm
+
+
+def _make_communicator(process_group, device, timeout) -> Communicator:
     if not dist.is_available() or not dist.is_initialized():
         if process_group is not None:
             raise ValueError("process_group was given but torch.distributed is not initialised")

@@ -39,6 +39,7 @@ import torch
 from . import _core
 from . import sharded_init
 from .sharded_tensor import Shard, ShardSpec, raw, shard_parameter, unmake_sharded
+from .simulated_async import poison
 
 ALIGN_BYTES = 128  # every parameter starts on a 128-byte boundary (vector loads, NCCL)
 
@@ -177,6 +178,7 @@ class FlatGroup:
         if not self.gathered:
             self._check_attached_sharded()  # model.to(dtype) since: an error, not a revert
             self.flat_param.untyped_storage().resize_(self.full_nbytes)
+            poison(self.flat_param)  # simulated asynchrony: a read before the gather sees NaN
             for p, shape, (start, end) in zip(self.params, self.shapes, self.param_ranges):
                 unmake_sharded(p, self.flat_param[start:end].view(shape))
             self.gathered = True

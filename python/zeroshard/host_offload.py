@@ -26,7 +26,8 @@ knows nothing of collectives or optimizer maths.
    updated. The compute
    stream then waits for the H2D stream (stages 1/2 all-gather next; stage 3 gathers later).
 On CPU tensors (tests, CPU training) the same buffers, copies and ordering are used; the copies
-are synchronous.
+are synchronous, or late with ZEROSHARD_SIMULATE_ASYNC=1 (SideStream), so that tests see a
+missing wait.
 
 [Note: offload is exact] The update starts only once the clip coefficient and the overflow
 decision are known, so offload computes what the same stage computes without it: the same CPU
@@ -50,6 +51,8 @@ import torch
 
 from . import _core, ops
 from .flat_group import FlatGroup
+from .side_stream import SideStream, host_wait, is_done
+from .simulated_async import poison
 
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -109,12 +112,12 @@ class HostOffload:
         # dtype -> two staging buffers for low-precision parameters on their way up, each
         # with the event of its last H2D copy (None: free); sized by add_group
         self.staging: Dict[torch.dtype, List[torch.Tensor]] = {}
-        self._staging_done: Dict[Tuple[torch.dtype, int], "torch.cuda.Event"] = {}
+        self._staging_done: Dict[Tuple[torch.dtype, int], object] = {}
         self._staging_next: Dict[torch.dtype, int] = {}
         self._staging_numel: Dict[torch.dtype, int] = {}
         self._staging_last: Tuple[torch.dtype, int] = (torch.float32, 0)  # the buffer in use
         self._slices: Dict[int, Tuple[List[int], List[Tuple[int, int, int]]]] = {}
-        self._uploads_done: Optional["torch.cuda.Event"] = None
+        self._uploads_done = None  # the event of the last step's uploads
         # (address, backing tensor) of every page-locked range, unlocked when this goes away
         self._registered: List[Tuple[int, torch.Tensor]] = []
         weakref.finalize(self, _unregister_all, self._registered,
@@ -125,10 +128,9 @@ class HostOffload:
         # Kernel runs that started while the previous run's H2D copy was still in flight (the
         # GPU test's evidence that the update and the copies overlap), and that copy's event.
         self.uploads_overlapped = 0
-        self._last_upload: Optional["torch.cuda.Event"] = None
-        if self.cuda:
-            self.d2h_stream = torch.cuda.Stream(device)
-            self.h2d_stream = torch.cuda.Stream(device)
+        self._last_upload = None
+        self.d2h_stream = SideStream(device, "d2h")
+        self.h2d_stream = SideStream(device, "h2d")
 
     def _bind_worker(self) -> None:
         if self.cuda:
@@ -176,10 +178,9 @@ class HostOffload:
         that last read it is done."""
         index = self._staging_next.get(dtype, 0)
         self._staging_next[dtype] = 1 - index
-        done = self._staging_done.pop((dtype, index), None)
-        if done is not None:
-            done.synchronize()
+        host_wait(self._staging_done.pop((dtype, index), None))
         buffer = self.staging[dtype][index]
+        poison(buffer)  # simulated asynchrony: free now, whatever still reads it reads NaN
         if buffer.numel() < n:
             raise AssertionError(f"a kernel run of {n} elements does not fit the staging buffer "
                                  f"of {buffer.numel()}: runs lie inside one bucket slice")
@@ -203,9 +204,10 @@ class HostOffload:
     def land(self, fg: FlatGroup, bucket: int, shard: torch.Tensor, part: torch.Tensor,
              after=None):
         """Bucket `bucket`'s reduced slice `part` (device) goes into `shard` (host gradient
-        shard view), once the CUDA event `after` (the collective that wrote `part`) is done;
-        without one, once the caller's stream's work so far is. Returns the CUDA event after
-        which `part` may be overwritten (None on CPU). See [Note: offload pipeline]."""
+        shard view), once the event `after` (the collective that wrote `part`) is done; without
+        one, once the caller's stream's work so far is. Returns the event after which `part`
+        may be overwritten (None where the copy is done already). See [Note: offload
+        pipeline]."""
         key = (id(fg), bucket)
         fresh = key not in self._landed
         self._landed.add(key)
@@ -214,18 +216,10 @@ class HostOffload:
         self.d2h_copies += 1
         buffer, index = (None, None) if fresh else self._landing_buffer(part.dtype, n)
         target = shard if fresh else buffer
-        event = None
-        if self.cuda:
-            if after is not None:  # the collective only, not the backward queued since
-                self.d2h_stream.wait_event(after)
-            else:
-                self.d2h_stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.d2h_stream):
-                target.copy_(part, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(self.d2h_stream)
-        else:
-            target.copy_(part)
+        if after is None:  # with one: the collective only, not the backward queued since
+            self.d2h_stream.follow_caller()
+        event = self.d2h_stream.enqueue(lambda: target.copy_(part, non_blocking=self.cuda),
+                                        after=after)
         future = self._worker.submit(self._after_landing, key, event, shard, buffer)
         self._landing.append(future)
         if index is not None:
@@ -248,8 +242,7 @@ class HostOffload:
 
     def _after_landing(self, key, event, shard: torch.Tensor,
                        buffer: Optional[torch.Tensor]) -> None:
-        if event is not None:
-            event.synchronize()
+        self._wait_landed(event)
         if self.first_landed_at is None:
             self.first_landed_at = time.perf_counter()
         if buffer is None and self.partials_wanted:
@@ -262,6 +255,11 @@ class HostOffload:
         else:  # accumulated over several backwards: the norm is taken at step time
             shard.add_(buffer)
             self.partials[key] = None
+
+    @staticmethod
+    def _wait_landed(event) -> None:
+        """The worker's wait for a D2H copy (into the shard or a landing buffer) to land."""
+        host_wait(event)
 
     def finish_landing(self) -> None:
         """Waits until every gradient slice sent to the host has landed (raising a worker's
@@ -287,11 +285,9 @@ class HostOffload:
         """The update is about to write the host fp32 parameter copies: the previous step's
         uploads from them must be done, and the uploads of this one must follow what the
         device has queued (backward may still read the parameters)."""
-        if self._uploads_done is not None:
-            self._uploads_done.synchronize()
-            self._uploads_done = None
-        if self.cuda:
-            self.h2d_stream.wait_stream(torch.cuda.current_stream(self.device))
+        host_wait(self._uploads_done)
+        self._uploads_done = None
+        self.h2d_stream.follow_caller()
 
     def upload(self, fg: FlatGroup, start: int, n: int,
                staged: Optional[torch.Tensor] = None) -> None:
@@ -308,29 +304,21 @@ class HostOffload:
         src = staged if staged is not None else self.fp32_params[id(fg)][start:start + n]
         self.h2d_bytes += n * dst.element_size()
         self.h2d_copies += 1
-        if self.cuda:
-            with torch.cuda.stream(self.h2d_stream):
-                dst.copy_(src, non_blocking=True)
-                done = torch.cuda.Event()
-                done.record(self.h2d_stream)
-            if staged is not None:  # the buffer is written again after this copy only
-                self._staging_done[self._staging_last] = done
-            self._last_upload = done
-        else:
-            dst.copy_(src)
+        done = self.h2d_stream.enqueue(lambda: dst.copy_(src, non_blocking=self.cuda))
+        if staged is not None:  # the buffer is written again after this copy only
+            self._staging_done[self._staging_last] = done
+        self._last_upload = done
 
     def kernel_starting(self) -> None:
         """Called before each kernel run of the update: counts the runs that start while the
         previous run's parameters are still on their way to the device."""
-        if self._last_upload is not None and not self._last_upload.query():
+        if not is_done(self._last_upload):
             self.uploads_overlapped += 1
 
     def after_update(self) -> None:
         """The device's next work (the all-gather, the next forward) follows the uploads."""
-        if self.cuda:
-            torch.cuda.current_stream(self.device).wait_stream(self.h2d_stream)
-            self._uploads_done = torch.cuda.Event()
-            self._uploads_done.record(self.h2d_stream)
+        self.h2d_stream.join_caller()
+        self._uploads_done = self.h2d_stream.record()
 
     def stats(self) -> Dict[str, Dict[str, int]]:
         return {"d2h": {"copies": self.d2h_copies, "bytes": self.d2h_bytes},

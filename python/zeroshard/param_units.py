@@ -335,7 +335,9 @@ class ParamUnits:
                 s_start, s_end, s0 = fg.bucket_slice(b)
                 pairs.append((fg.flat_param[b_start:b_end],
                               fg.shard_param[s0:s0 + (s_end - s_start)]))
-        work = self.comm.all_gather_buckets(pairs)
+        # A unit's buffers are freed only after its gather is waited (free() finishes a pending
+        # one), so the caller's stream orders their reuse: no record_stream (see Communicator).
+        work = self.comm.all_gather_buckets(pairs, record_outputs=False)
         u.pending = (tag_work, tags, work)
         alive = sum(1 for v in self.units if v.gathered and not v.is_root)
         self.peak_alive = max(self.peak_alive, alive)
