@@ -9,11 +9,13 @@ knows nothing of collectives or optimizer maths.
 
 [Note: offload pipeline]
 1. Backward: when a bucket's reduce-scatter is done, its reduced slice (a ring slot on the
-   device, in the reduce dtype) is copied D2H on the D2H stream: straight into the pinned host
-   gradient shard when it is the slice's first gradient since the last step, else into one of
-   two pinned landing buffers. The ring slot records an event and is not written again before
-   that copy is done (BufferRing's fence). The landing worker waits for the copy, adds a landing
-   buffer into the shard where one was used, and computes the slice's sum of squares and
+   device, in the reduce dtype) is copied D2H on the D2H stream, in the landing dtype
+   (`offload_grad_dtype`: by default bf16 for bf16 parameters, half the bytes of an fp32
+   reduction, else the reduce dtype; cast on the D2H stream): straight into the pinned host
+   gradient shard when it is the slice's first gradient since the last step and needs no cast
+   on the host, else into one of two pinned landing buffers, upcast into the shard there. The ring slot records an event and is not written again before
+   that copy is done (BufferRing's fence). The landing worker waits for the copy, copies or adds
+   a landing buffer into the shard where one was used, and computes the slice's sum of squares and
    non-finite flag, while the device goes on with backward.
 2. step() (or clip_grad_norm_): the landing worker is joined; the global norm and the fp16
    overflow check read the partial results (one small all-reduce). Only now is the update known
@@ -32,7 +34,9 @@ missing wait.
 [Note: offload is exact] The update starts only once the clip coefficient and the overflow
 decision are known, so offload computes what the same stage computes without it: the same CPU
 kernels on the same values (bitwise on CPU; on a GPU the CPU kernel stands in for the CUDA one,
-whose fp32 results may differ in the last bit). The gradient norm's partial sums are the same
+whose fp32 results may differ in the last bit), given the same gradients: a bf16 landing of an
+fp32 reduction rounds each gradient to bf16 once on its way (offload_grad_dtype=torch.float32
+keeps them whole). The gradient norm's partial sums are the same
 per-bucket sums in the same order as without offload. What overlaps backward is the gradient's
 way to the host and its norm; what overlaps the update is the parameters' way back. A one-step
 delayed update (DeepSpeed's DPU) would overlap more and change the maths; it is not offered.
@@ -83,8 +87,10 @@ def host_pages(nbytes: int) -> torch.Tensor:
 
 
 class HostOffload:
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, grad_dtype: Optional[torch.dtype] = None) -> None:
         self.device = device
+        self.grad_dtype = grad_dtype  # offload_grad_dtype; None: landing_dtype's default
+        self._landing_dtype: Dict[int, torch.dtype] = {}  # id(fg) -> its gradients' landing dtype
         self.cuda = device.type == "cuda"
         ops.apply_default_num_threads()  # this rank's share of the cores, unless chosen
         self.d2h_bytes = self.h2d_bytes = 0
@@ -172,6 +178,15 @@ class HostOffload:
                 self.staging[fg.dtype] = [self.empty(largest, fg.dtype) for _ in range(2)]
         slices = [s for s in fg.shard_slices() if s[1] > s[0]]
         self._slices[id(fg)] = ([s0 for _, _, s0 in slices], slices)
+        self._landing_dtype[id(fg)] = self.landing_dtype(fg.dtype, fg.reduce_dtype)
+
+    def landing_dtype(self, param_dtype: torch.dtype, reduce_dtype: torch.dtype) -> torch.dtype:
+        """The dtype reduced gradients cross to the host in: offload_grad_dtype, else bf16 for
+        bf16 parameters (their gradients were bf16 before the reduction) and the reduce dtype
+        otherwise (fp16 would overflow where a scaled fp32 gradient does not)."""
+        if self.grad_dtype is not None:
+            return self.grad_dtype
+        return torch.bfloat16 if param_dtype == torch.bfloat16 else reduce_dtype
 
     def staging_buffer(self, dtype: torch.dtype, n: int) -> torch.Tensor:
         """The next of dtype's two staging buffers (its first n elements), once the H2D copy
@@ -212,18 +227,23 @@ class HostOffload:
         fresh = key not in self._landed
         self._landed.add(key)
         n = part.numel()
-        self.d2h_bytes += n * part.element_size()
+        dtype = self._landing_dtype.get(id(fg), part.dtype)
+        self.d2h_bytes += n * torch.tensor([], dtype=dtype).element_size()
         self.d2h_copies += 1
-        buffer, index = (None, None) if fresh else self._landing_buffer(part.dtype, n)
-        target = shard if fresh else buffer
+        direct = fresh and dtype == shard.dtype  # straight into the shard
+        buffer, index = (None, None) if direct else self._landing_buffer(dtype, n)
+        target = shard if direct else buffer
+
+        def copy() -> None:  # on the D2H stream: the cast too, after the collective
+            target.copy_(part if part.dtype == dtype else part.to(dtype),
+                         non_blocking=self.cuda)
         if after is None:  # with one: the collective only, not the backward queued since
             self.d2h_stream.follow_caller()
-        event = self.d2h_stream.enqueue(lambda: target.copy_(part, non_blocking=self.cuda),
-                                        after=after)
-        future = self._worker.submit(self._after_landing, key, event, shard, buffer)
+        event = self.d2h_stream.enqueue(copy, after=after)
+        future = self._worker.submit(self._after_landing, key, event, shard, buffer, fresh)
         self._landing.append(future)
         if index is not None:
-            self._buffer_use[(part.dtype, index)] = future
+            self._buffer_use[(dtype, index)] = future
         return event
 
     def _landing_buffer(self, dtype: torch.dtype, n: int):
@@ -241,10 +261,13 @@ class HostOffload:
         return bufs[index][:n], index
 
     def _after_landing(self, key, event, shard: torch.Tensor,
-                       buffer: Optional[torch.Tensor]) -> None:
+                       buffer: Optional[torch.Tensor], fresh: bool) -> None:
         self._wait_landed(event)
         if self.first_landed_at is None:
             self.first_landed_at = time.perf_counter()
+        if buffer is not None and fresh:  # landed in another dtype: upcast into the shard
+            shard.copy_(buffer)
+            buffer = None
         if buffer is None and self.partials_wanted:
             flag = torch.zeros(1, dtype=torch.int32)
             total = ops.l2_norm_sq(shard, nonfinite=flag)

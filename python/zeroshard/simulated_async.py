@@ -28,7 +28,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .communicator import Communicator, Work
+from .communicator import CommStats, Communicator, Work
 
 MAX_DELAY_S = 0.005
 
@@ -163,6 +163,9 @@ class SimulatedAsyncCommunicator(Communicator):
     def __init__(self, inner: Communicator) -> None:
         self.inner = inner
         self.stream = SimulatedStream("comm")
+        # Counted at launch, as NcclCommunicator counts (the inner one counts when its job
+        # runs, which a caller reading stats before a wait would not yet see).
+        self.stats = CommStats()
 
     def __getattr__(self, name):  # rank, world_size, group, stats, ... of the real one
         if name == "inner":
@@ -189,26 +192,32 @@ class SimulatedAsyncCommunicator(Communicator):
         return _SimulatedWork(self.stream.submit(lambda: launch().wait()))
 
     def all_reduce(self, full):
+        self._count("all_reduce", full)
         return self._later(lambda: self.inner.all_reduce(full))
 
     def reduce_scatter(self, part, full, scratch=None, accumulate=False):
         self._check_split(part, full, self.world_size)
+        self._count("reduce_scatter", full)
         return self._later(lambda: self.inner.reduce_scatter(part, full, scratch, accumulate))
 
     def all_gather(self, full, part):
         self._check_split(part, full, self.world_size)
+        self._count("all_gather", full)
         return self._later(lambda: self.inner.all_gather(full, part))
 
     def all_gather_buckets(self, pairs, record_outputs=True):
         pairs = list(pairs)
         for full, part in pairs:
             self._check_split(part, full, self.world_size)
+            self._count("all_gather", full)
         return self._later(lambda: self.inner.all_gather_buckets(pairs, record_outputs))
 
     def all_gather_control(self, full, part):
+        self.stats.control_bytes += full.numel() * full.element_size()
         return self._later(lambda: self.inner.all_gather_control(full, part))
 
     def broadcast(self, tensor, root=0):
+        self._count("broadcast", tensor)
         return self._later(lambda: self.inner.broadcast(tensor, root))
 
     def control_all_reduce(self, tensor, op=None):
@@ -216,6 +225,8 @@ class SimulatedAsyncCommunicator(Communicator):
         # communicator may not run beside ours; here, on gloo, one process group would pair
         # this rank's control reduction with another rank's bucket).
         self.stream.synchronize()
+        if self.world_size > 1:  # as the inner one counts: nothing to combine at world size 1
+            self.stats.control_bytes += tensor.numel() * tensor.element_size()
         if op is None:
             return self.inner.control_all_reduce(tensor)
         return self.inner.control_all_reduce(tensor, op)

@@ -58,6 +58,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  loss_scale: Any = "dynamic", timeout_s: float = 300.0,
                  module: Optional[torch.nn.Module] = None, units=None, prefetch: int = 1,
                  reshard_after_forward: bool = True, offload: Optional[str] = None,
+                 offload_grad_dtype: Optional[torch.dtype] = None,
                  partition_frozen: bool = True, **scaler_kwargs) -> None:
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
@@ -66,6 +67,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if offload == "cpu" and stage == 0:
             raise ValueError("offload='cpu' partitions the optimizer state it moves to the host: "
                              "use stage=1, 2 or 3 (stage 0 replicates it on every rank)")
+        if offload_grad_dtype is not None and offload != "cpu":
+            raise ValueError("offload_grad_dtype= is the dtype gradients cross to the host in, "
+                             "so it needs offload='cpu'")
+        if offload_grad_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"offload_grad_dtype must be None (bf16 for bf16 parameters, else "
+                             f"the reduce dtype), torch.float32 or torch.bfloat16, got "
+                             f"{offload_grad_dtype!r}")
         if module is not None and not isinstance(module, torch.nn.Module):
             raise TypeError(f"module= must be the model (an nn.Module), got {type(module).__name__}")
         if stage != 3 and (units is not None or prefetch != 1 or not reshard_after_forward):
@@ -87,7 +95,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise TypeError(
                 f"unexpected keyword arguments {sorted(unknown)}; zeroshard's own are stage, "
                 "process_group, bucket_mb, overlap, reduce_dtype, loss_scale, timeout_s, module, "
-                "units, prefetch, reshard_after_forward, offload, partition_frozen and the "
+                "units, prefetch, reshard_after_forward, offload, offload_grad_dtype, "
+                "partition_frozen and the "
                 f"loss scaler's {', '.join(_SCALER_KWARGS)}")
         if isinstance(params, torch.nn.Module):
             if module is not None and module is not params:
@@ -118,7 +127,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.device = devices.pop()
         self._check_dtypes(trainable)
         if offload == "cpu":
-            self.offload = HostOffload(self.device)
+            self.offload = HostOffload(self.device, grad_dtype=offload_grad_dtype)
         if self.device.type == "cuda":  # object collectives use this rank's GPU, not cuda:0
             bind_rendezvous_device(process_group, self.device)
         reject_ddp_wrapped(trainable, self._names)

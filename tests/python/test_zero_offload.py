@@ -45,6 +45,11 @@ def _build(stage, offload, *, dtype=torch.float32, kind="AdamW", groups=False, s
                   {"params": list(model.blocks.parameters()), "lr": hyper["lr"] / 3,
                    "weight_decay": 0.0}]
         kw = dict(kw, module=model)
+    if offload == "cpu" and dtype == torch.bfloat16:
+        # bf16 gradients would cross to the host in bf16 (one rounding of an fp32 reduction):
+        # fp32 keeps them whole, so that the comparison with the same stage is bitwise.
+        # test_bf16_landing_* covers the bf16 landing.
+        kw.setdefault("offload_grad_dtype", torch.float32)
     opt = cls(params, stage=stage, bucket_mb=bucket_mb, offload=offload, **hyper, **kw)
     return model, opt
 
@@ -176,6 +181,50 @@ def test_bf16_accumulation_groups_and_sgd_are_bitwise_the_same_stage(world_size)
                 _assert_close(pair, label)
             else:
                 _assert_bitwise(pair, label)
+
+
+def _bf16_landing(rank, world_size):
+    """(snapshot, norms, d2h bytes) of bf16 parameters for landing dtypes and reduce dtypes."""
+    out = {}
+    for reduce_dtype in (torch.float32, torch.bfloat16):
+        for stage in (2, 3):
+            for land in (None, torch.float32, torch.bfloat16):  # None: no offload
+                model, opt = _build(stage, None if land is None else "cpu",
+                                    dtype=torch.bfloat16, reduce_dtype=reduce_dtype,
+                                    **({} if land is None else {"offload_grad_dtype": land}))
+                norms, _ = _train(model, opt, rank, world_size, clip=0.05)
+                d2h = opt.comm_stats().get("d2h", {}).get("bytes", 0)
+                out[(str(reduce_dtype), stage, str(land))] = (_snapshot(model, opt), norms, d2h)
+    return out
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_bf16_landing_is_the_fp32_landing_of_the_same_bf16_gradients(world_size):
+    """bf16 parameters' gradients cross to the host in bf16 by default, half the bytes. Where the
+    gradients are bf16 values already (one rank: the reduction adds nothing; or a bf16
+    reduction) the bf16 landing is bitwise the fp32 landing and the same stage without offload;
+    an fp32 reduction over ranks is rounded to bf16 once, and the run stays within bf16's
+    precision of the fp32 landing."""
+    per_rank = run_distributed(_bf16_landing, world_size, timeout_s=400)
+    for rank, out in enumerate(per_rank):
+        for (reduce_dtype, stage, land), (params, norms, d2h) in out.items():
+            if land != "torch.bfloat16":
+                continue
+            label = f"rank {rank} ws={world_size} reduce {reduce_dtype} stage {stage}"
+            fp32 = out[(reduce_dtype, stage, "torch.float32")]
+            plain = out[(reduce_dtype, stage, "None")]
+            assert d2h > 0 and d2h * 2 == fp32[2], \
+                f"{label}: bf16 landing sent {d2h} bytes, fp32 landing {fp32[2]}"
+            exact = world_size == 1 or reduce_dtype == "torch.bfloat16"
+            if exact:
+                _assert_bitwise(((params, norms, []), (fp32[0], fp32[1], [])), label + " vs fp32")
+                _assert_bitwise(((params, norms, []), (plain[0], plain[1], [])),
+                                label + " vs no offload")
+            else:
+                torch.testing.assert_close(norms, fp32[1], rtol=2 ** -7, atol=0)
+                for name, t in fp32[0].items():
+                    torch.testing.assert_close(params[name].float(), t.float(), rtol=2 ** -6,
+                                               atol=2 ** -6, msg=lambda m, n=name: f"{label}: {n}: {m}")
 
 
 def _fp16_overflow(rank, world_size):
