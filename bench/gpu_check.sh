@@ -17,8 +17,8 @@
 # (1.56B, bf16, batch 4x1024) at stage 2 with offload="cpu" against the same run without
 # offload in one process (issue 11: >= 85% of its tokens/s, <= 0.6 s a step), then the NCCL
 # example. Each step has its own time limit;
-# the limits add up to the budget (475 s), and a step never runs past what is left of it, so the
-# whole run stays under 8 minutes. Output is unbuffered and goes to $OUT/gpu_check.log as it is
+# the limits (a time model: bench/gpu_check_plan.py) fit the budget (475 s), and a step never
+# runs past what is left of it, so the whole run stays under 8 minutes. Output is unbuffered and goes to $OUT/gpu_check.log as it is
 # written, so a killed step still shows its log. Last comes a table of step outcomes and the
 # issue's targets, measured vs target (bench/gpu_check_report.py).
 #
@@ -46,26 +46,13 @@ JOBS=$(nproc 2>/dev/null || echo 16)
 TRACE=$OUT_DIR/zero_step_trace.json.gz
 TRACE3=$OUT_DIR/zero_step3_trace.json.gz
 
-# Each step's limit in seconds; they add up to the default budget (475 s < 8 min). Expected
-# times on the H200 machine (estimates only: the script has not run on one yet), limit in
-# brackets:
-#   preflight   5-10 s [20]   python + torch import, nvidia-smi, nvcc
-#   configure  10-20 s [30]   cmake, CUDA compiler detection
-#   build     60-110 s [125]  sm_90 only, ninja -j$(nproc)
-#   env          ~5 s [15]    python -m zeroshard.env
-#   pytest     30-55 s [70]   GPU tests, four of them in subprocesses (two of CPU offload)
-#   zs_bench   10-18 s [25]   1e9-element buffers, 10 reps
-#   bench_ops  12-22 s [30]   gpt2-medium shapes and a 1e9 flat case
-#   zero_step  20-30 s [45]   torchrun + NCCL init, two gpt2-medium models built on the GPU,
-#                             13 steps each (~0.1 s), 2 profiled steps, trace export
-#   zero_step3 20-30 s [40]   the same with stage 2 then stage 3, the stage-3 trace analysed
-#   offload    25-45 s [60]   torchrun + NCCL init, two gpt2-xl models built on the GPU (stage
-#                             2, then with offload="cpu": ~17 GiB of fp32 master and state in
-#                             host memory), 7 steps each (~0.15 s, then <= 0.6 s), no trace
-#   example     ~10 s [15]    20 steps of a small model under torchrun
-# Expected total about 205-355 s, so a slow build still leaves the benches their time.
-declare -A LIMIT=([preflight]=20 [configure]=30 [build]=125 [env]=15 [pytest]=70
-                  [zs_bench]=25 [bench_ops]=30 [zero_step]=45 [zero_step3]=40 [offload]=60
+# Each step's limit in seconds, from the time model in bench/gpu_check_plan.py (each step's
+# parts, low-high seconds, limit = high + 25%, rounded up to 5 s; `python bench/gpu_check_plan.py`
+# prints it). They add up to 470 s, within the 475 s budget (< 8 min); CI checks that this table
+# is the plan's and that it fits (tests/python/test_gpu_check_script.py). Estimates only: the
+# script has not run on a GPU yet.
+declare -A LIMIT=([preflight]=15 [configure]=20 [build]=90 [env]=10 [pytest]=100
+                  [zs_bench]=15 [bench_ops]=25 [zero_step]=40 [zero_step3]=50 [offload]=90
                   [example]=15)
 STEPS=(preflight configure build env pytest zs_bench bench_ops zero_step zero_step3 offload
        example)
@@ -237,7 +224,7 @@ main() {
   fi
   # All of the GPU test files, and of test_zero_offload.py only its CUDA tests (-k matches the
   # module's name too, so the other files' tests all stay selected).
-  step pytest "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rfE \
+  step pytest "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rfE --durations=15 \
     --junitxml="$RESULTS/pytest.xml" tests/python/test_gpu_ops.py tests/python/test_gpu_nccl.py \
     tests/python/test_zero_offload.py -k "cuda or not test_zero_offload"
   step zs_bench "$BUILD/bench/zs_bench" --device gpu --gpu-sizes 1e9 --reps 10 --warmup 2 \

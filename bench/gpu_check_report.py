@@ -229,6 +229,38 @@ def offload_rows(data: dict) -> List[Dict]:
     return out
 
 
+# Issue 19's GPU-only defects (fixed on CPU, as far as a CPU can prove) and the step of this
+# script that would show each one, if it came back; "-" where one GPU cannot (NCCL at world size
+# 1, everything on GPU 0): those are proven on CPU by the named test.
+DEFECT_STEPS = [
+    ("1 offload host buffers not pinned", "pytest",
+     "test_cuda_offload_pipeline_matches_the_device_step"),
+    ("2 landing thread opens a context on GPU 0", "-",
+     "needs 2+ GPUs; CPU: the worker binds the device"),
+    ("3 host pages pinned for the wrong context", "-",
+     "needs 2+ GPUs; CPU: rendezvous device tests"),
+    ("4 control all-reduce beside in-flight ones", "-",
+     "needs 2+ GPUs; CPU: ZEROSHARD_SIMULATE_ASYNC suites"),
+    ("5 host grads zeroed under landing copies", "pytest",
+     "CUDA offload tests; CPU: simulated landing"),
+    ("6 fp32 landing, norm re-read, no overlap", "offload", "tokens/s and step-time rows"),
+    ("7 unit buffers held by record_stream", "zero_step3", "stage 3 / stage 2 memory row"),
+    ("7 pinning holds the GIL; unpin under DMA", "offload", "step time; a crash at exit"),
+    ("7 adam_step(check_finite=False) flag", "pytest", "test_gpu_ops.py"),
+    ("7 landing overlap test that cannot fail", "pytest",
+     "test_cuda_gradients_land_on_the_host_while_backward_runs"),
+]
+
+
+def defect_lines(folder: str) -> List[str]:
+    status = {name: st for name, st, _, _ in _steps(folder)}
+    lines = [f"{'issue 19 defect (GPU only)':<45}{'step':<12}{'step status':<22}shown by"]
+    for what, step, how in DEFECT_STEPS:
+        lines.append(f"{what:<45}{step:<12}{status.get(step, '-') if step != '-' else '-':<22}"
+                     f"{how}")
+    return lines
+
+
 def render(folder: str, elapsed: int, budget: int, out_dir: str, dry_run: bool = False) -> str:
     dry = " -- DRY RUN: nothing ran on a GPU, the numbers are made up" if dry_run else ""
     lines = [f"==== gpu_check summary: {elapsed} s of a {budget} s budget{dry} ===="]
@@ -238,6 +270,8 @@ def render(folder: str, elapsed: int, budget: int, out_dir: str, dry_run: bool =
     tests = _pytest_line(folder)
     if tests:
         lines.append(f"gpu tests: {tests}")
+    lines.append("")
+    lines.extend(defect_lines(folder))
     lines.append("")
     lines.append(f"{'target (issues 8 and 11, stage 3)':<50}{'measured':<38}{'target':<16}"
                  "verdict")

@@ -13,6 +13,7 @@ from .buffer_ring import auto_bucket_mb
 from .estimate import (DTYPE_NAMES, STATE_TENSORS, _device_peak, _elem_size,
                        estimate_model_states, format_bytes, format_count, formula_text,
                        largest_fitting_params, parse_count, parse_memory, zero_formula_bytes)
+from .offload_time import offloaded_step_time
 from .model_shapes import (PRESETS, UNIFORM_TENSOR_NUMEL, preset_model, read_config_model,
                            uniform_numels, uniform_units, units_after)
 
@@ -124,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=["nccl", "gloo"], default="nccl",
                         help="collective backend (default nccl; gloo adds an all-to-all receive "
                              "buffer per bucket)")
+    parser.add_argument("--host-gbps", type=_argument(_positive_float), default=None,
+                        metavar="GB_S", help="with --offload cpu: this rank's host memory "
+                        "bandwidth for the CPU update (GB/s; bench/bench_host_update.py's "
+                        "'bound' column); prints the offloaded step time it predicts")
+    parser.add_argument("--pcie-gbps", type=_argument(_positive_float), default=25.0,
+                        metavar="GB_S", help="device-host copy bandwidth per rank, each way "
+                        "(GB/s; default 25, PCIe 4 x16 in practice)")
+    parser.add_argument("--device-step-s", type=_argument(_positive_float), default=None,
+                        metavar="S", help="the step's time on the device without offload "
+                        "(its forward + backward hide the gradients' landing)")
     parser.add_argument("--device-memory", type=_argument(parse_memory), metavar="SIZE",
                         help="memory per device (80GB, 80GiB): also print the largest model "
                              "whose model states fit (stage 3: its peak), per stage and world "
@@ -262,6 +273,26 @@ def _bucket_text(args, model: Optional[tuple]) -> str:
     return f"bucket {auto_bucket_mb(sum(model[1]), elem):.3g} MiB (automatic)"
 
 
+def _offload_time_text(args, total_params: int) -> str:
+    """The offloaded step per rank, from offload_time's model (see its Note)."""
+    lines = [f"Offloaded step per rank (host {args.host_gbps:g} GB/s, device-host link "
+             f"{args.pcie_gbps:g} GB/s, device step {args.device_step_s or 0:g} s; "
+             "zeroshard.offload_time):"]
+    for world_size in args.world_size:
+        t = offloaded_step_time(total_params, world_size=world_size,
+                                host_bytes_per_s=args.host_gbps * 1e9,
+                                link_bytes_per_s=args.pcie_gbps * 1e9,
+                                device_step_s=args.device_step_s or 0.0,
+                                param_dtype=DTYPE_NAMES[args.dtype],
+                                reduce_dtype=DTYPE_NAMES[args.reduce_dtype],
+                                optimizer=args.optimizer)
+        lines.append(f"  N={world_size}: {t['step_s']:.3f} s a step ({t['added_s']:.3f} s added: "
+                     f"update {t['update_s']:.3f} s over {format_bytes(int(t['host_update_bytes']))}"
+                     f", landing {t['landing_s']:.3f} s of which {t['exposed_landing_s']:.3f} s "
+                     f"outlasts backward, upload {t['upload_s']:.3f} s beside the update)")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -317,6 +348,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   "whole during forward/backward (the root unit and the 1 + prefetch largest "
                   "blocks), 'peak' = total + live units.")
             print(_units_text(args, model))
+    if args.host_gbps is not None:
+        if not offload or model is None:
+            parser.error("--host-gbps predicts the offloaded step: add --offload cpu and a model")
+        print(_offload_time_text(args, sum(model[1])))
     if args.device_memory is not None:
         print(f"Largest model whose states fit in {args.device_memory:,} bytes "
               f"({format_bytes(args.device_memory)}) per device "

@@ -112,6 +112,47 @@ def test_dry_run_runs_every_step_and_prints_the_table_last(tmp_path):
     assert (out / "gpu_check.log").read_text() == text  # the whole console, as it was written
 
 
+_plan_spec = importlib.util.spec_from_file_location(
+    "gpu_check_plan", os.path.join(ROOT, "bench", "gpu_check_plan.py"))
+plan = importlib.util.module_from_spec(_plan_spec)
+_plan_spec.loader.exec_module(plan)
+
+
+def test_the_limits_are_the_time_models_and_fit_the_budget(tmp_path):
+    """Each step's limit is its time model's high estimate plus a quarter (issue 19: pytest 100 s,
+    zero_step3 50 s, offload 90 s), they fit the budget, and the check notices a script whose
+    limits drift from the model or overrun the budget."""
+    limits = plan.limits()
+    assert (limits["pytest"], limits["zero_step3"], limits["offload"]) == (100, 50, 90)
+    assert plan.script_limits(SCRIPT) == limits and list(limits) == STEPS
+    assert sum(limits.values()) <= BUDGET_S == plan.BUDGET_S
+    assert BUDGET_S + plan.FINISH_RESERVE_S <= 8 * 60
+    check = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check_plan.py"),
+                            "--check"], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert f"{sum(limits.values())}  budget {BUDGET_S} s" in check.stdout
+    drifted = tmp_path / "gpu_check.sh"
+    drifted.write_text(open(SCRIPT).read().replace("[offload]=90", "[offload]=200"))
+    assert any("not the plan's" in p for p in plan.problems(str(drifted)))
+    monkey_budget = open(SCRIPT).read().replace("GPU_CHECK_BUDGET_S:-475", "GPU_CHECK_BUDGET_S:-400")
+    drifted.write_text(monkey_budget)
+    assert any("default budget 400" in p for p in plan.problems(str(drifted)))
+
+
+def test_the_table_names_the_step_that_would_show_each_gpu_only_defect(tmp_path):
+    proc, _, _ = run_check(tmp_path, GPU_CHECK_DRY_FAIL="zero_step3")
+    text = proc.stdout
+    assert "--durations=15" in text[text.index("==== pytest (limit"):]
+    rows = [line for line in text.splitlines() if re.match(r"^\d \w", line)]
+    assert len(rows) == len(report.DEFECT_STEPS)
+    for line, (what, step, _) in zip(rows, report.DEFECT_STEPS):
+        assert line.startswith(what), line
+        if step == "zero_step3":
+            assert "FAILED" in line, line
+        elif step != "-":
+            assert re.search(rf"{step}\s+ok", line), line
+
+
 def test_a_hung_step_is_killed_at_its_limit_and_the_rest_still_run(tmp_path):
     proc, seconds, _ = run_check(tmp_path, GPU_CHECK_DRY_LIMIT_S="1", GPU_CHECK_DRY_HANG="zs_bench")
     assert proc.returncode == 1

@@ -594,11 +594,15 @@ def _cuda_overlap(rank, world_size):
     for _ in range(3):
         opt.zero_grad()
         opt.backward(model(x).float().pow(2).mean())
-        opt.offload.finish_landing()  # waits only for the slices already sent down
-        landed = opt.offload.first_landed_at
-        torch.cuda.synchronize()
+        # The moment the device finished backward, read on the host clock by polling (not after
+        # waiting for the landing: that order would make the comparison true by construction).
+        backward_done = torch.cuda.Event()
+        backward_done.record()
+        while not backward_done.query():
+            pass
         gpu_done = time.perf_counter()
-        results.append((landed, gpu_done))
+        opt.offload.finish_landing()
+        results.append((opt.offload.first_landed_at, gpu_done))
         opt.step()
     return results, opt.offload.uploads_overlapped
 
