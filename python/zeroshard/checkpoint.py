@@ -98,6 +98,8 @@ def unwrap_optimizer(optimizer):
     while optimizer is not None and not isinstance(optimizer, ZeroOptimizer) and \
             hasattr(optimizer, "optimizer") and seen < 8:
         optimizer, seen = optimizer.optimizer, seen + 1
+    if isinstance(optimizer, ZeroOptimizer):
+        optimizer.settle()  # a deferred update's values are the ones saved or overwritten
     return optimizer
 
 

@@ -190,6 +190,8 @@ class ParamUnits:
         self._unchecked: List[tuple] = []  # CUDA: (unit, tags) not yet compared
         self._sharded = {id(p): fg for u in self.units for fg in u.groups for p in fg.params}
         self.on_first_forward: Optional[Callable[[], None]] = None  # the optimizer's checks
+        # The optimizer's wait for a unit's deferred update (see deferred_update.py)
+        self.before_gather: Optional[Callable[[Unit], None]] = None
         self._handles = []
         self._install_hooks()
 
@@ -313,6 +315,8 @@ class ParamUnits:
             self._finish_gather(u)
 
     def _start_gather(self, u: Unit) -> None:
+        if self.before_gather is not None:  # the shards hold the last step's update
+            self.before_gather(u)
         tag_work = tags = None
         if self.comm.world_size > 1:
             # [Note: unit order]: every rank must be gathering this same unit, for the same kind

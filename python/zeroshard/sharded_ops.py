@@ -138,9 +138,11 @@ def handle(func, args: tuple, kwargs: Dict[str, Any]):
     if name in ("__reduce_ex__", "__reduce__", "__getstate__"):
         return target.__reduce_ex__(2)
     if name == "__deepcopy__":
+        _settle((args, kwargs))
         return ShardedTensor.__deepcopy__(target, *args[1:], **kwargs)
     if name in _ALIASES and isinstance(target, ShardedTensor):
         return alias(target)
+    _settle((args, kwargs))  # everything below reads or writes the values
     if name in _FILLS and isinstance(target, ShardedTensor):
         return _fill(func, target, args, kwargs)
     if name in _LIKE and isinstance(target, ShardedTensor):
@@ -155,6 +157,15 @@ def handle(func, args: tuple, kwargs: Dict[str, Any]):
     raise access_error(sharded[0], f"`{name}`")
 
 
+def _settle(tree) -> None:
+    """The optimizers owning these sharded tensors finish a deferred update first (see [Note:
+    deferred update]): the values read or written here are the last step's."""
+    for t in _sharded_in(tree):
+        owner = t._zs.owner() if t._zs.owner is not None else None
+        if owner is not None and getattr(owner, "deferred", None) is not None:
+            owner.settle()
+
+
 # ---- metadata ---------------------------------------------------------------------------------
 
 def _property_access(func, accessor, args):
@@ -165,6 +176,7 @@ def _property_access(func, accessor, args):
     spec = t._zs.spec
     if how == "__set__":
         if prop == "data":
+            _settle((args, {}))
             _assign(t, args[1])
             return None
         return func(*args)

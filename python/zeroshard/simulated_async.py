@@ -129,6 +129,23 @@ class SimulatedStream:
                 event._finish()
 
 
+_pause_rng: Optional[random.Random] = None
+
+
+def pause() -> None:
+    """In simulated mode, a seeded random 0-5 ms sleep: host work that runs beside the caller
+    (offload's deferred update) starts late, as it would behind a long CPU update."""
+    global _pause_rng
+    if not enabled():
+        return
+    base = seed()  # takes _lock itself
+    with _lock:
+        if _pause_rng is None:
+            _pause_rng = random.Random(base * 31 + int(os.environ.get("RANK", "0") or 0))
+        delay = _pause_rng.uniform(0.0, MAX_DELAY_S)
+    time.sleep(delay)
+
+
 def poison(t: Optional[torch.Tensor]) -> None:
     """Fills a buffer that is free for reuse with NaN (floating point) or -1 (integers), in
     simulated mode: whatever still reads it reads garbage that tests can see."""

@@ -34,6 +34,7 @@ from .bucket_reducer import BucketReducer
 from .buffer_ring import auto_bucket_mb
 from .communicator import Communicator, make_communicator
 from .flat_group import FlatGroup
+from .deferred_update import DeferredUpdate
 from .host_offload import HostOffload
 from .exposed_grads import ExposedGrads
 from . import state_dicts
@@ -126,8 +127,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
                              "one optimizer serves one device (move the model first)")
         self.device = devices.pop()
         self._check_dtypes(trainable)
+        # Stage 3 with offload: the host update runs beside the next forward (deferred_update.py)
+        self.deferred: Optional[DeferredUpdate] = None
         if offload == "cpu":
             self.offload = HostOffload(self.device, grad_dtype=offload_grad_dtype)
+            if stage == 3:
+                self.deferred = DeferredUpdate(self.device)
         if self.device.type == "cuda":  # object collectives use this rank's GPU, not cuda:0
             bind_rendezvous_device(process_group, self.device)
         reject_ddp_wrapped(trainable, self._names)
@@ -169,6 +174,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                     wait_guard=self._guarded_wait)
             self.reducer.on_launch = self.units.on_bucket_launched
             self.units.on_first_forward = lambda: self._check_ddp_once()
+            self.units.before_gather = lambda u: self._settle_groups(u.groups)
         self.reducer.sync_predicate = self._models_want_sync
         self.reducer.offload = self.offload
         self.reducer.wait_guard = self._guarded_wait
@@ -319,6 +325,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         """As torch.optim: the new group's parameters are flattened and sharded like the rest.
         Every rank must call it with the same group (checked with one small collective)."""
+        self.settle()
         if getattr(self, "_building", True):
             super().add_param_group(param_group)
             return
@@ -416,6 +423,19 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def loss_scale(self) -> float:
         return self.scaler.scale if self.scaler is not None else 1.0
 
+    def settle(self) -> None:
+        """Waits for the last step's deferred host update (offload at stage 3, see [Note:
+        deferred update]): afterwards parameters, masters and optimizer state hold its values.
+        Every method that reads or writes them calls it; scripts need not."""
+        deferred = getattr(self, "deferred", None)  # add_param_group runs inside __init__
+        if deferred is not None and deferred.wait_all() and self.offload is not None:
+            self.param_watch.record(self.flat_groups)
+
+    def _settle_groups(self, groups) -> None:
+        """A unit's gather: its own groups' update and upload only."""
+        if self.deferred is not None:
+            self.deferred.wait_for(groups)
+
     def backward(self, loss: torch.Tensor, **kwargs) -> None:
         """loss.backward(), scaled by the loss scale when training fp16 parameters."""
         if self.scaler is not None:
@@ -452,6 +472,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                after=True)
 
     def _on_backward_start(self) -> None:
+        self.settle()  # gradients land in host shards the update may still be reading
         self._check_ddp_once()
         self._reattach()
         self._forget_withdrawn_grads()
@@ -529,6 +550,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         Returns the total norm before clipping (a 0-dim tensor). A non-finite norm raises here
         with error_if_nonfinite=True; otherwise the next step() raises, unless fp16 loss scaling
         skips it (where torch would write NaN into every parameter)."""
+        self.settle()
         max_norm, norm_type = float(max_norm), float(norm_type)
         if not max_norm > 0:
             raise ValueError(f"max_norm must be > 0, got {max_norm}")
@@ -560,6 +582,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.settle()
         if self.offload is not None:  # the next step takes norms as gradients land if this one read them
             self.offload.partials_wanted = self.scaler is not None or self._norm_read
         self._norm_read = False
@@ -595,18 +618,46 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._adopt_changed_params()
         if self.offload is not None:
             self.offload.before_update()
-        for fg, state, got in zip(self.flat_groups, self.shard_state, updated):
-            if any(got):
-                self._step_group(fg, state, self.param_groups[fg.group_index], grad_scale, got)
-        if self.offload is not None:
-            self.offload.after_update()
+        if self.deferred is not None:
+            self._start_deferred_update(grad_scale, updated)
+        else:
+            for fg, state, got in zip(self.flat_groups, self.shard_state, updated):
+                if any(got):
+                    self._step_group(fg, state, self.param_groups[fg.group_index], grad_scale,
+                                     got)
+            if self.offload is not None:
+                self.offload.after_update()
         self._gather_params()
-        if self.offload is not None:
+        if self.offload is not None and self.deferred is None:
             self.param_watch.record(self.flat_groups)
         if self.scaler is not None:
             self.scaler.update(overflow=False)
         self._consume_grads()
         return loss
+
+    def _start_deferred_update(self, grad_scale: float, updated) -> None:
+        """See [Note: deferred update]: each group's update, with its param group's
+        hyperparameters as they are now, in the order the units ran in the last forward; each
+        group's host gradients zeroed after its update (the main thread must not touch them)."""
+        order = {index: i for i, index in enumerate(self.units.previous)}
+
+        def position(k: int) -> tuple:
+            u = self.units.unit_of_group.get(id(self.flat_groups[k]))
+            return (u is None or not u.is_root, order.get(u.index if u else -1, len(order)), k)
+        zero = self._grads_dirty
+        self._grads_dirty = False
+        jobs = []
+        for k in sorted(range(len(self.flat_groups)), key=position):
+            fg, state, got = self.flat_groups[k], self.shard_state[k], updated[k]
+            group = dict(self.param_groups[fg.group_index])  # a scheduler may change it next
+
+            def job(fg=fg, state=state, got=got, group=group) -> None:
+                if any(got):
+                    self._step_group(fg, state, group, grad_scale, got)
+                if zero:
+                    fg.zero_grads()
+            jobs.append((fg, job))
+        self.deferred.start(jobs, self.offload.h2d_stream.record)
 
     def _forget_withdrawn_grads(self) -> None:
         """A gradient handle the script replaced by None (model.zero_grad(), p.grad = None)
@@ -663,6 +714,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         to the parameters inside back into the shards (and fp32 masters) on leaving; without it
         they are discarded at stage 3. At stages 0-2 parameters are always whole and it only
         makes the optimizer adopt changed values (as it does after a load)."""
+        self.settle()
         if self.units is None:
             yield
             if writeback:
@@ -685,6 +737,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zeroes the reduced gradients (p.grad becomes None whatever set_to_none says: the
         gradients live in zeroshard's buffers)."""
+        if self.deferred is not None and self.deferred.pending and not self._grads_dirty:
+            # right after step(): the deferred update zeroes each group's gradients itself
+            for fg in self.flat_groups:
+                for p in fg.params:
+                    p.grad = None
+            return
+        self.settle()
         self.reducer.wait()
         self.reducer.consume()
         self._grads_dirty = True
@@ -697,6 +756,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def memory_report(self) -> Dict[str, Any]:
         """Bytes this rank holds per category (see memory_reports.memory_report)."""
+        self.settle()
         return memory_reports.memory_report(self)
 
     def reset_peak_memory(self) -> bool:
@@ -727,11 +787,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         section describing the layout. Not a collective (scripts call it on rank 0 only), so it
         loads back only on the same rank, world size and stage; see full_state_dict() for a
         rank-independent one and zeroshard.checkpoint for sharded files."""
+        self.settle()
         return state_dicts.shard_state_dict(self)
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Loads a state_dict() of this rank, or a full_state_dict() / stock torch.optim state
         dict on any rank. Validates everything first: on error nothing has changed."""
+        self.settle()
         state_dicts.load_state_dict(self, state_dict)
 
     def full_state_dict(self) -> Dict[str, Any]:
@@ -739,6 +801,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         with tensors shaped like the parameters, 'param_groups'); loads on any rank, world size
         and stage, and into the stock torch.optim optimizer. A collective: every rank must call
         it (each gets the same dict); a call on one rank only fails with an error saying so."""
+        self.settle()
         return state_dicts.full_state_dict(self)
 
     def _after_load(self) -> None:
@@ -750,6 +813,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def checkpoint_state(self, index: int):
         """Flat group `index`'s state: (state-space tensors by name, JSON-able scalars)."""
+        self.settle()
         state = self.shard_state[index]
         tensors = {k: v.detach() for k, v in state.items() if isinstance(v, torch.Tensor)}
         scalars = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
@@ -758,6 +822,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def load_checkpoint_state(self, index: int, tensors: Dict[str, torch.Tensor],
                               scalars: Dict[str, Any]) -> None:
         """Copies already-validated state in (same keys and shapes as checkpoint_state)."""
+        self.settle()
         state = self.shard_state[index]
         with torch.no_grad():
             for k, v in tensors.items():
@@ -773,6 +838,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
 
     def finish_checkpoint_load(self) -> None:
         """After a checkpoint load: drop pending gradients and run the subclass hook."""
+        self.settle()
         self.zero_grad(set_to_none=True)
         if self.units is not None:
             self.units.free_all()  # gathered copies would hold the values from before the load

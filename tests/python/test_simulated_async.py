@@ -132,8 +132,9 @@ def _differs(a, b) -> bool:
 
 
 def _removed_wait(rank, world_size, which):
-    from zeroshard import bucket_reducer, host_offload, param_units
-    stage, offload = {"landing": (2, "cpu"), "gather": (3, None), "fence": (2, "cpu")}[which]
+    from zeroshard import bucket_reducer, host_offload, param_units, zero_optimizer
+    stage, offload = {"landing": (2, "cpu"), "gather": (3, None), "fence": (2, "cpu"),
+                      "update": (3, "cpu")}[which]
     os.environ["ZEROSHARD_SIMULATE_ASYNC"] = "0"
     reference = _train(stage, None, rank, world_size)  # offload is bitwise the same stage
     os.environ["ZEROSHARD_SIMULATE_ASYNC"] = "1"
@@ -142,24 +143,36 @@ def _removed_wait(rank, world_size, which):
     if which == "landing":
         host_offload.HostOffload._wait_landed = staticmethod(lambda event: None)
     elif which == "gather":
-        finish = param_units.ParamUnits._finish_gather
+        finish, free = param_units.ParamUnits._finish_gather, param_units.ParamUnits.free
+        dropped = {}
 
         def finish_without_waiting(self, u):
-            tag_work, tags, _ = u.pending
-            u.pending = (tag_work, tags, Work())  # the gather is never waited for
+            tag_work, tags, work = u.pending
+            dropped[id(u)] = work  # not waited before use (still before its memory is freed:
+            u.pending = (tag_work, tags, Work())  # a write into freed memory would crash)
             finish(self, u)
+
+        def free_after_the_write(self, u):
+            work = dropped.pop(id(u), None)
+            if work is not None:
+                work.wait()
+            free(self, u)
         param_units.ParamUnits._finish_gather = finish_without_waiting
-    else:
+        param_units.ParamUnits.free = free_after_the_write
+    elif which == "fence":
         bucket_reducer.caller_wait = lambda event, device: None
+    else:  # a unit's gather no longer waits for its deferred update and upload
+        zero_optimizer.ZeroOptimizer._settle_groups = lambda self, groups: None
     without_wait = _train(stage, offload, rank, world_size)
     return _differs(with_wait, reference), _differs(without_wait, reference)
 
 
-@pytest.mark.parametrize("which", ["landing", "gather", "fence"])
+@pytest.mark.parametrize("which", ["landing", "gather", "fence", "update"])
 def test_a_removed_wait_is_caught(which):
     """With the wait the run is exact; without it, what the side stream had not finished yet
     (the gradient on its way to the host, the unit's gathered parameters, a ring slot an offload
-    copy still reads) comes out wrong."""
+    copy still reads, a unit's parameters still being updated and uploaded when the next
+    forward gathers it) comes out wrong."""
     for rank, (with_wait_differs, without_wait_differs) in enumerate(
             run_distributed(_removed_wait, 2, which, timeout_s=240)):
         assert not with_wait_differs, f"rank {rank}: {which}: the run with its wait is not exact"

@@ -65,13 +65,17 @@ def _whole(model, zero):
 
 
 def _script(rank: int, world_size: int, case: str, zero: bool):
-    """The user's script. zero=False is the DDP-equivalent reference on the whole batch."""
+    """The user's script. zero=False is the DDP-equivalent reference on the whole batch. A case
+    "<name>_offload" is <name> with offload="cpu": the host update then runs beside the next
+    forward (deferred_update.py), and what the script does right after step() must see it."""
+    offload = case.endswith("_offload")
+    case = case.replace("_offload", "")
     model = _build(case, zero)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if zero:
         opt = zeroshard.ZeroAdamW(trainable, lr=LR, weight_decay=0.1, stage=3, module=model,
                                   bucket_mb=TINY_BUCKET_MB,
-                                  offload="cpu" if case.endswith("_offload") else None)
+                                  offload="cpu" if offload else None)
     else:
         opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.1)
     teacher = ema = averaged = None
@@ -172,7 +176,8 @@ def _check(per_rank, reference, what):
 
 @pytest.mark.parametrize("case,world_size", [
     ("wgan", 2), ("wgan", 3), ("ema", 2), ("ema", 3), ("timm_ema", 3), ("averaged_model", 2),
-    ("diffusers_ema", 3), ("wgan_offload", 2),
+    ("diffusers_ema", 3), ("wgan_offload", 2), ("ema_offload", 3), ("timm_ema_offload", 2),
+    ("diffusers_ema_offload", 2), ("averaged_model_offload", 2),
     ("teacher", 2), ("teacher", 3), ("lora", 2), ("lora", 3)])
 def test_user_script_matches_ddp(case, world_size):
     per_rank = run_distributed(_script, world_size, case, True, timeout_s=180)
