@@ -47,6 +47,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--offload", choices=["none", "cpu"], default="none",
                         help="cpu: optimizer state, reduced gradients and the update in host "
                              "memory (ZeRO-Offload; zeroshard stages 1-3, or deepspeed)")
+    parser.add_argument("--offload-grad-dtype", choices=["default", "fp32", "bf16"],
+                        default="default",
+                        help="with --offload cpu (zeroshard): the dtype gradients cross to the "
+                             "host in (default: bf16 for bf16 parameters, else fp32)")
     parser.add_argument("--model", default="tiny", help=f"one of {sorted(gpt.PRESETS)}")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
@@ -175,6 +179,8 @@ class ZeroshardSetup:
             param_groups(self.model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95),
             eps=1e-8, weight_decay=args.weight_decay, stage=args.stage,
             bucket_mb=args.bucket_mb, offload=None if args.offload == "none" else args.offload,
+            **({"offload_grad_dtype": {"fp32": torch.float32, "bf16": torch.bfloat16}[
+                args.offload_grad_dtype]} if args.offload_grad_dtype != "default" else {}),
             **module)
         self.offload = args.offload == "cpu"
         self.skipped_steps = 0

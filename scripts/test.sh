@@ -7,7 +7,8 @@
 #  4. the release wheels (scripts/build_wheel.sh cpu, cu13 where nvcc is) and `auditwheel show`
 #     on each; the CUDA wheel installed into that venv, imported on this driverless machine and
 #     run on CPU tensors.
-# GPU tests skip here; bench/gpu_check.sh runs them on a GPU machine.
+# GPU tests skip here; bench/gpu_check.sh runs them on a GPU machine. `--quick`: the set-up, then
+# only tests/python/quick.txt (a few tests of every module) for the edit-test loop.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -18,6 +19,18 @@ step "python environment + CPU variant"
 ZEROSHARD_CUDA=OFF bash scripts/setup_env.sh
 py="${ZEROSHARD_VENV:-$root/.venv}/bin/python"
 export PATH="$(dirname "$py"):$PATH"
+
+if [ "${1:-}" = "--quick" ]; then
+  # The edit-test loop: a few tests of every module (tests/python/quick.txt), a few minutes.
+  step "Python tests, quick subset (tests/python/quick.txt)"
+  mapfile -t quick < <(grep -v '^\s*#' tests/python/quick.txt | grep -v '^\s*$')
+  "$py" -m pytest -q "${quick[@]}"
+  step "quick subset passed (CI runs everything: scripts/test.sh)"
+  exit 0
+elif [ -n "${1:-}" ]; then
+  echo "usage: scripts/test.sh [--quick]" >&2
+  exit 2
+fi
 
 step "C++ tests"
 cmake -S . -B build/ctest -G Ninja -DZEROSHARD_CUDA=OFF -DZEROSHARD_BUILD_PYTHON=OFF \

@@ -21,6 +21,7 @@ the next wait.
 from __future__ import annotations
 
 import threading
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -30,21 +31,24 @@ from . import simulated_async
 from .side_stream import caller_wait
 
 
+def _bind(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # see HostOffload._bind_worker
+
+
 class DeferredUpdate:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zeroshard-update",
-                                            initializer=self._bind)
+                                            initializer=_bind, initargs=(device,))
+        # an optimizer that goes away takes its idle worker thread with it
+        weakref.finalize(self, self._executor.shutdown, wait=False)
         self._future: Optional[Future] = None
         # id(FlatGroup) -> [done (threading.Event), the event of its last upload, updated]
         self._groups: Dict[int, list] = {}
         self._final = None  # the event after every upload of the update
         self.started = 0  # updates handed to the worker (tests read it)
         self.returned_early = 0  # ... of which step() returned before the worker finished
-
-    def _bind(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)  # see HostOffload._bind_worker
 
     @property
     def pending(self) -> bool:
@@ -61,6 +65,7 @@ class DeferredUpdate:
 
         def run() -> None:
             try:
+                torch.set_grad_enabled(False)  # as inside step(); grad mode is per thread
                 for fg, job in jobs:
                     if simulated:
                         simulated_async.pause()
@@ -102,6 +107,3 @@ class DeferredUpdate:
         caller_wait(self._final, self.device)
         self._final = None
         return True
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True)

@@ -107,7 +107,7 @@ def test_what_the_script_does_between_steps_sees_the_finished_update(gated):
     threading.Timer(0.2, gated["gate"].set).start()
     p = list(model.parameters())[-1]
     q = list(reference_model.parameters())[-1]
-    assert float(p.norm()) == float(q.norm())  # waited for the held group
+    assert float(p.detach().norm()) == float(q.detach().norm())  # waited for the held group
     assert not opt.deferred.pending
     state = opt.state_dict()
     ref_state = reference.state_dict()
