@@ -770,12 +770,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def comm_stats(self) -> Dict[str, Dict[str, int]]:
         """Bytes this rank sent per collective kind since the last reset (ring model); with
         offload also "d2h" and "h2d": the copies and bytes between device and host memory."""
+        self.settle()  # a deferred update's uploads are counted as they are queued
         stats = self.comm.stats.as_dict()
         if self.offload is not None:
             stats.update(self.offload.stats())
         return stats
 
     def reset_comm_stats(self) -> None:
+        self.settle()
         self.comm.stats = type(self.comm.stats)()
         if self.offload is not None:
             self.offload.reset_stats()
