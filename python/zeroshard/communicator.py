@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from . import _core
+from .collective_timeout import CollectiveTimeout  # noqa: F401  (raised here; public name)
 
 KINDS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast")
 # torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single and warns on the
@@ -49,11 +50,6 @@ class CommStats:
     def as_dict(self) -> Dict[str, Dict[str, int]]:
         return {k: {"calls": self.calls[k], "payload_bytes": self.payload_bytes[k],
                     "bytes_sent": self.bytes_sent[k]} for k in KINDS}
-
-
-class CollectiveTimeout(RuntimeError):
-    """A collective did not finish: a peer rank died, stopped responding, or the timeout passed.
-    The message names the collective, this rank and the timeout."""
 
 
 class Work:
@@ -581,16 +577,8 @@ def default_timeout_s() -> float:
 def make_communicator(process_group: Optional[dist.ProcessGroup], device: torch.device,
                       timeout: Optional[datetime.timedelta] = None) -> Communicator:
     """The communicator for tensors on `device` over `process_group` (None: the default group,
-    or world size 1 when torch.distributed is not initialised). With ZEROSHARD_SIMULATE_ASYNC=1
-    on CPU, its collectives run late (see [Note: simulated asynchrony])."""
-    comm = _make_communicator(process_group, device, timeout)
-    from . import simulated_async
-    if simulated_async.applies_to(device):
-        return simulated_async.SimulatedAsyncCommunicator(comm)
-    return comm
-
-
-def _make_communicator(process_group, device, timeout) -> Communicator:
+    or world size 1 when torch.distributed is not initialised). The optimizers take it through
+    simulated_communicator.simulated_if_asked (ZEROSHARD_SIMULATE_ASYNC=1)."""
     if not dist.is_available() or not dist.is_initialized():
         if process_group is not None:
             raise ValueError("process_group was given but torch.distributed is not initialised")

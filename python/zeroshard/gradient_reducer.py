@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from .bucket_reducer import BucketReducer
 from .communicator import make_communicator
+from .simulated_communicator import simulated_if_asked
 from .flat_group import FlatGroup
 from .param_lists import reject_ddp_wrapped
 
@@ -52,7 +53,7 @@ class GradientReducer:
         device = devices.pop()
         reject_ddp_wrapped(trainable, {})
         self.mode = mode
-        self.comm = make_communicator(process_group, device)
+        self.comm = simulated_if_asked(make_communicator(process_group, device), device)
         bucket_elems = max(1, int(bucket_mb * 2 ** 20) // 4)
         stage = 0 if mode == "all_reduce" else 2
         by_dtype = {}

@@ -35,8 +35,7 @@ import weakref
 from dataclasses import dataclass, replace
 from typing import Callable, Deque, Optional
 
-# The module, not the name: communicator.py imports this module, and either may load first.
-from . import communicator
+from .collective_timeout import CollectiveTimeout
 
 # How long check() lets a running abort() finish before it raises, so that a process exiting on
 # the exception does not race NCCL's teardown (ncclCommAbort can block while kernels drain).
@@ -124,7 +123,7 @@ class Watchdog:
         aborted = self._abort_finished.wait(ABORT_WAIT_S)
         with self._lock:
             failure = self._failure  # now with abort's error, if it raised
-        raise communicator.CollectiveTimeout(self._message(failure, aborted))
+        raise CollectiveTimeout(self._message(failure, aborted))
 
     def close(self) -> None:
         """Stop the polling thread and wait briefly for it. Idempotent."""

@@ -35,6 +35,7 @@ from .buffer_ring import auto_bucket_mb
 from .communicator import Communicator, make_communicator
 from .flat_group import FlatGroup
 from .deferred_update import DeferredUpdate
+from .simulated_communicator import simulated_if_asked
 from .host_offload import HostOffload
 from .exposed_grads import ExposedGrads
 from . import state_dicts
@@ -145,8 +146,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._name_from_modules()
         self.timeout_s = float(timeout_s)  # a collective not done by then raises CollectiveTimeout
         self.process_group = process_group
-        self.comm: Communicator = make_communicator(
-            process_group, self.device, datetime.timedelta(seconds=self.timeout_s))
+        self.comm: Communicator = simulated_if_asked(make_communicator(
+            process_group, self.device, datetime.timedelta(seconds=self.timeout_s)), self.device)
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
         elem = torch.tensor([], dtype=self.reduce_dtype).element_size()
         self.bucket_mb = float(bucket_mb) if bucket_mb is not None else auto_bucket_mb(
