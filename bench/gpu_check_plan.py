@@ -32,7 +32,7 @@ PLAN: Dict[str, List[Tuple[str, float, float]]] = {
     "configure": [("cmake: CUDA compiler identification (two nvcc test compiles)", 5, 9),
                   ("python/pybind11/NCCL header discovery, generate", 2, 4)],
     "build": [("critical path: the slowest .cu translation unit for sm_90 "
-               "(measured 2x its time here on 2 busy cores: see CALIBRATION)", 25, 45),
+               "(not measured: a guess from the kernels' size)", 25, 45),
               ("the other units in parallel on 16 cores, then the pybind11 module link", 10, 20),
               ("zs_bench and its link", 3, 6)],
     "env": [("python -m zeroshard.env: torch import, CUDA init, NCCL dlopen", 4, 8)],
@@ -65,11 +65,6 @@ PLAN: Dict[str, List[Tuple[str, float, float]]] = {
                 ("unlocking and freeing the host memory", 2, 6)],
     "example": [("torchrun + NCCL init, 20 steps of a small GPT", 8, 12)],
 }
-
-CALIBRATION = ("build: measured on the 2-core CPU machine with ninja's log (see the note "
-               "in the module's header); the lent machine has 16 cores, so the critical path, "
-               "not the sum, sets its time")
-
 
 def limit_of(step: str) -> int:
     high = sum(h for _, _, h in PLAN[step])

@@ -47,8 +47,7 @@ class DeferredUpdate:
         # id(FlatGroup) -> [done (threading.Event), the event of its last upload, updated]
         self._groups: Dict[int, list] = {}
         self._final = None  # the event after every upload of the update
-        self.started = 0  # updates handed to the worker (tests read it)
-        self.returned_early = 0  # ... of which step() returned before the worker finished
+        self.returned_early = 0  # updates step() returned before (tests read it)
 
     @property
     def pending(self) -> bool:
@@ -77,7 +76,6 @@ class DeferredUpdate:
             finally:  # on an error too: a waiter wakes and raises it from the future
                 for entry in groups.values():
                     entry[0].set()
-        self.started += 1
         self._future = self._executor.submit(run)
         if not self._future.done():
             self.returned_early += 1

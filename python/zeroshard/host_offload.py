@@ -13,10 +13,11 @@ knows nothing of collectives or optimizer maths.
    (`offload_grad_dtype`: by default bf16 for bf16 parameters, half the bytes of an fp32
    reduction, else the reduce dtype; cast on the D2H stream): straight into the pinned host
    gradient shard when it is the slice's first gradient since the last step and needs no cast
-   on the host, else into one of two pinned landing buffers, upcast into the shard there. The ring slot records an event and is not written again before
-   that copy is done (BufferRing's fence). The landing worker waits for the copy, copies or adds
-   a landing buffer into the shard where one was used, and computes the slice's sum of squares and
-   non-finite flag, while the device goes on with backward.
+   on the host, else into one of two pinned landing buffers, upcast into the shard there. The
+   ring slot records an event and is not written again before that copy is done (BufferRing's
+   fence). The landing worker waits for the copy, copies or adds a landing buffer into the
+   shard where one was used, and computes the slice's sum of squares and non-finite flag,
+   while the device goes on with backward.
 2. step() (or clip_grad_norm_): the landing worker is joined; the global norm and the fp16
    overflow check read the partial results (one small all-reduce). Only now is the update known
    (clip coefficient, skipped or not), so only now does it start.
@@ -86,10 +87,20 @@ def host_pages(nbytes: int) -> torch.Tensor:
     return region
 
 
+def landing_dtype(param_dtype: torch.dtype, reduce_dtype: torch.dtype,
+                  offload_grad_dtype: Optional[torch.dtype] = None) -> torch.dtype:
+    """The dtype reduced gradients cross to the host in: offload_grad_dtype, else bf16 for bf16
+    parameters (their gradients were bf16 before the reduction) and the reduce dtype otherwise
+    (fp16 would overflow where a scaled fp32 gradient does not)."""
+    if offload_grad_dtype is not None:
+        return offload_grad_dtype
+    return torch.bfloat16 if param_dtype == torch.bfloat16 else reduce_dtype
+
+
 class HostOffload:
     def __init__(self, device: torch.device, grad_dtype: Optional[torch.dtype] = None) -> None:
         self.device = device
-        self.grad_dtype = grad_dtype  # offload_grad_dtype; None: landing_dtype's default
+        self.grad_dtype = grad_dtype  # offload_grad_dtype; None: landing_dtype()'s default
         self._landing_dtype: Dict[int, torch.dtype] = {}  # id(fg) -> its gradients' landing dtype
         self.cuda = device.type == "cuda"
         ops.apply_default_num_threads()  # this rank's share of the cores, unless chosen
@@ -178,15 +189,7 @@ class HostOffload:
                 self.staging[fg.dtype] = [self.empty(largest, fg.dtype) for _ in range(2)]
         slices = [s for s in fg.shard_slices() if s[1] > s[0]]
         self._slices[id(fg)] = ([s0 for _, _, s0 in slices], slices)
-        self._landing_dtype[id(fg)] = self.landing_dtype(fg.dtype, fg.reduce_dtype)
-
-    def landing_dtype(self, param_dtype: torch.dtype, reduce_dtype: torch.dtype) -> torch.dtype:
-        """The dtype reduced gradients cross to the host in: offload_grad_dtype, else bf16 for
-        bf16 parameters (their gradients were bf16 before the reduction) and the reduce dtype
-        otherwise (fp16 would overflow where a scaled fp32 gradient does not)."""
-        if self.grad_dtype is not None:
-            return self.grad_dtype
-        return torch.bfloat16 if param_dtype == torch.bfloat16 else reduce_dtype
+        self._landing_dtype[id(fg)] = landing_dtype(fg.dtype, fg.reduce_dtype, self.grad_dtype)
 
     def staging_buffer(self, dtype: torch.dtype, n: int) -> torch.Tensor:
         """The next of dtype's two staging buffers (its first n elements), once the H2D copy
@@ -228,7 +231,7 @@ class HostOffload:
         self._landed.add(key)
         n = part.numel()
         dtype = self._landing_dtype.get(id(fg), part.dtype)
-        self.d2h_bytes += n * torch.tensor([], dtype=dtype).element_size()
+        self.d2h_bytes += n * dtype.itemsize
         self.d2h_copies += 1
         direct = fresh and dtype == shard.dtype  # straight into the shard
         buffer, index = (None, None) if direct else self._landing_buffer(dtype, n)

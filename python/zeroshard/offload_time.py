@@ -27,21 +27,14 @@ from typing import Dict, Optional
 import torch
 
 from .estimate import STATE_TENSORS
+from .host_offload import landing_dtype
 
 # bytes a parameter of the fp32 master and optimizer state, each read and written once an update
 STATE_BYTES = {name: 8 + 8 * tensors for name, tensors in STATE_TENSORS.items()}
 
 
 def _size(dtype: torch.dtype) -> int:
-    return torch.tensor([], dtype=dtype).element_size()
-
-
-def landing_dtype(param_dtype: torch.dtype, reduce_dtype: torch.dtype = torch.float32,
-                  offload_grad_dtype: Optional[torch.dtype] = None) -> torch.dtype:
-    """HostOffload.landing_dtype's rule, without an optimizer."""
-    if offload_grad_dtype is not None:
-        return offload_grad_dtype
-    return torch.bfloat16 if param_dtype == torch.bfloat16 else reduce_dtype
+    return dtype.itemsize
 
 
 def offloaded_step_time(num_params: int, *, world_size: int, host_bytes_per_s: float,

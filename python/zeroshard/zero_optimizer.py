@@ -429,7 +429,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         deferred update]): afterwards parameters, masters and optimizer state hold its values.
         Every method that reads or writes them calls it; scripts need not."""
         deferred = getattr(self, "deferred", None)  # add_param_group runs inside __init__
-        if deferred is not None and deferred.wait_all() and self.offload is not None:
+        if deferred is not None and deferred.wait_all():  # step() left this record to us
             self.param_watch.record(self.flat_groups)
 
     def _settle_groups(self, groups) -> None:
@@ -640,7 +640,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """See [Note: deferred update]: each group's update, with its param group's
         hyperparameters as they are now, in the order the units ran in the last forward; each
         group's host gradients zeroed after its update (the main thread must not touch them)."""
-        order = {index: i for i, index in enumerate(self.units.previous)}
+        last_forward = self.units.record or self.units.previous
+        order = {index: i for i, index in enumerate(last_forward)}
 
         def position(k: int) -> tuple:
             u = self.units.unit_of_group.get(id(self.flat_groups[k]))
@@ -738,17 +739,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zeroes the reduced gradients (p.grad becomes None whatever set_to_none says: the
         gradients live in zeroshard's buffers)."""
-        if self.deferred is not None and self.deferred.pending and not self._grads_dirty:
-            # right after step(): the deferred update zeroes each group's gradients itself
-            for fg in self.flat_groups:
-                for p in fg.params:
-                    p.grad = None
-            return
-        self.settle()
-        self.reducer.wait()
-        self.reducer.consume()
-        self._grads_dirty = True
-        self._consume_grads()
+        # Right after step() a deferred update zeroes each group's gradients itself (and waiting
+        # for it here would end its overlap with the next forward).
+        if not (self.deferred is not None and self.deferred.pending and not self._grads_dirty):
+            self.settle()
+            self.reducer.wait()
+            self.reducer.consume()
+            self._grads_dirty = True
+            self._consume_grads()
         for fg in self.flat_groups:
             for p in fg.params:
                 p.grad = None

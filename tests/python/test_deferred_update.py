@@ -61,7 +61,7 @@ def test_step_returns_before_the_update_and_the_forward_waits_unit_by_unit(gated
         _step(model, opt, batch)
         _step(reference_model, reference, batch)
     # the update follows the last forward's unit order, the root first
-    forward_order = [u for u in opt.units.previous]
+    forward_order = list(opt.units.record)  # the last forward's units, in order
     root = opt.units.root.index
     last_update = gated["order"][-len(opt.flat_groups):]
     assert last_update[0] == root
