@@ -6,7 +6,7 @@ The user's loop (`run_clm_no_trainer`'s shape): `accelerator.prepare(model, opti
 the Accelerator class and the optimizer class. Checked against the stock run (accelerate's
 Accelerator, so DDP, and torch.optim.AdamW) on the same data, seed and global batch: every
 micro-step's loss and the final weights (read with accelerator.get_state_dict, whole at stage 3
-too) within 1e-5 relative, at stages 2, 3 and 2 + offload; `save_state` at half-way and
+too) within 1e-5 relative, at stages 2, 3, 2 + offload and 3 + offload; `save_state` at half-way and
 `load_state` in a fresh accelerator resume to the uninterrupted run's weights. Also: a stock
 Accelerator with a zeroshard optimizer is refused with an error that names ZeroAccelerator.
 
@@ -136,6 +136,8 @@ CONFIGS_2 = [
     ("zero2", dict(kind="zero", stage=2)),
     ("zero3", dict(kind="zero", stage=3)),
     ("zero2_offload", dict(kind="zero", stage=2, offload="cpu")),
+    # stage 3 + offload: the host update runs beside the next forward (deferred_update.py)
+    ("zero3_offload", dict(kind="zero", stage=3, offload="cpu")),
     ("zero2_half", dict(kind="zero", stage=2, stop_at=SAVE_AT, save_to="z2")),
     ("zero2_resumed", dict(kind="zero", stage=2, resume_from="z2")),
     ("zero3_half", dict(kind="zero", stage=3, stop_at=SAVE_AT, save_to="z3")),
@@ -180,7 +182,7 @@ def _assert_matches(got, want, what, losses=True):
                                        msg=f"{what} rank {rank}: {name}")
 
 
-@pytest.mark.parametrize("name", ["zero2", "zero3", "zero2_offload"])
+@pytest.mark.parametrize("name", ["zero2", "zero3", "zero2_offload", "zero3_offload"])
 def test_zero_accelerator_trains_like_accelerate_ddp(two_ranks, name):
     stock = _result(two_ranks, "stock")
     assert all(n > MAX_NORM for r in stock for n in r["norms"]), "clipping must be active"
