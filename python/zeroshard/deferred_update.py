@@ -105,3 +105,30 @@ class DeferredUpdate:
         caller_wait(self._final, self.device)
         self._final = None
         return True
+
+
+def update_jobs(flat_groups, shard_state, param_groups, units, step_group: Callable,
+                grad_scale: float, updated: List[List[bool]], zero_grads: bool):
+    """The deferred update's (group, job) list: each flat group's update with its param
+    group's hyperparameters as they are now (a scheduler may change them next), in the
+    order the units ran in the last forward (the root's groups first: the forward gathers the
+    root first); with zero_grads each group's host gradients zeroed after its update (the main
+    thread must not touch them while the worker runs)."""
+    last_forward = units.record or units.previous
+    order = {index: i for i, index in enumerate(last_forward)}
+
+    def position(k: int) -> tuple:
+        u = units.unit_of_group.get(id(flat_groups[k]))
+        return (u is None or not u.is_root, order.get(u.index if u else -1, len(order)), k)
+    jobs = []
+    for k in sorted(range(len(flat_groups)), key=position):
+        fg, state, got = flat_groups[k], shard_state[k], updated[k]
+        group = dict(param_groups[fg.group_index])
+
+        def job(fg=fg, state=state, got=got, group=group) -> None:
+            if any(got):
+                step_group(fg, state, group, grad_scale, got)
+            if zero_grads:
+                fg.zero_grads()
+        jobs.append((fg, job))
+    return jobs

@@ -30,7 +30,7 @@ takes the handles off first.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -164,6 +164,16 @@ class ExposedGrads:
             for gi, j in zeroed:
                 for piece in self.owner.flat_groups[gi].param_grad_pieces(j):
                     piece.zero_()
+
+    def forget_withdrawn(self, got: List[List[bool]]) -> None:
+        """A handle the script replaced by None (model.zero_grad(), p.grad = None) means, as
+        in torch, that the parameter has no gradient: unless a later backward gives it one,
+        the step skips it (got[gi][j], the reducer's flags, cleared)."""
+        if not self.exposed:
+            return
+        for (gi, j), handle in self.handles.items():
+            if self.owner.flat_groups[gi].params[j].grad is None:
+                got[gi][j] = False
 
     # ---- torch operations on handles ------------------------------------------------------------
 

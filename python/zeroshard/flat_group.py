@@ -190,6 +190,26 @@ class FlatGroup:
             return self.shard_param[shard_start:shard_start + (buffer_end - buffer_start)]
         return self.flat_param[buffer_start:buffer_end]
 
+    def adopt_changed_params(self, master: torch.Tensor) -> None:
+        """Every element of this rank's shard whose parameter no longer equals its fp32 master
+        (rounded to the parameter's dtype) gives the master the parameter's value: weights
+        loaded into the model after the master was copied from it must not be reverted by the
+        next update. Slice by slice: no shard-sized temporary."""
+        for b0, b1, s0 in self.shard_slices():
+            if b1 == b0:
+                continue
+            current = self.param_values(b0, b1, s0).to(master.device, torch.float32)
+            kept = master.detach()[s0:s0 + (b1 - b0)]
+            changed = current.to(self.dtype) != kept.to(self.dtype)
+            if bool(changed.any()):
+                kept[changed] = current[changed]
+
+    def write_gathered_into_shard(self) -> None:
+        """Stage 3, while gathered: copies this rank's part of the whole parameters (changed
+        inside full_params(writeback=True)) into its shard."""
+        for b0, b1, s0 in self.shard_slices():
+            self.param_values(b0, b1, s0).copy_(self.flat_param[b0:b1])
+
     def load_param(self, j: int, value: torch.Tensor) -> None:
         """Sets parameter j to `value` (whole): at stage 3 only this rank's pieces are kept."""
         if self.shard_param is None:

@@ -1,7 +1,11 @@
-"""gradient_checks: the questions a step asks of the reduced gradient shards of every rank, each
+"""GradientChecks: the questions a step asks of the reduced gradient shards of every rank, each
 answered with one small control collective: the global norm (clip_grad_norm_), whether any rank
 overflowed (fp16 loss scaling), and which parameters got a gradient on some rank (torch.optim
-skips the others). Functions of a ZeroOptimizer (flat_groups, stage, comm, reducer, device).
+skips the others).
+
+Its inputs are the flat groups (the optimizer's list, which add_param_group extends), the
+communicator, the device the collectives run on, the host offload (None without offload: then the
+gradients are on the device) and whether every rank holds the whole gradient (stage 0).
 """
 from __future__ import annotations
 
@@ -14,97 +18,101 @@ import torch.distributed as dist
 from . import ops
 
 
-def shard_grad_pieces(opt):
-    """This rank's reduced gradient, piece by piece (every flat group, every bucket slice)."""
-    for fg in opt.flat_groups:
-        for b0, b1, s0 in fg.shard_slices():
-            if b1 > b0:
-                yield fg.shard_grads(b0, b1, s0)
+class GradientChecks:
+    def __init__(self, flat_groups: list, comm, device: torch.device, offload=None,
+                 replicated: bool = False) -> None:
+        self.flat_groups = flat_groups
+        self.comm = comm
+        self.device = device
+        self.offload = offload
+        self.replicated = replicated
 
+    def pieces(self):
+        """This rank's reduced gradient, piece by piece (every flat group, every bucket slice)."""
+        for fg in self.flat_groups:
+            for b0, b1, s0 in fg.shard_slices():
+                if b1 > b0:
+                    yield fg.shard_grads(b0, b1, s0)
 
-def _host_sums_of_squares(opt):
-    """Offload: (sum of squares as a 0-dim fp32 tensor, non-finite) of each piece of
-    shard_grad_pieces, in its order, mostly computed already while the gradients landed on
-    the host (HostOffload.partials: the same kernel on the same slice)."""
-    for fg in opt.flat_groups:
-        for b, (b0, b1, s0) in enumerate(fg.shard_slices()):
-            if b1 > b0:
-                known = opt.offload.partial(fg, b)
-                if known is None:
-                    flag = torch.zeros(1, dtype=torch.int32)
-                    known = (ops.l2_norm_sq(fg.shard_grads(b0, b1, s0), nonfinite=flag),
-                             bool(flag.item()))
-                yield known
+    def _host_sums_of_squares(self):
+        """Offload: (sum of squares as a 0-dim fp32 tensor, non-finite) of each piece of
+        pieces(), in its order, mostly computed already while the gradients landed on the host
+        (HostOffload.partials: the same kernel on the same slice)."""
+        for fg in self.flat_groups:
+            for b, (b0, b1, s0) in enumerate(fg.shard_slices()):
+                if b1 > b0:
+                    known = self.offload.partial(fg, b)
+                    if known is None:
+                        flag = torch.zeros(1, dtype=torch.int32)
+                        known = (ops.l2_norm_sq(fg.shard_grads(b0, b1, s0), nonfinite=flag),
+                                 bool(flag.item()))
+                    yield known
 
+    def _host_nonfinite(self) -> bool:
+        return any(bad for _, bad in self._host_sums_of_squares())
 
-def _host_nonfinite(opt) -> bool:
-    return any(bad for _, bad in _host_sums_of_squares(opt))
-
-
-def global_norm(opt, norm_type: float) -> float:
-    """The norm of order norm_type of every rank's reduced gradients (still loss-scaled).
-    Partial results stay where the gradients are (offload: summed on the host, then one copy
-    to the device for the all-reduce); one host sync for the whole norm."""
-    total = torch.zeros(1, dtype=torch.float64, device=opt.device)
-    if opt.offload is not None and norm_type == 2.0:
-        on_host = torch.zeros(1, dtype=torch.float64)
-        for sum_sq, _ in _host_sums_of_squares(opt):
-            on_host += sum_sq.to(torch.float64)
-        total.copy_(on_host)
-    else:
-        _accumulate_norm(opt, norm_type, total)
-    if opt.stage != 0:  # stage 0 shards hold the whole replicated gradient already
-        op = dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
-        opt.comm.control_all_reduce(total, op)
-    value = total.item()
-    return value if math.isinf(norm_type) else value ** (1.0 / norm_type)
-
-
-def _accumulate_norm(opt, norm_type: float, total: torch.Tensor) -> None:
-    """Adds each piece's norm ** norm_type into total (the maximum for inf), on its device."""
-    for g in shard_grad_pieces(opt):
-        if norm_type == 2.0:
-            total += ops.l2_norm_sq(g).to(device=opt.device, dtype=torch.float64)
-        elif math.isinf(norm_type):
-            torch.maximum(total, g.abs().max().double().to(opt.device), out=total)
+    def global_norm(self, norm_type: float) -> float:
+        """The norm of order norm_type of every rank's reduced gradients (still loss-scaled).
+        Partial results stay where the gradients are (offload: summed on the host, then one copy
+        to the device for the all-reduce); one host sync for the whole norm."""
+        total = torch.zeros(1, dtype=torch.float64, device=self.device)
+        if self.offload is not None and norm_type == 2.0:
+            on_host = torch.zeros(1, dtype=torch.float64)
+            for sum_sq, _ in self._host_sums_of_squares():
+                on_host += sum_sq.to(torch.float64)
+            total.copy_(on_host)
         else:
-            total += (torch.linalg.vector_norm(g.double(), norm_type) ** norm_type).to(opt.device)
+            self._accumulate_norm(norm_type, total)
+        if not self.replicated:
+            op = dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM
+            self.comm.control_all_reduce(total, op)
+        value = total.item()
+        return value if math.isinf(norm_type) else value ** (1.0 / norm_type)
 
+    def _accumulate_norm(self, norm_type: float, total: torch.Tensor) -> None:
+        """Adds each piece's norm ** norm_type into total (the maximum for inf), on its device."""
+        for g in self.pieces():
+            if norm_type == 2.0:
+                total += ops.l2_norm_sq(g).to(device=self.device, dtype=torch.float64)
+            elif math.isinf(norm_type):
+                torch.maximum(total, g.abs().max().double().to(self.device), out=total)
+            else:
+                total += (torch.linalg.vector_norm(g.double(), norm_type) ** norm_type
+                          ).to(self.device)
 
-def overflowed(opt) -> bool:
-    """True when any rank's gradient shard holds inf/NaN (one small all-reduce)."""
-    flag = torch.zeros(1, dtype=torch.int32, device=opt.device)
-    if opt.offload is not None:
-        flag.fill_(int(_host_nonfinite(opt)))
-    else:
-        for g in shard_grad_pieces(opt):
-            ops.l2_norm_sq(g, nonfinite=flag)
-    opt.comm.control_all_reduce(flag, dist.ReduceOp.MAX)
-    return flag.item() > 0
+    def overflowed(self) -> bool:
+        """True when any rank's gradient shard holds inf/NaN (one small all-reduce)."""
+        flag = torch.zeros(1, dtype=torch.int32, device=self.device)
+        if self.offload is not None:
+            flag.fill_(int(self._host_nonfinite()))
+        else:
+            for g in self.pieces():
+                ops.l2_norm_sq(g, nonfinite=flag)
+        self.comm.control_all_reduce(flag, dist.ReduceOp.MAX)
+        return flag.item() > 0
 
-
-def agree_on_grads(opt, check_overflow: bool) -> Tuple[bool, List[List[bool]]]:
-    """(overflow, updated): whether any rank's gradient shard holds inf/NaN (only looked
-    at with check_overflow), and per flat group which parameters got a gradient on some
-    rank since the last step. One small control all-reduce (MAX) for both; none at world
-    size 1."""
-    got = opt.reducer.got
-    if opt.world_size == 1:
-        overflow = check_overflow and overflowed(opt)
-        return overflow, [list(flags) for flags in got]
-    sizes = [len(flags) for flags in got]
-    host_bad = check_overflow and opt.offload is not None and _host_nonfinite(opt)
-    vector = torch.tensor([int(host_bad)] + [int(f) for flags in got for f in flags],
-                          dtype=torch.int32)
-    vector = vector.to(opt.device)
-    if check_overflow and opt.offload is None:
-        flag = vector[:1]
-        for g in shard_grad_pieces(opt):
-            ops.l2_norm_sq(g, nonfinite=flag)
-    opt.comm.control_all_reduce(vector, dist.ReduceOp.MAX)
-    values = vector.tolist()
-    updated, at = [], 1
-    for n in sizes:
-        updated.append([v > 0 for v in values[at:at + n]])
-        at += n
-    return values[0] > 0, updated
+    def agree(self, got: List[List[bool]], check_overflow: bool
+              ) -> Tuple[bool, List[List[bool]]]:
+        """(overflow, updated): whether any rank's gradient shard holds inf/NaN (only looked at
+        with check_overflow), and per flat group which parameters got a gradient on some rank
+        (`got`: this rank's flags since the last step). One small control all-reduce (MAX) for
+        both; none at world size 1."""
+        if self.comm.world_size == 1:
+            overflow = check_overflow and self.overflowed()
+            return overflow, [list(flags) for flags in got]
+        sizes = [len(flags) for flags in got]
+        host_bad = check_overflow and self.offload is not None and self._host_nonfinite()
+        vector = torch.tensor([int(host_bad)] + [int(f) for flags in got for f in flags],
+                              dtype=torch.int32)
+        vector = vector.to(self.device)
+        if check_overflow and self.offload is None:
+            flag = vector[:1]
+            for g in self.pieces():
+                ops.l2_norm_sq(g, nonfinite=flag)
+        self.comm.control_all_reduce(vector, dist.ReduceOp.MAX)
+        values = vector.tolist()
+        updated, at = [], 1
+        for n in sizes:
+            updated.append([v > 0 for v in values[at:at + n]])
+            at += n
+        return values[0] > 0, updated

@@ -54,3 +54,16 @@ class LossScaler:
         self.clean_steps = int(state["clean_steps"])
         self.hysteresis_left = int(state["hysteresis_left"])
         self.dynamic = bool(state["dynamic"])
+
+
+def scaler_for(loss_scale, has_fp16: bool, scaler_kwargs) -> "LossScaler | None":
+    """The optimizer's scaler: none without float16 parameters or with loss_scale=None;
+    dynamic for 'dynamic', static for a number."""
+    if not has_fp16 or loss_scale is None:
+        return None
+    if loss_scale == "dynamic":
+        return LossScaler(dynamic=True, **scaler_kwargs)
+    if isinstance(loss_scale, (int, float)) and loss_scale > 0:
+        return LossScaler(dynamic=False, initial_scale=float(loss_scale))
+    raise ValueError(f"loss_scale must be 'dynamic', a positive number or None, "
+                     f"got {loss_scale!r}")

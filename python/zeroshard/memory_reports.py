@@ -1,6 +1,7 @@
-"""memory_reports: the bytes a ZeroOptimizer holds per category, where they are (device or host
-with offload), and what the process measures. A function of a ZeroOptimizer (flat_groups,
-shard_state, reducer, units, offload, device).
+"""memory_report: the bytes an optimizer holds per category, where they are (device or host with
+offload), and what the process measures. Its inputs are what holds those bytes: the flat groups
+and their state, the frozen groups and models, the communication buffers, the host offload and the
+stage-3 units (None where absent), and the device.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import torch
 from . import process_memory
 
 
-def memory_report(opt) -> Dict[str, Any]:
+def memory_report(flat_groups, shard_state, *, frozen_groups, modules, comm_buffer_bytes: int,
+                  offload, units, device: torch.device) -> Dict[str, Any]:
     """Bytes this rank holds for the model, gradients, fp32 master, optimizer state and
     communication buffers (the ring buffers, allocated once; see [Note: bounded buffers]),
     their total, and under "measured" what the process really holds: peak and current RSS
@@ -24,7 +26,7 @@ def memory_report(opt) -> Dict[str, Any]:
     they are (as zeroshard.estimate reports them)."""
     report = {"model_params": 0, "grads": 0, "master_params": 0, "optimizer_state": 0}
     host = {"master_params": 0, "optimizer_state": 0, "grads": 0, "staging": 0}
-    for fg, state in zip(opt.flat_groups, opt.shard_state):
+    for fg, state in zip(flat_groups, shard_state):
         for key, value in fg.memory_bytes().items():
             if key == "host_grads":
                 host["grads"] += value
@@ -34,35 +36,35 @@ def memory_report(opt) -> Dict[str, Any]:
             if isinstance(value, torch.Tensor):
                 bucket = "master_params" if key == "master" else "optimizer_state"
                 report[bucket] += value.numel() * value.element_size()
-    report["frozen_params"] = _frozen_bytes(opt)
-    report["comm_buffers"] = opt.reducer.comm_buffer_bytes
+    report["frozen_params"] = _frozen_bytes(frozen_groups, flat_groups, modules)
+    report["comm_buffers"] = comm_buffer_bytes
     report["total"] = sum(report.values())
-    if opt.offload is not None:
-        host["master_params"] = report["master_params"] + opt.offload.nbytes()["master_params"]
+    if offload is not None:
+        host["master_params"] = report["master_params"] + offload.nbytes()["master_params"]
         host["optimizer_state"] = report["optimizer_state"]
-        host["staging"] = opt.offload.nbytes()["staging"]
+        host["staging"] = offload.nbytes()["staging"]
         report["total"] -= report["master_params"] + report["optimizer_state"]
         report["master_params"] = host["master_params"]
         report["grads"] += host["grads"]
         report["host"] = host
         report["host_bytes"] = sum(host.values())
-    if opt.units is not None:  # model_params: shards plus the units gathered right now
+    if units is not None:  # model_params: shards plus the units gathered right now
         report["units"] = {
-            "count": len(opt.units.units),
-            "gathered": sum(u.gathered for u in opt.units.units),
-            "peak_gathered": opt.units.peak_alive,
-            "largest_unit_bytes": max(u.full_nbytes for u in opt.units.units)}
-    report["measured"] = process_memory.measured(opt.device)
+            "count": len(units.units),
+            "gathered": sum(u.gathered for u in units.units),
+            "peak_gathered": units.peak_alive,
+            "largest_unit_bytes": max(u.full_nbytes for u in units.units)}
+    report["measured"] = process_memory.measured(device)
     return report
 
 
-def _frozen_bytes(opt) -> int:
+def _frozen_bytes(frozen_groups, flat_groups, modules) -> int:
     """Bytes of the model's parameters that train nothing: at stage 3 (partition_frozen) this
     rank's shards of them plus the units gathered now; otherwise whole on every rank."""
-    total = sum(fg.memory_bytes()["model_params"] for fg in opt.frozen_groups)
-    partitioned = {id(p) for fg in opt.frozen_groups + opt.flat_groups for p in fg.params}
+    total = sum(fg.memory_bytes()["model_params"] for fg in frozen_groups)
+    partitioned = {id(p) for fg in frozen_groups + flat_groups for p in fg.params}
     seen = set()
-    for m in opt.modules:
+    for m in modules:
         for p in m.parameters():
             if id(p) in partitioned or id(p) in seen or p.requires_grad:
                 continue

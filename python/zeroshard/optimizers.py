@@ -14,7 +14,8 @@ import torch
 
 from . import ops
 from .flat_group import FlatGroup
-from .zero_optimizer import _SCALER_KWARGS, ZeroOptimizer
+from .zero_optimizer import ZeroOptimizer
+from .zero_options import SCALER_KWARGS
 
 # [Note: torch.optim arguments] Every argument of torch.optim.Adam/AdamW/SGD is honoured or
 # refused, never ignored. Maths flags (amsgrad, maximize, decoupled_weight_decay) run in the
@@ -41,7 +42,7 @@ def _check_lr(lr) -> None:
 def _zero_keywords() -> Tuple[str, ...]:
     """ZeroOptimizer's own keyword arguments (stage, process_group, bucket_mb, ...)."""
     params = inspect.signature(ZeroOptimizer.__init__).parameters.values()
-    return tuple(p.name for p in params if p.kind == p.KEYWORD_ONLY) + tuple(_SCALER_KWARGS)
+    return tuple(p.name for p in params if p.kind == p.KEYWORD_ONLY) + tuple(SCALER_KWARGS)
 
 
 def _check_zero_kwargs(cls_name: str, torch_args: Tuple[str, ...], zero_kwargs: Dict[str, Any]) -> None:
@@ -435,6 +436,12 @@ class ZeroRedundancy(ZeroOptimizer):
         sd = super().state_dict()
         sd["inner"] = self.inner.state_dict()
         return sd
+
+    def full_state_dict(self) -> Dict[str, Any]:
+        raise NotImplementedError(
+            "ZeroRedundancy keeps its state in an inner torch optimizer, which "
+            "full_state_dict() does not consolidate yet; use ZeroAdamW/ZeroAdam/ZeroSGD, "
+            "or save opt.state_dict() per rank")
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         if "inner" not in state_dict:

@@ -87,3 +87,16 @@ class NoSyncMethod:
 
 def _no_sync_placeholder():
     return contextlib.nullcontext
+
+
+def install_no_sync(modules, optimizer) -> None:
+    """model.no_sync for each root module that has none (or an earlier optimizer's)."""
+    for m in modules:
+        current = getattr(m, "no_sync", None)
+        if current is None or isinstance(current, NoSyncMethod):
+            m.no_sync = NoSyncMethod(optimizer)
+
+
+def models_want_sync(modules) -> bool:
+    """DDP's switch, which scripts set on the model for gradient accumulation."""
+    return all(getattr(m, "require_backward_grad_sync", True) for m in modules)

@@ -1,7 +1,7 @@
 """What an optimizer was given: torch.optim's params argument (a module, tensors, (name, tensor)
 pairs or group dicts) turned into param groups with a readable name for every tensor, and the
 refusals that protect the flat buffers before anything is built (a parameter listed twice, a
-model wrapped in DistributedDataParallel). Knows nothing of stages, buckets or collectives.
+model wrapped in DistributedDataParallel, parameters on several devices or of an untrained dtype). Knows nothing of stages, buckets or collectives.
 """
 from __future__ import annotations
 
@@ -93,3 +93,50 @@ def reject_duplicates(params, names: Dict[int, str]) -> None:
             raise ValueError(f"{names.get(id(p), 'a parameter')} is given twice (in one list or "
                              "in two param groups); list each parameter once")
         seen.add(id(p))
+
+
+TRAINABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_dtypes(params, names: Dict[int, str]) -> None:
+    for p in params:
+        if p.dtype not in TRAINABLE_DTYPES:
+            raise TypeError(f"{names[id(p)]} has dtype {p.dtype}; zeroshard trains "
+                            "float32, bfloat16 and float16 parameters")
+
+
+def device_of(trainable, names: Dict[int, str]) -> torch.device:
+    """The one device of the trainable parameters (one optimizer serves one device), after
+    checking there are some and their dtypes are ones zeroshard trains."""
+    if not trainable:
+        raise ValueError("no parameter requires grad: nothing to optimize")
+    devices = {p.device for p in trainable}
+    if len(devices) > 1:
+        raise ValueError(f"parameters are on several devices {sorted(map(str, devices))}; "
+                         "one optimizer serves one device (move the model first)")
+    check_dtypes(trainable, names)
+    return devices.pop()
+
+
+def check_new_group(new, names: Dict[int, str], device: torch.device, has_scaler: bool,
+                    flat_groups) -> None:
+    """add_param_group's trainable parameters: on the optimizer's device, of a trained dtype,
+    and float16 only where loss scaling was set up at construction."""
+    for p in new:
+        if p.device != device:
+            raise ValueError(f"{names[id(p)]} is on {p.device}, the optimizer's other "
+                             f"parameters on {device}")
+    check_dtypes(new, names)
+    if not has_scaler and any(p.dtype == torch.float16 for p in new) and any(
+            fg.dtype != torch.float16 for fg in flat_groups):
+        raise ValueError("float16 parameters need loss scaling set up at construction; "
+                         "construct the optimizer with them instead of add_param_group()")
+
+
+def name_from_modules(names: Dict[int, str], modules) -> None:
+    """Placeholder names ("params[3] (shape ...)") become the models' parameter names."""
+    for m in modules:
+        for name, p in m.named_parameters(remove_duplicate=False):
+            current = names.get(id(p))
+            if current is not None and current.startswith(("params[", "param_groups[")):
+                names[id(p)] = name

@@ -1,55 +1,56 @@
 """ZeroOptimizer: the torch.optim.Optimizer that partitions state across data-parallel ranks.
 
-Owns the training-step protocol shared by every ZeRO optimizer: construction checks, flattening
-parameters into FlatGroups, the BucketReducer, loss scaling, global-norm clipping, the all-gather
-of updated shards, reports and state_dict. Subclasses own only the maths of one shard piece
-(`_init_state`, `_step_piece`, see optimizers.py).
+It tells the training step's story; each chapter is a noun of its own. Construction: options
+checked (zero_options), FlatGroups built (group_builder) and made equal on every rank
+(rank_agreement). Backward: gradients reduced bucket by bucket (BucketReducer, ExposedGrads for
+p.grad), landing on the host with offload (HostOffload). Step: the global norm and the overflow
+and got-a-gradient flags (GradientChecks), the update of this rank's shard (subclasses'
+`_step_group`, optimizers.py; with stage-3 offload run beside the next forward, DeferredUpdate),
+then the updated shards all-gathered (stages 1-2) or gathered unit by unit at the next forward
+(stage 3, ParamUnits). Around it: state dicts (StateDicts), memory (memory_report), peers that
+went elsewhere (PeerGuard).
 
 [Note: stages] stage 0 replicates optimizer state and all-reduces gradients during backward (a
 DDP replacement). Stage 1 partitions fp32 master and optimizer state; each rank accumulates its
-own full-size gradient over micro-steps and the gradients are reduce-scattered once per step
-(DeepSpeed's stage 1 behaviour: no overlap with backward, but no traffic per micro-step). Stage 2
-reduce-scatters each bucket during backward into the rank's gradient shard. Stages 1 and 2 then
-all-gather the updated shards: reduce-scatter + all-gather moves what one all-reduce moves.
-Stage 3 reduces like stage 2 and also partitions the parameters: each unit's are all-gathered
-before its forward and its backward and freed after (see param_units.py); the update writes
-each rank's parameter shard only.
+own full-size gradient over micro-steps, reduce-scattered once per step (DeepSpeed's stage 1: no
+overlap with backward, no traffic per micro-step). Stage 2 reduce-scatters each bucket during
+backward into the rank's gradient shard. Stages 1 and 2 then all-gather the updated shards:
+reduce-scatter + all-gather moves what one all-reduce moves. Stage 3 reduces like stage 2 and
+also partitions the parameters (param_units.py); the update writes each rank's shard only.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
 import math
-import time
-import weakref
-from collections import OrderedDict
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from . import gradient_checks, memory_reports, process_memory, rank_agreement, sharded_init
-from . import sharded_modules
+from . import process_memory, sharded_init, sharded_modules
 from .bucket_reducer import BucketReducer
 from .buffer_ring import auto_bucket_mb
 from .communicator import Communicator, make_communicator
-from .flat_group import FlatGroup
-from .deferred_update import DeferredUpdate
-from .simulated_communicator import simulated_if_asked
-from .host_offload import HostOffload
+from .deferred_update import DeferredUpdate, update_jobs
 from .exposed_grads import ExposedGrads
-from . import state_dicts
-from .loss_scaler import LossScaler
-from .owning_modules import NoSyncMethod, root_modules
-from .param_lists import reject_ddp_wrapped, reject_duplicates, split_names
-from .param_units import ParamUnits, Unit, find_units, owning_units
+from .flat_group import FlatGroup
+from .gradient_checks import GradientChecks
+from .group_builder import FlatGroupBuilder, adopt_sharded_init, own_shards
+from .host_offload import HostOffload
+from .loss_scaler import LossScaler, scaler_for
+from .memory_reports import memory_report
+from .owning_modules import install_no_sync, models_want_sync, root_modules
+from .param_lists import (check_new_group, device_of, name_from_modules, reject_ddp_wrapped,
+                          reject_duplicates, split_names)
+from .param_units import ParamUnits
 from .param_watch import ParamWatch
+from .peer_guard import PeerGuard
+from .rank_agreement import RankAgreement, construction_tensors
 from .rendezvous import bind_rendezvous_device, rendezvous_for
-
-_SCALER_KWARGS = ("initial_scale", "growth_interval", "hysteresis", "min_scale")
-# How long a collective blocked in backward may stay unfinished after another rank entered its
-# next zeroshard call before this rank concludes it went past that call (see _guarded_wait).
-NOT_AWAITED_GRACE_S = 2.0
+from .simulated_communicator import simulated_if_asked
+from .state_dicts import StateDicts
+from .zero_options import check_options, model_of
 
 
 class ZeroOptimizer(torch.optim.Optimizer):
@@ -62,53 +63,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  reshard_after_forward: bool = True, offload: Optional[str] = None,
                  offload_grad_dtype: Optional[torch.dtype] = None,
                  partition_frozen: bool = True, **scaler_kwargs) -> None:
-        if stage not in (0, 1, 2, 3):
-            raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
-        if offload not in (None, "none", "cpu"):
-            raise ValueError(f"offload must be None, 'none' or 'cpu', got {offload!r}")
-        if offload == "cpu" and stage == 0:
-            raise ValueError("offload='cpu' partitions the optimizer state it moves to the host: "
-                             "use stage=1, 2 or 3 (stage 0 replicates it on every rank)")
-        if offload_grad_dtype is not None and offload != "cpu":
-            raise ValueError("offload_grad_dtype= is the dtype gradients cross to the host in, "
-                             "so it needs offload='cpu'")
-        if offload_grad_dtype not in (None, torch.float32, torch.bfloat16):
-            raise ValueError(f"offload_grad_dtype must be None (bf16 for bf16 parameters, else "
-                             f"the reduce dtype), torch.float32 or torch.bfloat16, got "
-                             f"{offload_grad_dtype!r}")
-        if module is not None and not isinstance(module, torch.nn.Module):
-            raise TypeError(f"module= must be the model (an nn.Module), got {type(module).__name__}")
-        if stage != 3 and (units is not None or prefetch != 1 or not reshard_after_forward):
-            raise ValueError("units=, prefetch= and reshard_after_forward= apply to stage 3 "
-                             f"only (this optimizer has stage={stage})")
-        if not isinstance(partition_frozen, bool):
-            raise ValueError(f"partition_frozen must be True or False, got {partition_frozen!r}")
-        if not (isinstance(prefetch, int) and prefetch >= 0):
-            raise ValueError(f"prefetch must be a whole number of units >= 0, got {prefetch!r}")
-        if bucket_mb is not None and not (isinstance(bucket_mb, (int, float)) and bucket_mb > 0):
-            raise ValueError(f"bucket_mb must be a positive number or None (automatic: 25 MiB, "
-                             f"at most an eighth of the gradients), got {bucket_mb!r}")
-        if reduce_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"reduce_dtype must be None, float32, bfloat16 or float16, got {reduce_dtype}")
-        if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
-            raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
-        unknown = set(scaler_kwargs) - set(_SCALER_KWARGS)
-        if unknown:
-            raise TypeError(
-                f"unexpected keyword arguments {sorted(unknown)}; zeroshard's own are stage, "
-                "process_group, bucket_mb, overlap, reduce_dtype, loss_scale, timeout_s, module, "
-                "units, prefetch, reshard_after_forward, offload, offload_grad_dtype, "
-                "partition_frozen and the "
-                f"loss scaler's {', '.join(_SCALER_KWARGS)}")
-        if isinstance(params, torch.nn.Module):
-            if module is not None and module is not params:
-                raise ValueError("module= names a different model than the one passed as params")
-            module = params
-        if stage == 3 and module is None:
-            raise ValueError(
-                "stage 3 gathers parameters module by module, so it needs the model: pass the "
-                "module itself (ZeroAdamW(model, ..., stage=3)), or with param groups add "
-                "module=model (ZeroAdamW(groups, ..., stage=3, module=model))")
+        check_options(stage=stage, offload=offload, offload_grad_dtype=offload_grad_dtype,
+                      module=module, units=units, prefetch=prefetch,
+                      reshard_after_forward=reshard_after_forward,
+                      partition_frozen=partition_frozen, bucket_mb=bucket_mb,
+                      reduce_dtype=reduce_dtype, timeout_s=timeout_s, scaler_kwargs=scaler_kwargs)
+        module = model_of(params, module, stage)
         params, self._names = split_names(params)
         reject_duplicates(params, self._names)
         self._building = True
@@ -120,14 +80,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.offload: Optional[HostOffload] = None  # set once the device is known
 
         trainable = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        if not trainable:
-            raise ValueError("no parameter requires grad: nothing to optimize")
-        devices = {p.device for p in trainable}
-        if len(devices) > 1:
-            raise ValueError(f"parameters are on several devices {sorted(map(str, devices))}; "
-                             "one optimizer serves one device (move the model first)")
-        self.device = devices.pop()
-        self._check_dtypes(trainable)
+        self.device = device_of(trainable, self._names)
         # Stage 3 with offload: the host update runs beside the next forward (deferred_update.py)
         self.deferred: Optional[DeferredUpdate] = None
         if offload == "cpu":
@@ -149,39 +102,58 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.comm: Communicator = simulated_if_asked(make_communicator(
             process_group, self.device, datetime.timedelta(seconds=self.timeout_s)), self.device)
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
+        self.peers = PeerGuard(process_group, self.timeout_s, self.world_size, self.device,
+                               type(self).__name__)
+        self.agreement = RankAgreement(self.comm, process_group, self.timeout_s)
         elem = torch.tensor([], dtype=self.reduce_dtype).element_size()
         self.bucket_mb = float(bucket_mb) if bucket_mb is not None else auto_bucket_mb(
             sum(sharded_init.whole_shape(p).numel() for p in trainable), elem)
         self._check_ranks_agree([p for g in self.param_groups for p in g["params"]])
-        self._adopt_sharded_init(module)
+        adopt_sharded_init([p for g in self.param_groups for p in g["params"]]
+                           + (list(module.parameters()) if module is not None else []),
+                           self._names, self.world_size, stage, self.partition_frozen)
 
         self.bucket_elems = max(1, int(self.bucket_mb * 2 ** 20) // elem)
+        self.builder = FlatGroupBuilder(
+            self.param_groups, self._names, rank=self.rank, world_size=self.world_size,
+            stage=stage, bucket_elems=self.bucket_elems, reduce_dtype=self.reduce_dtype,
+            device=self.device, process_group=process_group,
+            host_zeros=self.offload.zeros if self.offload is not None else None,
+            broadcast=self.agreement.broadcast)
         self.flat_groups: List[FlatGroup] = []
         # Stage 3: frozen parameters, partitioned and gathered with their units, never reduced
         self.frozen_groups: List[FlatGroup] = []
         self.units: Optional[ParamUnits] = None
-        if stage == 3:
-            unit_list = self._flatten_units(module, units)
+        if stage == 3:  # each group made equal across ranks as it is built
+            unit_list, trainable_groups, frozen_groups = self.builder.of_units(
+                module, units, self.partition_frozen)
+            self.flat_groups.extend(trainable_groups)
+            self.frozen_groups.extend(frozen_groups)
         else:
             for gi in range(len(self.param_groups)):
-                self.flat_groups.extend(self._flatten_group(gi))
-        self._broadcast_from_rank0(flat=stage != 3)  # stage 3: per group in _flatten_units
+                self.flat_groups.extend(self.builder.of_param_group(gi))
+        # Every rank starts from rank 0's weights and buffers, as DDP makes it
+        self.agreement.broadcast(construction_tensors(
+            self.flat_groups if stage != 3 else [], self.flat_groups + self.frozen_groups,
+            self.param_groups, self.modules, self.device))
         self.reducer = BucketReducer(self.flat_groups, self.comm,
                                      mode="all_reduce" if stage == 0 else "reduce_scatter",
                                      overlap=overlap, reduce_at_step=(stage == 1))
         if stage == 3:
             self.units = ParamUnits(unit_list, self.comm, prefetch=prefetch,
                                     reshard_after_forward=reshard_after_forward,
-                                    wait_guard=self._guarded_wait)
+                                    wait_guard=self.peers.wait)
             self.reducer.on_launch = self.units.on_bucket_launched
             self.units.on_first_forward = lambda: self._check_ddp_once()
             self.units.before_gather = lambda u: self._settle_groups(u.groups)
-        self.reducer.sync_predicate = self._models_want_sync
+        self.reducer.sync_predicate = lambda: models_want_sync(self.modules)  # DDP's switch
         self.reducer.offload = self.offload
-        self.reducer.wait_guard = self._guarded_wait
+        self.reducer.wait_guard = self.peers.wait
         self.exposed = ExposedGrads(self)
         self.exposed.add_groups(0, self.flat_groups)
-        self._install_no_sync()
+        self.grad_checks = GradientChecks(self.flat_groups, self.comm, self.device,
+                                          self.offload, replicated=stage == 0)
+        install_no_sync(self.modules, self)
         self._ddp_checked = False  # DDP wrappers added after construction: checked at backward
         self._grads_dirty = False  # gradients arrived since they were last zeroed
         self._master_check_due = True  # see _adopt_changed_params
@@ -189,15 +161,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.param_watch = ParamWatch()
         self._nonfinite_norm: Optional[float] = None  # set by clip_grad_norm_, read by step
         self._norm_read = False  # clip_grad_norm_ since the last step (offload's partials)
-        self.scaler: Optional[LossScaler] = None
-        if any(fg.dtype == torch.float16 for fg in self.flat_groups) and loss_scale is not None:
-            if loss_scale == "dynamic":
-                self.scaler = LossScaler(dynamic=True, **scaler_kwargs)
-            elif isinstance(loss_scale, (int, float)) and loss_scale > 0:
-                self.scaler = LossScaler(dynamic=False, initial_scale=float(loss_scale))
-            else:
-                raise ValueError(f"loss_scale must be 'dynamic', a positive number or None, "
-                                 f"got {loss_scale!r}")
+        self.scaler: Optional[LossScaler] = scaler_for(
+            loss_scale, any(fg.dtype == torch.float16 for fg in self.flat_groups), scaler_kwargs)
         self.last_step_skipped = False
         self._clip_coef = 1.0
         self._grads_present = False
@@ -206,122 +171,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 self.offload.add_group(fg)
         self.shard_state: List[Dict[str, Any]] = [self._init_state(fg) for fg in self.flat_groups]
         if stage == 3:
-            self._own_shards()
+            own_shards(self, self.flat_groups, self.frozen_groups, self.shard_state,
+                       self.offload)
             # A copy.deepcopy of the model (an EMA) is a sharded model with no optimizer: these
             # hooks gather its modules in its forward (they do nothing for this optimizer's).
             sharded_modules.install_gather_hooks(module)
 
-    def _own_shards(self) -> None:
-        """Stage 3: each sharded parameter's in-place edits reach its fp32 master (where one is
-        kept apart from the parameter), and zeroshard.full_params(model) finds this optimizer."""
-        me = weakref.ref(self)
-        for fg, state in zip(self.flat_groups, self.shard_state):
-            fg.owner = me
-            if self.offload is not None:
-                fg.master_source = lambda fg=fg, state=state: self.offload.master(fg, state)
-            else:
-                fg.master_source = lambda state=state: state.get("master")
-        for fg in self.frozen_groups:
-            fg.owner = me
-
     # ---- construction ------------------------------------------------------------------------
-
-    def _check_dtypes(self, params) -> None:
-        for p in params:
-            if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-                raise TypeError(f"{self._names[id(p)]} has dtype {p.dtype}; zeroshard trains "
-                                "float32, bfloat16 and float16 parameters")
-
-    def _flatten_units(self, module: torch.nn.Module, units) -> List[Unit]:
-        """Stage 3: one FlatGroup per unit, param group and dtype (a unit's gather reads its
-        shards only), and one per unit and dtype of its frozen parameters (partition_frozen:
-        gathered with the unit, never reduced; otherwise they stay whole on every rank)."""
-        found = find_units(module, units)
-        owner = owning_units(module, [m for _, m in found])
-        unit_list = [Unit(0, "<root>", module, True)] + [
-            Unit(i + 1, name, m, False) for i, (name, m) in enumerate(found)]
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.requires_grad and id(p) not in owner:
-                    raise ValueError(f"{self._names[id(p)]} is not a parameter of the module "
-                                     "given to the stage-3 optimizer; stage 3 can only gather "
-                                     "parameters of that module")
-        for u in unit_list:
-            for gi in range(len(self.param_groups)):
-                adopted = []
-                added = self._flatten_group(
-                    gi, lambda p, u=u: owner.get(id(p)) == u.index, adopted)
-                for fg, whole in zip(added, adopted):
-                    if not whole:  # sharded_init's came from rank 0 already
-                        self._broadcast_from_rank0([fg])
-                    fg.shard_and_free()  # peak memory: one group whole at a time
-                u.groups.extend(added)
-                self.flat_groups.extend(added)
-            if self.partition_frozen:
-                frozen = self._flatten_frozen(module, u, owner)
-                u.groups.extend(frozen)
-                self.frozen_groups.extend(frozen)
-        return unit_list
-
-    def _flatten_frozen(self, module: torch.nn.Module, u: Unit, owner) -> List[FlatGroup]:
-        """The frozen FlatGroups of unit u: its parameters that require no grad, per dtype
-        (float32/bfloat16/float16 on the optimizer's device; others stay whole)."""
-        by_dtype: "OrderedDict[torch.dtype, list]" = OrderedDict()
-        names = dict((id(p), n) for n, p in module.named_parameters(remove_duplicate=True))
-        for p in dict.fromkeys(module.parameters()):
-            if (not p.requires_grad and owner.get(id(p)) == u.index and p.device == self.device
-                    and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                    and sharded_init.whole_shape(p).numel() > 0):
-                by_dtype.setdefault(p.dtype, []).append(p)
-        groups = []
-        for ps in by_dtype.values():
-            fg = FlatGroup(ps, [names.get(id(p), "a frozen parameter") for p in ps], -1,
-                           rank=self.rank, world_size=self.world_size, stage=3,
-                           bucket_elems=self.bucket_elems, reduce_dtype=self.reduce_dtype,
-                           frozen=True, process_group=self.process_group)
-            if not all(sharded_init.is_sharded(p) for p in ps):
-                self._broadcast_from_rank0([fg])
-            fg.shard_and_free()
-            groups.append(fg)
-        return groups
-
-    def _adopt_sharded_init(self, module: Optional[torch.nn.Module]) -> None:
-        """Parameters built under zeroshard.sharded_init hold only this rank's slice. Stage 3
-        adopts the trainable ones group by group (FlatGroup gathers them); every other one is
-        made whole here (a collective per parameter)."""
-        params = [p for g in self.param_groups for p in g["params"]]
-        if module is not None:
-            params += list(module.parameters())
-        sharded = [p for p in dict.fromkeys(params) if sharded_init.is_sharded(p)]
-        for p in sharded:
-            record = sharded_init.record_of(p)
-            if record.spec.world_size != self.world_size:
-                raise ValueError(
-                    f"{self._names.get(id(p), 'a parameter')} was sharded by sharded_init over "
-                    f"{record.spec.world_size} ranks, but the optimizer's process group has "
-                    f"{self.world_size}: pass the same process_group to both")
-        for p in sharded:
-            if self.stage != 3 or (not p.requires_grad and not self.partition_frozen):
-                sharded_init.unshard(p)
-
-    def _flatten_group(self, gi: int, select=None, adopted: Optional[list] = None
-                       ) -> List[FlatGroup]:
-        """One FlatGroup per dtype among param group gi's trainable parameters (those `select`
-        accepts). `adopted` gets, per FlatGroup, whether all its parameters came from
-        sharded_init (identical on every rank: no broadcast needed)."""
-        by_dtype: "OrderedDict[torch.dtype, list]" = OrderedDict()
-        for p in self.param_groups[gi]["params"]:
-            if p.requires_grad and (select is None or select(p)):
-                by_dtype.setdefault(p.dtype, []).append(p)
-        if adopted is not None:
-            adopted.extend(all(sharded_init.is_sharded(p) for p in ps)
-                           for ps in by_dtype.values())
-        return [FlatGroup(ps, [self._names[id(p)] for p in ps], gi, rank=self.rank,
-                          world_size=self.world_size, stage=self.stage,
-                          bucket_elems=self.bucket_elems, reduce_dtype=self.reduce_dtype,
-                          host_zeros=self.offload.zeros if self.offload is not None else None,
-                          process_group=self.process_group)
-                for ps in by_dtype.values()]
 
     def add_param_group(self, param_group: dict) -> None:
         """As torch.optim: the new group's parameters are flattened and sharded like the rest.
@@ -342,23 +198,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._name_from_modules()
         existing = [p for g in self.param_groups for p in g["params"]]
         reject_duplicates(existing + list(group["params"]), self._names)
-        new = [p for p in group["params"] if p.requires_grad]
-        for p in new:
-            if p.device != self.device:
-                raise ValueError(f"{self._names[id(p)]} is on {p.device}, the optimizer's other "
-                                 f"parameters on {self.device}")
-        self._check_dtypes(new)
-        if self.scaler is None and any(p.dtype == torch.float16 for p in new) and any(
-                fg.dtype != torch.float16 for fg in self.flat_groups):
-            raise ValueError("float16 parameters need loss scaling set up at construction; "
-                             "construct the optimizer with them instead of add_param_group()")
+        check_new_group([p for p in group["params"] if p.requires_grad], self._names,
+                        self.device, self.scaler is not None, self.flat_groups)
         self._check_ranks_agree(list(group["params"]))
         self._reduced()  # finish any reduction in flight before the buffers change
         super().add_param_group(group)
-        added = self._flatten_group(len(self.param_groups) - 1)
+        added = self.builder.of_param_group(len(self.param_groups) - 1)
         first = len(self.flat_groups)
         self.flat_groups.extend(added)
-        self._broadcast_from_rank0(added)
+        self.agreement.broadcast([fg.flat_param for fg in added])
         self.reducer.add_groups(added)
         self.exposed.add_groups(first, added)
         if self.offload is not None:
@@ -370,29 +218,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def _after_add_groups(self, added: List[FlatGroup]) -> None:
         """Hook for subclasses that keep per-FlatGroup objects outside shard_state."""
 
-    def _broadcast_from_rank0(self, groups: Optional[List[FlatGroup]] = None,
-                              flat: bool = True) -> None:
-        rank_agreement.broadcast_from_rank0(self, groups, flat)
-
     def _name_from_modules(self) -> None:
-        for m in self.modules:
-            for name, p in m.named_parameters(remove_duplicate=False):
-                current = self._names.get(id(p))  # placeholders: "params[3] (shape ...)"
-                if current is not None and current.startswith(("params[", "param_groups[")):
-                    self._names[id(p)] = name
-
-    def _install_no_sync(self) -> None:
-        for m in self.modules:
-            current = getattr(m, "no_sync", None)
-            if current is None or isinstance(current, NoSyncMethod):
-                m.no_sync = NoSyncMethod(self)
-
-    def _models_want_sync(self) -> bool:
-        """DDP's switch, which scripts set on the model for gradient accumulation."""
-        return all(getattr(m, "require_backward_grad_sync", True) for m in self.modules)
+        name_from_modules(self._names, self.modules)
 
     def _check_ranks_agree(self, params) -> None:
-        rank_agreement.check_ranks_agree(self, params)
+        self.agreement.check(
+            {"stage": self.stage, "bucket_mb": self.bucket_mb,
+             "reduce_dtype": str(self.reduce_dtype), "offload": self.offload is not None},
+            [(self._names[id(p)], tuple(sharded_init.whole_shape(p)), str(p.dtype),
+              bool(p.requires_grad)) for p in params])
 
     # ---- subclass interface ------------------------------------------------------------------
 
@@ -476,7 +310,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.settle()  # gradients land in host shards the update may still be reading
         self._check_ddp_once()
         self._reattach()
-        self._forget_withdrawn_grads()
+        self.exposed.forget_withdrawn(self.reducer.got)
         self.exposed.withdraw()
         self._grads_dirty = True
         if self.units is not None:
@@ -491,37 +325,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def _reattach(self) -> None:
         for fg in self.flat_groups:
             fg.reattach()
-
-    def _poll_peers(self, where: str) -> None:
-        """Fails fast when another rank waits in a zeroshard call this rank did not make
-        (checkpoint.save on rank 0 only), before this rank blocks in a collective."""
-        if self.world_size > 1:
-            rendezvous_for(self.process_group, self.timeout_s).poll(where)
-
-    def _guarded_wait(self, work) -> None:
-        """Blocks until `work` completes (up to timeout_s; its wait() then raises), checking every
-        10 ms that no rank waits in a zeroshard call this rank went past: a bucket's collective
-        inside backward would otherwise wait timeout_s for a rank that saves a checkpoint
-        under `if rank == 0:`. CUDA waits are stream joins and need no watching."""
-        if self.world_size == 1 or self.device.type == "cuda":
-            return
-        rendezvous = rendezvous_for(self.process_group, self.timeout_s)
-        where = f"a collective of {type(self).__name__}"
-        deadline = time.monotonic() + self.timeout_s
-        pause, next_check, entered_since = 5e-5, 0.0, None
-        while not work.is_completed() and time.monotonic() < deadline:
-            now = time.monotonic()
-            if now >= next_check:
-                # A rank that finished its side of this collective may enter its next call
-                # while this rank's side is still completing (gloo): only a collective still
-                # not done NOT_AWAITED_GRACE_S later is one that rank never joins.
-                if rendezvous.next_call_entered():
-                    entered_since = now if entered_since is None else entered_since
-                    if now - entered_since >= NOT_AWAITED_GRACE_S:
-                        rendezvous.check_not_awaited(where)
-                next_check = now + 0.01
-            time.sleep(pause)
-            pause = min(2 * pause, 1e-3)
 
     def _consume_grads(self) -> None:
         """After step(): the next backward starts from zero, however the script zeroes."""
@@ -541,9 +344,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._clip_coef = 1.0
         self._nonfinite_norm = None
 
-    def _shard_grad_pieces(self):
-        return gradient_checks.shard_grad_pieces(self)
-
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0,
                         error_if_nonfinite: bool = False) -> torch.Tensor:
         """Clips the global gradient norm (all shards, all ranks) to max_norm, like
@@ -557,10 +357,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
             raise ValueError(f"max_norm must be > 0, got {max_norm}")
         if not (norm_type > 0):
             raise ValueError(f"norm_type must be > 0 or inf, got {norm_type}")
-        self._poll_peers(f"{type(self).__name__}.clip_grad_norm_")
+        self.peers.poll(f"{type(self).__name__}.clip_grad_norm_")
         self.exposed.withdraw(remove=False)
         self._reduced()
-        norm = gradient_checks.global_norm(self, norm_type)
+        norm = self.grad_checks.global_norm(norm_type)
         norm /= self.loss_scale
         if not math.isfinite(norm):
             if error_if_nonfinite:
@@ -574,9 +374,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._norm_read = True
         return torch.tensor(norm, dtype=torch.float32)
 
-    def _overflowed(self) -> bool:
-        return gradient_checks.overflowed(self)
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -587,16 +384,17 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if self.offload is not None:  # the next step takes norms as gradients land if this one read them
             self.offload.partials_wanted = self.scaler is not None or self._norm_read
         self._norm_read = False
-        self._poll_peers(f"{type(self).__name__}.step")
+        self.peers.poll(f"{type(self).__name__}.step")
         self._reattach()
-        self._forget_withdrawn_grads()
+        self.exposed.forget_withdrawn(self.reducer.got)
         self.exposed.withdraw()
         self._reduced()
         if not self._grads_present:
             self._consume_grads()
             return loss  # no backward since zero_grad: torch.optim skips params without grads
         self.last_step_skipped = False
-        overflow, updated = self._agree_on_grads(check_overflow=self.scaler is not None)
+        overflow, updated = self.grad_checks.agree(self.reducer.got,
+                                                   check_overflow=self.scaler is not None)
         if overflow:
             self.last_step_skipped = True
             self.scaler.update(overflow=True)
@@ -619,8 +417,11 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self._adopt_changed_params()
         if self.offload is not None:
             self.offload.before_update()
-        if self.deferred is not None:
-            self._start_deferred_update(grad_scale, updated)
+        if self.deferred is not None:  # see [Note: deferred update]
+            zero, self._grads_dirty = self._grads_dirty, False
+            self.deferred.start(update_jobs(self.flat_groups, self.shard_state, self.param_groups,
+                                            self.units, self._step_group, grad_scale, updated,
+                                            zero_grads=zero), self.offload.h2d_stream.record)
         else:
             for fg, state, got in zip(self.flat_groups, self.shard_state, updated):
                 if any(got):
@@ -628,7 +429,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
                                      got)
             if self.offload is not None:
                 self.offload.after_update()
-        self._gather_params()
+        if self.stage in (1, 2):  # stage 3 gathers each unit when it runs
+            self.reducer.all_gather_shards()
         if self.offload is not None and self.deferred is None:
             self.param_watch.record(self.flat_groups)
         if self.scaler is not None:
@@ -636,62 +438,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._consume_grads()
         return loss
 
-    def _start_deferred_update(self, grad_scale: float, updated) -> None:
-        """See [Note: deferred update]: each group's update, with its param group's
-        hyperparameters as they are now, in the order the units ran in the last forward; each
-        group's host gradients zeroed after its update (the main thread must not touch them)."""
-        last_forward = self.units.record or self.units.previous
-        order = {index: i for i, index in enumerate(last_forward)}
-
-        def position(k: int) -> tuple:
-            u = self.units.unit_of_group.get(id(self.flat_groups[k]))
-            return (u is None or not u.is_root, order.get(u.index if u else -1, len(order)), k)
-        zero = self._grads_dirty
-        self._grads_dirty = False
-        jobs = []
-        for k in sorted(range(len(self.flat_groups)), key=position):
-            fg, state, got = self.flat_groups[k], self.shard_state[k], updated[k]
-            group = dict(self.param_groups[fg.group_index])  # a scheduler may change it next
-
-            def job(fg=fg, state=state, got=got, group=group) -> None:
-                if any(got):
-                    self._step_group(fg, state, group, grad_scale, got)
-                if zero:
-                    fg.zero_grads()
-            jobs.append((fg, job))
-        self.deferred.start(jobs, self.offload.h2d_stream.record)
-
-    def _forget_withdrawn_grads(self) -> None:
-        """A gradient handle the script replaced by None (model.zero_grad(), p.grad = None)
-        means, as in torch, that the parameter has no gradient: unless a later backward gives
-        it one, the step skips it."""
-        if not self.exposed.exposed:
-            return
-        for (gi, j), handle in self.exposed.handles.items():
-            if self.flat_groups[gi].params[j].grad is None:
-                self.reducer.got[gi][j] = False
-
-    def _agree_on_grads(self, check_overflow: bool):
-        return gradient_checks.agree_on_grads(self, check_overflow)
-
     def _adopt_changed_params(self) -> None:
-        """A separate fp32 master shard (bf16/fp16 parameters, ZeroRedundancy) is copied from
-        the parameters at construction. A script that then loads weights into the model
-        (model.load_state_dict after building the optimizer, or after loading optimizer state)
-        would have them silently reverted by the first update. So before the first step after
-        construction or a load, and with offload before any step after which ParamWatch saw
-        the parameters change, every element whose parameter no longer equals its master (rounded to the
-        parameter's dtype) takes the parameter's value."""
+        """Masters kept apart from the parameters take the values a script loaded into the
+        model since (FlatGroup.adopt_changed_params): due before the first step after
+        construction or a load, and with offload after ParamWatch saw a change."""
         self._master_check_due = False
         for fg, master in self._masters():
-            for b0, b1, s0 in fg.shard_slices():  # slice by slice: no shard-sized temporary
-                if b1 == b0:
-                    continue
-                current = fg.param_values(b0, b1, s0).to(master.device, torch.float32)
-                kept = master.detach()[s0:s0 + (b1 - b0)]
-                changed = current.to(fg.dtype) != kept.to(fg.dtype)
-                if bool(changed.any()):
-                    kept[changed] = current[changed]
+            fg.adopt_changed_params(master)
 
     def _masters(self):
         """(fg, fp32 master shard) of every FlatGroup that keeps one apart from its
@@ -703,10 +456,6 @@ class ZeroOptimizer(torch.optim.Optimizer):
         for fg, state in zip(self.flat_groups, self.shard_state):
             if state.get("master") is not None:
                 yield fg, state["master"]
-
-    def _gather_params(self) -> None:
-        if self.stage in (1, 2):  # stage 3 gathers each unit when it runs
-            self.reducer.all_gather_shards()
 
     @contextlib.contextmanager
     def full_params(self, writeback: bool = False):
@@ -722,7 +471,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             if writeback:
                 self._master_check_due = True
             return
-        self._poll_peers(f"{type(self).__name__}.full_params")
+        self.peers.poll(f"{type(self).__name__}.full_params")
         self._reduced()
         try:
             with self.units.full_params():
@@ -730,8 +479,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                 if writeback:
                     with torch.no_grad():
                         for fg in self.flat_groups:
-                            for b0, b1, s0 in fg.shard_slices():
-                                fg.param_values(b0, b1, s0).copy_(fg.flat_param[b0:b1])
+                            fg.write_gathered_into_shard()
                     self._master_check_due = True
         finally:
             self.units.free_all()
@@ -754,9 +502,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
     # ---- reports -----------------------------------------------------------------------------
 
     def memory_report(self) -> Dict[str, Any]:
-        """Bytes this rank holds per category (see memory_reports.memory_report)."""
+        """Bytes this rank holds per category (see memory_reports.py)."""
         self.settle()
-        return memory_reports.memory_report(self)
+        return memory_report(self.flat_groups, self.shard_state,
+                             frozen_groups=self.frozen_groups, modules=self.modules,
+                             comm_buffer_bytes=self.reducer.comm_buffer_bytes,
+                             offload=self.offload, units=self.units, device=self.device)
 
     def reset_peak_memory(self) -> bool:
         """Starts memory_report()["measured"]["peak_bytes"] over from now (e.g. after warm-up);
@@ -789,13 +540,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
         loads back only on the same rank, world size and stage; see full_state_dict() for a
         rank-independent one and zeroshard.checkpoint for sharded files."""
         self.settle()
-        return state_dicts.shard_state_dict(self)
+        return self._state_dicts().shard_state_dict()
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Loads a state_dict() of this rank, or a full_state_dict() / stock torch.optim state
         dict on any rank. Validates everything first: on error nothing has changed."""
         self.settle()
-        state_dicts.load_state_dict(self, state_dict)
+        self._state_dicts().load_state_dict(state_dict)
+        self._master_check_due = True  # the model may be loaded after the optimizer
+        self._after_load()
 
     def full_state_dict(self) -> Dict[str, Any]:
         """The whole optimizer state in torch.optim's format ('state' keyed by parameter index
@@ -803,7 +556,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
         and stage, and into the stock torch.optim optimizer. A collective: every rank must call
         it (each gets the same dict); a call on one rank only fails with an error saying so."""
         self.settle()
-        return state_dicts.full_state_dict(self)
+        if self.world_size > 1:
+            rendezvous_for(self.process_group, self.timeout_s).enter(
+                f"{type(self).__name__}.full_state_dict")
+        self._reattach()
+        return self._state_dicts().full_state_dict()
+
+    def _state_dicts(self) -> StateDicts:
+        return StateDicts(self.flat_groups, self.shard_state, self.param_groups,
+                          stage=self.stage, comm=self.comm, device=self.device,
+                          scaler=self.scaler)
 
     def _after_load(self) -> None:
         """Hook for subclasses whose state lives partly outside shard_state."""
@@ -815,20 +577,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def checkpoint_state(self, index: int):
         """Flat group `index`'s state: (state-space tensors by name, JSON-able scalars)."""
         self.settle()
-        state = self.shard_state[index]
-        tensors = {k: v.detach() for k, v in state.items() if isinstance(v, torch.Tensor)}
-        scalars = {k: v for k, v in state.items() if not isinstance(v, torch.Tensor)}
-        return tensors, scalars
+        return self._state_dicts().group_state(index)
 
     def load_checkpoint_state(self, index: int, tensors: Dict[str, torch.Tensor],
                               scalars: Dict[str, Any]) -> None:
         """Copies already-validated state in (same keys and shapes as checkpoint_state)."""
         self.settle()
-        state = self.shard_state[index]
-        with torch.no_grad():
-            for k, v in tensors.items():
-                state[k].copy_(v)
-        state.update(scalars)
+        self._state_dicts().load_group_state(index, tensors, scalars)
 
     def scaler_state(self) -> Optional[Dict[str, Any]]:
         return self.scaler.state_dict() if self.scaler is not None else None
