@@ -1,4 +1,4 @@
-"""The offloaded step on CPU, measured against zeroshard.offload_time's prediction.
+"""The offloaded step on CPU, measured against zeroshard.memory.offload_time's prediction.
 
 What a CPU can measure of offload: the host update (the CPU kernels over master and state, the
 staging of updated parameters) and the gradients' landing (copies into the host shard, the
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     if args.simulate:
         os.environ["ZEROSHARD_SIMULATE_ASYNC"] = "1"
     import zeroshard
-    from zeroshard.offload_time import offloaded_step_time
+    from zeroshard.memory.offload_time import offloaded_step_time
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     width = 1024

@@ -127,9 +127,9 @@ def init_distributed(device_kind: str):
         device = torch.device("cpu")
         dist.init_process_group("gloo")
         # Every optimizer path (the DDP baselines too) gets zeroshard's guard against gloo's
-        # abort at interpreter exit ([Note: gloo at exit] in zeroshard/communicator.py).
+        # abort at interpreter exit ([Note: gloo at exit] in zeroshard/comm/communicator.py).
         try:
-            from zeroshard.communicator import register_exit_drain
+            from zeroshard.comm.communicator import register_exit_drain
         except ImportError:  # the torch baselines also run where zeroshard is not built
             pass
         else:
@@ -332,7 +332,7 @@ class DeepSpeedSetup:
                 eps=1e-8, weight_decay=args.weight_decay)
         bucket_mb = args.bucket_mb
         if bucket_mb is None:  # the size zeroshard picks for this model, so the rows compare
-            from zeroshard.buffer_ring import auto_bucket_mb
+            from zeroshard.sharding.buffer_ring import auto_bucket_mb
             bucket_mb = auto_bucket_mb(sum(p.numel() for p in model.parameters()), 4)
         bucket_elems = int(bucket_mb * MiB) // 4  # fp32 elements, as --bucket-mb is for us
         config = {

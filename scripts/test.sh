@@ -48,7 +48,7 @@ step "Python tests (CPU variant)"
 "$py" -m pytest -q tests/python
 
 # The same suites with every side-stream collective and copy run late (see [Note: simulated
-# asynchrony] in python/zeroshard/simulated_async.py): a missing wait shows as a wrong result.
+# asynchrony] in python/zeroshard/comm/simulated_async.py): a missing wait shows as a wrong result.
 # A seed per run, printed, repeats its delays.
 seed="${ZEROSHARD_SIMULATE_ASYNC_SEED:-$RANDOM}"
 step "Python tests under simulated asynchrony (ZEROSHARD_SIMULATE_ASYNC_SEED=$seed)"

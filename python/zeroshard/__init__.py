@@ -6,12 +6,13 @@ reduces gradients itself and keeps only this rank's shard of the optimizer state
 `zeroshard.ops` holds the fused kernels; `python -m zeroshard.env` reports the build.
 """
 from . import _core, ops
-from .communicator import CollectiveTimeout
+from .comm.communicator import CollectiveTimeout
 from .gradient_reducer import GradientReducer
 from .optimizers import ZeroAdam, ZeroAdamW, ZeroRedundancy, ZeroSGD
-from .sharded_init import sharded_init
-from .sharded_modules import full_params
-from .sharded_tensor import ShardedAccessError, ShardedTensor, ShardedParameter
+from .sharded_params.sharded_init import sharded_init
+from .sharded_params.sharded_modules import full_params
+from .sharded_params.sharded_tensor import ShardedAccessError, ShardedTensor, ShardedParameter
+from .sharded_params import sharded_ops  # noqa: F401  (ShardedTensor's torch calls: registers itself)
 from .zero_optimizer import ZeroOptimizer
 from . import checkpoint
 

@@ -17,11 +17,11 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from .bucket_reducer import BucketReducer
-from .communicator import make_communicator
-from .simulated_communicator import simulated_if_asked
-from .flat_group import FlatGroup
-from .param_lists import reject_ddp_wrapped
+from .sharding.bucket_reducer import BucketReducer
+from .comm.communicator import make_communicator
+from .comm.simulated_communicator import simulated_if_asked
+from .sharding.flat_group import FlatGroup
+from .sharding.param_lists import reject_ddp_wrapped
 
 
 class GradientReducer:

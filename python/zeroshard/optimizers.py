@@ -13,9 +13,9 @@ from typing import Any, Dict, List, Optional, Tuple, Type
 import torch
 
 from . import ops
-from .flat_group import FlatGroup
+from .sharding.flat_group import FlatGroup
 from .zero_optimizer import ZeroOptimizer
-from .zero_options import SCALER_KWARGS
+from .sharding.zero_options import SCALER_KWARGS
 
 # [Note: torch.optim arguments] Every argument of torch.optim.Adam/AdamW/SGD is honoured or
 # refused, never ignored. Maths flags (amsgrad, maximize, decoupled_weight_decay) run in the

@@ -28,29 +28,30 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from . import process_memory, sharded_init, sharded_modules
-from .bucket_reducer import BucketReducer
-from .buffer_ring import auto_bucket_mb
-from .communicator import Communicator, make_communicator
-from .deferred_update import DeferredUpdate, update_jobs
-from .exposed_grads import ExposedGrads
-from .flat_group import FlatGroup
-from .gradient_checks import GradientChecks
-from .group_builder import FlatGroupBuilder, adopt_sharded_init, own_shards
-from .host_offload import HostOffload
-from .loss_scaler import LossScaler, scaler_for
-from .memory_reports import memory_report
-from .owning_modules import install_no_sync, models_want_sync, root_modules
-from .param_lists import (check_new_group, device_of, name_from_modules, reject_ddp_wrapped,
-                          reject_duplicates, split_names)
-from .param_units import ParamUnits
-from .param_watch import ParamWatch
-from .peer_guard import PeerGuard
-from .rank_agreement import RankAgreement, construction_tensors
-from .rendezvous import bind_rendezvous_device, rendezvous_for
-from .simulated_communicator import simulated_if_asked
-from .state_dicts import StateDicts
-from .zero_options import check_options, model_of
+from .comm.communicator import Communicator, make_communicator
+from .comm.peer_guard import PeerGuard
+from .comm.rendezvous import bind_rendezvous_device, rendezvous_for
+from .comm.simulated_communicator import simulated_if_asked
+from .memory import process_memory
+from .memory.memory_reports import memory_report
+from .offload.deferred_update import DeferredUpdate, update_jobs
+from .offload.host_offload import HostOffload
+from .offload.param_watch import ParamWatch
+from .sharded_params import sharded_init, sharded_modules
+from .sharding.bucket_reducer import BucketReducer
+from .sharding.buffer_ring import auto_bucket_mb
+from .sharding.exposed_grads import ExposedGrads
+from .sharding.flat_group import FlatGroup
+from .sharding.gradient_checks import GradientChecks
+from .sharding.group_builder import FlatGroupBuilder, adopt_sharded_init, own_shards
+from .sharding.loss_scaler import LossScaler, scaler_for
+from .sharding.owning_modules import install_no_sync, models_want_sync, root_modules
+from .sharding.param_lists import (check_new_group, device_of, name_from_modules,
+                                   reject_ddp_wrapped, reject_duplicates, split_names)
+from .sharding.param_units import ParamUnits
+from .sharding.rank_agreement import RankAgreement, construction_tensors
+from .sharding.state_dicts import StateDicts
+from .sharding.zero_options import check_options, model_of
 
 
 class ZeroOptimizer(torch.optim.Optimizer):

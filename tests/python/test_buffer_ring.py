@@ -119,7 +119,7 @@ def test_buffers_live_once_and_in_flight_is_bounded(world_size, stage, max_in_fl
 
 
 def _ring_report(rank, world_size, stage):
-    from zeroshard.buffer_ring import planned_ring_bytes
+    from zeroshard.sharding.buffer_ring import planned_ring_bytes
     model = make_model()
     opt = zeroshard.ZeroAdamW(model.parameters(), lr=1e-3, stage=stage, bucket_mb=BUCKET_MB)
     for _ in range(2):

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from dist_harness import run_distributed
-from zeroshard import CollectiveTimeout, communicator
-from zeroshard.communicator import (LocalCommunicator, ProcessGroupCommunicator, _CudaWork,
+from zeroshard import CollectiveTimeout
+from zeroshard.comm import communicator
+from zeroshard.comm.communicator import (LocalCommunicator, ProcessGroupCommunicator, _CudaWork,
                                     _LaunchRecord)
 
 
@@ -130,7 +131,7 @@ class _FakeComm:
 
 
 def test_make_watchdog_wires_the_communicators_abort_and_async_error():
-    pytest.importorskip("zeroshard.nccl_watchdog")
+    pytest.importorskip("zeroshard.comm.nccl_watchdog")
     comm = _FakeComm("ncclRemoteError: remote process exited")
     watchdog = communicator._make_watchdog(comm, 2, 30.0)
     try:
@@ -149,7 +150,7 @@ def test_an_abandoned_launch_record_never_fires_the_watchdog():
     """A launch that raised (NcclCommunicator._launch marks its record abandoned) leaves nothing
     in flight: the watchdog must not time it out and abort a healthy communicator later. The
     same record not abandoned does fire: the check can fail."""
-    pytest.importorskip("zeroshard.nccl_watchdog")
+    pytest.importorskip("zeroshard.comm.nccl_watchdog")
     for abandoned in (True, False):
         comm = _FakeComm()
         watchdog = communicator._make_watchdog(comm, 0, 0.2)

@@ -14,7 +14,7 @@ from dist_harness import run_distributed
 from zeroshard import estimate
 from zeroshard.estimate import (estimate_model_states, format_bytes, formula_text,
                                 param_numels_of, param_units_of, zero_formula_bytes)
-from zeroshard.model_shapes import (config_model, config_numels, gpt2_numels, gpt2_units,
+from zeroshard.memory.model_shapes import (config_model, config_numels, gpt2_numels, gpt2_units,
                                     llama_numels, llama_units, preset_model, preset_numels,
                                     read_config_model, read_config_numels, uniform_numels,
                                     uniform_units)

@@ -11,7 +11,7 @@ from dist_harness import run_distributed
 from zeroshard import estimate
 from zeroshard.estimate import (estimate_model_states, format_bytes, frozen_numels_of,
                                 frozen_units_of, param_numels_of, param_units_of)
-from zeroshard.model_shapes import uniform_numels, uniform_units, units_after
+from zeroshard.memory.model_shapes import uniform_numels, uniform_units, units_after
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "examples"))
 from gpt import GPT, GPTConfig  # noqa: E402  (examples/gpt.py)

@@ -396,7 +396,7 @@ def test_report_reads_what_bench_zero_step_really_writes_at_stage3(tmp_path):
 
 
 def test_collective_labels_are_removed_after_the_trace():
-    from zeroshard.communicator import LocalCommunicator
+    from zeroshard.comm.communicator import LocalCommunicator
     bench = importlib.util.module_from_spec(_step_spec)
     _step_spec.loader.exec_module(bench)
     comm = LocalCommunicator()
@@ -465,7 +465,7 @@ def test_report_reads_what_bench_zero_step_really_writes_with_offload(tmp_path):
     # the keys the offload rows read are the ones the bench writes.
     bench = importlib.util.module_from_spec(_step_spec)
     _step_spec.loader.exec_module(bench)
-    if importlib.util.find_spec("zeroshard.host_offload") is None:
+    if importlib.util.find_spec("zeroshard.offload.host_offload") is None:
         pytest.skip("the zeroshard this test imports predates offload='cpu' (reinstall it)")
     rc = bench.main(["--device", "cpu", "--model", "tiny", "--stage", "2", "--offload", "cpu",
                      "--baseline", "stage2", "--batch-size", "1", "--seq-len", "16",

@@ -183,7 +183,7 @@ def test_python_communicator_grouped_all_gather_and_clean_exit():
     # atexit teardown: watchdog closed, ncclCommFinalize + ncclCommDestroy) is checked too.
     code = textwrap.dedent("""
         import torch, zeroshard
-        from zeroshard.communicator import NcclCommunicator
+        from zeroshard.comm.communicator import NcclCommunicator
         comm = NcclCommunicator(None, torch.device("cuda", 0), 60.0)
         fulls = [torch.zeros(n, device="cuda", dtype=d)
                  for n, d in ((7, torch.float32), (13, torch.bfloat16))]
@@ -209,7 +209,7 @@ def test_python_communicator_grouped_all_gather_and_clean_exit():
                     reason="needs two GPUs")
 def test_communicator_on_a_device_that_is_not_current():
     # A script that never calls torch.cuda.set_device: the parameters' device decides.
-    from zeroshard.communicator import NcclCommunicator
+    from zeroshard.comm.communicator import NcclCommunicator
 
     assert torch.cuda.current_device() == 0
     comm = NcclCommunicator(None, torch.device("cuda", 1), 60.0)

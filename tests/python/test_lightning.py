@@ -38,7 +38,7 @@ import zeroshard  # noqa: E402
 from dist_harness import run_distributed  # noqa: E402
 from framework_runs import assert_same_weights as _assert_same_weights  # noqa: E402
 from framework_runs import ok_results as _ok  # noqa: E402
-from zeroshard.checkpoint_format import read_metadata  # noqa: E402
+from zeroshard.checkpoint.format import read_metadata  # noqa: E402
 from zeroshard.integrations.lightning import SHARDS_SUFFIX, ZeroStrategy  # noqa: E402
 
 WORLD_SIZE = 2

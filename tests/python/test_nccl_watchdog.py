@@ -16,8 +16,8 @@ import time
 import pytest
 
 import zeroshard
-from zeroshard.communicator import CollectiveTimeout
-from zeroshard.nccl_watchdog import Watchdog
+from zeroshard.comm.communicator import CollectiveTimeout
+from zeroshard.comm.nccl_watchdog import Watchdog
 
 POLL_S = 0.01
 SHORT_TIMEOUT_S = 0.2  # cases that must wait for the deadline

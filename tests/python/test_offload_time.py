@@ -1,4 +1,4 @@
-"""zeroshard.offload_time: the offloaded step's bytes are the ones the library moves (its
+"""zeroshard.memory.offload_time: the offloaded step's bytes are the ones the library moves (its
 d2h/h2d counters), and the time follows from them as [Note: offloaded step time] says."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from dist_harness import run_distributed  # noqa: E402
 
 import zeroshard  # noqa: E402
-from zeroshard.offload_time import offloaded_step_time  # noqa: E402
+from zeroshard.memory.offload_time import offloaded_step_time  # noqa: E402
 
 
 def _model(dtype):

@@ -23,7 +23,7 @@ from dist_harness import run_distributed  # noqa: E402
 from test_checkpoint import GLOBAL_BATCH, TINY_BUCKET_MB, Net, batch  # noqa: E402
 
 import zeroshard  # noqa: E402
-from zeroshard.rendezvous import CollectiveCallError, rendezvous_for  # noqa: E402
+from zeroshard.comm.rendezvous import CollectiveCallError, rendezvous_for  # noqa: E402
 
 LONG_TIMEOUT_S = 60.0  # fail-fast cases must raise well before this
 SHORT_TIMEOUT_S = 3.0  # cases that must wait for the timeout
@@ -219,7 +219,7 @@ def _dying_mid_save(rank, world_size, root, where):
 
         def die(*args, **kwargs):
             os._exit(3)
-        zeroshard.checkpoint._write_rank_file = die
+        zeroshard.checkpoint.sharded_files._write_rank_file = die
     return _raised(lambda: zeroshard.checkpoint.save(os.path.join(root, "ck"), model=model,
                                                      optimizer=opt))
 

@@ -19,7 +19,7 @@ from zero_oracle import (SMALL_BUCKET_MB, assert_params_close, make_batches,  # 
                          param_snapshot, train_rank)
 
 import zeroshard  # noqa: E402
-from zeroshard import process_memory  # noqa: E402
+from zeroshard.memory import process_memory  # noqa: E402
 
 
 class HFStyleNet(nn.Module):

@@ -27,8 +27,8 @@ from unit_net import make_unit_net  # noqa: E402
 from zero_oracle import TINY_BUCKET_MB, make_batches, mse_loss, param_snapshot, rank_slice  # noqa: E402
 
 import zeroshard  # noqa: E402
-from zeroshard import simulated_async  # noqa: E402
-from zeroshard.communicator import Work  # noqa: E402
+from zeroshard.comm import simulated_async  # noqa: E402
+from zeroshard.comm.communicator import Work  # noqa: E402
 
 
 @pytest.fixture
@@ -89,8 +89,8 @@ def test_poison_only_in_simulated_mode(monkeypatch):
 
 
 def test_a_collective_reads_its_input_late_and_its_wait_makes_the_output_visible(simulated):
-    from zeroshard.simulated_communicator import SimulatedAsyncCommunicator, simulated_if_asked
-    comm = simulated_if_asked(zeroshard.communicator.make_communicator(None, torch.device("cpu")),
+    from zeroshard.comm.simulated_communicator import SimulatedAsyncCommunicator, simulated_if_asked
+    comm = simulated_if_asked(zeroshard.comm.communicator.make_communicator(None, torch.device("cpu")),
                               torch.device("cpu"))
     assert isinstance(comm, SimulatedAsyncCommunicator)
     full, part = torch.zeros(8), torch.arange(8.0)
@@ -134,7 +134,9 @@ def _differs(a, b) -> bool:
 
 
 def _removed_wait(rank, world_size, which):
-    from zeroshard import bucket_reducer, host_offload, param_units, zero_optimizer
+    from zeroshard import zero_optimizer
+    from zeroshard.sharding import bucket_reducer, param_units
+    from zeroshard.offload import host_offload
     stage, offload = {"landing": (2, "cpu"), "gather": (3, None), "fence": (2, "cpu"),
                       "update": (3, "cpu")}[which]
     os.environ["ZEROSHARD_SIMULATE_ASYNC"] = "0"

@@ -632,7 +632,7 @@ def test_host_pages_start_on_a_page_and_where_their_storage_starts():
     """What offload page-locks on a GPU (cudaHostRegister of exactly these bytes): whole pages
     no other tensor shares, starting at the storage's own address, which is what torch's
     is_pinned() asks about. (A view into a larger allocation read is_pinned() == False.)"""
-    from zeroshard.host_offload import PAGE_BYTES, host_pages
+    from zeroshard.offload.host_offload import PAGE_BYTES, host_pages
     for nbytes in (1, PAGE_BYTES, PAGE_BYTES + 1, 10 * PAGE_BYTES - 3):
         region = host_pages(nbytes)
         assert region.data_ptr() % PAGE_BYTES == 0

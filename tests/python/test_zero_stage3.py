@@ -208,7 +208,7 @@ def test_stage3_parameters_outside_forward_and_full_params():
     # torch storage is an empty placeholder (never a view of freed memory).
     assert isinstance(weight, zeroshard.ShardedParameter)
     assert weight.shape == reference["blocks.0.fc1.weight"].shape
-    with zeroshard.sharded_tensor.raw():
+    with zeroshard.sharded_params.sharded_tensor.raw():
         assert weight.untyped_storage().nbytes() == 0
     sharded_sd = model.state_dict()  # sharded values, usable elementwise; whole inside full_params
     assert isinstance(sharded_sd["blocks.0.fc1.weight"], zeroshard.ShardedTensor)

@@ -38,9 +38,9 @@ import torch
 from accelerate import Accelerator
 
 import zeroshard
-from zeroshard.checkpoint import unwrap_optimizer
-from zeroshard.owning_modules import NoSyncMethod
-from zeroshard.sharded_tensor import ShardedParameter
+from zeroshard.checkpoint.sharded_files import unwrap_optimizer
+from zeroshard.sharding.owning_modules import NoSyncMethod
+from zeroshard.sharded_params.sharded_tensor import ShardedParameter
 from zeroshard.zero_optimizer import ZeroOptimizer
 
 __all__ = ["ZeroAccelerator", "CHECKPOINT_DIR"]

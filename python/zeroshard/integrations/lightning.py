@@ -36,7 +36,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 
 import zeroshard
-from zeroshard.checkpoint import unwrap_optimizer
+from zeroshard.checkpoint.sharded_files import unwrap_optimizer
 from zeroshard.zero_optimizer import ZeroOptimizer
 
 

@@ -34,7 +34,7 @@ from transformers.trainer import SCHEDULER_NAME
 from transformers.trainer_pt_utils import reissue_pt_warnings
 
 import zeroshard
-from zeroshard.checkpoint import unwrap_optimizer as _unwrap_optimizer
+from zeroshard.checkpoint.sharded_files import unwrap_optimizer as _unwrap_optimizer
 from zeroshard.zero_optimizer import ZeroOptimizer
 
 __all__ = ["ZeroTrainer", "ZeroTrainerMixin", "OPTIMIZER_SHARDS_DIR"]

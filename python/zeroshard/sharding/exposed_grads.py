@@ -35,7 +35,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 from torch.autograd import Variable
-from .sharded_tensor import raw
+from ..sharded_params.sharded_tensor import raw
 
 _PASSTHROUGH = ("__get__", "__set__", "__delete__", "dim", "size", "numel", "stride",
                 "is_contiguous", "element_size", "nelement", "data_ptr", "storage_offset",

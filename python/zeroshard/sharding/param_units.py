@@ -50,10 +50,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch.utils._pytree import tree_flatten
 
-from . import call_tags
-from .communicator import Communicator, Work
+from ..comm import call_tags
+from ..comm.communicator import Communicator, Work
 from .flat_group import FlatGroup
-from .sharded_tensor import ShardedAccessError
+from ..sharded_params.sharded_tensor import ShardedAccessError
 
 
 class Unit:

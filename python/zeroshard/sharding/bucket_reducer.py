@@ -50,9 +50,9 @@ import torch.distributed as dist
 from torch.autograd import Variable
 
 from .buffer_ring import BufferRing, Slot
-from .communicator import Communicator, Work
+from ..comm.communicator import Communicator, Work
 from .flat_group import FlatGroup
-from .side_stream import caller_wait
+from ..comm.side_stream import caller_wait
 
 
 class _GroupState:

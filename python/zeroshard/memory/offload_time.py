@@ -27,7 +27,7 @@ from typing import Dict, Optional
 import torch
 
 from .estimate import STATE_TENSORS
-from .host_offload import landing_dtype
+from ..offload.host_offload import landing_dtype
 
 # bytes a parameter of the fp32 master and optimizer state, each read and written once an update
 STATE_BYTES = {name: 8 + 8 * tensors for name, tensors in STATE_TENSORS.items()}

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_flatten
 
-from . import call_tags
+from ..comm import call_tags
 from .sharded_tensor import (ShardedAccessError, ShardedParameter, gather_whole, raw,
                              shard_parameter, unmake_sharded)
 

@@ -28,7 +28,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .communicator import all_gather_single
+from ..comm.communicator import all_gather_single
 
 __all__ = ["ShardSpec", "ShardedTensor", "ShardedParameter", "ShardedAccessError",
            "is_sharded", "shard_of", "make_sharded", "unmake_sharded", "raw"]
@@ -127,6 +127,20 @@ def _placeholder(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(0, dtype=dtype, device=device)
 
 
+def _no_handler(func, args, kwargs):
+    raise RuntimeError("zeroshard.sharded_params.sharded_ops was not imported: import zeroshard first")
+
+
+# What every torch call on a ShardedTensor does: sharded_ops.handle, which registers itself on
+# import (zeroshard/__init__ imports it), so that this file need not import the ops it serves.
+_torch_function_handler = _no_handler
+
+
+def set_torch_function_handler(handler) -> None:
+    global _torch_function_handler
+    _torch_function_handler = handler
+
+
 class ShardedTensor(torch.Tensor):
     """Values shaped like a whole tensor whose elements are spread over the ranks (see the
     note). Made from a sharded parameter (`p.data`, `p.detach()`, `p.clone()`, `p * 2`...)."""
@@ -135,9 +149,8 @@ class ShardedTensor(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        from . import sharded_ops
         with raw():
-            return sharded_ops.handle(func, args, kwargs or {})
+            return _torch_function_handler(func, args, kwargs or {})
 
     def __repr__(self, *args, **kwargs) -> str:
         spec = self._zs.spec

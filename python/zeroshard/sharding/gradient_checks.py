@@ -15,7 +15,7 @@ from typing import List, Tuple
 import torch
 import torch.distributed as dist
 
-from . import ops
+from .. import ops
 
 
 class GradientChecks:

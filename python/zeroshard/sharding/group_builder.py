@@ -15,7 +15,7 @@ import weakref
 
 import torch
 
-from . import sharded_init
+from ..sharded_params import sharded_init
 from .flat_group import FlatGroup
 from .param_lists import TRAINABLE_DTYPES
 from .param_units import Unit, find_units, owning_units

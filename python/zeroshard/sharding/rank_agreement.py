@@ -12,9 +12,9 @@ from typing import Any, Dict, List, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from . import sharded_init
-from .communicator import _TorchWork
-from .rendezvous import rendezvous_for
+from ..sharded_params import sharded_init
+from ..comm.communicator import _TorchWork
+from ..comm.rendezvous import rendezvous_for
 
 # Ranks reach the optimizer's construction after loading data and models at their own pace, so
 # its collectives wait at least this long even when timeout_s (meant for training-step

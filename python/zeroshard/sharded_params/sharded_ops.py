@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_flatten, tree_map
 
-from . import call_tags
-from .sharded_tensor import ShardedAccessError, ShardedTensor, ShardSpec, make_sharded
+from ..comm import call_tags
+from .sharded_tensor import (ShardedAccessError, ShardedTensor, ShardSpec, make_sharded,
+                             set_torch_function_handler)
 
 # Read or set about the tensor object, not its values.
 _PASS_GET = {"dtype", "device", "requires_grad", "is_leaf", "grad", "grad_fn", "layout",
@@ -537,3 +538,6 @@ def _all_reduce(t: ShardedTensor, values: List[float], op) -> List[float]:
     buf = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(buf, op=op, group=spec.group)
     return buf.tolist()
+
+
+set_torch_function_handler(handle)

@@ -41,12 +41,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from . import checkpoint_format as fmt
-from .checkpoint_format import CheckpointError
-from .rendezvous import rendezvous_for
-from .sharded_tensor import gather_whole, is_sharded, whole_shape
-from .state_dicts import PARAM_STEPS
-from .zero_optimizer import ZeroOptimizer
+from . import format as fmt
+from .format import CheckpointError
+from ..comm.rendezvous import rendezvous_for
+from ..sharded_params.sharded_tensor import gather_whole, is_sharded, whole_shape
+from ..sharding.state_dicts import PARAM_STEPS
+from ..zero_optimizer import ZeroOptimizer
 
 __all__ = ["save", "load", "CheckpointError"]
 
@@ -351,8 +351,8 @@ def save(path, *, model: torch.nn.Module, optimizer: Optional[ZeroOptimizer] = N
 
 
 def _zeroshard_version() -> str:
-    from . import __version__
-    return __version__
+    from .. import _core
+    return _core.build_info()["version"]
 
 
 # ---- load ---------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .flat_group import FlatGroup
+from ..sharding.flat_group import FlatGroup
 
 _BITS = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 _WEIGHT_PERIOD = 65521  # a prime: weights 1..65521 repeat, so a shifted pattern still differs

@@ -9,7 +9,7 @@ import re
 import sys
 from typing import Dict, List, Optional, Sequence
 
-from .buffer_ring import auto_bucket_mb
+from ..sharding.buffer_ring import auto_bucket_mb
 from .estimate import (DTYPE_NAMES, STATE_TENSORS, _device_peak, _elem_size,
                        estimate_model_states, format_bytes, format_count, formula_text,
                        largest_fitting_params, parse_count, parse_memory, zero_formula_bytes)

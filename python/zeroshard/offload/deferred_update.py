@@ -27,8 +27,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import simulated_async
-from .side_stream import caller_wait
+from ..comm import simulated_async
+from ..comm.side_stream import caller_wait
 
 
 def _bind(device: torch.device) -> None:

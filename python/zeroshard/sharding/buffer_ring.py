@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .simulated_async import poison
+from ..comm.simulated_async import poison
 
 
 class Slot:

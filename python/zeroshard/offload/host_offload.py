@@ -54,10 +54,10 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from . import _core, ops
-from .flat_group import FlatGroup
-from .side_stream import SideStream, host_wait, is_done
-from .simulated_async import poison
+from .. import _core, ops
+from ..sharding.flat_group import FlatGroup
+from ..comm.side_stream import SideStream, host_wait, is_done
+from ..comm.simulated_async import poison
 
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 

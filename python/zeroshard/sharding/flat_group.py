@@ -36,10 +36,10 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import _core
-from . import sharded_init
-from .sharded_tensor import Shard, ShardSpec, raw, shard_parameter, unmake_sharded
-from .simulated_async import poison
+from .. import _core
+from ..sharded_params import sharded_init
+from ..sharded_params.sharded_tensor import Shard, ShardSpec, raw, shard_parameter, unmake_sharded
+from ..comm.simulated_async import poison
 
 ALIGN_BYTES = 128  # every parameter starts on a 128-byte boundary (vector loads, NCCL)
 

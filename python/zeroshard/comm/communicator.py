@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from . import _core
+from .. import _core
 from .collective_timeout import CollectiveTimeout  # noqa: F401  (raised here; public name)
 
 KINDS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast")
@@ -149,7 +149,6 @@ class Communicator:
     # all_gather's `part` must not alias `full` (gloo may overwrite an aliased input while it
     # still reads it); elsewhere a rank's slice of the output is gathered in place.
     all_gather_needs_private_input: bool = False
-
     def __init__(self) -> None:
         self.stats = CommStats()
 
@@ -442,7 +441,7 @@ class NcclCommunicator(Communicator):
     def __init__(self, group: Optional[dist.ProcessGroup], device: torch.device,
                  timeout_s: float) -> None:
         super().__init__()
-        from .env import nccl_library_path
+        from ..env import nccl_library_path
 
         self.group = group
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
@@ -566,7 +565,7 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _dtype(t: torch.Tensor) -> int:
-    from ._tensors import dtype_code
+    from .._tensors import dtype_code
     return dtype_code(t.dtype)
 
 
