@@ -32,6 +32,7 @@ from .comm.communicator import Communicator, make_communicator
 from .comm.peer_guard import PeerGuard
 from .comm.rendezvous import bind_rendezvous_device, rendezvous_for
 from .comm.simulated_communicator import simulated_if_asked
+from .comm.topology import topology_of
 from .memory import process_memory
 from .memory.memory_reports import memory_report
 from .offload.deferred_update import DeferredUpdate, update_jobs
@@ -63,12 +64,14 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  module: Optional[torch.nn.Module] = None, units=None, prefetch: int = 1,
                  reshard_after_forward: bool = True, offload: Optional[str] = None,
                  offload_grad_dtype: Optional[torch.dtype] = None,
-                 partition_frozen: bool = True, **scaler_kwargs) -> None:
+                 partition_frozen: bool = True, node_size: Optional[int] = None,
+                 **scaler_kwargs) -> None:
         check_options(stage=stage, offload=offload, offload_grad_dtype=offload_grad_dtype,
                       module=module, units=units, prefetch=prefetch,
                       reshard_after_forward=reshard_after_forward,
                       partition_frozen=partition_frozen, bucket_mb=bucket_mb,
-                      reduce_dtype=reduce_dtype, timeout_s=timeout_s, scaler_kwargs=scaler_kwargs)
+                      reduce_dtype=reduce_dtype, timeout_s=timeout_s, node_size=node_size,
+                      scaler_kwargs=scaler_kwargs)
         module = model_of(params, module, stage)
         params, self._names = split_names(params)
         reject_duplicates(params, self._names)
@@ -100,8 +103,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._name_from_modules()
         self.timeout_s = float(timeout_s)  # a collective not done by then raises CollectiveTimeout
         self.process_group = process_group
+        # Which ranks share a node (comm/topology.py): comm_stats() splits bytes by it
+        self.topology = topology_of(dist.get_world_size() if dist.is_initialized() else 1,
+                                    node_size)
         self.comm: Communicator = simulated_if_asked(make_communicator(
-            process_group, self.device, datetime.timedelta(seconds=self.timeout_s)), self.device)
+            process_group, self.device, datetime.timedelta(seconds=self.timeout_s),
+            self.topology), self.device)
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
         self.peers = PeerGuard(process_group, self.timeout_s, self.world_size, self.device,
                                type(self).__name__)
@@ -225,7 +232,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
     def _check_ranks_agree(self, params) -> None:
         self.agreement.check(
             {"stage": self.stage, "bucket_mb": self.bucket_mb,
-             "reduce_dtype": str(self.reduce_dtype), "offload": self.offload is not None},
+             "reduce_dtype": str(self.reduce_dtype), "offload": self.offload is not None,
+             "node_size": self.topology.node_size},
             [(self._names[id(p)], tuple(sharded_init.whole_shape(p)), str(p.dtype),
               bool(p.requires_grad)) for p in params])
 

@@ -87,7 +87,11 @@ def check_measured(measured, report):
 def check_comm(comm, stage, world_size, stage0_comm):
     assert set(comm) <= set(COMM_KINDS), f"unknown kinds {sorted(comm)}"
     for kind, entry in comm.items():
-        assert set(entry) == {"calls", "payload_bytes", "bytes_sent"}, entry
+        assert set(entry) == {"calls", "payload_bytes", "bytes_sent", "intra_node_bytes",
+                              "inter_node_bytes"}, entry
+        # spawned ranks share one node: every byte stays within it
+        assert entry["intra_node_bytes"] == entry["bytes_sent"], entry
+        assert entry["inter_node_bytes"] == 0, entry
         ring = 2 if kind == "all_reduce" else 1
         expected = ring * (world_size - 1) / world_size * entry["payload_bytes"]
         assert abs(entry["bytes_sent"] - expected) <= entry["calls"] + 1, f"{kind}: {entry}"

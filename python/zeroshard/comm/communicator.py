@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from .. import _core
 from .collective_timeout import CollectiveTimeout  # noqa: F401  (raised here; public name)
+from .topology import Topology, group_ranks, topology_of
 
 KINDS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast")
 # torch 2.13 renamed all_gather_into_tensor / reduce_scatter_tensor to *_single and warns on the
@@ -40,16 +41,25 @@ class CommStats:
     calls: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     payload_bytes: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     bytes_sent: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    # bytes_sent split by where they went: to a rank of this node or of another (see [Note:
+    # bytes across nodes] in topology.py)
+    intra_node_bytes: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    inter_node_bytes: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     control_bytes: int = 0
 
-    def record(self, kind: str, payload_bytes: int, world_size: int) -> None:
+    def record(self, kind: str, payload_bytes: int, world_size: int,
+               crosses_node: bool = False) -> None:
         self.calls[kind] += 1
         self.payload_bytes[kind] += payload_bytes
-        self.bytes_sent[kind] += _core.gpu.ring_bytes_sent(kind, payload_bytes, world_size)
+        sent = _core.gpu.ring_bytes_sent(kind, payload_bytes, world_size)
+        self.bytes_sent[kind] += sent
+        (self.inter_node_bytes if crosses_node else self.intra_node_bytes)[kind] += sent
 
     def as_dict(self) -> Dict[str, Dict[str, int]]:
         return {k: {"calls": self.calls[k], "payload_bytes": self.payload_bytes[k],
-                    "bytes_sent": self.bytes_sent[k]} for k in KINDS}
+                    "bytes_sent": self.bytes_sent[k],
+                    "intra_node_bytes": self.intra_node_bytes[k],
+                    "inter_node_bytes": self.inter_node_bytes[k]} for k in KINDS}
 
 
 class Work:
@@ -149,6 +159,10 @@ class Communicator:
     # all_gather's `part` must not alias `full` (gloo may overwrite an aliased input while it
     # still reads it); elsewhere a rank's slice of the output is gathered in place.
     all_gather_needs_private_input: bool = False
+    # Whether this rank's ring successor in the group is on another node (topology.py): then
+    # every byte it sends crosses between nodes. Set by make_communicator.
+    crosses_node: bool = False
+
     def __init__(self) -> None:
         self.stats = CommStats()
 
@@ -197,7 +211,8 @@ class Communicator:
         if getattr(self, "_control", False):
             self.stats.control_bytes += tensor.numel() * tensor.element_size()
             return
-        self.stats.record(kind, tensor.numel() * tensor.element_size(), self.world_size)
+        self.stats.record(kind, tensor.numel() * tensor.element_size(), self.world_size,
+                          self.crosses_node)
 
     @staticmethod
     def _check_split(part: torch.Tensor, full: torch.Tensor, world_size: int) -> None:
@@ -574,14 +589,23 @@ def default_timeout_s() -> float:
 
 
 def make_communicator(process_group: Optional[dist.ProcessGroup], device: torch.device,
-                      timeout: Optional[datetime.timedelta] = None) -> Communicator:
+                      timeout: Optional[datetime.timedelta] = None,
+                      topology: Optional[Topology] = None) -> Communicator:
     """The communicator for tensors on `device` over `process_group` (None: the default group,
-    or world size 1 when torch.distributed is not initialised). The optimizers take it through
+    or world size 1 when torch.distributed is not initialised), its bytes split by `topology`
+    (None: as torchrun placed the ranks, topology.py). The optimizers take it through
     simulated_communicator.simulated_if_asked (ZEROSHARD_SIMULATE_ASYNC=1)."""
     if not dist.is_available() or not dist.is_initialized():
         if process_group is not None:
             raise ValueError("process_group was given but torch.distributed is not initialised")
         return LocalCommunicator()
+    comm = _make_communicator(process_group, device, timeout)
+    topology = topology or topology_of(dist.get_world_size())
+    comm.crosses_node = topology.successor_crosses_node(group_ranks(process_group), comm.rank)
+    return comm
+
+
+def _make_communicator(process_group, device, timeout) -> Communicator:
     # CUDA tensors take the NCCL path even at world size 1, so that a one-GPU run exercises the
     # same code as a multi-GPU one.
     if device.type == "cuda" and _core.gpu.built_with_cuda():

@@ -62,6 +62,10 @@ class SimulatedAsyncCommunicator(Communicator):
         return self.inner.world_size
 
     @property
+    def crosses_node(self) -> bool:
+        return self.inner.crosses_node
+
+    @property
     def reduce_scatter_needs_scratch(self) -> bool:
         return self.inner.reduce_scatter_needs_scratch
 

@@ -14,7 +14,7 @@ SCALER_KWARGS = ("initial_scale", "growth_interval", "hysteresis", "min_scale")
 
 def check_options(*, stage: int, offload, offload_grad_dtype, module, units, prefetch,
                   reshard_after_forward, partition_frozen, bucket_mb, reduce_dtype, timeout_s,
-                  scaler_kwargs: Dict[str, Any]) -> None:
+                  node_size, scaler_kwargs: Dict[str, Any]) -> None:
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
     if offload not in (None, "none", "cpu"):
@@ -45,13 +45,16 @@ def check_options(*, stage: int, offload, offload_grad_dtype, module, units, pre
         raise ValueError(f"reduce_dtype must be None, float32, bfloat16 or float16, got {reduce_dtype}")
     if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
         raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    if node_size is not None and not (isinstance(node_size, int) and node_size >= 1):
+        raise ValueError(f"node_size must be None (torchrun's LOCAL_WORLD_SIZE) or a whole "
+                         f"number of ranks >= 1, got {node_size!r}")
     unknown = set(scaler_kwargs) - set(SCALER_KWARGS)
     if unknown:
         raise TypeError(
             f"unexpected keyword arguments {sorted(unknown)}; zeroshard's own are stage, "
             "process_group, bucket_mb, overlap, reduce_dtype, loss_scale, timeout_s, module, "
             "units, prefetch, reshard_after_forward, offload, offload_grad_dtype, "
-            "partition_frozen and the "
+            "partition_frozen, node_size and the "
             f"loss scaler's {', '.join(SCALER_KWARGS)}")
 
 
