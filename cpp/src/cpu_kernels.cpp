@@ -1,6 +1,7 @@
 // Entry points of the CPU kernels: validate once, pick the SIMD table, split over threads.
 #include "zeroshard/cpu_kernels.hpp"
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -136,6 +137,70 @@ void cast(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t 
   const KernelTable& k = table();
   parallel_for(n, kGrain, [&](int64_t begin, int64_t end) {
     k.cast(src, src_dtype, dst, dst_dtype, begin, end);
+  });
+}
+
+namespace {
+
+void require_quant_shape(int64_t n, int bits, int64_t block) {
+  ZS_REQUIRE(n >= 0, "n must be >= 0");
+  ZS_REQUIRE(bits == 8 || bits == 4, "bits must be 8 or 4, got " + std::to_string(bits));
+  ZS_REQUIRE(block >= 1 && block <= kMaxQuantBlock,
+             "block must be 1.." + std::to_string(kMaxQuantBlock) + " elements, got " +
+                 std::to_string(block));
+  ZS_REQUIRE(bits == 8 || block % 2 == 0,
+             "4-bit blocks must hold an even number of elements (two per byte), got " +
+                 std::to_string(block));
+}
+
+// Blocks per task: about kGrain elements' worth.
+int64_t quant_grain(int64_t block) { return std::max<int64_t>(1, kGrain / block); }
+
+}  // namespace
+
+int64_t quantized_bytes(int64_t n, int bits) {
+  ZS_REQUIRE(n >= 0 && (bits == 8 || bits == 4), "n must be >= 0 and bits 8 or 4");
+  return bits == 8 ? n : (n + 1) / 2;
+}
+
+int64_t quantized_blocks(int64_t n, int64_t block) {
+  ZS_REQUIRE(n >= 0 && block >= 1, "n must be >= 0 and block >= 1");
+  return (n + block - 1) / block;
+}
+
+void quantize(const void* x, DType dtype, int64_t n, int bits, int64_t block, int8_t* q,
+              float* scales) {
+  require_quant_shape(n, bits, block);
+  require_buffer(x, n, "x");
+  require_buffer(q, n, "q");
+  require_buffer(scales, n, "scales");
+  const KernelTable& k = table();
+  parallel_for(quantized_blocks(n, block), quant_grain(block), [&](int64_t bb, int64_t be) {
+    k.quantize(x, dtype, n, bits, block, q, scales, bb, be);
+  });
+}
+
+void dequantize(const int8_t* q, const float* scales, int64_t n, int bits, int64_t block,
+                void* out, DType out_dtype) {
+  require_quant_shape(n, bits, block);
+  require_buffer(q, n, "q");
+  require_buffer(scales, n, "scales");
+  require_buffer(out, n, "out");
+  const KernelTable& k = table();
+  parallel_for(quantized_blocks(n, block), quant_grain(block), [&](int64_t bb, int64_t be) {
+    k.dequantize(q, scales, n, bits, block, out, out_dtype, false, bb, be);
+  });
+}
+
+void dequantize_add(const int8_t* q, const float* scales, int64_t n, int bits, int64_t block,
+                    float* acc) {
+  require_quant_shape(n, bits, block);
+  require_buffer(q, n, "q");
+  require_buffer(scales, n, "scales");
+  require_buffer(acc, n, "acc");
+  const KernelTable& k = table();
+  parallel_for(quantized_blocks(n, block), quant_grain(block), [&](int64_t bb, int64_t be) {
+    k.dequantize(q, scales, n, bits, block, acc, DType::f32, true, bb, be);
   });
 }
 

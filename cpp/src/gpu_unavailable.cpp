@@ -34,6 +34,12 @@ void l2_norm_sq(const void*, DType, int64_t, float*, int32_t*, void*, Stream) {
 }
 void scale(void*, DType, int64_t, float, Stream) { no_cuda("scale"); }
 void cast(const void*, DType, void*, DType, int64_t, Stream) { no_cuda("cast"); }
+void quantize(const void*, DType, int64_t, int, int64_t, int8_t*, float*, Stream) {
+  no_cuda("quantize");
+}
+void dequantize(const int8_t*, const float*, int64_t, int, int64_t, void*, DType, bool, Stream) {
+  no_cuda("dequantize");
+}
 
 void load_nccl(const std::string&) { no_cuda("load_nccl"); }
 bool nccl_loaded() { return false; }

@@ -133,6 +133,26 @@ void bind_cpu(py::module_& m) {
     py::gil_scoped_release release;
     zs::cpu::cast(ptr<const void>(s), dtype(sd), ptr<void>(d), dtype(dd), n);
   });
+  cpu.def("quantized_bytes", &zs::cpu::quantized_bytes);
+  cpu.def("quantized_blocks", &zs::cpu::quantized_blocks);
+  cpu.def("quantize", [](uintptr_t x, int d, int64_t n, int bits, int64_t block, uintptr_t q,
+                         uintptr_t scales) {
+    py::gil_scoped_release release;
+    zs::cpu::quantize(ptr<const void>(x), dtype(d), n, bits, block, ptr<int8_t>(q),
+                      ptr<float>(scales));
+  });
+  cpu.def("dequantize", [](uintptr_t q, uintptr_t scales, int64_t n, int bits, int64_t block,
+                           uintptr_t out, int d) {
+    py::gil_scoped_release release;
+    zs::cpu::dequantize(ptr<const int8_t>(q), ptr<const float>(scales), n, bits, block,
+                        ptr<void>(out), dtype(d));
+  });
+  cpu.def("dequantize_add", [](uintptr_t q, uintptr_t scales, int64_t n, int bits,
+                               int64_t block, uintptr_t acc) {
+    py::gil_scoped_release release;
+    zs::cpu::dequantize_add(ptr<const int8_t>(q), ptr<const float>(scales), n, bits, block,
+                            ptr<float>(acc));
+  });
   cpu.def("simd_level", [] { return zs::cpu::simd_level_name(zs::cpu::simd_level()); });
   cpu.def("detected_simd_level",
           [] { return zs::cpu::simd_level_name(zs::cpu::detected_simd_level()); });
@@ -184,6 +204,16 @@ void bind_gpu(py::module_& m) {
   });
   gpu.def("scale", [](uintptr_t x, int d, int64_t n, float f, uintptr_t s) {
     zs::gpu::scale(ptr<void>(x), dtype(d), n, f, ptr<void>(s));
+  });
+  gpu.def("quantize", [](uintptr_t x, int d, int64_t n, int bits, int64_t block, uintptr_t q,
+                         uintptr_t scales, uintptr_t s) {
+    zs::gpu::quantize(ptr<const void>(x), dtype(d), n, bits, block, ptr<int8_t>(q),
+                      ptr<float>(scales), ptr<void>(s));
+  });
+  gpu.def("dequantize", [](uintptr_t q, uintptr_t scales, int64_t n, int bits, int64_t block,
+                           uintptr_t out, int d, bool accumulate, uintptr_t s) {
+    zs::gpu::dequantize(ptr<const int8_t>(q), ptr<const float>(scales), n, bits, block,
+                        ptr<void>(out), dtype(d), accumulate, ptr<void>(s));
   });
   gpu.def("cast", [](uintptr_t src, int sd, uintptr_t dst, int dd, int64_t n, uintptr_t s) {
     zs::gpu::cast(ptr<const void>(src), dtype(sd), ptr<void>(dst), dtype(dd), n, ptr<void>(s));

@@ -17,6 +17,7 @@ from ._tensors import LOW_PRECISION, address, cuda_stream, dtype_code, require_t
 
 __all__ = [
     "adam_step", "sgd_step", "l2_norm_sq", "all_finite", "scale_", "cast_",
+    "quantize", "dequantize", "dequantize_add_", "quantized_bytes", "quantized_blocks",
     "num_threads", "set_num_threads", "default_num_threads", "simd_level", "set_simd_level",
 ]
 
@@ -195,6 +196,98 @@ def cast_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
             _core.gpu.cast(src.data_ptr(), dtype_code(src.dtype), dst.data_ptr(),
                            dtype_code(dst.dtype), src.numel(), cuda_stream(src.device))
     return dst
+
+
+def quantized_bytes(numel: int, bits: int) -> int:
+    """Bytes of `numel` block-quantized values: numel at 8 bits, ceil(numel / 2) at 4."""
+    return _core.cpu.quantized_bytes(int(numel), int(bits))
+
+
+def quantized_blocks(numel: int, block: int) -> int:
+    """Scales (one fp32 per block) of `numel` values in blocks of `block`."""
+    return _core.cpu.quantized_blocks(int(numel), int(block))
+
+
+def quantize(x: torch.Tensor, *, bits: int = 8, block: int = 2048,
+             out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Block-quantizes x (fp32/bf16/fp16, flattened): returns (q, scales), q int8 of
+    quantized_bytes(numel, bits) bytes (4 bits: two values a byte), scales fp32, one per block
+    of `block` elements. Symmetric, round half to even, the same bits on CPU and GPU (the
+    core's [Note: block quantization]); a block with inf/NaN gets scale NaN. `out`: (q, scales)
+    to write into."""
+    require_tensor("x", x, dtypes=GRAD_DTYPES)
+    n = x.numel()
+    _check_quant(bits, block)
+    q_bytes, blocks = quantized_bytes(n, bits), quantized_blocks(n, block)
+    if out is None:
+        out = (torch.empty(q_bytes, dtype=torch.int8, device=x.device),
+               torch.empty(blocks, dtype=torch.float32, device=x.device))
+    q, scales = out
+    require_tensor("q", q, dtypes=(torch.int8,), numel=q_bytes, device=x.device)
+    require_tensor("scales", scales, dtypes=F32, numel=blocks, device=x.device)
+    if x.device.type == "cpu":
+        _core.cpu.quantize(x.data_ptr(), dtype_code(x.dtype), n, bits, block, q.data_ptr(),
+                           scales.data_ptr())
+    else:
+        with torch.cuda.device(x.device):
+            _core.gpu.quantize(x.data_ptr(), dtype_code(x.dtype), n, bits, block, q.data_ptr(),
+                               scales.data_ptr(), cuda_stream(x.device))
+    return q, scales
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, numel: int, *, bits: int = 8,
+               block: int = 2048, dtype: torch.dtype = torch.float32,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The `numel` values quantize() packed into (q, scales), as q * scale rounded once to
+    `dtype` (or into `out`, flat, of numel elements)."""
+    _check_quant(bits, block)
+    _check_packed(q, scales, numel, bits, block)
+    if out is None:
+        out = torch.empty(numel, dtype=dtype, device=q.device)
+    require_tensor("out", out, dtypes=GRAD_DTYPES, numel=numel, device=q.device)
+    _dequantize(q, scales, numel, bits, block, out, accumulate=False)
+    return out
+
+
+def dequantize_add_(acc: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, *, bits: int = 8,
+                    block: int = 2048) -> torch.Tensor:
+    """acc += q * scale in fp32, element by element (a quantized reduce-scatter's reduction,
+    one source at a time); returns acc."""
+    _check_quant(bits, block)
+    require_tensor("acc", acc, dtypes=F32)
+    _check_packed(q, scales, acc.numel(), bits, block)
+    _dequantize(q, scales, acc.numel(), bits, block, acc, accumulate=True)
+    return acc
+
+
+def _check_quant(bits: int, block: int) -> None:
+    if bits not in (8, 4):
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+    if not (isinstance(block, int) and 1 <= block <= 2048) or (bits == 4 and block % 2):
+        raise ValueError(f"block must be a whole number of elements in 1..2048 (even for 4 "
+                         f"bits), got {block!r}")
+
+
+def _check_packed(q, scales, numel: int, bits: int, block: int) -> None:
+    require_tensor("q", q, dtypes=(torch.int8,), numel=quantized_bytes(numel, bits))
+    require_tensor("scales", scales, dtypes=F32, numel=quantized_blocks(numel, block),
+                   device=q.device)
+
+
+def _dequantize(q, scales, n, bits, block, out, accumulate: bool) -> None:
+    if out.device != q.device:
+        raise ValueError(f"out is on {out.device}, q on {q.device}; put them together")
+    if q.device.type == "cpu":
+        args = (q.data_ptr(), scales.data_ptr(), n, bits, block, out.data_ptr())
+        if accumulate:
+            _core.cpu.dequantize_add(*args)
+        else:
+            _core.cpu.dequantize(*args, dtype_code(out.dtype))
+    else:
+        with torch.cuda.device(q.device):
+            _core.gpu.dequantize(q.data_ptr(), scales.data_ptr(), n, bits, block, out.data_ptr(),
+                                 dtype_code(out.dtype), accumulate, cuda_stream(q.device))
 
 
 def num_threads() -> int:

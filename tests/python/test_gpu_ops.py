@@ -405,3 +405,31 @@ def test_device_queries():
     assert _core.gpu.device_name(0) == torch.cuda.get_device_name(0)
     with pytest.raises(ValueError, match="does not exist"):
         _core.gpu.device_name(_core.gpu.device_count())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_block_quantization_is_the_cpus_bit_for_bit(bits, dtype):
+    """The CUDA quantize / dequantize / dequantize_add_ give the CPU kernels' bits, edges
+    included (an inf block, a zero block, odd sizes, a block smaller than a warp)."""
+    g = torch.Generator().manual_seed(bits)
+    for n, block in ((1, 2), (31, 18), (70001, 2048), (5000, 256)):
+        x = (torch.randn(n, generator=g) * torch.logspace(-3, 3, n)).to(dtype)
+        if n > 40:
+            x[block:2 * block] = 0.0
+            x[3] = float("inf")
+        q_cpu, s_cpu = ops.quantize(x, bits=bits, block=block)
+        q_gpu, s_gpu = ops.quantize(x.to(DEV), bits=bits, block=block)
+        assert torch.equal(q_gpu.cpu(), q_cpu)
+        nan = torch.isnan(s_cpu)
+        assert torch.equal(torch.isnan(s_gpu.cpu()), nan)
+        assert torch.equal(s_gpu.cpu()[~nan].view(torch.int32), s_cpu[~nan].view(torch.int32))
+        back = ops.dequantize(q_gpu, s_gpu, n, bits=bits, block=block, dtype=dtype).cpu()
+        want = ops.dequantize(q_cpu, s_cpu, n, bits=bits, block=block, dtype=dtype)
+        assert torch.equal(back.isnan(), want.isnan())
+        assert torch.equal(back[~want.isnan()], want[~want.isnan()])
+        acc = torch.randn(n, generator=g)
+        acc_gpu = ops.dequantize_add_(acc.to(DEV), q_gpu, s_gpu, bits=bits, block=block).cpu()
+        ops.dequantize_add_(acc, q_cpu, s_cpu, bits=bits, block=block)
+        ok = ~acc.isnan()
+        assert torch.equal(acc_gpu.isnan(), acc.isnan()) and torch.equal(acc_gpu[ok], acc[ok])

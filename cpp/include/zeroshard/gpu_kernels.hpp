@@ -54,4 +54,11 @@ void scale(void* x, DType dtype, int64_t n, float factor, Stream stream);
 void cast(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t n,
           Stream stream);
 
+// Block quantization, bit for bit the CPU's (cpu_kernels.hpp's [Note: block quantization]).
+// dequantize with accumulate (out_dtype f32): out += q * scale, else out = q * scale.
+void quantize(const void* x, DType dtype, int64_t n, int bits, int64_t block, int8_t* q,
+              float* scales, Stream stream);
+void dequantize(const int8_t* q, const float* scales, int64_t n, int bits, int64_t block,
+                void* out, DType out_dtype, bool accumulate, Stream stream);
+
 }  // namespace zeroshard::gpu

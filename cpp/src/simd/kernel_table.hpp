@@ -40,7 +40,18 @@ struct KernelTable {
   void (*scale)(void* x, DType dtype, int64_t begin, int64_t end, float factor);
   void (*cast)(const void* src, DType src_dtype, void* dst, DType dst_dtype, int64_t begin,
                int64_t end);
+  // Block quantization (cpu_kernels.hpp's [Note: block quantization]) of the blocks
+  // [blk_begin, blk_end) of an n-element tensor cut into blocks of `block` elements.
+  void (*quantize)(const void* x, DType dtype, int64_t n, int bits, int64_t block, int8_t* q,
+                   float* scales, int64_t blk_begin, int64_t blk_end);
+  // out = q * scale in out_dtype, or with accumulate (out_dtype f32) out += q * scale.
+  void (*dequantize)(const int8_t* q, const float* scales, int64_t n, int bits, int64_t block,
+                     void* out, DType out_dtype, bool accumulate, int64_t blk_begin,
+                     int64_t blk_end);
 };
+
+// The largest quantization block: a block's int8 values are staged on the stack.
+constexpr int64_t kMaxQuantBlock = 2048;
 
 const KernelTable& scalar_kernels();
 const KernelTable* avx2_kernels();    // nullptr when the build has no AVX2 path

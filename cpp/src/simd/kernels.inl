@@ -270,6 +270,139 @@ void cast_span(const void* src, DType src_dtype, void* dst, DType dst_dtype, int
   }
 }
 
-constexpr KernelTable kTable{&adam_span, &sgd_span, &sum_sq_span,
-                             &all_finite_span, &scale_span, &cast_span};
+// ---- block quantization ([Note: block quantization] in cpu_kernels.hpp) ----------------------
+
+// max |x| over [begin, end) and whether every element is finite. max is exact, so the order of
+// lanes does not matter; |x| as max(x, -x) (+0 for either zero).
+template <DType D>
+float block_absmax(const void* x, int64_t begin, int64_t end, bool* finite) {
+  const typename Vec::F zero = Vec::set1(0.0f);
+  typename Vec::F m = zero, poison = zero;
+  int64_t i = begin;
+  for (; i + Vec::lanes <= end; i += Vec::lanes) {
+    const typename Vec::F v = load_as_float<Vec, D>(x, i);
+    m = Vec::max(m, Vec::max(v, Vec::sub(zero, v)));
+    poison = Vec::fmadd(v, zero, poison);  // NaN exactly when some v is inf/NaN
+  }
+  float lanes[Vec::lanes];
+  Vec::store_f32(lanes, m);
+  float absmax = 0.0f;
+  for (float l : lanes) absmax = ScalarVec::max(absmax, l);
+  float bad = Vec::reduce_add(poison);
+  for (; i < end; ++i) {
+    const float v = load_as_float<ScalarVec, D>(x, i);
+    absmax = ScalarVec::max(absmax, ScalarVec::max(v, 0.0f - v));
+    bad = ScalarVec::fmadd(v, 0.0f, bad);
+  }
+  *finite = bad == bad;
+  return absmax;
+}
+
+template <DType D>
+void quantize_typed(const void* x, int64_t n, int bits, int64_t block, int8_t* q, float* scales,
+                    int64_t blk_begin, int64_t blk_end) {
+  const float qmax = bits == 8 ? 127.0f : 7.0f;
+  int8_t staged[kMaxQuantBlock];
+  for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
+    const int64_t begin = blk * block, end = begin + block < n ? begin + block : n, len = end - begin;
+    bool finite = true;
+    const float absmax = block_absmax<D>(x, begin, end, &finite);
+    // A block with inf/NaN keeps no values: its scale is NaN, so it dequantizes to NaN (an
+    // overflow check downstream sees it). A block of zeros, or one whose scale underflows, is 0.
+    const float scale = !finite ? __builtin_nanf("") : absmax / qmax;
+    int8_t* out = bits == 8 ? q + begin : staged;
+    if (!(scale > 0.0f)) {
+      for (int64_t k = 0; k < len; ++k) out[k] = 0;
+    } else {
+      auto body = [&](auto tag, int64_t k) {
+        using V = decltype(tag);
+        const typename V::F v = V::div(load_as_float<V, D>(x, begin + k), V::set1(scale));
+        V::store_i8(out + k, V::min(V::max(V::round_even(v), V::set1(-qmax)), V::set1(qmax)));
+      };
+      int64_t k = 0;
+      for (; k + Vec::lanes <= len; k += Vec::lanes) body(Vec{}, k);
+      for (; k < len; ++k) body(ScalarVec{}, k);
+    }
+    scales[blk] = scale;
+    if (bits == 4) {  // two per byte, the even element in the low nibble; block is even
+      uint8_t* packed = reinterpret_cast<uint8_t*>(q) + begin / 2;
+      if (len % 2) staged[len] = 0;  // an odd tail's high nibble
+      for (int64_t j = 0; j < (len + 1) / 2; ++j) {
+        packed[j] = static_cast<uint8_t>((static_cast<uint8_t>(staged[2 * j]) & 0x0f) |
+                                         (static_cast<uint8_t>(staged[2 * j + 1]) << 4));
+      }
+    }
+  }
+}
+
+void quantize_span(const void* x, DType dtype, int64_t n, int bits, int64_t block, int8_t* q,
+                   float* scales, int64_t blk_begin, int64_t blk_end) {
+  switch (dtype) {
+    case DType::f32: return quantize_typed<DType::f32>(x, n, bits, block, q, scales, blk_begin, blk_end);
+    case DType::bf16: return quantize_typed<DType::bf16>(x, n, bits, block, q, scales, blk_begin, blk_end);
+    case DType::f16: return quantize_typed<DType::f16>(x, n, bits, block, q, scales, blk_begin, blk_end);
+  }
+}
+
+// Byte -> its two 4-bit values, sign-extended (two's complement nibbles: 8..15 are -8..-1).
+struct NibblePairs {
+  int8_t lo[256], hi[256];
+};
+constexpr NibblePairs make_nibble_pairs() {
+  NibblePairs t{};
+  for (int b = 0; b < 256; ++b) {
+    const int lo = b & 0x0f, hi = b >> 4;
+    t.lo[b] = static_cast<int8_t>(lo >= 8 ? lo - 16 : lo);
+    t.hi[b] = static_cast<int8_t>(hi >= 8 ? hi - 16 : hi);
+  }
+  return t;
+}
+constexpr NibblePairs kNibblePairs = make_nibble_pairs();
+
+template <DType D, bool Accumulate>
+void dequantize_typed(const int8_t* q, const float* scales, int64_t n, int bits, int64_t block,
+                      void* out, int64_t blk_begin, int64_t blk_end) {
+  int8_t staged[kMaxQuantBlock];
+  for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
+    const int64_t begin = blk * block, end = begin + block < n ? begin + block : n, len = end - begin;
+    const int8_t* values = q + begin;
+    if (bits == 4) {  // a byte at a time through the table: both nibbles, sign-extended
+      const uint8_t* packed = reinterpret_cast<const uint8_t*>(q) + begin / 2;
+      const int64_t bytes = (len + 1) / 2;
+      for (int64_t j = 0; j < bytes; ++j) {
+        staged[2 * j] = kNibblePairs.lo[packed[j]];
+        staged[2 * j + 1] = kNibblePairs.hi[packed[j]];
+      }
+      values = staged;
+    }
+    const float scale = scales[blk];
+    auto body = [&](auto tag, int64_t k) {
+      using V = decltype(tag);
+      const typename V::F v = V::mul(V::load_i8(values + k), V::set1(scale));
+      if constexpr (Accumulate) {
+        float* acc = static_cast<float*>(out) + begin + k;
+        V::store_f32(acc, V::add(V::load_f32(acc), v));
+      } else {
+        store_from_float<V, D>(out, begin + k, v);
+      }
+    };
+    int64_t k = 0;
+    for (; k + Vec::lanes <= len; k += Vec::lanes) body(Vec{}, k);
+    for (; k < len; ++k) body(ScalarVec{}, k);
+  }
+}
+
+void dequantize_span(const int8_t* q, const float* scales, int64_t n, int bits, int64_t block,
+                     void* out, DType out_dtype, bool accumulate, int64_t blk_begin,
+                     int64_t blk_end) {
+  if (accumulate) return dequantize_typed<DType::f32, true>(q, scales, n, bits, block, out, blk_begin, blk_end);
+  switch (out_dtype) {
+    case DType::f32: return dequantize_typed<DType::f32, false>(q, scales, n, bits, block, out, blk_begin, blk_end);
+    case DType::bf16: return dequantize_typed<DType::bf16, false>(q, scales, n, bits, block, out, blk_begin, blk_end);
+    case DType::f16: return dequantize_typed<DType::f16, false>(q, scales, n, bits, block, out, blk_begin, blk_end);
+  }
+}
+
+constexpr KernelTable kTable{&adam_span, &sgd_span, &sum_sq_span, &all_finite_span,
+                             &scale_span, &cast_span, &quantize_span, &dequantize_span};
 

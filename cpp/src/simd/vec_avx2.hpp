@@ -16,6 +16,16 @@ struct Avx2Vec {
   static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static F sqrt(F a) { return _mm256_sqrt_ps(a); }
   static F max(F a, F b) { return _mm256_max_ps(a, b); }  // b when either is NaN
+  static F min(F a, F b) { return _mm256_min_ps(a, b); }  // b when either is NaN
+  static F round_even(F a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static void store_i8(int8_t* p, F v) {
+    const __m256i i32 = _mm256_cvttps_epi32(v);  // exact: v holds integers
+    const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(p), _mm_packs_epi16(i16, i16));
+  }
+  static F load_i8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
   static F keep_inf(F a, F b) {
     return _mm256_blendv_ps(b, a, _mm256_cmp_ps(a, _mm256_set1_ps(__builtin_inff()), _CMP_EQ_OQ));
   }

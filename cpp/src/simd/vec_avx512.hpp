@@ -17,6 +17,16 @@ struct Avx512Vec {
   static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static F sqrt(F a) { return _mm512_sqrt_ps(a); }
   static F max(F a, F b) { return _mm512_max_ps(a, b); }  // b when either is NaN
+  static F min(F a, F b) { return _mm512_min_ps(a, b); }  // b when either is NaN
+  static F round_even(F a) {
+    return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  static void store_i8(int8_t* p, F v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtsepi32_epi8(_mm512_cvttps_epi32(v)));
+  }
+  static F load_i8(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
   static F keep_inf(F a, F b) {  // fpclass 0x08: +inf
     return _mm512_mask_blend_ps(_mm512_fpclass_ps_mask(a, 0x08), b, a);
   }

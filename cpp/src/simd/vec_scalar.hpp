@@ -18,6 +18,12 @@ struct ScalarVec {
   static F sqrt(F a) { return __builtin_sqrtf(a); }
   // a > b ? a : b, so b when either is NaN: the rule of x86 max instructions, kept everywhere.
   static F max(F a, F b) { return a > b ? a : b; }
+  static F min(F a, F b) { return a < b ? a : b; }  // b when either is NaN, as x86's min
+  // To the nearest integer, ties to even (the default rounding mode; inf and NaN stay).
+  static F round_even(F a) { return __builtin_rintf(a); }
+  // Integer-valued floats in [-128, 127] to int8 and back (block quantization).
+  static void store_i8(int8_t* p, F v) { *p = static_cast<int8_t>(static_cast<int32_t>(v)); }
+  static F load_i8(const int8_t* p) { return static_cast<float>(*p); }
   // a where a is +inf, else b.
   static F keep_inf(F a, F b) { return a == __builtin_inff() ? a : b; }
   static float reduce_add(F a) { return a; }
