@@ -21,18 +21,16 @@ also partitions the parameters (param_units.py); the update writes each rank's s
 from __future__ import annotations
 
 import contextlib
-import datetime
 import math
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from .comm.communicator import Communicator, make_communicator
+from .comm.comm_groups import CommGroups
+from .comm.communicator import Communicator, merged_stats
 from .comm.peer_guard import PeerGuard
 from .comm.rendezvous import bind_rendezvous_device, rendezvous_for
-from .comm.simulated_communicator import simulated_if_asked
-from .comm.topology import topology_of
 from .memory import process_memory
 from .memory.memory_reports import memory_report
 from .offload.deferred_update import DeferredUpdate, update_jobs
@@ -65,13 +63,13 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  reshard_after_forward: bool = True, offload: Optional[str] = None,
                  offload_grad_dtype: Optional[torch.dtype] = None,
                  partition_frozen: bool = True, node_size: Optional[int] = None,
-                 **scaler_kwargs) -> None:
+                 shard_size=None, **scaler_kwargs) -> None:
         check_options(stage=stage, offload=offload, offload_grad_dtype=offload_grad_dtype,
                       module=module, units=units, prefetch=prefetch,
                       reshard_after_forward=reshard_after_forward,
                       partition_frozen=partition_frozen, bucket_mb=bucket_mb,
                       reduce_dtype=reduce_dtype, timeout_s=timeout_s, node_size=node_size,
-                      scaler_kwargs=scaler_kwargs)
+                      shard_size=shard_size, scaler_kwargs=scaler_kwargs)
         module = model_of(params, module, stage)
         params, self._names = split_names(params)
         reject_duplicates(params, self._names)
@@ -102,17 +100,18 @@ class ZeroOptimizer(torch.optim.Optimizer):
             root_modules(p for g in self.param_groups for p in g["params"]))
         self._name_from_modules()
         self.timeout_s = float(timeout_s)  # a collective not done by then raises CollectiveTimeout
-        self.process_group = process_group
-        # Which ranks share a node (comm/topology.py): comm_stats() splits bytes by it
-        self.topology = topology_of(dist.get_world_size() if dist.is_initialized() else 1,
-                                    node_size)
-        self.comm: Communicator = simulated_if_asked(make_communicator(
-            process_group, self.device, datetime.timedelta(seconds=self.timeout_s),
-            self.topology), self.device)
+        # Which ranks share a node (comm/topology.py): comm_stats() splits bytes by it. With
+        # shard_size, state is partitioned within shard groups and replicated across them.
+        self.groups = CommGroups.for_optimizer(process_group, self.device, self.timeout_s,
+                                               node_size=node_size, shard_size=shard_size,
+                                               stage=stage, offload=offload)
+        self.topology = self.groups.topology
+        self.process_group = self.groups.process_group  # the shard group's
+        self.comm: Communicator = self.groups.comm
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
         self.peers = PeerGuard(process_group, self.timeout_s, self.world_size, self.device,
                                type(self).__name__)
-        self.agreement = RankAgreement(self.comm, process_group, self.timeout_s)
+        self.agreement = RankAgreement(self.groups.world_comm, process_group, self.timeout_s)
         elem = torch.tensor([], dtype=self.reduce_dtype).element_size()
         self.bucket_mb = float(bucket_mb) if bucket_mb is not None else auto_bucket_mb(
             sum(sharded_init.whole_shape(p).numel() for p in trainable), elem)
@@ -157,10 +156,12 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.reducer.sync_predicate = lambda: models_want_sync(self.modules)  # DDP's switch
         self.reducer.offload = self.offload
         self.reducer.wait_guard = self.peers.wait
+        self.reducer.replicate_over(self.groups)
         self.exposed = ExposedGrads(self)
         self.exposed.add_groups(0, self.flat_groups)
         self.grad_checks = GradientChecks(self.flat_groups, self.comm, self.device,
-                                          self.offload, replicated=stage == 0)
+                                          self.offload, replicated=stage == 0,
+                                          flags_comm=self.groups.world_comm)
         install_no_sync(self.modules, self)
         self._ddp_checked = False  # DDP wrappers added after construction: checked at backward
         self._grads_dirty = False  # gradients arrived since they were last zeroed
@@ -233,7 +234,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.agreement.check(
             {"stage": self.stage, "bucket_mb": self.bucket_mb,
              "reduce_dtype": str(self.reduce_dtype), "offload": self.offload is not None,
-             "node_size": self.topology.node_size},
+             "node_size": self.topology.node_size, "shard_size": self.world_size},
             [(self._names[id(p)], tuple(sharded_init.whole_shape(p)), str(p.dtype),
               bool(p.requires_grad)) for p in params])
 
@@ -530,14 +531,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
         """Bytes this rank sent per collective kind since the last reset (ring model); with
         offload also "d2h" and "h2d": the copies and bytes between device and host memory."""
         self.settle()  # a deferred update's uploads are counted as they are queued
-        stats = self.comm.stats.as_dict()
+        stats = merged_stats(c.stats.as_dict() for c in self.groups.communicators())
         if self.offload is not None:
             stats.update(self.offload.stats())
         return stats
 
     def reset_comm_stats(self) -> None:
         self.settle()
-        self.comm.stats = type(self.comm.stats)()
+        for c in self.groups.communicators():
+            c.stats = type(c.stats)()
         if self.offload is not None:
             self.offload.reset_stats()
 

@@ -111,6 +111,11 @@ def _check_args(path, model, optimizer) -> str:
     if optimizer is not None and not isinstance(optimizer, ZeroOptimizer):
         raise TypeError(f"optimizer must be a zeroshard optimizer (ZeroAdamW, ZeroSGD...), got "
                         f"{type(optimizer).__name__}; save a torch.optim optimizer with torch.save")
+    if optimizer is not None and getattr(getattr(optimizer, "groups", None), "replicas", 1) > 1:
+        raise NotImplementedError(
+            "zeroshard.checkpoint does not save or load hybrid-sharded optimizers (shard_size=) "
+            "yet: save opt.full_state_dict() (every rank calls it; it loads at any world size "
+            "and shard_size) and the model's state_dict instead")
     if optimizer is not None and hasattr(optimizer, "inner"):
         raise NotImplementedError("ZeroRedundancy keeps its state in an inner torch optimizer, "
                                   "which zeroshard.checkpoint does not save yet; use "

@@ -62,6 +62,17 @@ class CommStats:
                     "inter_node_bytes": self.inter_node_bytes[k]} for k in KINDS}
 
 
+def merged_stats(dicts) -> Dict[str, Dict[str, int]]:
+    """CommStats.as_dict() of several communicators, added up kind by kind."""
+    out: Dict[str, Dict[str, int]] = {}
+    for d in dicts:
+        for kind, row in d.items():
+            into = out.setdefault(kind, dict.fromkeys(row, 0))
+            for key, value in row.items():
+                into[key] += value
+    return out
+
+
 class Work:
     """A finished collective: wait() does nothing."""
 

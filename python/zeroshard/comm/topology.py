@@ -113,3 +113,24 @@ def node_groups(topology: Topology) -> tuple:
             [list(range(local, topology.world_size, k)) for local in range(k)])
         _node_groups[key] = (intra, cross)
     return _node_groups[key]
+
+
+_shard_groups: dict = {}
+
+
+def shard_groups(world_size: int, shard_size: int) -> tuple:
+    """Hybrid sharding's groups: (this rank's shard group, this rank's replica group). Shard
+    groups are runs of shard_size consecutive ranks (with shard_size = node size: the ranks of
+    a node); a replica group holds the ranks at the same place in every shard group. Built once
+    per (world size, shard size), collectively, as node_groups."""
+    key = (world_size, shard_size)
+    if key not in _shard_groups:
+        if dist.get_world_size() != world_size or world_size % shard_size:
+            raise ValueError(f"shard_size={shard_size} must divide the world size {world_size}")
+        shard, _ = dist.new_subgroups_by_enumeration(
+            [list(range(g * shard_size, (g + 1) * shard_size))
+             for g in range(world_size // shard_size)])
+        replica, _ = dist.new_subgroups_by_enumeration(
+            [list(range(i, world_size, shard_size)) for i in range(shard_size)])
+        _shard_groups[key] = (shard, replica)
+    return _shard_groups[key]

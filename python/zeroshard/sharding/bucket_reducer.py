@@ -14,7 +14,10 @@ Modes:
 - "reduce_scatter" (stage 2): reduced_grads (shard) += mean over ranks of this rank's slice.
 - "reduce_scatter" with reduce_at_step=True (stage 1): backward only adds into `local_grads`;
   wait() reduce-scatters every bucket once per optimizer step.
-Ranks pre-divide by world size and reduce with SUM (every backend has SUM; AVG is not universal).
+- hybrid sharding (`replicate_over`): as "reduce_scatter" within the shard group, then each
+  reduced slice all-reduced across the replicas before it is added into the shard.
+Ranks pre-divide by the number of ranks averaged over and reduce with SUM (every backend has
+SUM; AVG is not universal).
 
 [Note: bounded buffers] Every collective that needs memory of its own (a staged bucket, the
 receive slice of a reduce-scatter, gloo's all-to-all receive buffer) holds one BufferRing slot
@@ -109,6 +112,11 @@ class BucketReducer:
         # Called instead of blocking outright on a collective not yet complete (the optimizer
         # watches there for a rank that waits in a call this rank went past).
         self.wait_guard: Optional[Callable[[Work], None]] = None
+        # Hybrid sharding (replicate_over): each reduced slice is all-reduced across the
+        # replicas before it is added into the shard; averaging covers every rank.
+        self.replica_comm: Optional[Communicator] = None
+        self.control_comm = comm  # whose rank 0 decides the launch order
+        self.average_over = comm.world_size
         self._handles = []
         self.groups, self.states = [], []
         # got[g][j]: parameter j of group g got a gradient on this rank (in any micro-step)
@@ -137,6 +145,15 @@ class BucketReducer:
         self.sequence = [(gi, b) for gi in reversed(range(len(self.groups)))
                          for b in reversed(range(self.groups[gi].layout.num_buckets))]
         self.sequence_learned = False
+
+    def replicate_over(self, groups) -> None:
+        """Hybrid sharding (comm_groups.CommGroups): `comm` is the shard group's; each bucket's
+        reduce-scatter is followed by an all-reduce of its slice across the replicas, gradients
+        are averaged over every rank, and every rank (not each shard group's rank 0) decides
+        the launch order, so that replica all-reduces pair the same buckets."""
+        self.replica_comm = groups.replica_comm
+        self.control_comm = groups.world_comm
+        self.average_over = groups.average_over
 
     def remove_hooks(self) -> None:
         for h in self._handles:
@@ -226,13 +243,14 @@ class BucketReducer:
         """See [Note: launch order]: rank 0's completion order becomes everyone's sequence."""
         done = set(self.completed)
         order = self.completed + [x for x in self.sequence if x not in done]
-        if self.comm.world_size > 1:
+        control = self.control_comm
+        if control.world_size > 1:
             position = {x: i for i, x in enumerate(self.sequence)}
             ranks = torch.tensor([position[x] + 1 for x in order], dtype=torch.int32)
-            if self.comm.rank != 0:
+            if control.rank != 0:
                 ranks.zero_()
             device = self.groups[0].device if self.groups else torch.device("cpu")
-            ranks = self.comm.control_all_reduce(ranks.to(device), dist.ReduceOp.MAX).cpu()
+            ranks = control.control_all_reduce(ranks.to(device), dist.ReduceOp.MAX).cpu()
             order = [self.sequence[int(i) - 1] for i in ranks.tolist()]
         self.sequence = order
         self.sequence_learned = True
@@ -300,7 +318,10 @@ class BucketReducer:
         if self.wait_guard is not None and not work.is_completed():
             self.wait_guard(work)
         work.wait()
-        finish()
+        then = finish()
+        if isinstance(then, tuple):  # a second collective on the same buffers (replica all-reduce)
+            self.in_flight.append((then[0], then[1], slot))
+            return
         if slot is not None:
             slot.ring.release(slot)
 
@@ -344,15 +365,15 @@ class BucketReducer:
         group, state = self.groups[gi], self.states[gi]
         state.launched[b] = True
         data, source, slot = self._bucket_input(gi, b)
-        if self.comm.world_size > 1:
-            data.mul_(1.0 / self.comm.world_size)
+        if self.average_over > 1:
+            data.mul_(1.0 / self.average_over)
         b_start, b_end = group.bucket_ranges[b]
         # gloo sums its all-to-all's parts straight into the shard (no part buffer), except
         # where the shard lives inside the input buffer (stage 1): there the bucket is zeroed
         # once its collective is done, and then the slice is written.
         in_place = source == "local" and group.reduces_in_place
         into_shard = (self.mode == "reduce_scatter" and self.comm.reduce_scatter_needs_scratch
-                      and not in_place and self.offload is None)
+                      and not in_place and self.offload is None and self.replica_comm is None)
         if self.mode == "reduce_scatter" and slot is None:
             self._bound_in_flight()  # first: the slot the oldest frees is the one to take
             slot = self._acquire_slot(group)
@@ -377,11 +398,15 @@ class BucketReducer:
                 part = slot.view("part", s_end - s_start)
                 work = self.comm.reduce_scatter(part, data, scratch=scratch)
 
-            def finish() -> None:
+            def finish():
                 if source == "local":
                     data.zero_()
                 if in_place:
                     group.shard_in_local = True
+                if self.replica_comm is not None:  # hybrid: then across the replicas
+                    def add_replicas_sum() -> None:
+                        shard.add_(part)
+                    return self.replica_comm.all_reduce(part), add_replicas_sum
                 if self.offload is not None:  # to the host shard, while backward goes on
                     fence = self.offload.land(group, b, shard, part, after=work.done_event)
                     if fence is not None:

@@ -4,7 +4,8 @@ overflowed (fp16 loss scaling), and which parameters got a gradient on some rank
 skips the others).
 
 Its inputs are the flat groups (the optimizer's list, which add_param_group extends), the
-communicator, the device the collectives run on, the host offload (None without offload: then the
+communicator (and the one whose ranks must agree on the flags: every rank's, with hybrid
+sharding), the device the collectives run on, the host offload (None without offload: then the
 gradients are on the device) and whether every rank holds the whole gradient (stage 0).
 """
 from __future__ import annotations
@@ -20,9 +21,12 @@ from .. import ops
 
 class GradientChecks:
     def __init__(self, flat_groups: list, comm, device: torch.device, offload=None,
-                 replicated: bool = False) -> None:
+                 replicated: bool = False, flags_comm=None) -> None:
         self.flat_groups = flat_groups
         self.comm = comm
+        # Which parameters got a gradient must agree on every rank, replicas of a hybrid shard
+        # group included (their gradients and so norms agree already after the reduction).
+        self.flags_comm = flags_comm if flags_comm is not None else comm
         self.device = device
         self.offload = offload
         self.replicated = replicated
@@ -97,7 +101,7 @@ class GradientChecks:
         with check_overflow), and per flat group which parameters got a gradient on some rank
         (`got`: this rank's flags since the last step). One small control all-reduce (MAX) for
         both; none at world size 1."""
-        if self.comm.world_size == 1:
+        if self.flags_comm.world_size == 1:
             overflow = check_overflow and self.overflowed()
             return overflow, [list(flags) for flags in got]
         sizes = [len(flags) for flags in got]
@@ -109,7 +113,7 @@ class GradientChecks:
             flag = vector[:1]
             for g in self.pieces():
                 ops.l2_norm_sq(g, nonfinite=flag)
-        self.comm.control_all_reduce(vector, dist.ReduceOp.MAX)
+        self.flags_comm.control_all_reduce(vector, dist.ReduceOp.MAX)
         values = vector.tolist()
         updated, at = [], 1
         for n in sizes:

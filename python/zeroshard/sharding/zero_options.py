@@ -14,7 +14,7 @@ SCALER_KWARGS = ("initial_scale", "growth_interval", "hysteresis", "min_scale")
 
 def check_options(*, stage: int, offload, offload_grad_dtype, module, units, prefetch,
                   reshard_after_forward, partition_frozen, bucket_mb, reduce_dtype, timeout_s,
-                  node_size, scaler_kwargs: Dict[str, Any]) -> None:
+                  node_size, shard_size, scaler_kwargs: Dict[str, Any]) -> None:
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
     if offload not in (None, "none", "cpu"):
@@ -48,13 +48,17 @@ def check_options(*, stage: int, offload, offload_grad_dtype, module, units, pre
     if node_size is not None and not (isinstance(node_size, int) and node_size >= 1):
         raise ValueError(f"node_size must be None (torchrun's LOCAL_WORLD_SIZE) or a whole "
                          f"number of ranks >= 1, got {node_size!r}")
+    if shard_size is not None and shard_size != "node" and not (
+            isinstance(shard_size, int) and not isinstance(shard_size, bool) and shard_size >= 1):
+        raise ValueError(f"shard_size must be None (every rank: plain ZeRO), 'node' or a whole "
+                         f"number of ranks >= 1, got {shard_size!r}")
     unknown = set(scaler_kwargs) - set(SCALER_KWARGS)
     if unknown:
         raise TypeError(
             f"unexpected keyword arguments {sorted(unknown)}; zeroshard's own are stage, "
             "process_group, bucket_mb, overlap, reduce_dtype, loss_scale, timeout_s, module, "
             "units, prefetch, reshard_after_forward, offload, offload_grad_dtype, "
-            "partition_frozen, node_size and the "
+            "partition_frozen, node_size, shard_size and the "
             f"loss scaler's {', '.join(SCALER_KWARGS)}")
 
 
@@ -72,3 +76,4 @@ def model_of(params, module: Optional[torch.nn.Module], stage: int
             "module itself (ZeroAdamW(model, ..., stage=3)), or with param groups add "
             "module=model (ZeroAdamW(groups, ..., stage=3, module=model))")
     return module
+
