@@ -1,5 +1,5 @@
 """Stage 3 across two "machines" joined by a thin link: plain ZeRO against hybrid sharding
-(shard_size="node"), same model, same data, same process, each rank's step time and the bytes it
+(shard_size="node") and quantized forward gathers (qwZ), same model, same data, same process, each rank's step time and the bytes it
 sent across nodes per step. Run under the two-nodes tool (torchrun --nnodes=2, gloo):
 
   ../shared/tools/two-nodes --rate 200mbit -- bench/bench_two_nodes.py --model gpt-17m
@@ -28,7 +28,9 @@ import zeroshard  # noqa: E402
 
 CONFIGS = {
     "plain": {},
+    "qwZ": {"quantize_weights": "int8"},
     "shard_size=node": {"shard_size": "node"},
+    "shard_size=node+qwZ": {"shard_size": "node", "quantize_weights": "int8"},
 }
 
 

@@ -63,13 +63,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  reshard_after_forward: bool = True, offload: Optional[str] = None,
                  offload_grad_dtype: Optional[torch.dtype] = None,
                  partition_frozen: bool = True, node_size: Optional[int] = None,
-                 shard_size=None, **scaler_kwargs) -> None:
+                 shard_size=None, quantize_weights: Optional[str] = None,
+                 **scaler_kwargs) -> None:
         check_options(stage=stage, offload=offload, offload_grad_dtype=offload_grad_dtype,
                       module=module, units=units, prefetch=prefetch,
                       reshard_after_forward=reshard_after_forward,
                       partition_frozen=partition_frozen, bucket_mb=bucket_mb,
                       reduce_dtype=reduce_dtype, timeout_s=timeout_s, node_size=node_size,
-                      shard_size=shard_size, scaler_kwargs=scaler_kwargs)
+                      shard_size=shard_size, quantize_weights=quantize_weights,
+                      scaler_kwargs=scaler_kwargs)
         module = model_of(params, module, stage)
         params, self._names = split_names(params)
         reject_duplicates(params, self._names)
@@ -77,6 +79,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._building = False
         self.stage = stage
+        self.quantize_weights = quantize_weights  # qwZ: stage 3's forward gathers in int8
         self.partition_frozen = partition_frozen and stage == 3
         self.reduce_dtype = reduce_dtype or torch.float32
         self.offload: Optional[HostOffload] = None  # set once the device is known
@@ -149,7 +152,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         if stage == 3:
             self.units = ParamUnits(unit_list, self.comm, prefetch=prefetch,
                                     reshard_after_forward=reshard_after_forward,
-                                    wait_guard=self.peers.wait)
+                                    wait_guard=self.peers.wait,
+                                    quantize_weights=quantize_weights)
             self.reducer.on_launch = self.units.on_bucket_launched
             self.units.on_first_forward = lambda: self._check_ddp_once()
             self.units.before_gather = lambda u: self._settle_groups(u.groups)
@@ -234,7 +238,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.agreement.check(
             {"stage": self.stage, "bucket_mb": self.bucket_mb,
              "reduce_dtype": str(self.reduce_dtype), "offload": self.offload is not None,
-             "node_size": self.topology.node_size, "shard_size": self.world_size},
+             "node_size": self.topology.node_size, "shard_size": self.world_size,
+             "quantize_weights": self.quantize_weights},
             [(self._names[id(p)], tuple(sharded_init.whole_shape(p)), str(p.dtype),
               bool(p.requires_grad)) for p in params])
 

@@ -51,6 +51,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from ..comm import call_tags
+from .quantized_gather import quantized_all_gather
 from ..comm.communicator import Communicator, Work
 from .flat_group import FlatGroup
 from ..sharded_params.sharded_tensor import ShardedAccessError
@@ -167,11 +168,18 @@ def owning_units(module: torch.nn.Module, unit_modules: Sequence[torch.nn.Module
 class ParamUnits:
     def __init__(self, units: List[Unit], comm: Communicator, *,
                  prefetch: int, reshard_after_forward: bool,
-                 wait_guard: Optional[Callable[[Work], None]] = None) -> None:
+                 wait_guard: Optional[Callable[[Work], None]] = None,
+                 quantize_weights: Optional[str] = None) -> None:
         self.units = [u for u in units if u.groups]
         self.comm = comm
         self.prefetch = prefetch
         self.reshard_after_forward = reshard_after_forward
+        # qwZ ("int8"): a forward's gathers of non-root units go through quantized_all_gather
+        # (each such unit is freed after its forward: reshard_after_forward). The root (kept
+        # from forward to the end of backward), gathers in backward, full_params() and a module
+        # called on its own stay exact: gradients are taken at the exact weights.
+        self.quantize_weights = quantize_weights
+        self._forward_gathers = False  # inside a unit's forward pre-hook (its gather, prefetches)
         self.wait_guard = wait_guard
         self.unit_of_group: Dict[int, Unit] = {}
         for u in self.units:
@@ -236,9 +244,13 @@ class ParamUnits:
         k = len(self.record)
         self.record.append(u.index)
         self.matches = self.matches and k < len(self.previous) and self.previous[k] == u.index
-        self.ensure(u)
-        if self.matches:
-            self._prefetch(self.previous[k + 1:])
+        self._forward_gathers = True
+        try:
+            self.ensure(u)
+            if self.matches:
+                self._prefetch(self.previous[k + 1:])
+        finally:
+            self._forward_gathers = False
 
     def _after_forward(self, u: Unit, args, output) -> None:
         if self._in_backward():
@@ -341,7 +353,10 @@ class ParamUnits:
                               fg.shard_param[s0:s0 + (s_end - s_start)]))
         # A unit's buffers are freed only after its gather is waited (free() finishes a pending
         # one), so the caller's stream orders their reuse: no record_stream (see Communicator).
-        work = self.comm.all_gather_buckets(pairs, record_outputs=False)
+        if self.quantize_weights and self._forward_gathers and not u.is_root:
+            work = quantized_all_gather(self.comm, pairs, bits=8)
+        else:
+            work = self.comm.all_gather_buckets(pairs, record_outputs=False)
         u.pending = (tag_work, tags, work)
         alive = sum(1 for v in self.units if v.gathered and not v.is_root)
         self.peak_alive = max(self.peak_alive, alive)

@@ -20,7 +20,8 @@ from ..comm.rendezvous import rendezvous_for
 # its collectives wait at least this long even when timeout_s (meant for training-step
 # collectives) is short; it still bounds a rank that never builds its optimizer.
 CONSTRUCTION_TIMEOUT_S = 600.0
-SETTINGS = ("stage", "bucket_mb", "reduce_dtype", "offload", "node_size", "shard_size")
+SETTINGS = ("stage", "bucket_mb", "reduce_dtype", "offload", "node_size", "shard_size",
+            "quantize_weights")
 
 
 def construction_tensors(flat_groups, partitioned_groups, param_groups, modules,

@@ -14,7 +14,7 @@ SCALER_KWARGS = ("initial_scale", "growth_interval", "hysteresis", "min_scale")
 
 def check_options(*, stage: int, offload, offload_grad_dtype, module, units, prefetch,
                   reshard_after_forward, partition_frozen, bucket_mb, reduce_dtype, timeout_s,
-                  node_size, shard_size, scaler_kwargs: Dict[str, Any]) -> None:
+                  node_size, shard_size, quantize_weights, scaler_kwargs: Dict[str, Any]) -> None:
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
     if offload not in (None, "none", "cpu"):
@@ -52,13 +52,22 @@ def check_options(*, stage: int, offload, offload_grad_dtype, module, units, pre
             isinstance(shard_size, int) and not isinstance(shard_size, bool) and shard_size >= 1):
         raise ValueError(f"shard_size must be None (every rank: plain ZeRO), 'node' or a whole "
                          f"number of ranks >= 1, got {shard_size!r}")
+    if quantize_weights not in (None, "int8"):
+        raise ValueError(f"quantize_weights must be None or 'int8', got {quantize_weights!r}")
+    if quantize_weights is not None and stage != 3:
+        raise ValueError("quantize_weights= quantizes stage 3's forward all-gather of the "
+                         f"parameters; stage {stage} gathers the updated shards once per step, "
+                         "exactly: use stage=3, or leave quantize_weights out")
+    if quantize_weights is not None and not reshard_after_forward:
+        raise ValueError("quantize_weights= needs reshard_after_forward=True: a unit kept from "
+                         "forward to backward would take its gradients at quantized weights")
     unknown = set(scaler_kwargs) - set(SCALER_KWARGS)
     if unknown:
         raise TypeError(
             f"unexpected keyword arguments {sorted(unknown)}; zeroshard's own are stage, "
             "process_group, bucket_mb, overlap, reduce_dtype, loss_scale, timeout_s, module, "
             "units, prefetch, reshard_after_forward, offload, offload_grad_dtype, "
-            "partition_frozen, node_size, shard_size and the "
+            "partition_frozen, node_size, shard_size, quantize_weights and the "
             f"loss scaler's {', '.join(SCALER_KWARGS)}")
 
 
