@@ -1,5 +1,6 @@
 """Stage 3 across two "machines" joined by a thin link: plain ZeRO against hybrid sharding
-(shard_size="node") and quantized forward gathers (qwZ), same model, same data, same process, each rank's step time and the bytes it
+(shard_size="node"), quantized forward gathers (qwZ) and quantized gradient reduce-scatters
+(qgZ, int4) and all three of ZeRO++ (with hpZ's node-local copies for backward), same model, same data, same process, each rank's step time and the bytes it
 sent across nodes per step. Run under the two-nodes tool (torchrun --nnodes=2, gloo):
 
   ../shared/tools/two-nodes --rate 200mbit -- bench/bench_two_nodes.py --model gpt-17m
@@ -29,8 +30,10 @@ import zeroshard  # noqa: E402
 CONFIGS = {
     "plain": {},
     "qwZ": {"quantize_weights": "int8"},
+    "qwZ+qgZ": {"quantize_weights": "int8", "quantize_grads": "int4"},
+    "ZeRO++ (hpZ+qwZ+qgZ)": {"secondary_shard": "node", "quantize_weights": "int8",
+                             "quantize_grads": "int4"},
     "shard_size=node": {"shard_size": "node"},
-    "shard_size=node+qwZ": {"shard_size": "node", "quantize_weights": "int8"},
 }
 
 
@@ -80,10 +83,13 @@ def main(argv=None) -> int:
         plain = next((r for r in rows if r["config"] == "plain"), rows[0])
         print(f"stage 3, {args.model} ({rows[0]['params']:,} params), "
               f"{dist.get_world_size()} ranks as {os.environ.get('LOCAL_WORLD_SIZE')} a node")
-        print(f"{'config':20s} {'step s':>8s} {'vs plain':>8s} {'MB across/step':>15s}")
+        print(f"{'config':22s} {'step s':>8s} {'vs plain':>8s} {'MB across/step':>15s} "
+              f"{'vs plain':>8s}")
         for r in rows:
-            print(f"{r['config']:20s} {r['step_s']:8.3f} {r['step_s'] / plain['step_s']:8.2f} "
-                  f"{r['inter_node_bytes_per_step_all_ranks'] / 1e6:15.1f}")
+            across = r["inter_node_bytes_per_step_all_ranks"]
+            print(f"{r['config']:22s} {r['step_s']:8.3f} {r['step_s'] / plain['step_s']:8.2f} "
+                  f"{across / 1e6:15.1f} "
+                  f"{across / plain['inter_node_bytes_per_step_all_ranks']:8.2f}")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"rows": rows, "model": args.model}, f, indent=1)

@@ -48,6 +48,8 @@ from .sharding.owning_modules import install_no_sync, models_want_sync, root_mod
 from .sharding.param_lists import (check_new_group, device_of, name_from_modules,
                                    reject_ddp_wrapped, reject_duplicates, split_names)
 from .sharding.param_units import ParamUnits
+from .sharding.quantized_reduce import QuantizedReduceScatter
+from .sharding.secondary_shards import SecondaryShards
 from .sharding.rank_agreement import RankAgreement, construction_tensors
 from .sharding.state_dicts import StateDicts
 from .sharding.zero_options import check_options, model_of
@@ -64,6 +66,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  offload_grad_dtype: Optional[torch.dtype] = None,
                  partition_frozen: bool = True, node_size: Optional[int] = None,
                  shard_size=None, quantize_weights: Optional[str] = None,
+                 quantize_grads: Optional[str] = None, secondary_shard: Optional[str] = None,
                  **scaler_kwargs) -> None:
         check_options(stage=stage, offload=offload, offload_grad_dtype=offload_grad_dtype,
                       module=module, units=units, prefetch=prefetch,
@@ -71,6 +74,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
                       partition_frozen=partition_frozen, bucket_mb=bucket_mb,
                       reduce_dtype=reduce_dtype, timeout_s=timeout_s, node_size=node_size,
                       shard_size=shard_size, quantize_weights=quantize_weights,
+                      quantize_grads=quantize_grads, secondary_shard=secondary_shard,
                       scaler_kwargs=scaler_kwargs)
         module = model_of(params, module, stage)
         params, self._names = split_names(params)
@@ -80,6 +84,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self._building = False
         self.stage = stage
         self.quantize_weights = quantize_weights  # qwZ: stage 3's forward gathers in int8
+        self.quantize_grads = quantize_grads  # qgZ: the gradient reduce-scatter's hops
+        self.secondary_shard = secondary_shard  # hpZ: backward gathers within the node
         self.partition_frozen = partition_frozen and stage == 3
         self.reduce_dtype = reduce_dtype or torch.float32
         self.offload: Optional[HostOffload] = None  # set once the device is known
@@ -107,7 +113,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         # shard_size, state is partitioned within shard groups and replicated across them.
         self.groups = CommGroups.for_optimizer(process_group, self.device, self.timeout_s,
                                                node_size=node_size, shard_size=shard_size,
-                                               stage=stage, offload=offload)
+                                               stage=stage, offload=offload,
+                                               quantize_grads=quantize_grads,
+                                               secondary_shard=secondary_shard)
         self.topology = self.groups.topology
         self.process_group = self.groups.process_group  # the shard group's
         self.comm: Communicator = self.groups.comm
@@ -153,7 +161,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self.units = ParamUnits(unit_list, self.comm, prefetch=prefetch,
                                     reshard_after_forward=reshard_after_forward,
                                     wait_guard=self.peers.wait,
-                                    quantize_weights=quantize_weights)
+                                    quantize_weights=quantize_weights,
+                                    secondary=SecondaryShards(self.groups.node_comm)
+                                    if self.groups.node_comm and secondary_shard else None)
             self.reducer.on_launch = self.units.on_bucket_launched
             self.units.on_first_forward = lambda: self._check_ddp_once()
             self.units.before_gather = lambda u: self._settle_groups(u.groups)
@@ -161,6 +171,9 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.reducer.offload = self.offload
         self.reducer.wait_guard = self.peers.wait
         self.reducer.replicate_over(self.groups)
+        if quantize_grads is not None and self.groups.node_comm is not None:  # qgZ
+            self.reducer.quantized_reduce = QuantizedReduceScatter(
+                self.groups.node_comm, self.groups.cross_comm, bits=int(quantize_grads[3:]))
         self.exposed = ExposedGrads(self)
         self.exposed.add_groups(0, self.flat_groups)
         self.grad_checks = GradientChecks(self.flat_groups, self.comm, self.device,
@@ -239,7 +252,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
             {"stage": self.stage, "bucket_mb": self.bucket_mb,
              "reduce_dtype": str(self.reduce_dtype), "offload": self.offload is not None,
              "node_size": self.topology.node_size, "shard_size": self.world_size,
-             "quantize_weights": self.quantize_weights},
+             "quantize_weights": self.quantize_weights,
+             "quantize_grads": self.quantize_grads, "secondary_shard": self.secondary_shard},
             [(self._names[id(p)], tuple(sharded_init.whole_shape(p)), str(p.dtype),
               bool(p.requires_grad)) for p in params])
 

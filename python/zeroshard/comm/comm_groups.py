@@ -18,28 +18,51 @@ import torch.distributed as dist
 
 from .communicator import Communicator, make_communicator
 from .simulated_communicator import simulated_if_asked
-from .topology import Topology, shard_groups, topology_of
+from .topology import Topology, node_groups, shard_groups, topology_of
 
 
 class CommGroups:
     @classmethod
     def for_optimizer(cls, process_group, device: torch.device, timeout_s: float, *,
-                      node_size, shard_size, stage: int, offload) -> "CommGroups":
+                      node_size, shard_size, stage: int, offload,
+                      quantize_grads=None, secondary_shard=None) -> "CommGroups":
         """Which ranks share a node (node_size=, else torchrun's), and the groups shard_size=
         asks for (checked: resolved_shard_size)."""
         world = dist.get_world_size() if dist.is_initialized() else 1
         topology = topology_of(world, node_size)
         k = resolved_shard_size(shard_size, world, topology.node_size, stage=stage,
                                 offload=offload, process_group=process_group)
-        return cls(process_group, device, datetime.timedelta(seconds=timeout_s), topology, k)
+        if quantize_grads is not None:
+            if k != world or process_group is not None:
+                raise NotImplementedError(
+                    "quantize_grads= reduce-scatters over every rank of the default group, node "
+                    "by node: it does not combine with shard_size= or a process_group yet")
+            if device.type == "cuda":
+                raise NotImplementedError("quantize_grads= runs on gloo (CPU tensors) so far: "
+                                          "its all-to-all hops are not built for NCCL yet")
+            if offload == "cpu":
+                raise NotImplementedError("quantize_grads= with offload='cpu' is not built yet")
+        if secondary_shard is not None and (k != world or process_group is not None):
+            raise ValueError("secondary_shard= keeps a node-local copy of parameters sharded "
+                             "over every rank of the default group; with shard_size= every "
+                             "gather stays inside the shard group already: use one or the other")
+        groups = cls(process_group, device, datetime.timedelta(seconds=timeout_s), topology, k)
+        if (quantize_grads is not None or secondary_shard is not None) and world > 1:
+            intra, cross = node_groups(topology)
+            groups.node_comm = groups.comm_over(intra)
+            groups.cross_comm = groups.comm_over(cross)
+        return groups
 
     def __init__(self, process_group, device: torch.device,
                  timeout: Optional[datetime.timedelta], topology: Topology,
                  shard_size: Optional[int] = None) -> None:
         self.topology = topology
-
-        def comm_over(group) -> Communicator:
-            return simulated_if_asked(make_communicator(group, device, timeout, topology), device)
+        self._device, self._timeout = device, timeout
+        comm_over = self.comm_over
+        # qgZ's hops and hpZ's gathers (for_optimizer with quantize_grads or secondary_shard):
+        # the node's ranks, and the ranks with this rank's local rank on every node
+        self.node_comm: Optional[Communicator] = None
+        self.cross_comm: Optional[Communicator] = None
         world = dist.get_world_size() if dist.is_initialized() else 1
         self.replica_comm: Optional[Communicator] = None
         if shard_size is None or shard_size == world:
@@ -56,10 +79,15 @@ class CommGroups:
         # through the replica all-reduce, every replica's.
         self.average_over = self.comm.world_size * self.replicas
 
+    def comm_over(self, group) -> Communicator:
+        return simulated_if_asked(make_communicator(group, self._device, self._timeout,
+                                                    self.topology), self._device)
+
     def communicators(self):
         """Each distinct communicator once: the ones whose bytes comm_stats() adds up."""
         seen = []
-        for c in (self.comm, self.replica_comm, self.world_comm):
+        for c in (self.comm, self.replica_comm, self.world_comm, self.node_comm,
+                  self.cross_comm):
             if c is not None and all(c is not s for s in seen):
                 seen.append(c)
         return seen

@@ -192,6 +192,13 @@ class Communicator:
     def broadcast(self, tensor: torch.Tensor, root: int = 0) -> Work:
         raise NotImplementedError
 
+    def all_to_all(self, received: torch.Tensor, sent: torch.Tensor) -> Work:
+        """Part i of `sent` (world_size equal parts) goes to rank i; part i of `received` comes
+        from rank i. The hops of a quantized reduce-scatter (quantized_reduce.py): counted as
+        reduce_scatter bytes, which by the ring model they are ((n-1)/n of the payload)."""
+        raise NotImplementedError(f"{type(self).__name__} has no all_to_all: quantize_grads= "
+                                  "runs on gloo (CPU) process groups only so far")
+
     def all_gather_buckets(self, pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]],
                            record_outputs: bool = True) -> Work:
         """all_gather(full, part) for each (full, part) pair, as one operation: NCCL fuses them
@@ -255,6 +262,12 @@ class LocalCommunicator(Communicator):
 
     def broadcast(self, tensor, root=0):
         self._count("broadcast", tensor)
+        return Work()
+
+    def all_to_all(self, received, sent):
+        self._check_split(sent, received, 1)
+        received.copy_(sent)
+        self._count("reduce_scatter", sent)
         return Work()
 
 
@@ -337,6 +350,12 @@ class ProcessGroupCommunicator(Communicator):
             part = part.clone()  # gloo may write `full` while still reading an aliased input
         return self._work("all_gather", all_gather_single(full, part, group=self.group,
                                                           async_op=True))
+
+    def all_to_all(self, received, sent):
+        self._check_split(sent, received, 1)
+        self._count("reduce_scatter", sent)
+        return self._work("all_to_all", dist.all_to_all_single(received, sent, group=self.group,
+                                                               async_op=True))
 
     def control_all_reduce(self, tensor, op=dist.ReduceOp.SUM):
         """A small, synchronous reduction of control values (norms, overflow flags). Counted in

@@ -105,6 +105,11 @@ class SimulatedAsyncCommunicator(Communicator):
         self._count("broadcast", tensor)
         return self._later(lambda: self.inner.broadcast(tensor, root))
 
+    def all_to_all(self, received, sent):
+        self._check_split(sent, received, 1)
+        self._count("reduce_scatter", sent)
+        return self._later(lambda: self.inner.all_to_all(received, sent))
+
     def control_all_reduce(self, tensor, op=None):
         # As NcclCommunicator's: after every collective already queued (a collective of another
         # communicator may not run beside ours; here, on gloo, one process group would pair

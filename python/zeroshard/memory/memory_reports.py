@@ -53,7 +53,9 @@ def memory_report(flat_groups, shard_state, *, frozen_groups, modules, comm_buff
             "count": len(units.units),
             "gathered": sum(u.gathered for u in units.units),
             "peak_gathered": units.peak_alive,
-            "largest_unit_bytes": max(u.full_nbytes for u in units.units)}
+            "largest_unit_bytes": max(u.full_nbytes for u in units.units),
+            # hpZ: the node-local copies kept from the forward to the step
+            "secondary_bytes": units.secondary.nbytes if units.secondary is not None else 0}
     report["measured"] = process_memory.measured(device)
     return report
 

@@ -117,6 +117,8 @@ class BucketReducer:
         self.replica_comm: Optional[Communicator] = None
         self.control_comm = comm  # whose rank 0 decides the launch order
         self.average_over = comm.world_size
+        # qgZ (quantized_reduce.py): each bucket's reduce-scatter through two quantized hops
+        self.quantized_reduce = None
         self._handles = []
         self.groups, self.states = [], []
         # got[g][j]: parameter j of group g got a gradient on this rank (in any micro-step)
@@ -373,7 +375,8 @@ class BucketReducer:
         # once its collective is done, and then the slice is written.
         in_place = source == "local" and group.reduces_in_place
         into_shard = (self.mode == "reduce_scatter" and self.comm.reduce_scatter_needs_scratch
-                      and not in_place and self.offload is None and self.replica_comm is None)
+                      and not in_place and self.offload is None and self.replica_comm is None
+                      and self.quantized_reduce is None)
         if self.mode == "reduce_scatter" and slot is None:
             self._bound_in_flight()  # first: the slot the oldest frees is the one to take
             slot = self._acquire_slot(group)
@@ -392,7 +395,10 @@ class BucketReducer:
             shard = group.reduced_grads[shard_offset:shard_offset + (s_end - s_start)]
             scratch = (slot.view("recv", data.numel())
                        if self.comm.reduce_scatter_needs_scratch else None)
-            if into_shard:
+            if self.quantized_reduce is not None:
+                part = slot.view("part", s_end - s_start)
+                work = self.quantized_reduce.reduce_scatter(part, data)
+            elif into_shard:
                 work = self.comm.reduce_scatter(shard, data, accumulate=True, scratch=scratch)
             else:
                 part = slot.view("part", s_end - s_start)

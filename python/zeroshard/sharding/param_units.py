@@ -169,7 +169,7 @@ class ParamUnits:
     def __init__(self, units: List[Unit], comm: Communicator, *,
                  prefetch: int, reshard_after_forward: bool,
                  wait_guard: Optional[Callable[[Work], None]] = None,
-                 quantize_weights: Optional[str] = None) -> None:
+                 quantize_weights: Optional[str] = None, secondary=None) -> None:
         self.units = [u for u in units if u.groups]
         self.comm = comm
         self.prefetch = prefetch
@@ -180,6 +180,8 @@ class ParamUnits:
         # called on its own stay exact: gradients are taken at the exact weights.
         self.quantize_weights = quantize_weights
         self._forward_gathers = False  # inside a unit's forward pre-hook (its gather, prefetches)
+        # hpZ (secondary_shards.py): backward gathers non-root units within the node
+        self.secondary = secondary
         self.wait_guard = wait_guard
         self.unit_of_group: Dict[int, Unit] = {}
         for u in self.units:
@@ -277,6 +279,8 @@ class ParamUnits:
             if not needs_backward:
                 self.free(u)
         elif self.reshard_after_forward or not needs_backward:
+            if needs_backward and self.secondary is not None and u.pending is None:
+                self.secondary.keep(u.groups)
             self.free(u)
         else:
             u.kept = True
@@ -353,7 +357,11 @@ class ParamUnits:
                               fg.shard_param[s0:s0 + (s_end - s_start)]))
         # A unit's buffers are freed only after its gather is waited (free() finishes a pending
         # one), so the caller's stream orders their reuse: no record_stream (see Communicator).
-        if self.quantize_weights and self._forward_gathers and not u.is_root:
+        if (self.secondary is not None and not u.is_root and self._in_backward()
+                and self.secondary.has(u.groups)):
+            work = self.secondary.comm.all_gather_buckets(self.secondary.gather_pairs(u.groups),
+                                                          record_outputs=False)
+        elif self.quantize_weights and self._forward_gathers and not u.is_root:
             work = quantized_all_gather(self.comm, pairs, bits=8)
         else:
             work = self.comm.all_gather_buckets(pairs, record_outputs=False)
@@ -403,6 +411,8 @@ class ParamUnits:
     def free_all(self) -> None:
         for u in self.units:
             self.free(u)
+        if self.secondary is not None and not self.pinned:  # the shards are about to change
+            self.secondary.drop()
 
     def gather_all(self) -> None:
         for u in self.units:

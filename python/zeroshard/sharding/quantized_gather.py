@@ -1,12 +1,13 @@
-"""quantized_all_gather: ZeRO++'s qwZ. Each rank block-quantizes its slice (ops.quantize: int8,
-one fp32 scale per block), the ranks all-gather the bytes and the scales, and every rank
-dequantizes each rank's slice into the full buffer, in the buffer's dtype. About a quarter of an
-fp32 gather's bytes (half of a bf16 one's), at the price of rounding each weight to 1/254 of its
-block's largest magnitude; what the slice came from (the shard, the master) is never changed.
+"""quantized_all_gather: ZeRO++'s qwZ. Each rank block-quantizes its slice of every bucket
+(ops.quantize: int8, one fp32 scale per block), the ranks all-gather the bytes and scales of all
+the buckets in one collective, and every rank dequantizes each rank's slices into the full
+buffers, in the buffers' dtype. About a quarter of an fp32 gather's bytes (half of a bf16 one's),
+at the price of rounding each weight to 1/254 of its block's largest magnitude; what the slices
+came from (the shards, the masters) is never changed.
 
-The bytes travel as 2-byte elements (each slice padded to 4 bytes), so every backend carries
-them, NCCL included, with no arithmetic on them. Slices are quantized independently: blocks never
-straddle two ranks' slices.
+A rank's message is, bucket after bucket, the slice's bytes (padded to 4) then its scales; it
+travels as 2-byte elements, so every backend carries it, NCCL included, with no arithmetic on it.
+Slices are quantized independently: blocks never straddle two ranks' slices.
 """
 from __future__ import annotations
 
@@ -22,23 +23,49 @@ def _padded(n: int) -> int:
     return -(-n // 4) * 4
 
 
-class _DequantizeAfter(Work):
-    """The gather of (q, scales), then each rank's slice dequantized into the full buffer."""
+class _Layout:
+    """Where each bucket's bytes and scales sit in one rank's message."""
 
-    def __init__(self, work: Work, staged: list, world_size: int, bits: int, block: int) -> None:
-        self._work, self._staged = work, staged
+    def __init__(self, numels: Sequence[int], bits: int, block: int) -> None:
+        self.entries = []  # (numel, q_offset, q_bytes, scales_offset, blocks)
+        offset = 0
+        for n in numels:
+            q_bytes, blocks = ops.quantized_bytes(n, bits), ops.quantized_blocks(n, block)
+            self.entries.append((n, offset, q_bytes, offset + _padded(q_bytes), blocks))
+            offset += _padded(q_bytes) + 4 * blocks
+        self.nbytes = offset
+
+    @staticmethod
+    def views(message: torch.Tensor, entry) -> Tuple[torch.Tensor, torch.Tensor]:
+        n, q_offset, q_bytes, s_offset, blocks = entry
+        return (message[q_offset:q_offset + q_bytes],
+                message[s_offset:s_offset + 4 * blocks].view(torch.float32))
+
+
+class _DequantizeAfter(Work):
+    """The gather of every rank's message, then each rank's slices dequantized into the full
+    buffers."""
+
+    def __init__(self, work: Work, fulls: List[torch.Tensor], layout: _Layout,
+                 gathered: torch.Tensor, sent: torch.Tensor, world_size: int, bits: int,
+                 block: int) -> None:
+        self._work, self._fulls, self._layout = work, fulls, layout
+        self._gathered, self._sent = gathered, sent
         self._world_size, self._bits, self._block = world_size, bits, block
 
     def wait(self) -> None:
         if self._work is None:
             return
         self._work.wait()
-        for full, q_full, s_full, n, q_bytes, q_stride, blocks in self._staged:
-            for r in range(self._world_size):
-                ops.dequantize(q_full[r * q_stride:r * q_stride + q_bytes],
-                               s_full[r * blocks:(r + 1) * blocks], n, bits=self._bits,
-                               block=self._block, out=full[r * n:(r + 1) * n])
-        self._work = self._staged = None
+        size = self._layout.nbytes
+        for r in range(self._world_size):
+            message = self._gathered[r * size:(r + 1) * size]
+            for full, entry in zip(self._fulls, self._layout.entries):
+                n = entry[0]
+                q, scales = _Layout.views(message, entry)
+                ops.dequantize(q, scales, n, bits=self._bits, block=self._block,
+                               out=full[r * n:(r + 1) * n])
+        self._work = self._fulls = self._gathered = self._sent = None
 
     def is_completed(self) -> bool:
         return self._work is None or self._work.is_completed()
@@ -46,22 +73,17 @@ class _DequantizeAfter(Work):
 
 def quantized_all_gather(comm: Communicator, pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]],
                          *, bits: int = 8, block: int = 2048) -> Work:
-    """all_gather(full, part) for each pair, through block quantization (see the module note).
-    Counted in comm.stats as the all_gathers of the bytes and scales it sends."""
-    world = comm.world_size
-    staged: List[tuple] = []
-    comm_pairs = []
-    for full, part in pairs:
-        n = part.numel()
-        q_bytes, blocks = ops.quantized_bytes(n, bits), ops.quantized_blocks(n, block)
-        stride = _padded(q_bytes)
-        q_part = torch.zeros(stride, dtype=torch.int8, device=part.device)
-        s_part = torch.empty(blocks, dtype=torch.float32, device=part.device)
-        ops.quantize(part.detach(), bits=bits, block=block, out=(q_part[:q_bytes], s_part))
-        q_full = torch.empty(world * stride, dtype=torch.int8, device=part.device)
-        s_full = torch.empty(world * blocks, dtype=torch.float32, device=part.device)
-        comm_pairs += [(q_full.view(torch.float16), q_part.view(torch.float16)),
-                       (s_full, s_part)]
-        staged.append((full, q_full, s_full, n, q_bytes, stride, blocks))
-    work = comm.all_gather_buckets(comm_pairs)
-    return _DequantizeAfter(work, staged, world, bits, block)
+    """all_gather(full, part) for each pair, through block quantization, as one collective (see
+    the module note). Counted in comm.stats as one all_gather of the messages."""
+    pairs = list(pairs)
+    if not pairs:
+        return Work()
+    device = pairs[0][1].device
+    layout = _Layout([part.numel() for _, part in pairs], bits, block)
+    sent = torch.zeros(layout.nbytes, dtype=torch.int8, device=device)
+    for (_, part), entry in zip(pairs, layout.entries):
+        ops.quantize(part.detach(), bits=bits, block=block, out=_Layout.views(sent, entry))
+    gathered = torch.empty(comm.world_size * layout.nbytes, dtype=torch.int8, device=device)
+    work = comm.all_gather(gathered.view(torch.float16), sent.view(torch.float16))
+    return _DequantizeAfter(work, [full for full, _ in pairs], layout, gathered, sent,
+                            comm.world_size, bits, block)

@@ -21,7 +21,7 @@ from ..comm.rendezvous import rendezvous_for
 # collectives) is short; it still bounds a rank that never builds its optimizer.
 CONSTRUCTION_TIMEOUT_S = 600.0
 SETTINGS = ("stage", "bucket_mb", "reduce_dtype", "offload", "node_size", "shard_size",
-            "quantize_weights")
+            "quantize_weights", "quantize_grads", "secondary_shard")
 
 
 def construction_tensors(flat_groups, partitioned_groups, param_groups, modules,

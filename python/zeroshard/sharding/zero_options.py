@@ -14,7 +14,8 @@ SCALER_KWARGS = ("initial_scale", "growth_interval", "hysteresis", "min_scale")
 
 def check_options(*, stage: int, offload, offload_grad_dtype, module, units, prefetch,
                   reshard_after_forward, partition_frozen, bucket_mb, reduce_dtype, timeout_s,
-                  node_size, shard_size, quantize_weights, scaler_kwargs: Dict[str, Any]) -> None:
+                  node_size, shard_size, quantize_weights, quantize_grads, secondary_shard,
+                  scaler_kwargs: Dict[str, Any]) -> None:
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
     if offload not in (None, "none", "cpu"):
@@ -61,13 +62,28 @@ def check_options(*, stage: int, offload, offload_grad_dtype, module, units, pre
     if quantize_weights is not None and not reshard_after_forward:
         raise ValueError("quantize_weights= needs reshard_after_forward=True: a unit kept from "
                          "forward to backward would take its gradients at quantized weights")
+    if quantize_grads not in (None, "int8", "int4"):
+        raise ValueError(f"quantize_grads must be None, 'int8' or 'int4', got {quantize_grads!r}")
+    if quantize_grads is not None and stage == 0:
+        raise ValueError("quantize_grads= quantizes the gradient reduce-scatter of stages 1-3; "
+                         "stage 0 all-reduces: use stage=1, 2 or 3")
+    if secondary_shard not in (None, "node"):
+        raise ValueError(f"secondary_shard must be None or 'node', got {secondary_shard!r}")
+    if secondary_shard is not None and stage != 3:
+        raise ValueError("secondary_shard= keeps a node-local copy of stage 3's gathered "
+                         f"parameters for backward; stage {stage} does not gather them: use "
+                         "stage=3, or leave secondary_shard out")
+    if secondary_shard is not None and not reshard_after_forward:
+        raise ValueError("secondary_shard= serves backward's gathers; with "
+                         "reshard_after_forward=False units stay gathered for backward anyway")
     unknown = set(scaler_kwargs) - set(SCALER_KWARGS)
     if unknown:
         raise TypeError(
             f"unexpected keyword arguments {sorted(unknown)}; zeroshard's own are stage, "
             "process_group, bucket_mb, overlap, reduce_dtype, loss_scale, timeout_s, module, "
             "units, prefetch, reshard_after_forward, offload, offload_grad_dtype, "
-            "partition_frozen, node_size, shard_size, quantize_weights and the "
+            "partition_frozen, node_size, shard_size, quantize_weights, quantize_grads, "
+            "secondary_shard and the "
             f"loss scaler's {', '.join(SCALER_KWARGS)}")
 
 
