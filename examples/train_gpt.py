@@ -51,6 +51,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         default="default",
                         help="with --offload cpu (zeroshard): the dtype gradients cross to the "
                              "host in (default: bf16 for bf16 parameters, else fp32)")
+    parser.add_argument("--shard-size", default=None,
+                        help="zeroshard: shard within groups of this many ranks (or 'node') and "
+                             "replicate across them (hybrid sharding)")
+    parser.add_argument("--node-size", type=int, default=None,
+                        help="zeroshard: ranks a node (default: torchrun's LOCAL_WORLD_SIZE)")
+    parser.add_argument("--quantize-weights", choices=["int8"], default=None,
+                        help="zeroshard stage 3: int8 forward all-gathers (ZeRO++ qwZ)")
+    parser.add_argument("--quantize-grads", choices=["int8", "int4"], default=None,
+                        help="zeroshard: quantized two-hop gradient reduce-scatter (ZeRO++ qgZ)")
+    parser.add_argument("--secondary-shard", choices=["node"], default=None,
+                        help="zeroshard stage 3: backward gathers inside the node (ZeRO++ hpZ)")
     parser.add_argument("--model", default="tiny", help=f"one of {sorted(gpt.PRESETS)}")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
@@ -156,6 +167,15 @@ def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 # ---------------------------------------------------------------- one setup per --optimizer
 
+def zero_plus_plus(args) -> dict:
+    """The topology-aware options given on the command line (hybrid sharding, ZeRO++)."""
+    shard = args.shard_size
+    options = {"shard_size": int(shard) if shard and shard.isdigit() else shard,
+               "node_size": args.node_size, "quantize_weights": args.quantize_weights,
+               "quantize_grads": args.quantize_grads, "secondary_shard": args.secondary_shard}
+    return {k: v for k, v in options.items() if v is not None}
+
+
 class ZeroshardSetup:
     """zeroshard.ZeroAdamW on the plain model: no DDP wrapper, the optimizer reduces gradients.
     At stage 3 the optimizer also owns the parameters: it gathers each block (unit) around its
@@ -181,7 +201,7 @@ class ZeroshardSetup:
             bucket_mb=args.bucket_mb, offload=None if args.offload == "none" else args.offload,
             **({"offload_grad_dtype": {"fp32": torch.float32, "bf16": torch.bfloat16}[
                 args.offload_grad_dtype]} if args.offload_grad_dtype != "default" else {}),
-            **module)
+            **module, **zero_plus_plus(args))
         self.offload = args.offload == "cpu"
         self.skipped_steps = 0
 
