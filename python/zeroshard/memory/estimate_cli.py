@@ -13,6 +13,7 @@ from ..sharding.buffer_ring import auto_bucket_mb
 from .estimate import (DTYPE_NAMES, STATE_TENSORS, _device_peak, _elem_size,
                        estimate_model_states, format_bytes, format_count, formula_text,
                        largest_fitting_params, parse_count, parse_memory, zero_formula_bytes)
+from .comm_model import OPTIONS, link_seconds, options_for, step_traffic
 from .offload_time import offloaded_step_time
 from .model_shapes import (PRESETS, UNIFORM_TENSOR_NUMEL, preset_model, read_config_model,
                            uniform_numels, uniform_units, units_after)
@@ -135,6 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device-step-s", type=_argument(_positive_float), default=None,
                         metavar="S", help="the step's time on the device without offload "
                         "(its forward + backward hide the gradients' landing)")
+    parser.add_argument("--nodes", type=_argument(_positive_int("a node count")), default=None,
+                        help="with --gpus-per-node: the bytes one training step sends per "
+                             "rank within and across nodes, and the time they take, for each "
+                             "stage and each topology option (plain, shard_size, hpZ, qwZ, qgZ)")
+    parser.add_argument("--gpus-per-node", type=_argument(_positive_int("ranks a node")),
+                        default=8, help="ranks on each node (default 8)")
+    parser.add_argument("--intra-gbps", type=_argument(_positive_float), default=900.0,
+                        metavar="GB_S", help="a rank's bandwidth to its node (default 900: "
+                        "NVLink 4)")
+    parser.add_argument("--inter-gbps", type=_argument(_positive_float), default=100.0,
+                        metavar="GB_S", help="a rank's bandwidth to other nodes (default 100)")
     parser.add_argument("--device-memory", type=_argument(parse_memory), metavar="SIZE",
                         help="memory per device (80GB, 80GiB): also print the largest model "
                              "whose model states fit (stage 3: its peak), per stage and world "
@@ -293,6 +305,34 @@ def _offload_time_text(args, total_params: int) -> str:
     return "\n".join(lines)
 
 
+def _traffic_text(args, model: tuple) -> str:
+    """The per-step bytes of the last rank of node 0 (whose ring successor is on node 1) and
+    their time on the given links, per stage and option (comm_model.py)."""
+    _, numels, units = model
+    world, k = args.nodes * args.gpus_per_node, args.gpus_per_node
+    lines = [f"Traffic of one training step on {args.nodes} nodes x {k} ranks, per rank (the "
+             f"last rank of a node: its ring neighbour is on the next node), links "
+             f"{args.intra_gbps:g} GB/s within a node and {args.inter_gbps:g} GB/s across, "
+             "one after another (no overlap):",
+             f"  {'stage':>5s}  {'option':22s} {'within node':>12s} {'across':>12s} "
+             f"{'seconds':>9s} {'vs plain':>8s}"]
+    for stage in args.stage:
+        plain = None
+        for name in options_for(stage):
+            traffic = step_traffic(numels, world_size=world, stage=stage, node_size=k,
+                                   dtype=args.dtype, reduce_dtype=args.reduce_dtype,
+                                   bucket_mb=args.bucket_mb,
+                                   units=units if stage == 3 else None, **OPTIONS[name])
+            seconds = link_seconds(traffic, intra_gbps=args.intra_gbps,
+                                   inter_gbps=args.inter_gbps)
+            plain = seconds if plain is None else plain
+            intra = sum(r["intra_node_bytes"] for r in traffic.values())
+            inter = sum(r["inter_node_bytes"] for r in traffic.values())
+            lines.append(f"  {stage:5d}  {name:22s} {format_bytes(intra):>12s} "
+                         f"{format_bytes(inter):>12s} {seconds:9.4f} {seconds / plain:8.2f}")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -348,6 +388,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   "whole during forward/backward (the root unit and the 1 + prefetch largest "
                   "blocks), 'peak' = total + live units.")
             print(_units_text(args, model))
+    if args.nodes is not None:
+        if model is None:
+            parser.error("--nodes predicts a step's traffic: name a model (--params, --preset "
+                         "or --config)")
+        print(_traffic_text(args, model))
     if args.host_gbps is not None:
         if not offload or model is None:
             parser.error("--host-gbps predicts the offloaded step: add --offload cpu and a model")
