@@ -46,8 +46,13 @@ def _one_step(rank, world_size, options):
                    for u in opt.units.units if not u.is_root for fg in u.groups)
     opt.step()
     after_step = opt.memory_report()["units"]["secondary_bytes"]
+    from zeroshard.estimate import estimate_model_states, param_numels_of, param_units_of
+    estimated = estimate_model_states(
+        param_numels_of(model), world_size=world_size, stage=3, units=param_units_of(model),
+        bucket_mb=TINY_BUCKET_MB, secondary_shard_ranks=2 if options else None)
     return {"stats": stats, "node": node_gathers, "non_root": non_root,
-            "secondary": secondary, "after_step": after_step}
+            "secondary": secondary, "after_step": after_step,
+            "estimated": estimated.get("secondary_params", 0)}
 
 
 def test_backward_gathers_stay_in_the_node_and_the_copies_are_reported():
@@ -65,6 +70,7 @@ def test_backward_gathers_stay_in_the_node_and_the_copies_are_reported():
                 p["stats"]["all_gather"]["inter_node_bytes"]
         # the node-local copies: the non-root units' parameters / 2, from forward to the step
         assert h["secondary"] == h["non_root"] // 2 and h["after_step"] == 0
+        assert h["estimated"] == h["secondary"]  # the estimator's secondary_params
         assert p["secondary"] == 0
 
 

@@ -167,7 +167,8 @@ def estimate_model_states(param_numels: Sequence[int], *, world_size: int, stage
                           prefetch: int = 1, frozen_numels: Sequence[int] = (),
                           frozen_units: Optional[Sequence[int]] = None,
                           frozen_dtype: Optional[DtypeLike] = None,
-                          partition_frozen: bool = True) -> Dict[str, int]:
+                          partition_frozen: bool = True,
+                          secondary_shard_ranks: Optional[int] = None) -> Dict[str, int]:
     """Bytes per rank, keyed like ZeroOptimizer.memory_report(): model_params, grads,
     master_params, optimizer_state, frozen_params, comm_buffers, total (their sum), plus
     host_bytes. param_numels are the trainable parameters' element counts (param_numels_of).
@@ -189,7 +190,11 @@ def estimate_model_states(param_numels: Sequence[int], *, world_size: int, stage
     param_units_of) and takes the optimizer's `prefetch`; `total` is between steps, as
     memory_report() counts it, and two more keys give the training peak: live_units (the
     root and the 1 + prefetch largest other units, whole) and peak_total = total +
-    live_units. See [Note: stage 3]."""
+    live_units. With hpZ (secondary_shard="node"), secondary_shard_ranks is the node's rank
+    count: secondary_params is the node-local copy of every non-root unit (its full buffers /
+    that count), held from the forward to the step, so in peak_total and not in total.
+    Hybrid sharding (shard_size=k) holds what plain ZeRO holds at world_size=k. See [Note:
+    stage 3]."""
     _check_common(world_size, stage, optimizer)
     if offload not in (None, "none", "cpu"):
         raise ValueError(f"offload must be None, 'none' or 'cpu', got {offload!r}")
@@ -220,7 +225,8 @@ def estimate_model_states(param_numels: Sequence[int], *, world_size: int, stage
                                 bucket_mb=bucket_mb, max_in_flight=max_in_flight,
                                 gloo=(backend == "gloo"), optimizer=optimizer, prefetch=prefetch,
                                 offload=offloaded, frozen_full={
-                                    u: full for u, (_, full) in frozen_groups.items()})
+                                    u: full for u, (_, full) in frozen_groups.items()},
+                                secondary_shard_ranks=secondary_shard_ranks)
         report["frozen_params"] = (sum(shard for shard, _ in frozen_groups.values())
                                    if partition_frozen else sum(frozen) * frozen_elem)
         return _finish(report)
@@ -273,7 +279,8 @@ def _finish(report: Dict[str, int]) -> Dict[str, int]:
         report["host_bytes"] = sum(host.values())
         report["total"] -= host["master_params"] + host["optimizer_state"] + host["grads"]
     if "live_units" in report:
-        report["peak_total"] = report["total"] + report["live_units"]
+        report["peak_total"] = (report["total"] + report["live_units"]
+                                + report.get("secondary_params", 0))
     return report
 
 
@@ -295,7 +302,8 @@ def _frozen_groups(frozen: List[int], frozen_units: Optional[Sequence[int]], wor
 def _stage3_report(param_numels, units, *, world_size: int, param_dtype: torch.dtype,
                    reduce_dtype: DtypeLike, bucket_mb: Optional[float], max_in_flight: int,
                    gloo: bool, optimizer: str, prefetch: int, offload: bool = False,
-                   frozen_full: Optional[Dict[int, int]] = None) -> Dict[str, int]:
+                   frozen_full: Optional[Dict[int, int]] = None,
+                   secondary_shard_ranks: Optional[int] = None) -> Dict[str, int]:
     numels = _checked_numels(param_numels)
     groups = _unit_groups(numels, units)
     bucket = bucket_elems(bucket_mb, reduce_dtype, sum(numels))  # from the whole model
@@ -319,6 +327,8 @@ def _stage3_report(param_numels, units, *, world_size: int, param_dtype: torch.d
             offload=offload),
         "live_units": full.get(0, 0) + sum(others[:1 + prefetch]),
     }
+    if secondary_shard_ranks:  # hpZ: every non-root unit's node-local part
+        report["secondary_params"] = sum(others) // secondary_shard_ranks
     if offload:
         _offload(report, shard, param_dtype, grad_elem,
                  [b.end - b.start for layout in layouts for b in layout.bucket_ranges],
