@@ -40,7 +40,7 @@ CONFIGS = {
 def run(name: str, options: dict, args) -> dict:
     config = gpt.preset(args.model)
     model = gpt.GPT(config, seed=0)
-    opt = zeroshard.ZeroAdamW(model, lr=1e-4, stage=3, **options)
+    opt = zeroshard.ZeroAdamW(model, lr=1e-4, stage=3, bucket_mb=args.bucket_mb, **options)
     data = gpt.MarkovTokenStream(config.vocab_size, seed=1)
     rank, world = dist.get_rank(), dist.get_world_size()
     seq = args.seq_len or config.default_seq_len
@@ -74,6 +74,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--bucket-mb", type=float, default=None,
+                    help="the optimizers' bucket size (default: automatic, 1/32 of the model)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     dist.init_process_group("gloo")
@@ -81,7 +83,8 @@ def main(argv=None) -> int:
     rows = [run(name, CONFIGS[name], args) for name in args.configs.split(",")]
     if dist.get_rank() == 0:
         plain = next((r for r in rows if r["config"] == "plain"), rows[0])
-        print(f"stage 3, {args.model} ({rows[0]['params']:,} params), "
+        print(f"stage 3, {args.model} ({rows[0]['params']:,} params), bucket_mb "
+              f"{args.bucket_mb or 'auto'}, "
               f"{dist.get_world_size()} ranks as {os.environ.get('LOCAL_WORLD_SIZE')} a node")
         print(f"{'config':22s} {'step s':>8s} {'vs plain':>8s} {'MB across/step':>15s} "
               f"{'vs plain':>8s}")

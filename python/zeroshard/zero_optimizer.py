@@ -21,13 +21,13 @@ also partitions the parameters (param_units.py); the update writes each rank's s
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from .comm.comm_groups import CommGroups
+from .comm.topology_options import TopologyOptions
 from .comm.communicator import Communicator, merged_stats
 from .comm.peer_guard import PeerGuard
 from .comm.rendezvous import bind_rendezvous_device, rendezvous_for
@@ -41,14 +41,13 @@ from .sharding.bucket_reducer import BucketReducer
 from .sharding.buffer_ring import auto_bucket_mb
 from .sharding.exposed_grads import ExposedGrads
 from .sharding.flat_group import FlatGroup
-from .sharding.gradient_checks import GradientChecks
+from .sharding.gradient_checks import GradientChecks, clip_arguments, clip_coefficient
 from .sharding.group_builder import FlatGroupBuilder, adopt_sharded_init, own_shards
 from .sharding.loss_scaler import LossScaler, scaler_for
 from .sharding.owning_modules import install_no_sync, models_want_sync, root_modules
 from .sharding.param_lists import (check_new_group, device_of, name_from_modules,
                                    reject_ddp_wrapped, reject_duplicates, split_names)
 from .sharding.param_units import ParamUnits
-from .sharding.quantized_reduce import QuantizedReduceScatter
 from .sharding.secondary_shards import SecondaryShards
 from .sharding.rank_agreement import RankAgreement, construction_tensors
 from .sharding.state_dicts import StateDicts
@@ -68,13 +67,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
                  shard_size=None, quantize_weights: Optional[str] = None,
                  quantize_grads: Optional[str] = None, secondary_shard: Optional[str] = None,
                  **scaler_kwargs) -> None:
+        # Many machines (docs/many-machines.md): which ranks share a node, and what keeps
+        # bytes off the links between nodes
+        topology = TopologyOptions(node_size, shard_size, secondary_shard, quantize_weights,
+                                   quantize_grads)
         check_options(stage=stage, offload=offload, offload_grad_dtype=offload_grad_dtype,
                       module=module, units=units, prefetch=prefetch,
                       reshard_after_forward=reshard_after_forward,
                       partition_frozen=partition_frozen, bucket_mb=bucket_mb,
-                      reduce_dtype=reduce_dtype, timeout_s=timeout_s, node_size=node_size,
-                      shard_size=shard_size, quantize_weights=quantize_weights,
-                      quantize_grads=quantize_grads, secondary_shard=secondary_shard,
+                      reduce_dtype=reduce_dtype, timeout_s=timeout_s, topology=topology,
                       scaler_kwargs=scaler_kwargs)
         module = model_of(params, module, stage)
         params, self._names = split_names(params)
@@ -83,9 +84,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._building = False
         self.stage = stage
-        self.quantize_weights = quantize_weights  # qwZ: stage 3's forward gathers in int8
-        self.quantize_grads = quantize_grads  # qgZ: the gradient reduce-scatter's hops
-        self.secondary_shard = secondary_shard  # hpZ: backward gathers within the node
+        self.topology_options = topology
         self.partition_frozen = partition_frozen and stage == 3
         self.reduce_dtype = reduce_dtype or torch.float32
         self.offload: Optional[HostOffload] = None  # set once the device is known
@@ -112,10 +111,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         # Which ranks share a node (comm/topology.py): comm_stats() splits bytes by it. With
         # shard_size, state is partitioned within shard groups and replicated across them.
         self.groups = CommGroups.for_optimizer(process_group, self.device, self.timeout_s,
-                                               node_size=node_size, shard_size=shard_size,
-                                               stage=stage, offload=offload,
-                                               quantize_grads=quantize_grads,
-                                               secondary_shard=secondary_shard)
+                                               topology, stage=stage, offload=offload)
         self.topology = self.groups.topology
         self.process_group = self.groups.process_group  # the shard group's
         self.comm: Communicator = self.groups.comm
@@ -170,10 +166,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.reducer.sync_predicate = lambda: models_want_sync(self.modules)  # DDP's switch
         self.reducer.offload = self.offload
         self.reducer.wait_guard = self.peers.wait
-        self.reducer.replicate_over(self.groups)
-        if quantize_grads is not None and self.groups.node_comm is not None:  # qgZ
-            self.reducer.quantized_reduce = QuantizedReduceScatter(
-                self.groups.node_comm, self.groups.cross_comm, bits=int(quantize_grads[3:]))
+        self.reducer.reduce_over(self.groups, topology)
         self.exposed = ExposedGrads(self)
         self.exposed.add_groups(0, self.flat_groups)
         self.grad_checks = GradientChecks(self.flat_groups, self.comm, self.device,
@@ -251,9 +244,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.agreement.check(
             {"stage": self.stage, "bucket_mb": self.bucket_mb,
              "reduce_dtype": str(self.reduce_dtype), "offload": self.offload is not None,
-             "node_size": self.topology.node_size, "shard_size": self.world_size,
-             "quantize_weights": self.quantize_weights,
-             "quantize_grads": self.quantize_grads, "secondary_shard": self.secondary_shard},
+             **self.topology_options.as_dict(), "node_size": self.topology.node_size,
+             "shard_size": self.world_size},
             [(self._names[id(p)], tuple(sharded_init.whole_shape(p)), str(p.dtype),
               bool(p.requires_grad)) for p in params])
 
@@ -381,26 +373,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
         with error_if_nonfinite=True; otherwise the next step() raises, unless fp16 loss scaling
         skips it (where torch would write NaN into every parameter)."""
         self.settle()
-        max_norm, norm_type = float(max_norm), float(norm_type)
-        if not max_norm > 0:
-            raise ValueError(f"max_norm must be > 0, got {max_norm}")
-        if not (norm_type > 0):
-            raise ValueError(f"norm_type must be > 0 or inf, got {norm_type}")
+        max_norm, norm_type = clip_arguments(max_norm, norm_type)
         self.peers.poll(f"{type(self).__name__}.clip_grad_norm_")
         self.exposed.withdraw(remove=False)
         self._reduced()
-        norm = self.grad_checks.global_norm(norm_type)
-        norm /= self.loss_scale
-        if not math.isfinite(norm):
-            if error_if_nonfinite:
-                raise RuntimeError(
-                    f"the total norm of order {norm_type} of the gradients is {norm}, so they "
-                    "cannot be clipped; set error_if_nonfinite=False to leave it to step()")
+        norm = self.grad_checks.global_norm(norm_type) / self.loss_scale
+        coef = clip_coefficient(norm, max_norm, norm_type, error_if_nonfinite)
+        if coef is None:  # step() raises, unless loss scaling skips it
             self._nonfinite_norm = norm
-            return torch.tensor(norm, dtype=torch.float32)
-        coef = max_norm / (norm + 1e-6)
-        self._clip_coef = coef if coef < 1.0 else 1.0
-        self._norm_read = True
+        else:
+            self._clip_coef, self._norm_read = coef, True
         return torch.tensor(norm, dtype=torch.float32)
 
     @torch.no_grad()
@@ -468,23 +450,16 @@ class ZeroOptimizer(torch.optim.Optimizer):
         return loss
 
     def _adopt_changed_params(self) -> None:
-        """Masters kept apart from the parameters take the values a script loaded into the
-        model since (FlatGroup.adopt_changed_params): due before the first step after
-        construction or a load, and with offload after ParamWatch saw a change."""
+        """Masters kept apart from the parameters (with offload: every group's, on the host)
+        take the values a script loaded into the model since (FlatGroup.adopt_changed_params):
+        due before the first step after construction or a load, and with offload after
+        ParamWatch saw a change."""
         self._master_check_due = False
-        for fg, master in self._masters():
-            fg.adopt_changed_params(master)
-
-    def _masters(self):
-        """(fg, fp32 master shard) of every FlatGroup that keeps one apart from its
-        parameters (with offload: every FlatGroup, in host memory)."""
-        if self.offload is not None:
-            for fg, state in zip(self.flat_groups, self.shard_state):
-                yield fg, self.offload.master(fg, state)
-            return
         for fg, state in zip(self.flat_groups, self.shard_state):
-            if state.get("master") is not None:
-                yield fg, state["master"]
+            master = (self.offload.master(fg, state) if self.offload is not None
+                      else state.get("master"))
+            if master is not None:
+                fg.adopt_changed_params(master)
 
     @contextlib.contextmanager
     def full_params(self, writeback: bool = False):

@@ -19,18 +19,19 @@ import torch.distributed as dist
 from .communicator import Communicator, make_communicator
 from .simulated_communicator import simulated_if_asked
 from .topology import Topology, node_groups, shard_groups, topology_of
+from .topology_options import TopologyOptions
 
 
 class CommGroups:
     @classmethod
-    def for_optimizer(cls, process_group, device: torch.device, timeout_s: float, *,
-                      node_size, shard_size, stage: int, offload,
-                      quantize_grads=None, secondary_shard=None) -> "CommGroups":
+    def for_optimizer(cls, process_group, device: torch.device, timeout_s: float,
+                      options: TopologyOptions, *, stage: int, offload) -> "CommGroups":
         """Which ranks share a node (node_size=, else torchrun's), and the groups shard_size=
         asks for (checked: resolved_shard_size)."""
         world = dist.get_world_size() if dist.is_initialized() else 1
-        topology = topology_of(world, node_size)
-        k = resolved_shard_size(shard_size, world, topology.node_size, stage=stage,
+        topology = topology_of(world, options.node_size)
+        quantize_grads, secondary_shard = options.quantize_grads, options.secondary_shard
+        k = resolved_shard_size(options.shard_size, world, topology.node_size, stage=stage,
                                 offload=offload, process_group=process_group)
         if quantize_grads is not None:
             if k != world or process_group is not None:

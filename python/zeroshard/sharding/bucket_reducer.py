@@ -14,7 +14,7 @@ Modes:
 - "reduce_scatter" (stage 2): reduced_grads (shard) += mean over ranks of this rank's slice.
 - "reduce_scatter" with reduce_at_step=True (stage 1): backward only adds into `local_grads`;
   wait() reduce-scatters every bucket once per optimizer step.
-- hybrid sharding (`replicate_over`): as "reduce_scatter" within the shard group, then each
+- hybrid sharding (`reduce_over`): as "reduce_scatter" within the shard group, then each
   reduced slice all-reduced across the replicas before it is added into the shard.
 Ranks pre-divide by the number of ranks averaged over and reduce with SUM (every backend has
 SUM; AVG is not universal).
@@ -55,6 +55,7 @@ from torch.autograd import Variable
 from .buffer_ring import BufferRing, Slot
 from ..comm.communicator import Communicator, Work
 from .flat_group import FlatGroup
+from .quantized_reduce import QuantizedReduceScatter
 from ..comm.side_stream import caller_wait
 
 
@@ -148,14 +149,18 @@ class BucketReducer:
                          for b in reversed(range(self.groups[gi].layout.num_buckets))]
         self.sequence_learned = False
 
-    def replicate_over(self, groups) -> None:
-        """Hybrid sharding (comm_groups.CommGroups): `comm` is the shard group's; each bucket's
-        reduce-scatter is followed by an all-reduce of its slice across the replicas, gradients
-        are averaged over every rank, and every rank (not each shard group's rank 0) decides
-        the launch order, so that replica all-reduces pair the same buckets."""
+    def reduce_over(self, groups, options) -> None:
+        """The communicators of comm_groups.CommGroups. Hybrid sharding: `comm` is the shard
+        group's; each bucket's reduce-scatter is followed by an all-reduce of its slice across
+        the replicas, gradients are averaged over every rank, and every rank (not each shard
+        group's rank 0) decides the launch order, so that replica all-reduces pair the same
+        buckets. qgZ (options.quantize_grads): each reduce-scatter in two quantized hops."""
         self.replica_comm = groups.replica_comm
         self.control_comm = groups.world_comm
         self.average_over = groups.average_over
+        if options.quantize_grads is not None and groups.node_comm is not None:
+            self.quantized_reduce = QuantizedReduceScatter(groups.node_comm, groups.cross_comm,
+                                                           bits=options.grad_bits)
 
     def remove_hooks(self) -> None:
         for h in self._handles:

@@ -11,7 +11,7 @@ gradients are on the device) and whether every rank holds the whole gradient (st
 from __future__ import annotations
 
 import math
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -120,3 +120,26 @@ class GradientChecks:
             updated.append([v > 0 for v in values[at:at + n]])
             at += n
         return values[0] > 0, updated
+
+
+def clip_arguments(max_norm, norm_type) -> Tuple[float, float]:
+    max_norm, norm_type = float(max_norm), float(norm_type)
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm}")
+    if not (norm_type > 0):
+        raise ValueError(f"norm_type must be > 0 or inf, got {norm_type}")
+    return max_norm, norm_type
+
+
+def clip_coefficient(norm: float, max_norm: float, norm_type: float,
+                     error_if_nonfinite: bool) -> Optional[float]:
+    """What the next step scales gradients by (at most 1, as torch.nn.utils.clip_grad_norm_),
+    or None for a non-finite norm (an error here with error_if_nonfinite)."""
+    if not math.isfinite(norm):
+        if error_if_nonfinite:
+            raise RuntimeError(
+                f"the total norm of order {norm_type} of the gradients is {norm}, so they "
+                "cannot be clipped; set error_if_nonfinite=False to leave it to step()")
+        return None
+    coef = max_norm / (norm + 1e-6)
+    return coef if coef < 1.0 else 1.0

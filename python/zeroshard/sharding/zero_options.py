@@ -14,8 +14,7 @@ SCALER_KWARGS = ("initial_scale", "growth_interval", "hysteresis", "min_scale")
 
 def check_options(*, stage: int, offload, offload_grad_dtype, module, units, prefetch,
                   reshard_after_forward, partition_frozen, bucket_mb, reduce_dtype, timeout_s,
-                  node_size, shard_size, quantize_weights, quantize_grads, secondary_shard,
-                  scaler_kwargs: Dict[str, Any]) -> None:
+                  topology, scaler_kwargs: Dict[str, Any]) -> None:
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
     if offload not in (None, "none", "cpu"):
@@ -46,36 +45,7 @@ def check_options(*, stage: int, offload, offload_grad_dtype, module, units, pre
         raise ValueError(f"reduce_dtype must be None, float32, bfloat16 or float16, got {reduce_dtype}")
     if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
         raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
-    if node_size is not None and not (isinstance(node_size, int) and node_size >= 1):
-        raise ValueError(f"node_size must be None (torchrun's LOCAL_WORLD_SIZE) or a whole "
-                         f"number of ranks >= 1, got {node_size!r}")
-    if shard_size is not None and shard_size != "node" and not (
-            isinstance(shard_size, int) and not isinstance(shard_size, bool) and shard_size >= 1):
-        raise ValueError(f"shard_size must be None (every rank: plain ZeRO), 'node' or a whole "
-                         f"number of ranks >= 1, got {shard_size!r}")
-    if quantize_weights not in (None, "int8"):
-        raise ValueError(f"quantize_weights must be None or 'int8', got {quantize_weights!r}")
-    if quantize_weights is not None and stage != 3:
-        raise ValueError("quantize_weights= quantizes stage 3's forward all-gather of the "
-                         f"parameters; stage {stage} gathers the updated shards once per step, "
-                         "exactly: use stage=3, or leave quantize_weights out")
-    if quantize_weights is not None and not reshard_after_forward:
-        raise ValueError("quantize_weights= needs reshard_after_forward=True: a unit kept from "
-                         "forward to backward would take its gradients at quantized weights")
-    if quantize_grads not in (None, "int8", "int4"):
-        raise ValueError(f"quantize_grads must be None, 'int8' or 'int4', got {quantize_grads!r}")
-    if quantize_grads is not None and stage == 0:
-        raise ValueError("quantize_grads= quantizes the gradient reduce-scatter of stages 1-3; "
-                         "stage 0 all-reduces: use stage=1, 2 or 3")
-    if secondary_shard not in (None, "node"):
-        raise ValueError(f"secondary_shard must be None or 'node', got {secondary_shard!r}")
-    if secondary_shard is not None and stage != 3:
-        raise ValueError("secondary_shard= keeps a node-local copy of stage 3's gathered "
-                         f"parameters for backward; stage {stage} does not gather them: use "
-                         "stage=3, or leave secondary_shard out")
-    if secondary_shard is not None and not reshard_after_forward:
-        raise ValueError("secondary_shard= serves backward's gathers; with "
-                         "reshard_after_forward=False units stay gathered for backward anyway")
+    topology.check(stage, reshard_after_forward)
     unknown = set(scaler_kwargs) - set(SCALER_KWARGS)
     if unknown:
         raise TypeError(
