@@ -40,7 +40,8 @@ CONFIGS = {
 def run(name: str, options: dict, args) -> dict:
     config = gpt.preset(args.model)
     model = gpt.GPT(config, seed=0)
-    opt = zeroshard.ZeroAdamW(model, lr=1e-4, stage=3, bucket_mb=args.bucket_mb, **options)
+    opt = zeroshard.ZeroAdamW(model, lr=1e-4, stage=3, bucket_mb=args.bucket_mb or None,
+                              **options)
     data = gpt.MarkovTokenStream(config.vocab_size, seed=1)
     rank, world = dist.get_rank(), dist.get_world_size()
     seq = args.seq_len or config.default_seq_len
@@ -74,8 +75,11 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--bucket-mb", type=float, default=None,
-                    help="the optimizers' bucket size (default: automatic, 1/32 of the model)")
+    # 16 MiB: a few large collectives a step. With the automatic size (1/32 of the model) the
+    # quantized options' many small collectives and kernel calls, 4 ranks sharing 2 cores,
+    # spend more time waiting for a core than the link saves (docs/measured.md).
+    ap.add_argument("--bucket-mb", type=float, default=16.0,
+                    help="every config's bucket size (default 16; 0: automatic)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     dist.init_process_group("gloo")

@@ -530,6 +530,20 @@ class ZeroOptimizer(torch.optim.Optimizer):
             stats.update(self.offload.stats())
         return stats
 
+    def quantization_error(self) -> Dict[str, float]:
+        """ZeRO++'s quantized collectives since the last reset_comm_stats(), per kind
+        ("all_gather": qwZ, "reduce_scatter": qgZ's hops): the relative error
+        ||round trip - values|| / ||values|| over the values this rank quantized and sent to
+        itself (one host sync)."""
+        self.settle()
+        totals: Dict[str, list] = {}
+        for c in self.groups.communicators():
+            for kind, (err, ref) in c.stats.quantization.items():
+                total = totals.setdefault(kind, [0.0, 0.0])
+                total[0] += float(err)
+                total[1] += float(ref)
+        return {k: (err / ref) ** 0.5 if ref > 0 else 0.0 for k, (err, ref) in totals.items()}
+
     def reset_comm_stats(self) -> None:
         self.settle()
         for c in self.groups.communicators():

@@ -101,8 +101,9 @@ def _train(rank, world_size, stage, options, steps):
         opt.clip_grad_norm_(1.0)
         opt.step()
     stats = opt.comm_stats()
+    errors = opt.quantization_error()
     with opt.full_params():
-        return param_snapshot(model), stats
+        return param_snapshot(model), stats, errors
 
 
 @pytest.mark.parametrize("stage,options", [
@@ -113,7 +114,7 @@ def test_training_stays_close_on_identical_ranks(stage, options):
     steps = 4
     quantized = run_distributed(_train, 4, stage, options, steps)
     exact = run_distributed(_train, 4, stage, {}, steps)
-    for snap, _ in quantized[1:]:
+    for snap, _, _ in quantized[1:]:
         for name in snap:
             assert torch.equal(snap[name], quantized[0][0][name]), name
     worst = 0.0
@@ -125,9 +126,17 @@ def test_training_stays_close_on_identical_ranks(stage, options):
         worst = max(worst, diff)
     assert worst > 0
     # every rank's gradient bytes across nodes: the cross hop's, a fraction of the exact ring's
-    q_inter = sum(s["reduce_scatter"]["inter_node_bytes"] for _, s in quantized)
-    e_inter = sum(s["reduce_scatter"]["inter_node_bytes"] for _, s in exact)
+    q_inter = sum(s["reduce_scatter"]["inter_node_bytes"] for _, s, _ in quantized)
+    e_inter = sum(s["reduce_scatter"]["inter_node_bytes"] for _, s, _ in exact)
     assert 0 < q_inter < e_inter * (0.3 if options["quantize_grads"] == "int8" else 0.2)
+    # each quantized collective's relative error, reported: about step / sqrt(12) / rms
+    # (int8: ~1e-2 of a block's largest value, int4: ~1e-1); none without quantization
+    for _, _, errors in quantized:
+        assert 0 < errors["reduce_scatter"] < (0.02 if options["quantize_grads"] == "int8"
+                                               else 0.3), errors
+        if "quantize_weights" in options:
+            assert 0 < errors["all_gather"] < 0.02, errors
+    assert all(errors == {} for _, _, errors in exact)
 
 
 def _refused(rank, world_size, kwargs):

@@ -46,6 +46,18 @@ class CommStats:
     intra_node_bytes: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     inter_node_bytes: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     control_bytes: int = 0
+    # Quantized collectives (ZeRO++): per kind, the squared error of this rank's own values
+    # after the round trip and their squared size (tensors, added on their device: no sync)
+    quantization: Dict[str, list] = field(default_factory=dict)
+
+    def record_quantization(self, kind: str, sent: torch.Tensor, received: torch.Tensor) -> None:
+        sent, received = sent.detach().float(), received.detach().float()
+        err, ref = (received - sent).square().sum(), sent.square().sum()
+        if kind in self.quantization:
+            self.quantization[kind][0] += err
+            self.quantization[kind][1] += ref
+        else:
+            self.quantization[kind] = [err, ref]
 
     def record(self, kind: str, payload_bytes: int, world_size: int,
                crosses_node: bool = False) -> None:

@@ -48,7 +48,8 @@ class _DequantizeAfter(Work):
 
     def __init__(self, work: Work, fulls: List[torch.Tensor], layout: _Layout,
                  gathered: torch.Tensor, sent: torch.Tensor, world_size: int, bits: int,
-                 block: int) -> None:
+                 block: int, comm: Communicator, parts: List[torch.Tensor]) -> None:
+        self._comm, self._parts = comm, parts
         self._work, self._fulls, self._layout = work, fulls, layout
         self._gathered, self._sent = gathered, sent
         self._world_size, self._bits, self._block = world_size, bits, block
@@ -65,7 +66,11 @@ class _DequantizeAfter(Work):
                 q, scales = _Layout.views(message, entry)
                 ops.dequantize(q, scales, n, bits=self._bits, block=self._block,
                                out=full[r * n:(r + 1) * n])
-        self._work = self._fulls = self._gathered = self._sent = None
+        me = self._comm.rank  # this rank's own slices: what quantizing did to them
+        for full, part in zip(self._fulls, self._parts):
+            n = part.numel()
+            self._comm.stats.record_quantization("all_gather", part, full[me * n:(me + 1) * n])
+        self._work = self._fulls = self._gathered = self._sent = self._parts = None
 
     def is_completed(self) -> bool:
         return self._work is None or self._work.is_completed()
@@ -86,4 +91,4 @@ def quantized_all_gather(comm: Communicator, pairs: Sequence[Tuple[torch.Tensor,
     gathered = torch.empty(comm.world_size * layout.nbytes, dtype=torch.int8, device=device)
     work = comm.all_gather(gathered.view(torch.float16), sent.view(torch.float16))
     return _DequantizeAfter(work, [full for full, _ in pairs], layout, gathered, sent,
-                            comm.world_size, bits, block)
+                            comm.world_size, bits, block, comm, [part for _, part in pairs])

@@ -51,6 +51,10 @@ class _Rows:
             ops.quantize(values[r], bits=self.bits, block=self.block, out=self._row(r))
         return self
 
+    def row_values(self, r: int) -> torch.Tensor:
+        q, scales = self._row(r)
+        return ops.dequantize(q, scales, self.n, bits=self.bits, block=self.block)
+
     def add_into(self, acc: torch.Tensor) -> None:
         """acc += every row, dequantized, in row order (fp32)."""
         for r in range(self.rows):
@@ -65,9 +69,10 @@ class _TwoHops(Work):
     """Hop 1 in flight; wait() finishes it, runs hop 2 and leaves the slice in `part`."""
 
     def __init__(self, owner: "QuantizedReduceScatter", work: Work, sent: _Rows,
-                 received: _Rows, part: torch.Tensor) -> None:
+                 received: _Rows, part: torch.Tensor, own_row: torch.Tensor) -> None:
         self._owner, self._work, self._received, self._part = owner, work, received, part
         self._sent = sent  # read by the exchange in flight
+        self._own_row = own_row  # the row this rank sent itself: its hop-1 error is reported
 
     def wait(self) -> None:
         if self._work is None:
@@ -77,14 +82,20 @@ class _TwoHops(Work):
         node_sum = torch.zeros(owner.nodes * part.numel(), dtype=torch.float32,
                                device=part.device)
         self._received.add_into(node_sum)
+        node_comm, cross_comm = owner.node_comm, owner.cross_comm
+        node_comm.stats.record_quantization(
+            "reduce_scatter", self._own_row, self._received.row_values(node_comm.rank))
         out = _Rows(owner.nodes, part.numel(), owner.bits, owner.block, part.device)
-        out.quantize(node_sum.view(owner.nodes, -1))
+        rows = node_sum.view(owner.nodes, -1)
+        out.quantize(rows)
         received = out.like()
-        out.exchange(owner.cross_comm, received).wait()
+        out.exchange(cross_comm, received).wait()
+        cross_comm.stats.record_quantization("reduce_scatter", rows[cross_comm.rank],
+                                             received.row_values(cross_comm.rank))
         acc = torch.zeros(part.numel(), dtype=torch.float32, device=part.device)
         received.add_into(acc)
         part.copy_(acc)
-        self._work = self._received = self._sent = None
+        self._work = self._received = self._sent = self._own_row = None
 
     def is_completed(self) -> bool:
         # hop 1 done: wait() runs hop 2 without waiting on any rank that is not in it too
@@ -111,4 +122,5 @@ class QuantizedReduceScatter:
         sent = _Rows(self.k, self.nodes * slice_numel, self.bits, self.block, full.device)
         sent.quantize(rows)
         received = sent.like()
-        return _TwoHops(self, sent.exchange(self.node_comm, received), sent, received, part)
+        return _TwoHops(self, sent.exchange(self.node_comm, received), sent, received, part,
+                        rows[self.node_comm.rank])
