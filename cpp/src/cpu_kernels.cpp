@@ -180,28 +180,31 @@ void quantize(const void* x, DType dtype, int64_t n, int bits, int64_t block, in
   });
 }
 
-void dequantize(const int8_t* q, const float* scales, int64_t n, int bits, int64_t block,
-                void* out, DType out_dtype) {
+namespace {
+
+// dequantize and dequantize_add: out = (or, accumulating into fp32, out +=) q * scale
+void dequantize_into(const int8_t* q, const float* scales, int64_t n, int bits, int64_t block,
+                     void* out, DType out_dtype, bool accumulate) {
   require_quant_shape(n, bits, block);
   require_buffer(q, n, "q");
   require_buffer(scales, n, "scales");
-  require_buffer(out, n, "out");
+  require_buffer(out, n, accumulate ? "acc" : "out");
   const KernelTable& k = table();
   parallel_for(quantized_blocks(n, block), quant_grain(block), [&](int64_t bb, int64_t be) {
-    k.dequantize(q, scales, n, bits, block, out, out_dtype, false, bb, be);
+    k.dequantize(q, scales, n, bits, block, out, out_dtype, accumulate, bb, be);
   });
+}
+
+}  // namespace
+
+void dequantize(const int8_t* q, const float* scales, int64_t n, int bits, int64_t block,
+                void* out, DType out_dtype) {
+  dequantize_into(q, scales, n, bits, block, out, out_dtype, false);
 }
 
 void dequantize_add(const int8_t* q, const float* scales, int64_t n, int bits, int64_t block,
                     float* acc) {
-  require_quant_shape(n, bits, block);
-  require_buffer(q, n, "q");
-  require_buffer(scales, n, "scales");
-  require_buffer(acc, n, "acc");
-  const KernelTable& k = table();
-  parallel_for(quantized_blocks(n, block), quant_grain(block), [&](int64_t bb, int64_t be) {
-    k.dequantize(q, scales, n, bits, block, acc, DType::f32, true, bb, be);
-  });
+  dequantize_into(q, scales, n, bits, block, acc, DType::f32, true);
 }
 
 }  // namespace zeroshard::cpu

@@ -15,6 +15,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 import zeroshard  # noqa: E402
 from dist_harness import run_distributed  # noqa: E402
+from refusals import refused  # noqa: E402
 from unit_net import make_unit_net  # noqa: E402
 from zero_oracle import TINY_BUCKET_MB, make_batches, mse_loss, param_snapshot, rank_slice  # noqa: E402
 from zeroshard import ops  # noqa: E402
@@ -139,14 +140,6 @@ def test_training_stays_close_on_identical_ranks(stage, options):
     assert all(errors == {} for _, _, errors in exact)
 
 
-def _refused(rank, world_size, kwargs):
-    try:
-        zeroshard.ZeroAdamW(make_unit_net(), lr=1e-3, **kwargs)
-    except (ValueError, NotImplementedError) as e:
-        return str(e)
-    return None
-
-
 @pytest.mark.parametrize("kwargs,message", [
     ({"stage": 0, "quantize_grads": "int8"}, "use stage=1, 2 or 3"),
     ({"stage": 2, "quantize_grads": "int2"}, "must be None, 'int8' or 'int4'"),
@@ -154,5 +147,5 @@ def _refused(rank, world_size, kwargs):
     ({"stage": 2, "quantize_grads": "int8", "offload": "cpu"}, "not built yet"),
 ])
 def test_combinations_not_built_are_refused(kwargs, message):
-    for answer in run_distributed(_refused, 4, kwargs):
+    for answer in run_distributed(refused, 4, kwargs):
         assert answer is not None and message in answer, answer

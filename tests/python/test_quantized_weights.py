@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import zeroshard  # noqa: E402
 from dist_harness import run_distributed  # noqa: E402
+from refusals import refused  # noqa: E402
 from unit_net import make_unit_net  # noqa: E402
 from zero_oracle import (TINY_BUCKET_MB, make_batches, mse_loss, param_snapshot,  # noqa: E402
                          rank_slice)
@@ -129,14 +130,6 @@ def test_training_stays_close_to_exact_gathers_on_identical_ranks(world_size, op
     assert worst > 0  # the option did something
 
 
-def _refused(rank, world_size, kwargs):
-    try:
-        zeroshard.ZeroAdamW(make_unit_net(), lr=1e-3, **kwargs)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
 @pytest.mark.parametrize("kwargs,message", [
     ({"stage": 2, "quantize_weights": "int8"}, "use stage=3"),
     ({"stage": 3, "quantize_weights": "int8", "reshard_after_forward": False},
@@ -144,5 +137,5 @@ def _refused(rank, world_size, kwargs):
     ({"stage": 3, "quantize_weights": "int4"}, "must be None or 'int8'"),
 ])
 def test_combinations_that_cannot_work_are_refused(kwargs, message):
-    answer = _refused(0, 1, kwargs)
+    answer = refused(0, 1, kwargs)
     assert answer is not None and message in answer, answer

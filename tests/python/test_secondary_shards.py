@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import zeroshard  # noqa: E402
 from dist_harness import run_distributed  # noqa: E402
+from refusals import refused  # noqa: E402
 from test_zero_stage3 import _check_against_oracle  # noqa: E402
 from unit_net import make_unit_net  # noqa: E402
 from zero_oracle import TINY_BUCKET_MB, make_batches, mse_loss, rank_slice  # noqa: E402
@@ -80,13 +81,7 @@ def test_backward_gathers_stay_in_the_node_and_the_copies_are_reported():
     ({"stage": 3, "secondary_shard": "node", "shard_size": 2}, "use one or the other"),
 ])
 def test_combinations_that_cannot_work_are_refused(kwargs, message):
-    for answer in run_distributed(_refused, 4, kwargs):
+    for answer in run_distributed(refused, 4, kwargs):
         assert answer is not None and message in answer, answer
 
 
-def _refused(rank, world_size, kwargs):
-    try:
-        zeroshard.ZeroAdamW(make_unit_net(), lr=1e-3, **kwargs)
-    except ValueError as e:
-        return str(e)
-    return None
