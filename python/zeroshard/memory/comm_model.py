@@ -13,20 +13,16 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence
 
 from .. import _core
+from ..sharding.quantized_gather import message_piece
 from .estimate import _checked_numels, _dtype, _elem_size, _layout, _unit_groups, bucket_elems
 
 KINDS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast")
-QUANT_BLOCK = 2048
-
-
-def _padded4(n: int) -> int:
-    return -(-n // 4) * 4
 
 
 def _message(n: int, bits: int) -> int:
-    """Bytes of n values block-quantized: the bytes padded to 4, then one fp32 scale a block."""
-    q = n if bits == 8 else (n + 1) // 2
-    return _padded4(q) + 4 * -(-n // QUANT_BLOCK)
+    """Bytes of n values block-quantized as the quantized collectives send them."""
+    _, q_stride, blocks = message_piece(n, bits)
+    return q_stride + 4 * blocks
 
 
 class _Tally:

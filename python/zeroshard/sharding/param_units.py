@@ -348,23 +348,23 @@ class ParamUnits:
                 tag_work = None
             else:
                 tags = (tags, code)
-        pairs = []
         for fg in u.groups:
             fg.materialize()
-            for b, (b_start, b_end) in enumerate(fg.bucket_ranges):
-                s_start, s_end, s0 = fg.bucket_slice(b)
-                pairs.append((fg.flat_param[b_start:b_end],
-                              fg.shard_param[s0:s0 + (s_end - s_start)]))
         # A unit's buffers are freed only after its gather is waited (free() finishes a pending
         # one), so the caller's stream orders their reuse: no record_stream (see Communicator).
         if (self.secondary is not None and not u.is_root and self._in_backward()
                 and self.secondary.has(u.groups)):
             work = self.secondary.comm.all_gather_buckets(self.secondary.gather_pairs(u.groups),
                                                           record_outputs=False)
-        elif self.quantize_weights and self._forward_gathers and not u.is_root:
-            work = quantized_all_gather(self.comm, pairs, bits=8)
-        else:
-            work = self.comm.all_gather_buckets(pairs, record_outputs=False)
+        else:  # every rank's shard of every bucket
+            pairs = [(fg.flat_param[b_start:b_end], fg.shard_param[s0:s0 + (s_end - s_start)])
+                     for fg in u.groups
+                     for b, (b_start, b_end) in enumerate(fg.bucket_ranges)
+                     for s_start, s_end, s0 in [fg.bucket_slice(b)]]
+            if self.quantize_weights and self._forward_gathers and not u.is_root:
+                work = quantized_all_gather(self.comm, pairs, bits=8)
+            else:
+                work = self.comm.all_gather_buckets(pairs, record_outputs=False)
         u.pending = (tag_work, tags, work)
         alive = sum(1 for v in self.units if v.gathered and not v.is_root)
         self.peak_alive = max(self.peak_alive, alive)

@@ -19,8 +19,15 @@ from .. import ops
 from ..comm.communicator import Communicator, Work
 
 
-def _padded(n: int) -> int:
-    return -(-n // 4) * 4
+QUANT_BLOCK = 2048  # elements a scale covers, unless a caller says otherwise
+
+
+def message_piece(n: int, bits: int, block: int = QUANT_BLOCK) -> Tuple[int, int, int]:
+    """(q bytes, q bytes padded to 4, scales) of n quantized values in a message: the bytes,
+    padded so the fp32 scales after them stay aligned, then one scale a block. The layout
+    of qwZ's messages and of qgZ's rows (quantized_reduce.py), and of comm_model's bytes."""
+    q_bytes = ops.quantized_bytes(n, bits)
+    return q_bytes, -(-q_bytes // 4) * 4, ops.quantized_blocks(n, block)
 
 
 class _Layout:
@@ -30,9 +37,9 @@ class _Layout:
         self.entries = []  # (numel, q_offset, q_bytes, scales_offset, blocks)
         offset = 0
         for n in numels:
-            q_bytes, blocks = ops.quantized_bytes(n, bits), ops.quantized_blocks(n, block)
-            self.entries.append((n, offset, q_bytes, offset + _padded(q_bytes), blocks))
-            offset += _padded(q_bytes) + 4 * blocks
+            q_bytes, q_stride, blocks = message_piece(n, bits, block)
+            self.entries.append((n, offset, q_bytes, offset + q_stride, blocks))
+            offset += q_stride + 4 * blocks
         self.nbytes = offset
 
     @staticmethod
@@ -77,7 +84,7 @@ class _DequantizeAfter(Work):
 
 
 def quantized_all_gather(comm: Communicator, pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]],
-                         *, bits: int = 8, block: int = 2048) -> Work:
+                         *, bits: int = 8, block: int = QUANT_BLOCK) -> Work:
     """all_gather(full, part) for each pair, through block quantization, as one collective (see
     the module note). Counted in comm.stats as one all_gather of the messages."""
     pairs = list(pairs)

@@ -20,10 +20,7 @@ import torch
 
 from .. import ops
 from ..comm.communicator import Communicator, Work
-
-
-def _padded(n: int) -> int:
-    return -(-n // 4) * 4
+from .quantized_gather import QUANT_BLOCK, message_piece
 
 
 class _Rows:
@@ -33,8 +30,7 @@ class _Rows:
 
     def __init__(self, rows: int, n: int, bits: int, block: int, device) -> None:
         self.rows, self.n, self.bits, self.block = rows, n, bits, block
-        self.q_bytes, self.blocks = ops.quantized_bytes(n, bits), ops.quantized_blocks(n, block)
-        self.q_stride = _padded(self.q_bytes)
+        self.q_bytes, self.q_stride, self.blocks = message_piece(n, bits, block)
         self.stride = self.q_stride + 4 * self.blocks
         self.buffer = torch.zeros(rows * self.stride, dtype=torch.int8, device=device)
 
@@ -104,7 +100,7 @@ class _TwoHops(Work):
 
 class QuantizedReduceScatter:
     def __init__(self, node_comm: Communicator, cross_comm: Communicator, bits: int,
-                 block: int = 2048) -> None:
+                 block: int = QUANT_BLOCK) -> None:
         self.node_comm, self.cross_comm = node_comm, cross_comm
         self.k, self.nodes = node_comm.world_size, cross_comm.world_size
         self.bits, self.block = bits, block
