@@ -141,3 +141,37 @@ def _checkpoint_refused(rank, world_size, path):
 def test_sharded_checkpoints_say_what_to_use_instead(tmp_path):
     for message, ok in run_distributed(_checkpoint_refused, 4, str(tmp_path / "ck")):
         assert message is not None and "full_state_dict()" in message and ok
+
+
+def _torch_idioms(rank, world_size):
+    """A user's own loop: model.zero_grad(), loss.backward(), torch's clip_grad_norm_ on the
+    model's parameters, opt.step(); saving on rank 0 only."""
+    from zero_oracle import mse_loss, rank_slice
+    model = make_model()
+    opt = build_optimizer("zeroshard", "AdamW", model.parameters(), stage=2,
+                          bucket_mb=TINY_BUCKET_MB, shard_size=2)
+    norms = []
+    for tokens, target in make_batches(STEPS):
+        model.zero_grad(set_to_none=True)
+        mse_loss(model, rank_slice(tokens, rank, world_size),
+                 rank_slice(target, rank, world_size)).backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05).clone())
+        opt.step()
+    if rank == 0:
+        torch.save(opt.state_dict(), os.devnull)  # rank 0 alone: not a collective
+    return param_snapshot(model), norms
+
+
+def test_torch_clip_grad_norm_counts_replicas_once():
+    expected_params, expected_norms = _oracle_with_norms(0.05)
+    for params, norms in run_distributed(_torch_idioms, 4):
+        assert_params_close(params, expected_params, "torch clip, shard_size=2")
+        for got, want in zip(norms, expected_norms):
+            torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
+
+
+def _oracle_with_norms(clip):
+    model = make_model()
+    norms = train_oracle(model, oracle_optimizer("AdamW", model.parameters()),
+                         make_batches(STEPS), clip=clip)
+    return param_snapshot(model), norms
