@@ -111,7 +111,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         # Which ranks share a node (comm/topology.py): comm_stats() splits bytes by it. With
         # shard_size, state is partitioned within shard groups and replicated across them.
         self.groups = CommGroups.for_optimizer(process_group, self.device, self.timeout_s,
-                                               topology, stage=stage, offload=offload)
+                                               topology, stage=stage)
         self.topology = self.groups.topology
         self.process_group = self.groups.process_group  # the shard group's
         self.comm: Communicator = self.groups.comm

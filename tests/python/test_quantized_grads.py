@@ -144,7 +144,6 @@ def test_training_stays_close_on_identical_ranks(stage, options):
     ({"stage": 0, "quantize_grads": "int8"}, "use stage=1, 2 or 3"),
     ({"stage": 2, "quantize_grads": "int2"}, "must be None, 'int8' or 'int4'"),
     ({"stage": 2, "quantize_grads": "int8", "shard_size": 2}, "does not combine with shard_size"),
-    ({"stage": 2, "quantize_grads": "int8", "offload": "cpu"}, "not built yet"),
 ])
 def test_combinations_not_built_are_refused(kwargs, message):
     for answer in run_distributed(refused, 4, kwargs):

@@ -54,13 +54,24 @@ __all__ = ["save", "load", "CheckpointError"]
 class _Ranks:
     """The ranks taking part in one save/load and the few object collectives it needs, all
     through the group's Rendezvous: a rank that skips the call makes the others fail fast (or
-    after timeout_s) instead of hanging them."""
+    after timeout_s) instead of hanging them.
+
+    With hybrid sharding (shard_size=k) every rank of the world takes part, but the replicas
+    hold the same shards: only the first shard group (global ranks 0..k-1) writes rank files,
+    so a checkpoint has k of them, laid out as a plain run at world size k would write them,
+    and loads at any world size and shard_size."""
 
     def __init__(self, optimizer: Optional[ZeroOptimizer], timeout_s: float) -> None:
         group = None
+        self.writes_shards = True
         if optimizer is not None:
-            group = getattr(optimizer.comm, "group", None)
-            self.rank, self.world_size = optimizer.comm.rank, optimizer.comm.world_size
+            groups = getattr(optimizer, "groups", None)
+            every = groups.world_comm if groups is not None else optimizer.comm
+            group = getattr(every, "group", None)
+            self.rank, self.world_size = every.rank, every.world_size
+            self.shard_rank, self.shard_world = optimizer.comm.rank, optimizer.comm.world_size
+            replica = getattr(groups, "replica_comm", None)
+            self.writes_shards = replica is None or replica.rank == 0
         elif dist.is_available() and dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         else:
@@ -111,11 +122,6 @@ def _check_args(path, model, optimizer) -> str:
     if optimizer is not None and not isinstance(optimizer, ZeroOptimizer):
         raise TypeError(f"optimizer must be a zeroshard optimizer (ZeroAdamW, ZeroSGD...), got "
                         f"{type(optimizer).__name__}; save a torch.optim optimizer with torch.save")
-    if optimizer is not None and getattr(getattr(optimizer, "groups", None), "replicas", 1) > 1:
-        raise NotImplementedError(
-            "zeroshard.checkpoint does not save or load hybrid-sharded optimizers (shard_size=) "
-            "yet: save opt.full_state_dict() (every rank calls it; it loads at any world size "
-            "and shard_size) and the model's state_dict instead")
     if optimizer is not None and hasattr(optimizer, "inner"):
         raise NotImplementedError("ZeroRedundancy keeps its state in an inner torch optimizer, "
                                   "which zeroshard.checkpoint does not save yet; use "
@@ -299,8 +305,9 @@ def save(path, *, model: torch.nn.Module, optimizer: Optional[ZeroOptimizer] = N
 
     info, error = {}, None
     try:
-        if optimizer is not None:
-            info["rank_file"] = _write_rank_file(directory, optimizer, ranks.rank, ranks.world_size)
+        if optimizer is not None and ranks.writes_shards:
+            info["rank_file"] = _write_rank_file(directory, optimizer, ranks.shard_rank,
+                                                 ranks.shard_world)
         if rng:
             state = {"torch": torch.get_rng_state(), "python": random.getstate()}
             if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -343,8 +350,7 @@ def save(path, *, model: torch.nn.Module, optimizer: Optional[ZeroOptimizer] = N
                     "loss_scaler": optimizer.scaler_state(),
                     "flat_groups": [_group_meta(optimizer, g, names)
                                     for g in range(len(optimizer.flat_groups))],
-                    "rank_files": [dict(i["rank_file"], file=fmt.rank_file_name(r, ranks.world_size))
-                                   for r, (i, _) in enumerate(everyone)]},
+                    "rank_files": _rank_file_indexes(everyone, ranks.shard_world)},
             }
             _commit(path, directory, meta)
         except Exception as e:
@@ -353,6 +359,15 @@ def save(path, *, model: torch.nn.Module, optimizer: Optional[ZeroOptimizer] = N
     if error is not None:
         raise CheckpointError(f"saving {path} failed; the previous checkpoint there is intact. "
                               + error)
+
+
+def _rank_file_indexes(everyone, shard_world: int) -> List[Dict[str, Any]]:
+    """The written rank files' indexes in shard-rank order: every rank's (plain ZeRO), or the
+    first shard group's (hybrid sharding; its ranks are global ranks 0..k-1, in order)."""
+    written = [i["rank_file"] for i, _ in everyone if "rank_file" in i]
+    assert len(written) == shard_world, (len(written), shard_world)
+    return [dict(index, file=fmt.rank_file_name(r, shard_world))
+            for r, index in enumerate(written)]
 
 
 def _zeroshard_version() -> str:

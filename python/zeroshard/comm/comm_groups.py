@@ -25,14 +25,14 @@ from .topology_options import TopologyOptions
 class CommGroups:
     @classmethod
     def for_optimizer(cls, process_group, device: torch.device, timeout_s: float,
-                      options: TopologyOptions, *, stage: int, offload) -> "CommGroups":
+                      options: TopologyOptions, *, stage: int) -> "CommGroups":
         """Which ranks share a node (node_size=, else torchrun's), and the groups shard_size=
         asks for (checked: resolved_shard_size)."""
         world = dist.get_world_size() if dist.is_initialized() else 1
         topology = topology_of(world, options.node_size)
         quantize_grads, secondary_shard = options.quantize_grads, options.secondary_shard
         k = resolved_shard_size(options.shard_size, world, topology.node_size, stage=stage,
-                                offload=offload, process_group=process_group)
+                                process_group=process_group)
         if quantize_grads is not None:
             if k != world or process_group is not None:
                 raise NotImplementedError(
@@ -41,8 +41,6 @@ class CommGroups:
             if device.type == "cuda":
                 raise NotImplementedError("quantize_grads= runs on gloo (CPU tensors) so far: "
                                           "its all-to-all hops are not built for NCCL yet")
-            if offload == "cpu":
-                raise NotImplementedError("quantize_grads= with offload='cpu' is not built yet")
         if secondary_shard is not None and (k != world or process_group is not None):
             raise ValueError("secondary_shard= keeps a node-local copy of parameters sharded "
                              "over every rank of the default group; with shard_size= every "
@@ -94,10 +92,10 @@ class CommGroups:
         return seen
 
 
-def resolved_shard_size(shard_size, world_size: int, node_size: int, *, stage: int, offload,
+def resolved_shard_size(shard_size, world_size: int, node_size: int, *, stage: int,
                         process_group) -> int:
     """Ranks each shard group holds (world_size: plain ZeRO, no replicas), with the hybrid
-    combinations not built yet refused, each naming what to use instead."""
+    combinations that cannot work refused, each naming what to use instead."""
     if shard_size is None:
         return world_size
     k = node_size if shard_size == "node" else shard_size
@@ -114,7 +112,4 @@ def resolved_shard_size(shard_size, world_size: int, node_size: int, *, stage: i
     if stage == 0:
         raise ValueError("stage 0 replicates everything already: shard_size= applies to stages "
                          "1-3")
-    if offload == "cpu":
-        raise NotImplementedError("shard_size= with offload='cpu' is not built yet: use one "
-                                  "or the other")
     return k

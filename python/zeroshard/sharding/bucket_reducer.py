@@ -409,21 +409,23 @@ class BucketReducer:
                 part = slot.view("part", s_end - s_start)
                 work = self.comm.reduce_scatter(part, data, scratch=scratch)
 
+            def add_into_shard(written_by: Work) -> None:
+                if self.offload is not None:  # to the host shard, while backward goes on
+                    fence = self.offload.land(group, b, shard, part, after=written_by.done_event)
+                    if fence is not None:
+                        slot.fence = fence
+                elif not into_shard:
+                    shard.add_(part)
+
             def finish():
                 if source == "local":
                     data.zero_()
                 if in_place:
                     group.shard_in_local = True
                 if self.replica_comm is not None:  # hybrid: then across the replicas
-                    def add_replicas_sum() -> None:
-                        shard.add_(part)
-                    return self.replica_comm.all_reduce(part), add_replicas_sum
-                if self.offload is not None:  # to the host shard, while backward goes on
-                    fence = self.offload.land(group, b, shard, part, after=work.done_event)
-                    if fence is not None:
-                        slot.fence = fence
-                elif not into_shard:
-                    shard.add_(part)
+                    across = self.replica_comm.all_reduce(part)
+                    return across, lambda: add_into_shard(across)
+                add_into_shard(work)
         self._track(work, finish, slot)
         if self.on_launch is not None:
             self.on_launch(group)
