@@ -131,7 +131,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.builder = FlatGroupBuilder(
             self.param_groups, self._names, rank=self.rank, world_size=self.world_size,
             stage=stage, bucket_elems=self.bucket_elems, reduce_dtype=self.reduce_dtype,
-            device=self.device, process_group=process_group,
+            device=self.device, process_group=self.process_group,
             host_zeros=self.offload.zeros if self.offload is not None else None,
             broadcast=self.agreement.broadcast)
         self.flat_groups: List[FlatGroup] = []

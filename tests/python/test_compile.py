@@ -37,14 +37,15 @@ def _compiled(model, how: str, backend: str):
     return model
 
 
-def _train(rank, world_size, how, stage, offload, backend, checkpointing):
+def _train(rank, world_size, how, stage, offload, backend, checkpointing, options=None):
     torch._dynamo.reset()
     model = make_unit_net(0, checkpointing=checkpointing)
     if world_size == 0:  # the reference: one process, the whole batch
         opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
     else:
         opt = zeroshard.ZeroAdamW(model if stage == 3 else model.parameters(), lr=LR,
-                                  weight_decay=0.1, stage=stage, offload=offload)
+                                  weight_decay=0.1, stage=stage, offload=offload,
+                                  **(options or {}))
     run = _compiled(model, how, backend)
     losses = []
     with warnings.catch_warnings(record=True) as caught:
@@ -70,10 +71,11 @@ def _train(rank, world_size, how, stage, offload, backend, checkpointing):
     ("whole", 3, None, "aot_eager", "nonreentrant", 2), ("whole", 2, None, "aot_eager", "", 2),
     ("whole", 0, None, "aot_eager", "", 2), ("blocks", 1, None, "aot_eager", "", 2),
     ("blocks", 2, "cpu", "aot_eager", "", 2), ("whole", 3, None, "inductor", "", 2)])
-def test_compiled_model_trains_like_ddp(how, stage, offload, backend, checkpointing, world_size):
+def test_compiled_model_trains_like_ddp(how, stage, offload, backend, checkpointing, world_size,
+                                        options=None):
     want_losses, want, _ = _train(0, 0, how, stage, offload, backend, checkpointing)
     per_rank = run_distributed(_train, world_size, how, stage, offload, backend, checkpointing,
-                               timeout_s=300)
+                               options, timeout_s=300)
     # Each rank's loss is over its equal part of the batch: their mean is the whole batch's.
     losses = torch.tensor([losses for losses, _, _ in per_rank]).mean(0)
     torch.testing.assert_close(losses, torch.tensor(want_losses), rtol=1e-5, atol=1e-7)
@@ -82,3 +84,13 @@ def test_compiled_model_trains_like_ddp(how, stage, offload, backend, checkpoint
         assert not traced, traced  # zeroshard's hooks stay out of Dynamo's way
         for name, value in want.items():
             torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("stage,options", [
+    (3, {"shard_size": 2}), (2, {"shard_size": 2, "offload": "cpu"}),
+    (3, {"secondary_shard": "node", "node_size": 2})])
+def test_compiled_model_with_hybrid_sharding_or_hpz_trains_like_ddp(stage, options):
+    """Exact options at 4 ranks (2 shard groups of 2; hpZ on 2 nodes of 2), under Dynamo."""
+    options = dict(options)
+    offload = options.pop("offload", None)
+    test_compiled_model_trains_like_ddp("whole", stage, offload, "aot_eager", "", 4, options)

@@ -46,11 +46,25 @@ class Offloaded(int):
         return (Offloaded, (int(self),))
 
 
+class Hybrid(int):
+    """A stage hybrid-sharded over shard groups of 1 rank (at 2 ranks: 2 replicas), shown as
+    "2+hybrid": the replica all-reduce and the every-rank agreement in a user's idioms."""
+    options = {"shard_size": 1}
+
+    def __str__(self) -> str:
+        return f"{int(self)}+hybrid"
+
+    __repr__ = __str__
+
+    def __reduce__(self):
+        return (Hybrid, (int(self),))
+
+
 def _zero(model, stage, **kw):
     # Stage 3 gathers parameters module by module: it takes the model itself.
     return zeroshard.ZeroAdamW(model if stage == 3 else model.parameters(), stage=int(stage),
                                bucket_mb=SMALL_BUCKET_MB, offload=getattr(stage, "offload", None),
-                               **HYPER, **kw)
+                               **HYPER, **getattr(stage, "options", {}), **kw)
 
 
 def _snap(model, opt):
@@ -77,7 +91,7 @@ def _train_after_to(rank, world_size, stage):
     return _snap(model, opt)
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3, Offloaded(2), Offloaded(3)])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3, Offloaded(2), Offloaded(3), Hybrid(3)])
 def test_model_moved_after_construction_still_trains(stage):
     per_rank = run_distributed(_train_after_to, 2, stage)
     assert_ranks_identical(per_rank, f"stage {stage}")
@@ -322,7 +336,7 @@ def _torch_idioms(rank, world_size, stage, use_scaler, foreach):
     return _snap(model, opt), torch.stack(norms)
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2, 3, Offloaded(1), Offloaded(3)])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3, Offloaded(1), Offloaded(3), Hybrid(2), Hybrid(3)])
 @pytest.mark.parametrize("use_scaler", [False, True])
 def test_torch_clip_grad_norm_and_grad_scaler(stage, use_scaler):
     per_rank = run_distributed(_torch_idioms, 2, stage, use_scaler, None)
@@ -351,7 +365,7 @@ def _overflow_skips_everywhere(rank, world_size, stage):
     return _snap(model, opt), before, scaler.get_scale()
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3, Offloaded(2)])
+@pytest.mark.parametrize("stage", [0, 2, 3, Offloaded(2), Hybrid(3)])
 def test_grad_scaler_overflow_on_one_rank_skips_on_all(stage):
     for after, before, scale in run_distributed(_overflow_skips_everywhere, 2, stage):
         assert_params_close(after, before, "skipped step", rtol=0, atol=0)

@@ -43,6 +43,9 @@ PER_DEVICE_BATCH = 4
 SEQ_LEN = 16
 MAX_GRAD_NORM = 0.05  # below every step's gradient norm here: clipping is active throughout
 STAGES = (0, 1, 2, 3)
+HYBRID = {"shard_size": "node", "node_size": 1}
+ZERO_PP = {"node_size": 1, "secondary_shard": "node", "quantize_weights": "int8",
+           "quantize_grads": "int8"}
 SAMPLES = STEPS * GRAD_ACCUM * PER_DEVICE_BATCH * WORLD_SIZE  # one epoch is the whole run
 
 
@@ -136,12 +139,13 @@ def _oracle_run(tmp):
                                          torch.nn.parallel.DistributedDataParallel)}
 
 
-def _zero_run(tmp, stage, offload=None):
+def _zero_run(tmp, stage, offload=None, options=None):
     model = _tiny_gpt2()
     counter = _ReductionCounter()
     trainer = ZeroTrainer(model=model, args=_training_args(tmp, save=True),
                           train_dataset=_Sequences(SAMPLES), callbacks=[counter],
-                          zero_stage=stage, zero_kwargs={"timeout_s": 60, "offload": offload})
+                          zero_stage=stage, zero_kwargs={"timeout_s": 60, "offload": offload,
+                                                         **(options or {})})
     counter.trainer = trainer
     trainer.train()
     return {**_logged(trainer), "weights": _weights(model, trainer),
@@ -170,11 +174,11 @@ def _given_optimizer_run(tmp):
     return {**_logged(trainer), "weights": _weights(model)}
 
 
-def _resumed_run(tmp, checkpoint, stage, offload=None):
+def _resumed_run(tmp, checkpoint, stage, offload=None, options=None):
     model = _tiny_gpt2()  # fresh weights: the checkpoint must bring back everything
     trainer = ZeroTrainer(model=model, args=_training_args(tmp, save=False),
                           train_dataset=_Sequences(SAMPLES), zero_stage=stage,
-                          zero_kwargs={"timeout_s": 60, "offload": offload})
+                          zero_kwargs={"timeout_s": 60, "offload": offload, **(options or {})})
     trainer.train(resume_from_checkpoint=checkpoint)
     return {**_logged(trainer), "weights": _weights(model, trainer),
             "checkpoint_files": sorted(os.listdir(checkpoint))}
@@ -214,6 +218,12 @@ def _all_runs(rank, world_size, tmp):
     _part(results, "offload2", _zero_run, os.path.join(tmp, "offload2"), 2, "cpu")
     _part(results, "resumed_offload2", _resumed_run, os.path.join(tmp, "resumed_offload2"),
           os.path.join(tmp, "zero2", f"checkpoint-{SAVE_AT}"), 2, "cpu")
+    # Many machines' options through zero_kwargs, 2 ranks as 2 nodes of 1: hybrid sharding
+    # (exact; its checkpoint resumes) and ZeRO++ (quantized).
+    _part(results, "hybrid3", _zero_run, os.path.join(tmp, "hybrid3"), 3, None, HYBRID)
+    _part(results, "resumed_hybrid3", _resumed_run, os.path.join(tmp, "resumed_hybrid3"),
+          os.path.join(tmp, "hybrid3", f"checkpoint-{SAVE_AT}"), 3, None, HYBRID)
+    _part(results, "zeropp3", _zero_run, os.path.join(tmp, "zeropp3"), 3, None, ZERO_PP)
     _part(results, "given", _given_optimizer_run, os.path.join(tmp, "given"))
     # Last: it leaves a DDP-wrapped model behind.
     _part(results, "plain", _plain_trainer_run, os.path.join(tmp, "plain"))
@@ -266,6 +276,34 @@ def test_zero_trainer_with_cpu_offload_trains_what_stage2_trains(runs):
         for run, what in ((offload, "offloaded"), (resumed, "resumed offloaded")):
             _assert_same_weights(run[rank]["weights"], zero2[rank]["weights"],
                                  f"rank {rank}: {what} vs stage 2", rtol=0, atol=0)
+
+
+def test_zero_trainer_with_hybrid_sharding_matches_and_resumes(runs):
+    """zero_kwargs={"shard_size": "node"} (2 replicas of 1 rank): the Trainer's AdamW's numbers,
+    as stage 3 gives them, and its checkpoint resumes to the uninterrupted run's weights."""
+    oracle = _ok(runs, "oracle")[0]
+    hybrid, resumed = _ok(runs, "hybrid3"), _ok(runs, "resumed_hybrid3")
+    assert hybrid[0]["final_reductions"] and hybrid[0]["stage"] == 3
+    torch.testing.assert_close(hybrid[0]["loss"], oracle["loss"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(hybrid[0]["grad_norm"], oracle["grad_norm"], rtol=1e-5, atol=0)
+    _assert_same_weights(hybrid[0]["weights"], oracle["weights"], "hybrid vs AdamW",
+                         rtol=1e-4, atol=1e-5)
+    assert OPTIMIZER_SHARDS_DIR in resumed[0]["checkpoint_files"]
+    torch.testing.assert_close(resumed[0]["loss"], hybrid[0]["loss"], rtol=1e-6, atol=0)
+    for rank in range(WORLD_SIZE):
+        _assert_same_weights(resumed[rank]["weights"], hybrid[rank]["weights"],
+                             f"rank {rank}: hybrid resumed vs uninterrupted", rtol=0, atol=0)
+
+
+def test_zero_trainer_with_zero_plus_plus_trains(runs):
+    """hpZ + qwZ + qgZ(int8) through zero_kwargs: quantized, so not the oracle's numbers, but
+    every logged loss within 2% of them, and the ranks agree on the weights."""
+    oracle = _ok(runs, "oracle")[0]
+    zeropp = _ok(runs, "zeropp3")
+    assert zeropp[0]["loss"] != oracle["loss"]
+    torch.testing.assert_close(zeropp[0]["loss"], oracle["loss"], rtol=2e-2, atol=0)
+    _assert_same_weights(zeropp[1]["weights"], zeropp[0]["weights"], "rank 1 vs rank 0",
+                         rtol=0, atol=0)
 
 
 def test_zero_trainer_with_an_optimizer_built_before_the_trainer(runs):

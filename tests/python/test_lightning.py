@@ -52,20 +52,24 @@ CLIP = 0.05  # below every step's gradient norm here: clipping is active through
 MICRO_BATCHES = EPOCHS * STEPS_PER_EPOCH * GRAD_ACCUM  # per rank, the whole run
 
 
+HYBRID = {"shard_size": "node", "node_size": 1}
+ZERO_PP = {"node_size": 1, "secondary_shard": "node", "quantize_weights": "int8",
+           "quantize_grads": "int8"}
+
 # ---- the user's script --------------------------------------------------------------------------
 
 class Net(pl.LightningModule):
     """A few Linear layers, the blocks in an nn.ModuleList (stage 3's units). stage=None: the
     stock torch.optim.AdamW."""
 
-    def __init__(self, stage=None, offload=None, seed=0):
+    def __init__(self, stage=None, offload=None, seed=0, options=None):
         super().__init__()
         torch.manual_seed(seed)
         self.stem = torch.nn.Linear(IN, HIDDEN)
         self.blocks = torch.nn.ModuleList(
             torch.nn.Sequential(torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.Tanh()) for _ in range(2))
         self.head = torch.nn.Linear(HIDDEN, OUT)
-        self.stage, self.offload = stage, offload
+        self.stage, self.offload, self.options = stage, offload, options or {}
         self.losses, self.batches, self.clip_calls = [], [], 0
 
     def forward(self, x):
@@ -92,7 +96,7 @@ class Net(pl.LightningModule):
         else:
             opt = zeroshard.ZeroAdamW(self if self.stage == 3 else self.parameters(),
                                       stage=self.stage, offload=self.offload, timeout_s=60,
-                                      **hyper)
+                                      **hyper, **self.options)
             clip = opt.clip_grad_norm_
 
             def counted_clip(*args, **kwargs):  # is gradient_clip_val routed here?
@@ -232,9 +236,9 @@ def _oracle_run(world_size, root):
     return {**out, "grad_norms": norms.norms, "wrapped_in_ddp": all(norms.wrapped_in_ddp)}
 
 
-def _zero_run(world_size, root, stage, offload=None, save_after_epoch_0=False):
+def _zero_run(world_size, root, stage, offload=None, save_after_epoch_0=False, options=None):
     counter = ReductionCounter()
-    module = Net(stage=stage, offload=offload)
+    module = Net(stage=stage, offload=offload, options=options)
     trainer, out = _fit(module, ZeroStrategy(), world_size, root,
                         callbacks=[counter, _checkpointing(root),
                                    _checkpointing(root, "latest", save_top_k=1, monitor="epoch",
@@ -292,8 +296,9 @@ def _checkpoint_contents(path):
                 "rank_files": sorted(os.listdir(meta["_dir"]))}}
 
 
-def _resumed_run(world_size, root, checkpoint, stage):
-    module = Net(stage=stage, seed=99)  # other weights: the checkpoint must bring them back
+def _resumed_run(world_size, root, checkpoint, stage, options=None):
+    # other weights: the checkpoint must bring them back
+    module = Net(stage=stage, seed=99, options=options)
     _, out = _fit(module, ZeroStrategy(), world_size, root, ckpt_path=checkpoint)
     return out
 
@@ -335,6 +340,11 @@ def _two_rank_runs(rank, world_size, tmp):
     _part(results, "zero2", _zero_run, world_size, at("zero2"), 2, save_after_epoch_0=True)
     _part(results, "zero3", _zero_run, world_size, at("zero3"), 3, save_after_epoch_0=True)
     _part(results, "offload2", _zero_run, world_size, at("offload2"), 2, "cpu")
+    # Many machines' options, 2 ranks as 2 nodes of 1: hybrid sharding (exact) and ZeRO++
+    _part(results, "hybrid3", _zero_run, world_size, at("hybrid3"), 3, options=HYBRID)
+    _part(results, "hybrid3/resumed", _resumed_run, world_size, at("resumed_hybrid3"),
+          epoch0("hybrid3"), 3, HYBRID)
+    _part(results, "zeropp3", _zero_run, world_size, at("zeropp3"), 3, options=ZERO_PP)
     for stage in (2, 3):
         name = f"zero{stage}"
         _part(results, f"{name}/checkpoint", _checkpoint_contents, epoch0(name))
@@ -409,7 +419,8 @@ def _assert_stage(zero, stage):
         assert z["sharded_between_steps"] == [stage == 3] * MICRO_BATCHES
 
 
-@pytest.mark.parametrize("name, stage", [("zero2", 2), ("zero3", 3), ("offload2", 2)])
+@pytest.mark.parametrize("name, stage", [("zero2", 2), ("zero3", 3), ("offload2", 2),
+                                         ("hybrid3", 3)])
 def test_zero_strategy_matches_ddp_with_torch_adamw(runs, name, stage):
     _assert_stage(_ok(runs, name), stage)
     _assert_matches_oracle(_ok(runs, name), _ok(runs, "oracle"), name)
@@ -482,6 +493,29 @@ def test_fit_from_checkpoint_ends_at_the_uninterrupted_weights(runs, stage, sour
         _assert_same_weights(resumed[rank]["weights"], uninterrupted[rank]["weights"],
                              f"stage {stage} rank {rank}: {source} vs uninterrupted",
                              rtol=0, atol=0)
+
+
+def test_hybrid_sharding_resumes_from_its_checkpoint(runs):
+    """shard_size="node" (2 replicas of 1 rank): the epoch-0 checkpoint (the first shard
+    group's files) resumes to the uninterrupted run's weights."""
+    uninterrupted, resumed = _ok(runs, "hybrid3"), _ok(runs, "hybrid3/resumed")
+    half = MICRO_BATCHES // EPOCHS
+    for rank in range(WORLD_SIZE):
+        assert resumed[rank]["losses"] == uninterrupted[rank]["losses"][half:], f"rank {rank}"
+        _assert_same_weights(resumed[rank]["weights"], uninterrupted[rank]["weights"],
+                             f"rank {rank}: hybrid resumed vs uninterrupted", rtol=0, atol=0)
+
+
+def test_zero_plus_plus_trains_close_to_ddp(runs):
+    """hpZ + qwZ + qgZ(int8): quantized, so not DDP's numbers, but every loss within 2% of
+    them, and the ranks agree on the weights."""
+    _assert_stage(_ok(runs, "zeropp3"), 3)
+    zeropp, oracle = _ok(runs, "zeropp3"), _ok(runs, "oracle")
+    for z, o in zip(zeropp, oracle):
+        assert z["losses"] != o["losses"]
+        torch.testing.assert_close(z["losses"], o["losses"], rtol=2e-2, atol=0)
+    _assert_same_weights(zeropp[1]["weights"], zeropp[0]["weights"], "rank 1 vs rank 0",
+                         rtol=0, atol=0)
 
 
 def test_fit_from_a_ddp_checkpoint(runs):

@@ -194,3 +194,37 @@ def test_more_than_a_gib_of_params_builds_and_trains_in_zero3_memory():
         # RSS slack: on the 2-core CI machine the step's peak over the same run has ranged
         # +1692..+1954 MiB across runs (glibc keeps freed unit buffers mapped unevenly).
         assert trained <= formula + r["ring"] + 4 * r["unit"] + 384 * mib, (rank, trained / mib)
+
+
+def _hybrid(rank, world_size, init_options, options):
+    """Built under sharded_init(**init_options), trained at stage 3 with **options (hybrid
+    sharding); the whole weights after two steps, the local shard sizes, or the error."""
+    with zeroshard.sharded_init(**init_options):
+        model = make_unit_net(0)
+    local = [p._zs.local.numel() for p in model.parameters()]
+    try:
+        opt = zeroshard.ZeroAdamW(model, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99), stage=3,
+                                  bucket_mb=SMALL_BUCKET_MB, **options)
+    except ValueError as e:
+        return str(e)
+    train_rank(model, opt, make_batches(2), rank, world_size)
+    with opt.full_params():
+        return param_snapshot(model), local
+
+
+def test_sharded_init_with_the_optimizers_shard_size_trains_like_an_unsharded_one():
+    """sharded_init(shard_size=2) shards within the optimizer's shard groups (each parameter
+    split in 2, not 4), which adopts the shards; built over every rank instead, the optimizer
+    says to pass the same shard_size."""
+    model = make_unit_net(0)
+    whole = [p.numel() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, betas=(0.9, 0.99))
+    from zero_oracle import train_oracle
+    train_oracle(model, opt, make_batches(2))
+    expected = param_snapshot(model)
+    for snap, local in run_distributed(_hybrid, 4, {"shard_size": 2}, {"shard_size": 2},
+                                       timeout_s=120):
+        assert all(w // 2 <= n <= -(-w // 2) for n, w in zip(local, whole)), (local, whole)
+        assert_params_close(snap, expected, "sharded_init(shard_size=2) + shard_size=2")
+    for message in run_distributed(_hybrid, 4, {}, {"shard_size": 2}, timeout_s=120):
+        assert "sharded by sharded_init over 4 ranks" in message and "shard_size" in message

@@ -66,16 +66,20 @@ def _whole(model, zero):
 
 def _script(rank: int, world_size: int, case: str, zero: bool):
     """The user's script. zero=False is the DDP-equivalent reference on the whole batch. A case
-    "<name>_offload" is <name> with offload="cpu": the host update then runs beside the next
-    forward (deferred_update.py), and what the script does right after step() must see it."""
-    offload = case.endswith("_offload")
-    case = case.replace("_offload", "")
+    "<name>_with_offload" is <name> with offload="cpu": the host update then runs beside the next
+    forward (deferred_update.py), and what the script does right after step() must see it.
+    "<name>_with_hybrid" is <name> with shard_size=2 (replicas of 2-rank shard groups), "_with_hpz"
+    with hpZ (secondary_shard="node", nodes of 2 ranks): both exact, so DDP's numbers too."""
+    case, _, variant = case.partition("_with_")
+    offload = variant == "offload"
+    options = {"hybrid": {"shard_size": 2},
+               "hpz": {"secondary_shard": "node", "node_size": 2}}.get(variant, {})
     model = _build(case, zero)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if zero:
         opt = zeroshard.ZeroAdamW(trainable, lr=LR, weight_decay=0.1, stage=3, module=model,
                                   bucket_mb=TINY_BUCKET_MB,
-                                  offload="cpu" if offload else None)
+                                  offload="cpu" if offload else None, **options)
     else:
         opt = torch.optim.AdamW(trainable, lr=LR, weight_decay=0.1)
     teacher = ema = averaged = None
@@ -147,7 +151,7 @@ def _script(rank: int, world_size: int, case: str, zero: bool):
 
 @functools.lru_cache(maxsize=None)
 def _reference(case: str):
-    return _script(0, 1, case.replace("_offload", ""), False)
+    return _script(0, 1, case.partition("_with_")[0], False)
 
 
 def _check(per_rank, reference, what):
@@ -176,9 +180,11 @@ def _check(per_rank, reference, what):
 
 @pytest.mark.parametrize("case,world_size", [
     ("wgan", 2), ("wgan", 3), ("ema", 2), ("ema", 3), ("timm_ema", 3), ("averaged_model", 2),
-    ("diffusers_ema", 3), ("wgan_offload", 2), ("ema_offload", 3), ("timm_ema_offload", 2),
-    ("diffusers_ema_offload", 2), ("averaged_model_offload", 2),
-    ("teacher", 2), ("teacher", 3), ("lora", 2), ("lora", 3)])
+    ("diffusers_ema", 3), ("wgan_with_offload", 2), ("ema_with_offload", 3),
+    ("timm_ema_with_offload", 2), ("diffusers_ema_with_offload", 2),
+    ("averaged_model_with_offload", 2), ("teacher", 2), ("teacher", 3), ("lora", 2), ("lora", 3),
+    ("wgan_with_hybrid", 4), ("ema_with_hybrid", 4), ("diffusers_ema_with_hybrid", 4),
+    ("teacher_with_hybrid", 4), ("wgan_with_hpz", 4), ("averaged_model_with_hpz", 4)])
 def test_user_script_matches_ddp(case, world_size):
     per_rank = run_distributed(_script, world_size, case, True, timeout_s=180)
     _check(per_rank, _reference(case), f"{case} at {world_size} ranks")

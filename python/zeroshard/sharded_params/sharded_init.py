@@ -32,13 +32,14 @@ does, and the weights are identical to it.
 from __future__ import annotations
 
 import contextlib
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
+from ..comm.topology import shard_groups, topology_of
 from . import sharded_modules
 from .sharded_tensor import (Shard, ShardSpec, ShardedParameter, gather_whole as _gather_whole,
                              raw, shard_parameter, unmake_sharded)
@@ -176,12 +177,33 @@ class _WholeParams(TorchFunctionMode):
             record.local.copy_(record.spec.take(value.detach()))
 
 
+def _shard_group_of(shard_size, node_size, process_group):
+    """This rank's shard group for shard_size= (as the optimizer builds it), or None where
+    the shard group is the whole world."""
+    if process_group is not None:
+        raise ValueError("sharded_init: pass process_group or shard_size, not both (shard "
+                         "groups are built over the default group, as the optimizer's)")
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    world = dist.get_world_size()
+    k = topology_of(world, node_size).node_size if shard_size == "node" else shard_size
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or world % k:
+        raise ValueError(f"sharded_init: shard_size={shard_size!r} must be 'node' or a whole "
+                         f"number of ranks dividing the world size {world}")
+    return None if k == world else shard_groups(world, k)[0]
+
+
 @contextlib.contextmanager
-def sharded_init(process_group: Optional[dist.ProcessGroup] = None):
+def sharded_init(process_group: Optional[dist.ProcessGroup] = None, *,
+                 shard_size: Union[None, int, str] = None, node_size: Optional[int] = None):
     """Inside the block each module's parameters are sharded across the ranks of
     `process_group` (default: the world) as soon as the module is built; see [Note:
     construction by shards]. Every rank must run the same construction. Build the stage-3
-    optimizer on the model afterwards: it adopts the shards (other stages gather them whole)."""
+    optimizer on the model afterwards: it adopts the shards (other stages gather them whole).
+    For a hybrid-sharded optimizer pass it the same shard_size (and node_size): the
+    parameters are then sharded within its shard groups."""
+    if shard_size is not None:
+        process_group = _shard_group_of(shard_size, node_size, process_group)
     if dist.is_available() and dist.is_initialized():
         world_size = dist.get_world_size(process_group)
         rank = dist.get_rank(process_group)

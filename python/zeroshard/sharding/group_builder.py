@@ -118,8 +118,8 @@ def adopt_sharded_init(params, names: Dict[int, str], world_size: int, stage: in
         if record.spec.world_size != world_size:
             raise ValueError(
                 f"{names.get(id(p), 'a parameter')} was sharded by sharded_init over "
-                f"{record.spec.world_size} ranks, but the optimizer's process group has "
-                f"{world_size}: pass the same process_group to both")
+                f"{record.spec.world_size} ranks, but the optimizer shards over {world_size}: "
+                "pass the same process_group, or the same shard_size (and node_size), to both")
     for p in sharded:
         if stage != 3 or (not p.requires_grad and not partition_frozen):
             sharded_init.unshard(p)
