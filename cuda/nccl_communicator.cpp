@@ -313,6 +313,38 @@ void NcclCommunicator::broadcast(const void* send, void* recv, int64_t count, DT
   s.count(CollectiveKind::broadcast, count * static_cast<int64_t>(dtype_size(dtype)));
 }
 
+void NcclCommunicator::all_to_all(const void* send, void* recv, int64_t count_per_rank,
+                                  DType dtype, Stream stream) {
+  Impl& s = *impl_;
+  require_count(count_per_rank, send, recv, "count_per_rank");
+  ZS_REQUIRE(count_per_rank <= std::numeric_limits<int64_t>::max() / s.world_size / 4,
+             "count_per_rank is too large");
+  const ncclComm_t c = s.usable("all_to_all");
+  DeviceGuard guard(s.device);
+  const int64_t block = count_per_rank * static_cast<int64_t>(dtype_size(dtype));
+  const auto* in = static_cast<const char*>(send);
+  auto* out = static_cast<char*>(recv);
+  const ncclDataType_t type = nccl_dtype(dtype);
+  const auto st = static_cast<cudaStream_t>(stream);
+  const auto n = static_cast<size_t>(count_per_rank);
+  ZS_NCCL_CHECK("ncclGroupStart", s.api->group_start(), c);
+  ncclResult_t r = ncclSuccess;
+  const char* failed = "ncclGroupEnd";
+  for (int peer = 0; peer < s.world_size && r == ncclSuccess; ++peer) {
+    r = s.api->send(in + peer * block, n, type, peer, c, st);
+    if (r != ncclSuccess) {
+      failed = "ncclSend";
+      break;
+    }
+    r = s.api->recv(out + peer * block, n, type, peer, c, st);
+    if (r != ncclSuccess) failed = "ncclRecv";
+  }
+  // Always close the group: NCCL's group state is per thread (see group_end()).
+  const ncclResult_t end = s.api->group_end();
+  ZS_NCCL_CALL(s, c, failed, r != ncclSuccess ? r : end);
+  s.count(CollectiveKind::reduce_scatter, block * s.world_size);
+}
+
 void NcclCommunicator::group_start() {
   Impl& s = *impl_;
   const ncclComm_t c = s.usable("group_start");

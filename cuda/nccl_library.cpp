@@ -65,6 +65,8 @@ void load_locked(const std::string& path) {
   resolve(handle, "ncclReduceScatter", api.reduce_scatter, true);
   resolve(handle, "ncclAllGather", api.all_gather, true);
   resolve(handle, "ncclBroadcast", api.broadcast, true);
+  resolve(handle, "ncclSend", api.send, true);
+  resolve(handle, "ncclRecv", api.recv, true);
   resolve(handle, "ncclGroupStart", api.group_start, true);
   resolve(handle, "ncclGroupEnd", api.group_end, true);
   resolve(handle, "ncclGetErrorString", api.get_error_string, true);

@@ -22,6 +22,8 @@ struct NcclApi {
   decltype(&::ncclReduceScatter) reduce_scatter;
   decltype(&::ncclAllGather) all_gather;
   decltype(&::ncclBroadcast) broadcast;
+  decltype(&::ncclSend) send;
+  decltype(&::ncclRecv) recv;
   decltype(&::ncclGroupStart) group_start;
   decltype(&::ncclGroupEnd) group_end;
   decltype(&::ncclGetErrorString) get_error_string;

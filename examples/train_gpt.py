@@ -615,7 +615,11 @@ def train(args) -> int:
     step_times: List[float] = []
     memory: Dict = {}
     last_log_time, last_log_step = time.perf_counter(), 0
+    last_step_bytes = None  # zeroshard: what this rank sent in the last step, by link
     for step in range(1, args.steps + 1):
+        counting = step == args.steps and hasattr(setup.optimizer, "comm_stats")
+        if counting:
+            setup.optimizer.reset_comm_stats()
         started = time.perf_counter()
         step_loss = torch.zeros((), device=device)
         for micro in range(args.micro_batches):
@@ -639,6 +643,10 @@ def train(args) -> int:
             torch.cuda.synchronize(device)  # honest step times
         step_times.append(time.perf_counter() - started)
         step_losses.append(step_loss)
+        if counting:
+            stats = setup.optimizer.comm_stats().values()
+            last_step_bytes = {key: sum(row.get(key, 0) for row in stats) for key in
+                               ("bytes_sent", "intra_node_bytes", "inter_node_bytes")}
 
         if log_step:
             mean_loss = global_mean(step_loss, world)  # every rank joins the all_reduce
@@ -657,7 +665,8 @@ def train(args) -> int:
     peak_bytes = measured_peak_bytes(memory, device)
     rank_metrics = {"rank": rank, "peak_rss_bytes": peak_rss_bytes(),
                     "device_peak_bytes": device_peak_bytes(device), "peak_bytes": peak_bytes,
-                    "start_rss_bytes": start_rss, "memory": memory}
+                    "start_rss_bytes": start_rss, "memory": memory,
+                    "last_step_bytes": last_step_bytes}
     all_metrics = [None] * world
     if world > 1:
         dist.all_gather_object(all_metrics, rank_metrics)

@@ -69,6 +69,9 @@ void NcclCommunicator::all_gather(const void*, void*, int64_t, DType, Stream) {
 void NcclCommunicator::broadcast(const void*, void*, int64_t, DType, int, Stream) {
   no_cuda("NcclCommunicator");
 }
+void NcclCommunicator::all_to_all(const void*, void*, int64_t, DType, Stream) {
+  no_cuda("NcclCommunicator");
+}
 void NcclCommunicator::group_start() { no_cuda("NcclCommunicator"); }
 void NcclCommunicator::group_end() { no_cuda("NcclCommunicator"); }
 void NcclCommunicator::synchronize(Stream) { no_cuda("NcclCommunicator"); }

@@ -285,6 +285,12 @@ void bind_gpu(py::module_& m) {
         py::gil_scoped_release release;
         c.broadcast(ptr<const void>(send), ptr<void>(recv), count, dt, root, ptr<void>(s));
       })
+      .def("all_to_all", [](Comm& c, uintptr_t send, uintptr_t recv, int64_t count, int d,
+                            uintptr_t s) {
+        const auto dt = dtype(d);
+        py::gil_scoped_release release;
+        c.all_to_all(ptr<const void>(send), ptr<void>(recv), count, dt, ptr<void>(s));
+      })
       .def("group_start", &Comm::group_start, release_gil())
       .def("group_end", &Comm::group_end, release_gil())
       .def("synchronize", [](Comm& c, uintptr_t s) {

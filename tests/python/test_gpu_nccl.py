@@ -1,4 +1,5 @@
-"""NcclCommunicator at world size 1 on one GPU: unique ids, the four collectives, grouped calls,
+"""NcclCommunicator at world size 1 on one GPU: unique ids, the four collectives and all-to-all
+(qgZ's hops, bitwise the CPU path), grouped calls,
 byte counters, abort, async errors, teardown, argument checks and the loaded NCCL version; the
 Python NcclCommunicator's grouped all-gather and its exit. Skips without a GPU.
 """
@@ -24,6 +25,11 @@ pytestmark = pytest.mark.skipif(
 
 gpu = _core.gpu
 F32, BF16 = 0, 1
+
+
+def gpu_dtype(dtype: torch.dtype) -> int:
+    from zeroshard._tensors import dtype_code
+    return dtype_code(dtype)
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +133,49 @@ def test_grouped_calls_and_counters(comm):
     assert k["all_reduce"]["bytes_sent"] == 0  # one rank sends nothing
     comm.reset_counters()
     assert all(row["calls"] == 0 for row in comm.counters().values())
+
+
+def test_all_to_all_world_one(comm):
+    """ncclSend/ncclRecv to itself in one group: the block comes back; counted as a
+    reduce-scatter of the sent bytes (qgZ's hops)."""
+    comm.reset_counters()
+    x = torch.randn(1003, device="cuda").half()
+    out = torch.zeros_like(x)
+    comm.all_to_all(x.data_ptr(), out.data_ptr(), x.numel(), gpu_dtype(torch.float16), stream())
+    comm.synchronize(stream())
+    assert torch.equal(out, x)
+    k = comm.counters()["reduce_scatter"]
+    assert k["calls"] == 1 and k["payload_bytes"] == 2 * 1003
+
+
+def test_quantized_reduce_scatter_on_nccl_is_bitwise_the_cpu_one():
+    """qgZ's two hops through the Python NcclCommunicator (world size 1 each) on the GPU, and
+    through a LocalCommunicator on the CPU: the same quantize / all-to-all / dequantize-add
+    kernels on the same values give the same bits."""
+    from zeroshard.comm.communicator import LocalCommunicator, NcclCommunicator
+    from zeroshard.sharding.quantized_reduce import QuantizedReduceScatter
+    torch.manual_seed(0)
+    full = torch.randn(5 * 2048 + 77)
+    results = []
+    for bits in (8, 4):
+        out = {}
+        for device in ("cpu", "cuda"):
+            if device == "cuda":
+                node = NcclCommunicator(None, torch.device("cuda", 0), 60.0)
+                cross = NcclCommunicator(None, torch.device("cuda", 0), 60.0)
+            else:
+                node, cross = LocalCommunicator(), LocalCommunicator()
+            part = torch.zeros(full.numel(), device=device)
+            QuantizedReduceScatter(node, cross, bits).reduce_scatter(part,
+                                                                     full.to(device)).wait()
+            out[device] = part.cpu()
+            for c in (node, cross):
+                if hasattr(c, "close"):
+                    c.close()
+        assert torch.equal(out["cpu"], out["cuda"]), bits
+        assert not torch.equal(out["cpu"], full)  # quantized: not the input itself
+        results.append(out["cpu"])
+    assert (results[0] - full).abs().max() < (results[1] - full).abs().max()
 
 
 def test_group_end_without_start(comm):

@@ -78,6 +78,12 @@ class NcclCommunicator {
   void all_gather(const void* send, void* recv, int64_t send_count, DType dtype, Stream stream);
   void broadcast(const void* send, void* recv, int64_t count, DType dtype, int root,
                  Stream stream);
+  // send holds world_size blocks of count_per_rank elements, block r going to rank r; recv gets
+  // rank r's block for this rank at block r. NCCL has no all-to-all: one ncclSend and one
+  // ncclRecv per peer in a group. Counted as a reduce_scatter of send (the same ring bytes
+  // (N-1)/N of the payload leave the rank): qgZ's hops are reduce-scatters.
+  void all_to_all(const void* send, void* recv, int64_t count_per_rank, DType dtype,
+                  Stream stream);
 
   // Collectives between group_start() and group_end() are fused by NCCL into one launch.
   void group_start();

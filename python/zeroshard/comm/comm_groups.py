@@ -38,9 +38,6 @@ class CommGroups:
                 raise NotImplementedError(
                     "quantize_grads= reduce-scatters over every rank of the default group, node "
                     "by node: it does not combine with shard_size= or a process_group yet")
-            if device.type == "cuda":
-                raise NotImplementedError("quantize_grads= runs on gloo (CPU tensors) so far: "
-                                          "its all-to-all hops are not built for NCCL yet")
         if secondary_shard is not None and (k != world or process_group is not None):
             raise ValueError("secondary_shard= keeps a node-local copy of parameters sharded "
                              "over every rank of the default group; with shard_size= every "

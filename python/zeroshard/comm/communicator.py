@@ -208,8 +208,8 @@ class Communicator:
         """Part i of `sent` (world_size equal parts) goes to rank i; part i of `received` comes
         from rank i. The hops of a quantized reduce-scatter (quantized_reduce.py): counted as
         reduce_scatter bytes, which by the ring model they are ((n-1)/n of the payload)."""
-        raise NotImplementedError(f"{type(self).__name__} has no all_to_all: quantize_grads= "
-                                  "runs on gloo (CPU) process groups only so far")
+        raise NotImplementedError(f"{type(self).__name__} has no all_to_all (quantize_grads= "
+                                  "needs one)")
 
     def all_gather_buckets(self, pairs: Sequence[Tuple[torch.Tensor, torch.Tensor]],
                            record_outputs: bool = True) -> Work:
@@ -614,6 +614,18 @@ class NcclCommunicator(Communicator):
         code = _dtype(tensor)
         return self._launch("broadcast", [tensor], lambda s: self._comm.broadcast(
             tensor.data_ptr(), tensor.data_ptr(), tensor.numel(), code, root, s), [tensor])
+
+    def all_to_all(self, received, sent):
+        self._check_split(sent, received, 1)
+        if sent.numel() % self.world_size:
+            raise ValueError(f"all_to_all sends {sent.numel()} elements, not a whole number "
+                             f"of parts for {self.world_size} ranks")
+        code = _dtype(sent)
+        work = self._launch("all_to_all", [], lambda s: self._comm.all_to_all(
+            sent.data_ptr(), received.data_ptr(), sent.numel() // self.world_size, code, s),
+            [received, sent])
+        self._count("reduce_scatter", sent)  # as the gloo one: qgZ's hops are reduce-scatters
+        return work
 
 
 def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
