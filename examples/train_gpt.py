@@ -436,6 +436,16 @@ def expected_memory(args, param_numels: List[int], world: int, device: torch.dev
     stage = BASELINE_STAGES.get(args.optimizer, args.stage)
     dtype = args.dtype if args.optimizer == "zeroshard" else "fp32"  # autocast keeps fp32 params
     numel = sum(param_numels)
+    ddp_world = world
+    node = getattr(args, "node_size", None) or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    secondary = {}
+    if args.optimizer == "zeroshard":
+        # hybrid sharding holds what plain ZeRO holds at world size k; hpZ adds a node's copy
+        shard_size = getattr(args, "shard_size", None)
+        if shard_size is not None:
+            world = node if shard_size == "node" else int(shard_size)
+        if getattr(args, "secondary_shard", None):
+            secondary = {"secondary_shard_ranks": node}
     expected = {"stage": stage, "dtype": dtype, "formula": "n/a", "formula_bytes": None,
                 "ddp_formula_bytes": None, "estimate_bytes": None, "estimate": None, "note": ""}
     try:
@@ -443,7 +453,8 @@ def expected_memory(args, param_numels: List[int], world: int, device: torch.dev
     except ImportError as error:  # the torch baselines also run where zeroshard is not built
         expected["note"] = f"zeroshard.estimate is not importable: {error}"
         return expected
-    expected["ddp_formula_bytes"] = estimate.zero_formula_bytes(numel, world_size=world, stage=0)
+    expected["ddp_formula_bytes"] = estimate.zero_formula_bytes(numel, world_size=ddp_world,
+                                                                stage=0)
     try:
         expected["formula"] = estimate.formula_text(stage, dtype)
         expected["formula_bytes"] = estimate.zero_formula_bytes(numel, world_size=world,
@@ -460,7 +471,7 @@ def expected_memory(args, param_numels: List[int], world: int, device: torch.dev
         states = estimate.estimate_model_states(
             param_numels, world_size=world, stage=stage, dtype=dtype, bucket_mb=args.bucket_mb,
             backend="nccl" if device.type == "cuda" else "gloo",
-            offload=getattr(args, "offload", "none"), **unit_args)
+            offload=getattr(args, "offload", "none"), **unit_args, **secondary)
     except ValueError as error:  # an estimator without stage 3 yet: the cell stays None
         expected["note"] = f"zeroshard.estimate: {error}"
         return expected
