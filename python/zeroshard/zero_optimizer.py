@@ -12,9 +12,10 @@ went elsewhere (PeerGuard).
 
 [Note: stages] stage 0 replicates optimizer state and all-reduces gradients during backward (a
 DDP replacement). Stage 1 partitions fp32 master and optimizer state; each rank accumulates its
-own full-size gradient over micro-steps, reduce-scattered once per step (DeepSpeed's stage 1: no
-overlap with backward, no traffic per micro-step). Stage 2 reduce-scatters each bucket during
-backward into the rank's gradient shard. Stages 1 and 2 then all-gather the updated shards:
+own full-size gradient over micro-steps (no traffic per micro-step), and the synchronised
+backward reduce-scatters it bucket by bucket while it runs, the shard landing inside that same
+buffer (flat_group.py's [Note: stage 1 shard in place]). Stage 2 reduce-scatters each bucket
+during backward into a gradient shard of its own. Stages 1 and 2 then all-gather the updated shards:
 reduce-scatter + all-gather moves what one all-reduce moves. Stage 3 reduces like stage 2 and
 also partitions the parameters (param_units.py); the update writes each rank's shard only.
 """
@@ -152,7 +153,7 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self.param_groups, self.modules, self.device))
         self.reducer = BucketReducer(self.flat_groups, self.comm,
                                      mode="all_reduce" if stage == 0 else "reduce_scatter",
-                                     overlap=overlap, reduce_at_step=(stage == 1))
+                                     overlap=overlap)
         if stage == 3:
             self.units = ParamUnits(unit_list, self.comm, prefetch=prefetch,
                                     reshard_after_forward=reshard_after_forward,

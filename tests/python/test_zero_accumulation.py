@@ -1,6 +1,7 @@
 """Gradient accumulation: k micro-batches per step on every rank, with and without `opt.no_sync()`,
 equal one full batch in the oracle; and `no_sync` really sends nothing."""
 import pytest
+import torch
 
 import zeroshard
 from dist_harness import run_distributed
@@ -80,3 +81,32 @@ def test_accumulation_matches_one_big_batch(world_size):
 def test_oracle_side_holds_for_reference_stand_in():
     per_rank = run_distributed(_accumulate, 3, "reference", (0,), timeout_s=120)
     _check(per_rank, 3)
+
+
+def _no_sync_once_then_reducing_backwards(rank, world_size, stage, offload):
+    """The first step accumulates inside no_sync (which gives stages 0/2 a local gradient
+    buffer for good); the later ones run two reducing backwards a step, clipped. Each
+    backward's gradients go into that local buffer while the previous backward's collectives
+    may still read it: the reducer finishes those first."""
+    model = make_model()
+    opt = build_optimizer("zeroshard", "AdamW", model.parameters(), stage=stage, offload=offload)
+    batches = make_batches(STEPS)
+    norms = train_rank(model, opt, batches[:1], rank, world_size, micro_batches=2,
+                       use_no_sync=True, clip=0.05)
+    norms += train_rank(model, opt, batches[1:], rank, world_size, micro_batches=2,
+                        use_no_sync=False, clip=0.05)
+    return param_snapshot(model), torch.stack(norms)
+
+
+@requires_zero
+@pytest.mark.parametrize("stage,offload", [(0, None), (1, None), (1, "cpu"), (2, None),
+                                           (2, "cpu")])
+def test_several_reducing_backwards_after_no_sync_match_the_oracle(stage, offload):
+    model = make_model()
+    expected_norms = torch.stack(train_oracle(model, oracle_optimizer("AdamW", model.parameters()),
+                                              make_batches(STEPS), clip=0.05))
+    per_rank = run_distributed(_no_sync_once_then_reducing_backwards, 2, stage, offload)
+    assert_ranks_identical([params for params, _ in per_rank], f"stage {stage}")
+    for params, norms in per_rank:
+        torch.testing.assert_close(norms, expected_norms, rtol=1e-5, atol=0)
+        assert_params_close(params, param_snapshot(model), f"stage {stage} offload={offload}")

@@ -12,8 +12,12 @@ the end of backward. `wait()` finishes them all and adds the results into `reduc
 Modes:
 - "all_reduce" (stage 0): reduced_grads (full) += mean over ranks of the bucket.
 - "reduce_scatter" (stage 2): reduced_grads (shard) += mean over ranks of this rank's slice.
-- "reduce_scatter" with reduce_at_step=True (stage 1): backward only adds into `local_grads`;
-  wait() reduce-scatters every bucket once per optimizer step.
+- "reduce_scatter" with reduce_at_step=True: backward only adds into `local_grads`; wait()
+  reduce-scatters every bucket once per optimizer step (last bucket first).
+- stage 1 (groups that reduce in place, flat_group.py's [Note: stage 1 shard in place]): as
+  "reduce_scatter" from `local_grads`, launched last bucket first whatever order the buckets
+  complete in; a second synchronised backward before the step moves the reduced shard aside
+  and is reduced at the step, as with reduce_at_step.
 - hybrid sharding (`reduce_over`): as "reduce_scatter" within the shard group, then each
   reduced slice all-reduced across the replicas before it is added into the shard.
 Ranks pre-divide by the number of ranks averaged over and reduce with SUM (every backend has
@@ -104,7 +108,9 @@ class BucketReducer:
         self.sync_predicate: Optional[Callable[[], bool]] = None
         self.callback_queued = False
         self.saw_grads = False  # some gradient arrived since the last consume()
-        self.boundary_reduce_due = False  # stage 1: local grads not yet reduced
+        self.boundary_reduce_due = False  # local grads not yet reduced (reduce_at_step)
+        # Stage 1, a second synchronised backward since the step: reduce at the step
+        self.carrying = False
         self.on_round_start: Optional[Callable[[], None]] = None
         # Stage 3's units: told when a bucket's reduction starts (its unit may then be freed).
         self.on_launch: Optional[Callable[[FlatGroup], None]] = None
@@ -191,16 +197,23 @@ class BucketReducer:
             for g, st in zip(self.groups, self.states):
                 st.direct = (self.mode == "all_reduce" and self.round_sync and not g.has_reduced
                              and g.local_grads is None)
+            if any(g.local_grads is not None for g in self.groups):
+                # An earlier backward's collectives may still read (stage 0: and write)
+                # local_grads, which this backward's gradients are about to be added into.
+                while self.in_flight:
+                    self._retire_oldest()
+            self._carry_reduced_shards()
             Variable._execution_engine.queue_callback(self._on_backward_end)
         self.saw_grads = True
         self.got[gi][pi] = True
-        self.boundary_reduce_due = self.boundary_reduce_due or self.reduce_at_step
+        at_step = self.reduce_at_step or self.carrying
+        self.boundary_reduce_due = self.boundary_reduce_due or at_step
         start, end = group.param_ranges[pi]
         flat = grad.detach().reshape(-1)
-        accumulate_locally = (self.reduce_at_step or not self.round_sync
-                              or group.local_grads is not None)
+        accumulate_locally = (at_step or not self.round_sync or group.local_grads is not None)
         if accumulate_locally:
-            if group.shard_in_local:
+            # this backward's other buckets may be reduced already: only a read shard is final
+            if group.shard_in_local and group.reduced_read:
                 raise RuntimeError(
                     f"a gradient of {group.names[pi]} arrived after this step's gradients were "
                     "reduced (clip_grad_norm_ or GradScaler.unscale_ reduce them at stage 1) "
@@ -222,9 +235,23 @@ class BucketReducer:
             param.grad = None
             return
         param.grad = None  # the bucket holds it now; keep peak memory at one gradient
-        if self.round_sync and not self.reduce_at_step:
+        if self.round_sync and not at_step:
             for b in reversed(state.param_buckets[pi]):
                 self._count_down(gi, b)
+
+    def _carry_reduced_shards(self) -> None:
+        """A backward begins. Where an earlier one since the step already reduced a stage-1
+        group in place (and nobody read the result yet), that shard moves aside (`carried`,
+        added back at wait()) and this and later backwards are reduced at the step:
+        local_grads must hold unreduced gradients only."""
+        if not any(g.reduces_in_place for g in self.groups) or self.carrying:
+            return
+        for group in self.groups:  # (the earlier backward's collectives are finished)
+            if group.reduces_in_place and group.shard_in_local and not group.reduced_read:
+                group.carried = group.reduced_grads.clone()
+                group.local_grads.zero_()
+                group.shard_in_local = False
+                self.carrying = True
 
     def _count_down(self, gi: int, b: int) -> None:
         state = self.states[gi]
@@ -339,9 +366,10 @@ class BucketReducer:
 
     def _on_backward_end(self) -> None:
         self.callback_queued = False
-        if self.round_sync and not self.reduce_at_step:
+        if self.round_sync and not (self.reduce_at_step or self.carrying):
             self._launch_in_order(until_complete=False)
-            if not self.sequence_learned:
+            # In-place groups keep the last-bucket-first order ([Note: stage 1 shard in place])
+            if not self.sequence_learned and not any(g.reduces_in_place for g in self.groups):
                 self._learn_sequence()
         self.completed = []
         self.next_in_sequence = 0
@@ -431,14 +459,23 @@ class BucketReducer:
             self.on_launch(group)
 
     def wait(self) -> None:
-        """Finishes every reduction started since the last wait (and, at stage 1, starts them)."""
+        """Finishes every reduction started since the last wait (and, with reduce_at_step or
+        after a carried shard, starts them: last bucket first, as in backward)."""
         if self.boundary_reduce_due:
             self.boundary_reduce_due = False
-            for gi, group in enumerate(self.groups):
-                for b in range(group.layout.num_buckets):
-                    self._launch(gi, b)
+            for gi, b in self.sequence:
+                self._launch(gi, b)
+            for state in self.states:  # the next backward launches its buckets afresh
+                state.reset()
         while self.in_flight:
             self._retire_oldest()
+        self.carrying = False
+        for group in self.groups:
+            if group.carried is not None:
+                group.reduced_grads.add_(group.carried)
+                group.carried = None
+            if group.shard_in_local:
+                group.reduced_read = True  # read now: no later gradient may join it
         if self._trim_due:  # the ring grew while the launch order was a guess
             self._trim_due = False
             if self.offload is not None:  # a trimmed slot's memory may still be copied from

@@ -5,18 +5,22 @@ of, and the gradient accumulators a stage needs. Knows nothing of collectives or
 
 Gradient buffers, all fp32 by default (`reduce_dtype`):
 - `local_grads` (buffer space, full size): this rank's unreduced gradients summed over
-  micro-steps. Stage 1 always has it (it reduces once per step); stages 0/2 create it the first
+  micro-steps. Stage 1 always has it (its shard lives inside it); stages 0/2 create it the first
   time `no_sync()` is used (the documented memory cost of accumulating without communication).
 - `reduced_grads`: the averaged gradients the optimizer reads. Stage 0: full size (buffer space).
   Stages 1/2: this rank's shard only (shard space).
 
-[Note: stage 1 shard in place] At stage 1 `reduced_grads` is the first shard_numel elements of
-`local_grads`, not a buffer of its own: the reduction runs bucket by bucket in buffer order, and
-bucket b's shard slice ends (sum of the sizes up to b, over N) before bucket b+1 starts, so it
-only ever lands on buckets already reduced and zeroed (bucket b's own region for b = 0: it is
-zeroed when its collective is done, then the slice is written). Stage 1 then holds one full
-gradient buffer, as ZeRO's formula counts, not one plus a shard. Until step() or zero_grad()
-consumes the reduced shard, no gradient may be added to local_grads (see `shard_in_local`).
+[Note: stage 1 shard in place] At stage 1 `reduced_grads` is the last shard_numel elements of
+`local_grads`, not a buffer of its own. Buckets are reduced during backward, last bucket first
+(the order gradients arrive in, and the reducer keeps that launch order for these groups), and
+finished in that order: bucket b's shard slice starts at (buffer size - shard size + the slices
+of buckets before b), which is at or past bucket b's own start (the slices before b sum to at
+most 1/N of the buckets before b), so it only ever lands on buckets already reduced and zeroed
+(bucket b's own region: it is zeroed when its collective is done, then the slice is written).
+Stage 1 then holds one full gradient buffer, as ZeRO's formula counts, not one plus a shard.
+A second synchronised backward before the step moves the reduced shard aside (`carried`) and
+reduces its own gradients at the step; once the step's gradients have been read (clipped, or
+seen through p.grad), no gradient may be added to local_grads (see `shard_in_local`).
 
 [Note: stage 3 parameters] At stage 3 the rank's slice of the parameters lives in `shard_param`
 (shard space, the parameters' dtype) and `flat_param` holds data only while its unit is gathered.
@@ -99,13 +103,19 @@ class FlatGroup:
             self.reduced_grads = host_zeros(self.layout.shard_numel, reduce_dtype)
         elif stage == 1:
             self.local_grads = self._zeros(self.layout.buffer_numel)
-            self.reduced_grads = self.local_grads[:self.layout.shard_numel]
+            self.reduced_grads = self.local_grads[self.layout.buffer_numel
+                                                  - self.layout.shard_numel:]
+            self._check_shard_in_place()
         else:
             self.reduced_grads = self._zeros(self.layout.buffer_numel if stage == 0
                                              else self.layout.shard_numel)
         # Stage 1: reduced values sit in local_grads' first shard_numel elements (see [Note:
         # stage 1 shard in place]) and are not consumed yet.
         self.shard_in_local = False
+        # Stage 1: the reduced shard was read (clip_grad_norm_, p.grad) since the last step
+        self.reduced_read = False
+        # Stage 1: an earlier backward's reduced shard, moved aside for a second one
+        self.carried: Optional[torch.Tensor] = None
         self.has_reduced = False  # reduced_grads holds sums from an earlier backward
         # Which elements of each parameter this rank's state holds, and where:
         # (param_start, param_end, state_start), in the index space of reduced_grads and of the
@@ -321,6 +331,16 @@ class FlatGroup:
         for b0, b1, s0 in self.shard_slices():
             self.param_values(b0, b1, s0).copy_(shard[s0:s0 + (b1 - b0)])
 
+    def _check_shard_in_place(self) -> None:
+        """[Note: stage 1 shard in place]'s invariant, for this layout: each bucket's slice of
+        the shard lies at or past the bucket's own start in local_grads."""
+        base = self.layout.buffer_numel - self.layout.shard_numel
+        for b in range(self.layout.num_buckets):
+            start = self.bucket_ranges[b][0]
+            if base + self.layout.bucket_slice_shard_offset(b) < start:
+                raise AssertionError(f"stage 1 layout: bucket {b}'s shard slice would land "
+                                     "on a bucket reduced after it")
+
     def bucket_slice(self, bucket: int):
         r = self.layout.bucket_slice(bucket, self.rank)
         return r.start, r.end, self.layout.bucket_slice_shard_offset(bucket)
@@ -347,7 +367,8 @@ class FlatGroup:
     def zero_grads(self) -> None:
         self.reduced_grads.zero_()
         self.has_reduced = False
-        self.shard_in_local = False
+        self.shard_in_local = self.reduced_read = False
+        self.carried = None
         if self.local_grads is not None:
             self.local_grads.zero_()
 
