@@ -71,6 +71,15 @@ void require_count(int64_t count, const void* send, const void* recv, const char
              std::string("send and recv must be device pointers when ") + what + " > 0");
 }
 
+// For collectives whose other buffer holds world_size counts: also small enough that
+// world_size * count bytes (4-byte elements at most) fit in int64.
+void require_per_rank_count(int64_t count, int world_size, const void* send, const void* recv,
+                            const char* what) {
+  require_count(count, send, recv, what);
+  ZS_REQUIRE(count <= std::numeric_limits<int64_t>::max() / world_size / 4,
+             std::string(what) + " is too large");
+}
+
 // State shared between a constructor or destroy() and the helper thread that makes the one
 // blocking NCCL call that may wait for peers. The caller waits up to its timeout; if it gives up
 // it sets `abandoned` and the helper, still owning the communicator, cleans up when (if ever)
@@ -267,9 +276,7 @@ void NcclCommunicator::all_reduce(const void* send, void* recv, int64_t count, D
 void NcclCommunicator::reduce_scatter(const void* send, void* recv, int64_t recv_count,
                                       DType dtype, ReduceOp op, Stream stream) {
   Impl& s = *impl_;
-  require_count(recv_count, send, recv, "recv_count");
-  ZS_REQUIRE(recv_count <= std::numeric_limits<int64_t>::max() / s.world_size / 4,
-             "recv_count is too large");
+  require_per_rank_count(recv_count, s.world_size, send, recv, "recv_count");
   const ncclComm_t c = s.usable("reduce_scatter");
   DeviceGuard guard(s.device);
   ZS_NCCL_CALL(s, c, "ncclReduceScatter",
@@ -283,9 +290,7 @@ void NcclCommunicator::reduce_scatter(const void* send, void* recv, int64_t recv
 void NcclCommunicator::all_gather(const void* send, void* recv, int64_t send_count, DType dtype,
                                   Stream stream) {
   Impl& s = *impl_;
-  require_count(send_count, send, recv, "send_count");
-  ZS_REQUIRE(send_count <= std::numeric_limits<int64_t>::max() / s.world_size / 4,
-             "send_count is too large");
+  require_per_rank_count(send_count, s.world_size, send, recv, "send_count");
   const ncclComm_t c = s.usable("all_gather");
   DeviceGuard guard(s.device);
   ZS_NCCL_CALL(s, c, "ncclAllGather",
@@ -316,9 +321,7 @@ void NcclCommunicator::broadcast(const void* send, void* recv, int64_t count, DT
 void NcclCommunicator::all_to_all(const void* send, void* recv, int64_t count_per_rank,
                                   DType dtype, Stream stream) {
   Impl& s = *impl_;
-  require_count(count_per_rank, send, recv, "count_per_rank");
-  ZS_REQUIRE(count_per_rank <= std::numeric_limits<int64_t>::max() / s.world_size / 4,
-             "count_per_rank is too large");
+  require_per_rank_count(count_per_rank, s.world_size, send, recv, "count_per_rank");
   const ncclComm_t c = s.usable("all_to_all");
   DeviceGuard guard(s.device);
   const int64_t block = count_per_rank * static_cast<int64_t>(dtype_size(dtype));
