@@ -57,7 +57,8 @@ ZEROSHARD_SIMULATE_ASYNC=1 ZEROSHARD_SIMULATE_ASYNC_SEED="$seed" "$py" -m pytest
   tests/python/test_stage3_sharded_params.py tests/python/test_stage3_user_scripts.py \
   tests/python/test_zero_offload.py tests/python/test_dropin.py tests/python/test_hf_trainer.py \
   tests/python/test_hybrid_sharding.py tests/python/test_quantized_weights.py \
-  tests/python/test_quantized_grads.py tests/python/test_secondary_shards.py
+  tests/python/test_quantized_grads.py tests/python/test_secondary_shards.py \
+  tests/python/test_stage1_overlap.py tests/python/test_zero_accumulation.py
 
 # `pip install .` as a new user types it: a fresh venv that has torch, build isolation on, the
 # build requirements from the package index. Here on a machine without nvcc (nvcc hidden from
