@@ -437,10 +437,11 @@ def expected_memory(args, param_numels: List[int], world: int, device: torch.dev
     dtype = args.dtype if args.optimizer == "zeroshard" else "fp32"  # autocast keeps fp32 params
     numel = sum(param_numels)
     ddp_world = world
-    node = getattr(args, "node_size", None) or int(os.environ.get("LOCAL_WORLD_SIZE", world))
     secondary = {}
     if args.optimizer == "zeroshard":
         # hybrid sharding holds what plain ZeRO holds at world size k; hpZ adds a node's copy
+        from zeroshard.comm.topology import topology_of  # the optimizer's node rule
+        node = topology_of(world, getattr(args, "node_size", None)).node_size
         shard_size = getattr(args, "shard_size", None)
         if shard_size is not None:
             world = node if shard_size == "node" else int(shard_size)

@@ -65,12 +65,10 @@ class _Ranks:
         group = None
         self.writes_shards = True
         if optimizer is not None:
-            groups = getattr(optimizer, "groups", None)
-            every = groups.world_comm if groups is not None else optimizer.comm
+            every, replica = optimizer.groups.world_comm, optimizer.groups.replica_comm
             group = getattr(every, "group", None)
             self.rank, self.world_size = every.rank, every.world_size
             self.shard_rank, self.shard_world = optimizer.comm.rank, optimizer.comm.world_size
-            replica = getattr(groups, "replica_comm", None)
             self.writes_shards = replica is None or replica.rank == 0
         elif dist.is_available() and dist.is_initialized():
             self.rank, self.world_size = dist.get_rank(), dist.get_world_size()

@@ -39,7 +39,9 @@ import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
+from ..comm.comm_groups import resolved_shard_size
 from ..comm.topology import shard_groups, topology_of
+from ..comm.topology_options import TopologyOptions
 from . import sharded_modules
 from .sharded_tensor import (Shard, ShardSpec, ShardedParameter, gather_whole as _gather_whole,
                              raw, shard_parameter, unmake_sharded)
@@ -178,18 +180,15 @@ class _WholeParams(TorchFunctionMode):
 
 
 def _shard_group_of(shard_size, node_size, process_group):
-    """This rank's shard group for shard_size= (as the optimizer builds it), or None where
-    the shard group is the whole world."""
-    if process_group is not None:
-        raise ValueError("sharded_init: pass process_group or shard_size, not both (shard "
-                         "groups are built over the default group, as the optimizer's)")
+    """This rank's shard group for shard_size= (as the optimizer builds it, checked as it
+    checks it), or None where the shard group is the whole world."""
+    TopologyOptions(node_size=node_size, shard_size=shard_size).check(
+        stage=3, reshard_after_forward=True)
     if not (dist.is_available() and dist.is_initialized()):
         return None
     world = dist.get_world_size()
-    k = topology_of(world, node_size).node_size if shard_size == "node" else shard_size
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or world % k:
-        raise ValueError(f"sharded_init: shard_size={shard_size!r} must be 'node' or a whole "
-                         f"number of ranks dividing the world size {world}")
+    k = resolved_shard_size(shard_size, world, topology_of(world, node_size).node_size,
+                            stage=3, process_group=process_group)
     return None if k == world else shard_groups(world, k)[0]
 
 

@@ -12,12 +12,10 @@ the end of backward. `wait()` finishes them all and adds the results into `reduc
 Modes:
 - "all_reduce" (stage 0): reduced_grads (full) += mean over ranks of the bucket.
 - "reduce_scatter" (stage 2): reduced_grads (shard) += mean over ranks of this rank's slice.
-- "reduce_scatter" with reduce_at_step=True: backward only adds into `local_grads`; wait()
-  reduce-scatters every bucket once per optimizer step (last bucket first).
 - stage 1 (groups that reduce in place, flat_group.py's [Note: stage 1 shard in place]): as
   "reduce_scatter" from `local_grads`, launched last bucket first whatever order the buckets
-  complete in; a second synchronised backward before the step moves the reduced shard aside
-  and is reduced at the step, as with reduce_at_step.
+  complete in; a second backward before the step moves the reduced shard aside (`carrying`):
+  it and later ones only add into `local_grads`, and wait() reduces every bucket once.
 - hybrid sharding (`reduce_over`): as "reduce_scatter" within the shard group, then each
   reduced slice all-reduced across the replicas before it is added into the shard.
 Ranks pre-divide by the number of ranks averaged over and reduce with SUM (every backend has
@@ -88,14 +86,13 @@ class _GroupState:
 
 class BucketReducer:
     def __init__(self, groups: List[FlatGroup], comm: Communicator, *, mode: str,
-                 overlap: bool = True, reduce_at_step: bool = False,
+                 overlap: bool = True,
                  max_in_flight: int = 2) -> None:
         if mode not in ("all_reduce", "reduce_scatter"):
             raise ValueError(f"mode must be 'all_reduce' or 'reduce_scatter', got {mode!r}")
         self.comm = comm
         self.mode = mode
         self.overlap = overlap
-        self.reduce_at_step = reduce_at_step
         # Collectives holding ring buffers that may be outstanding at once (see [Note: bounded
         # buffers]), as DeepSpeed bounds its IPG buckets.
         self.max_in_flight = max(1, max_in_flight)
@@ -108,8 +105,7 @@ class BucketReducer:
         self.sync_predicate: Optional[Callable[[], bool]] = None
         self.callback_queued = False
         self.saw_grads = False  # some gradient arrived since the last consume()
-        self.boundary_reduce_due = False  # local grads not yet reduced (reduce_at_step)
-        # Stage 1, a second synchronised backward since the step: reduce at the step
+        # Stage 1, a second backward since the step: local grads reduced at the step (wait())
         self.carrying = False
         self.on_round_start: Optional[Callable[[], None]] = None
         # Stage 3's units: told when a bucket's reduction starts (its unit may then be freed).
@@ -206,11 +202,10 @@ class BucketReducer:
             Variable._execution_engine.queue_callback(self._on_backward_end)
         self.saw_grads = True
         self.got[gi][pi] = True
-        at_step = self.reduce_at_step or self.carrying
-        self.boundary_reduce_due = self.boundary_reduce_due or at_step
         start, end = group.param_ranges[pi]
         flat = grad.detach().reshape(-1)
-        accumulate_locally = (at_step or not self.round_sync or group.local_grads is not None)
+        accumulate_locally = (self.carrying or not self.round_sync
+                              or group.local_grads is not None)
         if accumulate_locally:
             # this backward's other buckets may be reduced already: only a read shard is final
             if group.shard_in_local and group.reduced_read:
@@ -235,7 +230,7 @@ class BucketReducer:
             param.grad = None
             return
         param.grad = None  # the bucket holds it now; keep peak memory at one gradient
-        if self.round_sync and not at_step:
+        if self.round_sync and not self.carrying:
             for b in reversed(state.param_buckets[pi]):
                 self._count_down(gi, b)
 
@@ -366,7 +361,7 @@ class BucketReducer:
 
     def _on_backward_end(self) -> None:
         self.callback_queued = False
-        if self.round_sync and not (self.reduce_at_step or self.carrying):
+        if self.round_sync and not self.carrying:
             self._launch_in_order(until_complete=False)
             # In-place groups keep the last-bucket-first order ([Note: stage 1 shard in place])
             if not self.sequence_learned and not any(g.reduces_in_place for g in self.groups):
@@ -459,10 +454,9 @@ class BucketReducer:
             self.on_launch(group)
 
     def wait(self) -> None:
-        """Finishes every reduction started since the last wait (and, with reduce_at_step or
-        after a carried shard, starts them: last bucket first, as in backward)."""
-        if self.boundary_reduce_due:
-            self.boundary_reduce_due = False
+        """Finishes every reduction started since the last wait (and, after a carried shard,
+        starts them: last bucket first, as in backward)."""
+        if self.carrying:
             for gi, b in self.sequence:
                 self._launch(gi, b)
             for state in self.states:  # the next backward launches its buckets afresh

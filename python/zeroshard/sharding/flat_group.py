@@ -109,7 +109,7 @@ class FlatGroup:
         else:
             self.reduced_grads = self._zeros(self.layout.buffer_numel if stage == 0
                                              else self.layout.shard_numel)
-        # Stage 1: reduced values sit in local_grads' first shard_numel elements (see [Note:
+        # Stage 1: reduced values sit in local_grads' last shard_numel elements (see [Note:
         # stage 1 shard in place]) and are not consumed yet.
         self.shard_in_local = False
         # Stage 1: the reduced shard was read (clip_grad_norm_, p.grad) since the last step
