@@ -17,7 +17,9 @@ step-time targets against our stage 2 and DeepSpeed's ZeRO-3, stages 1 and 2's a
 (printed, never asserted: timings on a shared machine are noisy), and each zeroshard row's
 bytes sent in a step, within and across nodes (with --node-size). Knows nothing of how a row trains; that is
 examples/train_gpt.py's job. DeepSpeed rows (ds-zero*) run only where deepspeed is installed and
-are in the default rows only there; otherwise the table says they were not run.
+are in the default rows only there; otherwise the table says they were not run. Its rows run
+one after another, so their step times drift apart by as much as they differ here: for the
+step-time ratios, bench_step_ratio.py takes the rows' steps in turn within one job.
 """
 from __future__ import annotations
 
@@ -136,18 +138,9 @@ def run_row(name: str, args, workdir: str) -> Dict:
         command += ["--bucket-mb", str(args.bucket_mb)]
     if args.node_size is not None and "zeroshard" in ROWS[name][1]:
         command += ["--node-size", str(args.node_size)]
-    env = dict(os.environ)
-    # Ranks import the zeroshard this process imported (a developer build or the installed one).
-    try:
-        import zeroshard
-        root = os.path.dirname(os.path.dirname(os.path.abspath(zeroshard.__file__)))
-    except ImportError:  # not installed: the checkout's developer build
-        root = os.path.join(REPO, "python")
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
-    env.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank: ranks share the cores
     started = time.perf_counter()
     try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True,
+        done = subprocess.run(command, env=row_environment(), capture_output=True, text=True,
                               timeout=args.timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {args.timeout:.0f} s"}
@@ -164,6 +157,20 @@ def run_row(name: str, args, workdir: str) -> Dict:
         metrics = json.load(source)
     metrics["wall_s"] = wall
     return metrics
+
+
+def row_environment() -> Dict[str, str]:
+    """The environment of a row's ranks: they import the zeroshard this process imported (a
+    developer build or the installed one), one thread each (the ranks share the cores)."""
+    env = dict(os.environ)
+    try:
+        import zeroshard
+        root = os.path.dirname(os.path.dirname(os.path.abspath(zeroshard.__file__)))
+    except ImportError:  # not installed: the checkout's developer build
+        root = os.path.join(REPO, "python")
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
 
 
 def summarise(metrics: Dict, warmup_steps: int) -> Dict:
@@ -305,7 +312,7 @@ def speed_lines(results: Dict[str, Dict]) -> List[str]:
     if "step_s" not in base:
         return []
     return [f"stage {stage} step time {row['step_s'] * 1e3:.1f} ms: "
-            + _time_target(row["step_s"] / base["step_s"], STAGES12_VS_DDP, "DDP")
+            + time_target(row["step_s"] / base["step_s"], STAGES12_VS_DDP, "DDP")
             for stage in (1, 2) for row in [results.get(f"zero{stage}", {})] if "step_s" in row]
 
 
@@ -326,7 +333,7 @@ def bytes_lines(results: Dict[str, Dict]) -> List[str]:
     return lines
 
 
-def _time_target(ratio: float, target: float, other: str) -> str:
+def time_target(ratio: float, target: float, other: str) -> str:
     verdict = "met" if ratio <= target else "NOT met"
     return f"{ratio:.2f}x {other} (target <= {target:.2f}x: {verdict})"
 
@@ -342,7 +349,7 @@ def stage3_time_line(results: Dict[str, Dict]) -> Optional[str]:
                                 ("ds-zero3", STAGE3_VS_DEEPSPEED, "DeepSpeed ZeRO-3")):
         ref = results.get(name, {})
         if "step_s" in ref:
-            parts.append(_time_target(row["step_s"] / ref["step_s"], target, other)
+            parts.append(time_target(row["step_s"] / ref["step_s"], target, other)
                          + f" ({ref['step_s'] * 1e3:.1f} ms)")
         else:
             parts.append(f"{other} not run")

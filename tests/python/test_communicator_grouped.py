@@ -73,6 +73,42 @@ def test_process_group_all_gather_buckets(world_size):
         assert r["object_device"] is None  # gloo: torch's CPU default, never a GPU
 
 
+def _gather_in_place_on_ranks(rank, world_size):
+    """all_gather_in_place of each bucket of _buckets (gloo: one broadcast per rank), against
+    all_gather_buckets' result and counters for the same buffers."""
+    comm = ProcessGroupCommunicator(None, timeout_s=60.0)
+    pairs, expected = _buckets(world_size, rank)
+    works = [comm.all_gather_in_place(full) for full, _ in pairs]
+    for work in works:
+        work.wait()
+    refused = None
+    try:
+        comm.all_gather_in_place(torch.zeros(world_size * 3 + 1))
+    except ValueError as e:
+        refused = str(e)
+    return {"ok": [torch.equal(full, want) for (full, _), want in zip(pairs, expected)],
+            "done": all(w.is_completed() for w in works),
+            "stats": comm.stats.as_dict()["all_gather"], "refused": refused}
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 4])
+def test_process_group_all_gather_in_place_fills_every_slice_and_counts_an_all_gather(
+        world_size):
+    results = run_distributed(_gather_in_place_on_ranks, world_size, timeout_s=90)
+    ring = run_distributed(_gather_on_ranks, world_size, timeout_s=90)
+    for r, by_ring in zip(results, ring):
+        assert r["ok"] == [True, True, True] and r["done"]
+        assert r["stats"] == by_ring["stats"]  # the same calls and bytes as the ring gather
+        assert r["refused"] is not None and "equal slices" in r["refused"]
+
+
+def test_local_all_gather_in_place_is_the_buffer_itself():
+    comm = LocalCommunicator()
+    full = torch.arange(5.0)
+    comm.all_gather_in_place(full).wait()
+    assert torch.equal(full, torch.arange(5.0)) and comm.stats.calls["all_gather"] == 1
+
+
 @pytest.mark.parametrize("backend, expected", [
     ("nccl", torch.device("cuda", 3)),
     ("cpu:gloo,cuda:nccl", None),  # torch picks CPU when gloo serves the group

@@ -204,6 +204,12 @@ class Communicator:
     def broadcast(self, tensor: torch.Tensor, root: int = 0) -> Work:
         raise NotImplementedError
 
+    def all_gather_in_place(self, full: torch.Tensor) -> Work:
+        """all_gather into `full` from this rank's own slice of it (slice `rank` of world_size
+        equal slices, already holding this rank's values): a stage 1/2 bucket after the update.
+        Counted as one all_gather of `full`."""
+        return self.all_gather(full, self._own_slice(full))
+
     def all_to_all(self, received: torch.Tensor, sent: torch.Tensor) -> Work:
         """Part i of `sent` (world_size equal parts) goes to rank i; part i of `received` comes
         from rank i. The hops of a quantized reduce-scatter (quantized_reduce.py): counted as
@@ -243,6 +249,12 @@ class Communicator:
             return
         self.stats.record(kind, tensor.numel() * tensor.element_size(), self.world_size,
                           self.crosses_node)
+
+    def _own_slice(self, full: torch.Tensor) -> torch.Tensor:
+        if full.dim() != 1 or full.numel() % self.world_size:
+            raise ValueError(f"an in-place all_gather needs a 1-D buffer of world_size "
+                             f"({self.world_size}) equal slices, got shape {tuple(full.shape)}")
+        return full.view(self.world_size, -1)[self.rank]
 
     @staticmethod
     def _check_split(part: torch.Tensor, full: torch.Tensor, world_size: int) -> None:
@@ -320,6 +332,7 @@ class ProcessGroupCommunicator(Communicator):
         # gloo's reduce_scatter_tensor runs to completion inside the call, so no timeout can
         # reach it; its async all_to_all can be waited with one (same bytes moved).
         self._reduce_scatter_native = dist.get_backend(group) != "gloo"
+        self._gather_by_broadcast = dist.get_backend(group) == "gloo"
 
     @property
     def reduce_scatter_needs_scratch(self) -> bool:
@@ -362,6 +375,38 @@ class ProcessGroupCommunicator(Communicator):
             part = part.clone()  # gloo may write `full` while still reading an aliased input
         return self._work("all_gather", all_gather_single(full, part, group=self.group,
                                                           async_op=True))
+
+    def all_gather_buckets(self, pairs, record_outputs=True):
+        """On gloo each pair's part is copied into its slice of `full`, then gathered in place
+        (all_gather_in_place); elsewhere as Communicator's."""
+        if not self._gather_by_broadcast:
+            return super().all_gather_buckets(pairs, record_outputs)
+        pairs = list(pairs)
+        for full, part in pairs:
+            self._check_split(part, full, self.world_size)
+            self._own_slice(full)
+        works = []
+        for full, part in pairs:
+            own = self._own_slice(full)
+            if part.data_ptr() != own.data_ptr() or part.dtype != own.dtype:
+                own.copy_(part.clone() if _overlaps(part, full) else part)
+            works.append(self.all_gather_in_place(full))
+        return _AllWork(works)
+
+    def all_gather_in_place(self, full):
+        """On gloo, one broadcast per rank of its own slice, each written in place: gloo's
+        all_gather may not read an input inside its output (a copy of the slice first) and
+        moved the same bytes about half as fast (32 buckets of gpt-17m, 2 ranks: 32-39 ms
+        against 14-19 ms; 4 ranks: 119-127 against 84-105). The ranks together send what the
+        ring all_gather sends, (n-1) slices each on average: counted as one all_gather."""
+        if not self._gather_by_broadcast:
+            return super().all_gather_in_place(full)
+        self._own_slice(full)  # checks the split
+        self._count("all_gather", full)
+        slices = full.view(self.world_size, -1)
+        return _AllWork([self._work("all_gather", dist.broadcast(
+            slices[i], src=dist.get_global_rank(self.group, i) if self.group is not None else i,
+            group=self.group, async_op=True)) for i in range(self.world_size)])
 
     def all_to_all(self, received, sent):
         self._check_split(sent, received, 1)

@@ -90,6 +90,11 @@ class SimulatedAsyncCommunicator(Communicator):
         self._count("all_gather", full)
         return self._later(lambda: self.inner.all_gather(full, part))
 
+    def all_gather_in_place(self, full):
+        self._own_slice(full)
+        self._count("all_gather", full)
+        return self._later(lambda: self.inner.all_gather_in_place(full))
+
     def all_gather_buckets(self, pairs, record_outputs=True):
         pairs = list(pairs)
         for full, part in pairs:

@@ -248,7 +248,7 @@ def estimate_model_states(param_numels: Sequence[int], *, world_size: int, stage
         "comm_buffers": planned_ring_bytes(
             [b.end - b.start for b in layout.bucket_ranges], stage=stage, world_size=world_size,
             elem_size=grad_elem, max_in_flight=max_in_flight, gloo=(backend == "gloo"),
-            param_elem_size=_elem_size(param_dtype), offload=offloaded),
+            offload=offloaded),
         "frozen_params": sum(frozen) * frozen_elem,  # whole on every rank below stage 3
     }
     if offloaded:

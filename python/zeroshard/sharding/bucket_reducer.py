@@ -308,8 +308,6 @@ class BucketReducer:
         ring.reserve("staging", largest)
         ring.reserve("recv", largest)
         ring.reserve("part", -(-largest // max(1, self.comm.world_size)))
-        if dtype != group.reduce_dtype:
-            ring.reserve("gather", -(-largest // max(1, self.comm.world_size)))
         return ring
 
     def _acquire_slot(self, group: FlatGroup, dtype: Optional[torch.dtype] = None) -> Slot:
@@ -477,13 +475,24 @@ class BucketReducer:
             for ring in self.rings.values():
                 ring.trim(self.max_in_flight + 1)
 
+    def _start_gather(self, gi: int, b: int) -> None:
+        group = self.groups[gi]
+        b_start, b_end = group.bucket_ranges[b]
+        s_start, s_end, _ = group.bucket_slice(b)
+        if s_start - b_start != self.comm.rank * (s_end - s_start):  # the layout's rule
+            raise AssertionError(f"bucket {b}: this rank's slice is not slice {self.comm.rank} "
+                                 "of the bucket")
+        self._track(self.comm.all_gather_in_place(group.flat_param[b_start:b_end]),
+                    lambda: None, None)
+
     def all_gather_shards(self) -> None:
         """After a stage 1/2 update: every rank's updated slice of every bucket gathered into
-        the flat parameters. Where the backend gathers in place (NCCL, world size 1) all
-        buckets go in one grouped call. gloo must not read an input that aliases its output,
-        so there each slice is first copied into a ring slot (its receive buffer, idle now; a
-        ring of its own for parameters in another dtype), at most max_in_flight buckets
-        outstanding (a clone per bucket would be a shard-sized transient every step)."""
+        the flat parameters, in place (this rank's slice of a bucket is where the update wrote
+        it). Where the backend gathers in place (NCCL, world size 1) all buckets go in one
+        grouped call; on gloo each bucket is gathered by broadcasts (all_gather_in_place), all
+        started, then waited. (Starting each bucket's gather as soon as the update had written
+        its slice was measured too: on 2 cores it was 4-7 ms a step slower, the broadcasts
+        competing with the update for the cores.)"""
         if not self.comm.all_gather_needs_private_input:
             pairs = []
             for group in self.groups:
@@ -493,16 +502,9 @@ class BucketReducer:
                                   group.flat_param[s_start:s_end]))
             self.comm.all_gather_buckets(pairs).wait()
             return
-        for group in self.groups:
-            for b, (b_start, b_end) in enumerate(group.bucket_ranges):
-                s_start, s_end, _ = group.bucket_slice(b)
-                self._bound_in_flight()
-                slot = self._acquire_slot(group, group.dtype)
-                part = slot.view("recv" if group.dtype == group.reduce_dtype else "gather",
-                                 s_end - s_start)
-                part.copy_(group.flat_param[s_start:s_end])
-                work = self.comm.all_gather(group.flat_param[b_start:b_end], part)
-                self._track(work, lambda: None, slot)
+        for gi, group in enumerate(self.groups):
+            for b in range(len(group.bucket_ranges)):
+                self._start_gather(gi, b)
         while self.in_flight:
             self._retire_oldest()
 

@@ -15,7 +15,7 @@ stream-ordered after the collective without a host sync).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -110,7 +110,7 @@ def auto_bucket_mb(total_numel: int, elem_size: int) -> float:
 
 def planned_ring_bytes(bucket_numels: Sequence[int], *, stage: int, world_size: int,
                        elem_size: int, max_in_flight: int = 2, gloo: bool = True,
-                       param_elem_size: Optional[int] = None, offload: bool = False) -> int:
+                       offload: bool = False) -> int:
     """The bytes BufferRing settles at for one optimizer whose buckets have `bucket_numels`
     elements (reduce dtype of `elem_size` bytes), in a loop of one backward per step (the
     estimator's number; memory_report() gives the real one).
@@ -120,10 +120,9 @@ def planned_ring_bytes(bucket_numels: Sequence[int], *, stage: int, world_size: 
     slice (1/N of a bucket; gloo's all-to-all also needs a full-bucket receive buffer). Stage 2
     stages each bucket's gradients while backward fills it, so one more slot is being filled
     while max_in_flight are in flight; gloo sums its all-to-all's parts straight into the
-    gradient shard, NCCL receives a slice. On gloo the all-gather of updated parameters copies each bucket's slice into
-    the (then idle) receive buffer first; parameters in another dtype than the reduction
-    (`param_elem_size` bytes) take a ring of their own, max_in_flight slices. With offload
-    every reduction receives its slice into the slot (the D2H copy reads it there), gloo too.
+    gradient shard, NCCL receives a slice. The all-gather of updated parameters needs no
+    buffer: every backend gathers in place (gloo by broadcasts). With offload every reduction
+    receives its slice into the slot (the D2H copy reads it there), gloo too.
     """
     if stage == 0 or not bucket_numels:
         return 0
@@ -136,8 +135,4 @@ def planned_ring_bytes(bucket_numels: Sequence[int], *, stage: int, world_size: 
     else:  # staging, and gloo sums straight into the shard
         per_slot = largest + (receive + part if gloo and offload else receive if gloo else part)
         slots = min(len(bucket_numels), max_in_flight + 1)
-    total = slots * per_slot * elem_size
-    param_elem_size = param_elem_size or elem_size
-    if gloo and param_elem_size != elem_size:
-        total += min(len(bucket_numels), max_in_flight) * -(-largest // world_size) * param_elem_size
-    return total
+    return slots * per_slot * elem_size
