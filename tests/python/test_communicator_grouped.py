@@ -73,10 +73,12 @@ def test_process_group_all_gather_buckets(world_size):
         assert r["object_device"] is None  # gloo: torch's CPU default, never a GPU
 
 
-def _gather_in_place_on_ranks(rank, world_size):
-    """all_gather_in_place of each bucket of _buckets (gloo: one broadcast per rank), against
-    all_gather_buckets' result and counters for the same buffers."""
+def _gather_in_place_on_ranks(rank, world_size, by_broadcast=True):
+    """all_gather_in_place of each bucket of _buckets (gloo: one broadcast per rank; across
+    nodes gloo's ring gather of a copy), against all_gather_buckets' result and counters for
+    the same buffers."""
     comm = ProcessGroupCommunicator(None, timeout_s=60.0)
+    comm.gather_by_broadcast = by_broadcast
     pairs, expected = _buckets(world_size, rank)
     works = [comm.all_gather_in_place(full) for full, _ in pairs]
     for work in works:
@@ -88,18 +90,36 @@ def _gather_in_place_on_ranks(rank, world_size):
         refused = str(e)
     return {"ok": [torch.equal(full, want) for (full, _), want in zip(pairs, expected)],
             "done": all(w.is_completed() for w in works),
-            "stats": comm.stats.as_dict()["all_gather"], "refused": refused}
+            "stats": comm.stats.as_dict()["all_gather"], "refused": refused,
+            "copies": comm.all_gather_in_place_copies}
 
 
+@pytest.mark.parametrize("by_broadcast", [True, False])
 @pytest.mark.parametrize("world_size", [2, 3, 4])
 def test_process_group_all_gather_in_place_fills_every_slice_and_counts_an_all_gather(
-        world_size):
-    results = run_distributed(_gather_in_place_on_ranks, world_size, timeout_s=90)
+        world_size, by_broadcast):
+    results = run_distributed(_gather_in_place_on_ranks, world_size, by_broadcast,
+                              timeout_s=90)
     ring = run_distributed(_gather_on_ranks, world_size, timeout_s=90)
     for r, by_ring in zip(results, ring):
         assert r["ok"] == [True, True, True] and r["done"]
         assert r["stats"] == by_ring["stats"]  # the same calls and bytes as the ring gather
         assert r["refused"] is not None and "equal slices" in r["refused"]
+        assert r["copies"] is not by_broadcast
+
+
+def _gathers_by_broadcast_within_a_node(rank, world_size, node_size):
+    from zeroshard.comm.communicator import make_communicator
+    from zeroshard.comm.topology import topology_of
+    comm = make_communicator(None, torch.device("cpu"), None, topology_of(world_size, node_size))
+    return comm.gather_by_broadcast
+
+
+def test_a_group_spanning_nodes_keeps_the_ring_gather():
+    """Broadcasts send each slice over the slow link to every remote rank; the ring (which
+    comm_stats' inter-node bytes model) stays where the group spans nodes."""
+    assert run_distributed(_gathers_by_broadcast_within_a_node, 2, 2) == [True, True]
+    assert run_distributed(_gathers_by_broadcast_within_a_node, 2, 1) == [False, False]
 
 
 def test_local_all_gather_in_place_is_the_buffer_itself():

@@ -204,6 +204,10 @@ class Communicator:
     def broadcast(self, tensor: torch.Tensor, root: int = 0) -> Work:
         raise NotImplementedError
 
+    # all_gather_in_place copies this rank's slice first (gloo's ring gather across nodes): a
+    # caller bounds how many it has in flight.
+    all_gather_in_place_copies: bool = False
+
     def all_gather_in_place(self, full: torch.Tensor) -> Work:
         """all_gather into `full` from this rank's own slice of it (slice `rank` of world_size
         equal slices, already holding this rank's values): a stage 1/2 bucket after the update.
@@ -332,7 +336,9 @@ class ProcessGroupCommunicator(Communicator):
         # gloo's reduce_scatter_tensor runs to completion inside the call, so no timeout can
         # reach it; its async all_to_all can be waited with one (same bytes moved).
         self._reduce_scatter_native = dist.get_backend(group) != "gloo"
-        self._gather_by_broadcast = dist.get_backend(group) == "gloo"
+        # gloo gathers in place by broadcasts (all_gather_in_place); make_communicator turns
+        # this off for a group that spans nodes
+        self.gather_by_broadcast = dist.get_backend(group) == "gloo"
 
     @property
     def reduce_scatter_needs_scratch(self) -> bool:
@@ -379,7 +385,7 @@ class ProcessGroupCommunicator(Communicator):
     def all_gather_buckets(self, pairs, record_outputs=True):
         """On gloo each pair's part is copied into its slice of `full`, then gathered in place
         (all_gather_in_place); elsewhere as Communicator's."""
-        if not self._gather_by_broadcast:
+        if not self.gather_by_broadcast:
             return super().all_gather_buckets(pairs, record_outputs)
         pairs = list(pairs)
         for full, part in pairs:
@@ -393,13 +399,17 @@ class ProcessGroupCommunicator(Communicator):
             works.append(self.all_gather_in_place(full))
         return _AllWork(works)
 
+    @property
+    def all_gather_in_place_copies(self) -> bool:
+        return not self.gather_by_broadcast
+
     def all_gather_in_place(self, full):
         """On gloo, one broadcast per rank of its own slice, each written in place: gloo's
         all_gather may not read an input inside its output (a copy of the slice first) and
         moved the same bytes about half as fast (32 buckets of gpt-17m, 2 ranks: 32-39 ms
         against 14-19 ms; 4 ranks: 119-127 against 84-105). The ranks together send what the
         ring all_gather sends, (n-1) slices each on average: counted as one all_gather."""
-        if not self._gather_by_broadcast:
+        if not self.gather_by_broadcast:
             return super().all_gather_in_place(full)
         self._own_slice(full)  # checks the split
         self._count("all_gather", full)
@@ -700,7 +710,12 @@ def make_communicator(process_group: Optional[dist.ProcessGroup], device: torch.
         return LocalCommunicator()
     comm = _make_communicator(process_group, device, timeout)
     topology = topology or topology_of(dist.get_world_size())
-    comm.crosses_node = topology.successor_crosses_node(group_ranks(process_group), comm.rank)
+    ranks = group_ranks(process_group)
+    comm.crosses_node = topology.successor_crosses_node(ranks, comm.rank)
+    if isinstance(comm, ProcessGroupCommunicator) and len({topology.node_of(r) for r in ranks}) > 1:
+        # Across nodes the ring gather stays: its link use is what comm_stats() models, while
+        # a broadcast per rank sends every slice over the slow link to each remote rank.
+        comm.gather_by_broadcast = False
     return comm
 
 

@@ -73,6 +73,10 @@ class SimulatedAsyncCommunicator(Communicator):
     def all_gather_needs_private_input(self) -> bool:
         return self.inner.all_gather_needs_private_input
 
+    @property
+    def all_gather_in_place_copies(self) -> bool:
+        return self.inner.all_gather_in_place_copies
+
     def _later(self, launch: Callable[[], Work]) -> Work:
         return _SimulatedWork(self.stream.submit(lambda: launch().wait()))
 

@@ -490,7 +490,8 @@ class BucketReducer:
         the flat parameters, in place (this rank's slice of a bucket is where the update wrote
         it). Where the backend gathers in place (NCCL, world size 1) all buckets go in one
         grouped call; on gloo each bucket is gathered by broadcasts (all_gather_in_place), all
-        started, then waited. (Starting each bucket's gather as soon as the update had written
+        started, then waited (a group spanning nodes gathers by gloo's ring instead, which
+        copies the slice: at most max_in_flight of those at once). (Starting each bucket's gather as soon as the update had written
         its slice was measured too: on 2 cores it was 4-7 ms a step slower, the broadcasts
         competing with the update for the cores.)"""
         if not self.comm.all_gather_needs_private_input:
@@ -504,6 +505,9 @@ class BucketReducer:
             return
         for gi, group in enumerate(self.groups):
             for b in range(len(group.bucket_ranges)):
+                while self.comm.all_gather_in_place_copies and (
+                        len(self.in_flight) >= self.max_in_flight):
+                    self._retire_oldest()  # each holds a copy of its slice until done
                 self._start_gather(gi, b)
         while self.in_flight:
             self._retire_oldest()
