@@ -388,12 +388,12 @@ class ProcessGroupCommunicator(Communicator):
         if not self.gather_by_broadcast:
             return super().all_gather_buckets(pairs, record_outputs)
         pairs = list(pairs)
-        for full, part in pairs:
+        owns = []
+        for full, part in pairs:  # every pair checked before any is launched
             self._check_split(part, full, self.world_size)
-            self._own_slice(full)
+            owns.append(self._own_slice(full))
         works = []
-        for full, part in pairs:
-            own = self._own_slice(full)
+        for (full, part), own in zip(pairs, owns):
             if part.data_ptr() != own.data_ptr() or part.dtype != own.dtype:
                 own.copy_(part.clone() if _overlaps(part, full) else part)
             works.append(self.all_gather_in_place(full))

@@ -297,11 +297,11 @@ class BucketReducer:
 
     # ---- ring buffers ------------------------------------------------------------------------
 
-    def _ring(self, group: FlatGroup, dtype: torch.dtype) -> BufferRing:
-        key = (dtype, group.device)
+    def _ring(self, group: FlatGroup) -> BufferRing:
+        key = (group.reduce_dtype, group.device)
         ring = self.rings.get(key)
         if ring is None:
-            ring = self.rings[key] = BufferRing(dtype, group.device)
+            ring = self.rings[key] = BufferRing(group.reduce_dtype, group.device)
         # Sized for the largest bucket of any group up front: a later, larger bucket would
         # reallocate (stage 3 has many groups; their first slots would differ in size).
         largest = max((e - s for g in self.groups for s, e in g.bucket_ranges), default=0)
@@ -310,12 +310,12 @@ class BucketReducer:
         ring.reserve("part", -(-largest // max(1, self.comm.world_size)))
         return ring
 
-    def _acquire_slot(self, group: FlatGroup, dtype: Optional[torch.dtype] = None) -> Slot:
+    def _acquire_slot(self, group: FlatGroup) -> Slot:
         """A free slot. While none is free and collectives hold slots, the oldest is waited for
         first once the ring has max_in_flight + 1 slots (one bucket filling while max_in_flight
         are reduced). A new slot otherwise: the ring grows past that, once, only when more
         buckets than that fill at the same time (gradients arriving out of the launch order)."""
-        ring = self._ring(group, dtype or group.reduce_dtype)
+        ring = self._ring(group)
         slot = ring.acquire_free()
         while slot is None and self._slots_in_flight() > 0 and (
                 len(ring.slots) > self.max_in_flight):
@@ -475,25 +475,15 @@ class BucketReducer:
             for ring in self.rings.values():
                 ring.trim(self.max_in_flight + 1)
 
-    def _start_gather(self, gi: int, b: int) -> None:
-        group = self.groups[gi]
-        b_start, b_end = group.bucket_ranges[b]
-        s_start, s_end, _ = group.bucket_slice(b)
-        if s_start - b_start != self.comm.rank * (s_end - s_start):  # the layout's rule
-            raise AssertionError(f"bucket {b}: this rank's slice is not slice {self.comm.rank} "
-                                 "of the bucket")
-        self._track(self.comm.all_gather_in_place(group.flat_param[b_start:b_end]),
-                    lambda: None, None)
-
     def all_gather_shards(self) -> None:
         """After a stage 1/2 update: every rank's updated slice of every bucket gathered into
         the flat parameters, in place (this rank's slice of a bucket is where the update wrote
         it). Where the backend gathers in place (NCCL, world size 1) all buckets go in one
         grouped call; on gloo each bucket is gathered by broadcasts (all_gather_in_place), all
-        started, then waited (a group spanning nodes gathers by gloo's ring instead, which
-        copies the slice: at most max_in_flight of those at once). (Starting each bucket's gather as soon as the update had written
-        its slice was measured too: on 2 cores it was 4-7 ms a step slower, the broadcasts
-        competing with the update for the cores.)"""
+        started, then waited. A gloo group spanning nodes gathers by gloo's ring instead,
+        which copies the slice: at most max_in_flight of those at once. (Starting each
+        bucket's gather as soon as the update had written its slice was measured too: on 2
+        cores it was 4-7 ms a step slower, the broadcasts competing with the update.)"""
         if not self.comm.all_gather_needs_private_input:
             pairs = []
             for group in self.groups:
@@ -503,12 +493,17 @@ class BucketReducer:
                                   group.flat_param[s_start:s_end]))
             self.comm.all_gather_buckets(pairs).wait()
             return
-        for gi, group in enumerate(self.groups):
-            for b in range(len(group.bucket_ranges)):
+        for group in self.groups:
+            for b, (b_start, b_end) in enumerate(group.bucket_ranges):
+                s_start, s_end, _ = group.bucket_slice(b)
+                if s_start - b_start != self.comm.rank * (s_end - s_start):  # the layout's rule
+                    raise AssertionError(f"bucket {b}: this rank's slice is not slice "
+                                         f"{self.comm.rank} of the bucket")
                 while self.comm.all_gather_in_place_copies and (
                         len(self.in_flight) >= self.max_in_flight):
                     self._retire_oldest()  # each holds a copy of its slice until done
-                self._start_gather(gi, b)
+                self._track(self.comm.all_gather_in_place(group.flat_param[b_start:b_end]),
+                            lambda: None, None)
         while self.in_flight:
             self._retire_oldest()
 

@@ -121,7 +121,8 @@ def planned_ring_bytes(bucket_numels: Sequence[int], *, stage: int, world_size: 
     stages each bucket's gradients while backward fills it, so one more slot is being filled
     while max_in_flight are in flight; gloo sums its all-to-all's parts straight into the
     gradient shard, NCCL receives a slice. The all-gather of updated parameters needs no
-    buffer: every backend gathers in place (gloo by broadcasts). With offload every reduction
+    slot: it gathers in place (gloo by broadcasts; across nodes gloo's ring gathers a transient
+    copy of each slice, max_in_flight at a time, not counted here). With offload every reduction
     receives its slice into the slot (the D2H copy reads it there), gloo too.
     """
     if stage == 0 or not bucket_numels:
