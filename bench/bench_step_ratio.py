@@ -9,7 +9,8 @@ differences it compares (±10% here from run to run). This benchmark builds ever
 and optimizer (examples/train_gpt.py's setups: the same model, data, clipping and AdamW as
 bench_train's rows) in one job and takes one step of each row in turn, round after round,
 starting each round at the next row; so every row sees the same machine, and the ratios are
-medians of steps taken seconds apart. It prints the median step time of each row, issue 21's
+medians of steps taken seconds apart. It prints the median step time of each row (and of its
+forward, backward, and clipping + step, each a median on its own), issue 21's
 targets (stages 1-2 at most STAGES12_VS_DDP times DDP's step, stage 3 at most
 STAGE3_VS_STAGE2 times our stage 2's), and the rows' first losses, which must agree (every row
 trains the same model on the same batch). Memory is bench_train.py's.
@@ -70,6 +71,7 @@ def worker(args) -> None:
         setups[row] = (row_args, train_gpt.SETUPS[row_args.optimizer](row_args, model, world))
     data = train_gpt.gpt.MarkovTokenStream(config.vocab_size, seed=1)
     times: Dict[str, List[float]] = {row: [] for row in args.rows}
+    phases: Dict[str, List[List[float]]] = {row: [] for row in args.rows}
     first_loss: Dict[str, float] = {}
     rows = list(args.rows)
     for step in range(args.warmup_rounds + args.rounds):
@@ -81,17 +83,24 @@ def worker(args) -> None:
             dist.barrier()
             began = time.perf_counter()
             loss = setup.forward_module(inputs, targets)
+            forward_done = time.perf_counter()
             setup.backward(loss)
+            backward_done = time.perf_counter()
             setup.clip_and_step(row_args.clip)
             setup.optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - began
             if step >= args.warmup_rounds:
                 times[row].append(elapsed)
+                phases[row].append([forward_done - began, backward_done - forward_done,
+                                    began + elapsed - backward_done])
             if step == 0:
                 first_loss[row] = train_gpt.global_mean(loss.detach(), world)
     if rank == 0:
         with open(args.worker, "w") as out:
             json.dump({"step_s": {row: statistics.median(t) for row, t in times.items()},
+                       "phase_s": {row: [statistics.median(p[i] for p in rows_phases)
+                                         for i in range(3)]
+                                   for row, rows_phases in phases.items()},
                        "first_loss": first_loss, "world_size": world}, out)
     dist.destroy_process_group()
 
@@ -117,8 +126,11 @@ def run(args) -> Dict:
 
 def report(results: Dict) -> List[str]:
     step = results["step_s"]
+    phase = results["phase_s"]
     lines = [f"{bench_train.ROWS[row][0]:<24} {step[row] * 1e3:8.1f} ms"
              + (f"  {step[row] / step['ddp']:.3f}x DDP" if "ddp" in step else "")
+             + "   (forward {:.0f}, backward {:.0f}, clip + step {:.0f} ms)".format(
+                 *(t * 1e3 for t in phase[row]))
              for row in step]
     for stage in (1, 2):
         if f"zero{stage}" in step and "ddp" in step:

@@ -17,8 +17,10 @@ _spec.loader.exec_module(bench_step_ratio)
 
 def test_report_judges_each_target_and_the_rows_losses():
     results = {"step_s": {"ddp": 1.0, "zero1": 0.99, "zero2": 1.02, "zero3": 1.06},
-               "first_loss": {"ddp": 5.0, "zero1": 5.0, "zero2": 5.0, "zero3": 5.0}}
+               "first_loss": {"ddp": 5.0, "zero1": 5.0, "zero2": 5.0, "zero3": 5.0},
+               "phase_s": {row: [0.3, 0.6, 0.1] for row in ("ddp", "zero1", "zero2", "zero3")}}
     lines = bench_step_ratio.report(results)
+    assert "(forward 300, backward 600, clip + step 100 ms)" in lines[0]
     assert "stage 1 step: 0.99x DDP (target <= 1.00x: met)" in lines
     assert "stage 2 step: 1.02x DDP (target <= 1.00x: NOT met)" in lines
     assert "stage 3 step: 1.04x our stage 2 (target <= 1.05x: met)" in lines
@@ -36,4 +38,6 @@ def test_a_small_run_times_every_row_on_the_same_model(capsys):
                   "zeroshard stage 3"):
         line = next(line for line in out.splitlines() if line.startswith(label))
         assert float(re.search(r"([\d.]+) ms", line).group(1)) > 0
+        phases = re.search(r"forward (\d+), backward (\d+), clip \+ step (\d+) ms", line)
+        assert phases is not None, line
     assert "the same model and batch in every row" in out
