@@ -143,7 +143,10 @@ def test_training_stays_close_on_identical_ranks(stage, options):
 @pytest.mark.parametrize("kwargs,message", [
     ({"stage": 0, "quantize_grads": "int8"}, "use stage=1, 2 or 3"),
     ({"stage": 2, "quantize_grads": "int2"}, "must be None, 'int8' or 'int4'"),
-    ({"stage": 2, "quantize_grads": "int8", "shard_size": 2}, "does not combine with shard_size"),
+    ({"stage": 2, "quantize_grads": "int8", "shard_size": 2},
+     "does not combine with shard_size= or a process_group (with shard_size= the gradients "
+     "cross nodes in the replicas' all-reduce, which it would leave unquantized). Use "
+     "shard_size= alone"),
 ])
 def test_combinations_not_built_are_refused(kwargs, message):
     for answer in run_distributed(refused, 4, kwargs):

@@ -35,9 +35,14 @@ class CommGroups:
                                 process_group=process_group)
         if quantize_grads is not None:
             if k != world or process_group is not None:
-                raise NotImplementedError(
-                    "quantize_grads= reduce-scatters over every rank of the default group, node "
-                    "by node: it does not combine with shard_size= or a process_group yet")
+                raise ValueError(
+                    "quantize_grads= quantizes a reduce-scatter over every rank of the default "
+                    "group, node by node; it does not combine with shard_size= or a "
+                    "process_group (with shard_size= the gradients cross nodes in the replicas' "
+                    "all-reduce, which it would leave unquantized). Use shard_size= alone (that "
+                    "all-reduce is its only inter-node traffic), or quantize_grads= without it "
+                    "(at stage 3 with secondary_shard='node' and quantize_weights='int8': "
+                    "ZeRO++)")
         if secondary_shard is not None and (k != world or process_group is not None):
             raise ValueError("secondary_shard= keeps a node-local copy of parameters sharded "
                              "over every rank of the default group; with shard_size= every "

@@ -222,10 +222,15 @@ class BucketReducer:
             # Bucket by bucket, each launched as soon as it is complete: a parameter spanning
             # many buckets (an embedding) then needs a slot or two, not one per bucket. Last
             # bucket first, as the launch sequence has them.
+            scale = self._prescale(group)
             for b in reversed(state.param_buckets[pi]):
                 b_start, b_end = group.bucket_ranges[b]
                 lo, hi = max(start, b_start), min(end, b_end)
-                self._staging(gi, b)[lo - b_start:hi - b_start].copy_(flat[lo - start:hi - start])
+                into = self._staging(gi, b)[lo - b_start:hi - b_start]
+                if scale is None:
+                    into.copy_(flat[lo - start:hi - start])
+                else:  # the copy and _launch's averaging in one pass over the gradient
+                    torch.mul(flat[lo - start:hi - start], scale, out=into)
                 self._count_down(gi, b)
             param.grad = None
             return
@@ -284,6 +289,14 @@ class BucketReducer:
         self.sequence = order
         self.sequence_learned = True
         self._trim_due = True  # once this backward's collectives are done, see wait()
+
+    def _prescale(self, group: FlatGroup) -> Optional[float]:
+        """The averaging factor a gradient is multiplied by as it is copied into its staging
+        slot, or None: nothing to average, or a gradient of another dtype than the reduction's
+        (it is cast first and averaged in the reduction's dtype at _launch)."""
+        if self.average_over == 1 or group.dtype != group.reduce_dtype:
+            return None
+        return 1.0 / self.average_over
 
     def _staging(self, gi: int, b: int) -> torch.Tensor:
         state, group = self.states[gi], self.groups[gi]
@@ -393,7 +406,7 @@ class BucketReducer:
         group, state = self.groups[gi], self.states[gi]
         state.launched[b] = True
         data, source, slot = self._bucket_input(gi, b)
-        if self.average_over > 1:
+        if self.average_over > 1 and not (source == "staging" and self._prescale(group)):
             data.mul_(1.0 / self.average_over)
         b_start, b_end = group.bucket_ranges[b]
         # gloo sums its all-to-all's parts straight into the shard (no part buffer), except
