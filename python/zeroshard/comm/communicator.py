@@ -185,6 +185,11 @@ class Communicator:
     # Whether this rank's ring successor in the group is on another node (topology.py): then
     # every byte it sends crosses between nodes. Set by make_communicator.
     crosses_node: bool = False
+    # True only inside all_gather_control: _count books the bytes as control bytes. A class
+    # default, so that a wrapper (SimulatedAsyncCommunicator forwards unknown attributes to the
+    # communicator it wraps) reads its own False, never the wrapped one's flag while another
+    # thread runs a control gather there (a bucket launched meanwhile went uncounted).
+    _control: bool = False
 
     def __init__(self) -> None:
         self.stats = CommStats()
@@ -248,7 +253,7 @@ class Communicator:
             self._control = False
 
     def _count(self, kind: str, tensor: torch.Tensor) -> None:
-        if getattr(self, "_control", False):
+        if self._control:
             self.stats.control_bytes += tensor.numel() * tensor.element_size()
             return
         self.stats.record(kind, tensor.numel() * tensor.element_size(), self.world_size,

@@ -28,11 +28,14 @@ others' would pair its gather with another unit's and read wrong weights, and a 
 one rank runs alone (evaluation under `if rank == 0:`) would pair its gathers with the other
 ranks' training collectives; so each gather first all-gathers a call tag (call_tags.py: the
 unit's index and whether it is a grad-recording forward, an evaluation or backward), and a
-mismatch raises an error naming both sides on every rank. On CPU the tag is checked before the
-data collective is launched, so mismatched collectives never pair. On CUDA reading it would
-stall the host on every gather, so the tags stay on the device and are checked at the next
-step() (or full_params()), before any update; only the root's (the first gather of each
-forward, where a forward one rank runs alone begins) is checked at once.
+mismatch raises an error naming both sides on every rank. The root's tag (the first gather of
+each forward, where a forward one rank runs alone begins) is checked before its data collective
+is launched, so those never pair. Checking every unit's so would make each prefetch wait for the
+collectives queued ahead of its tag (on gloo, in order: 14-17 ms a step of gpt-17m's 2-rank
+stage 3, blocked in forward and backward), so the other units' tags are checked later: on CPU
+when the unit's gather is waited, before its data is waited or read (a mismatched data
+collective may have paired with another rank's: its values are never used); on CUDA, where
+reading a tag stalls the host, at the next step() (or full_params()), before any update.
 
 [Note: frozen parameters] A unit's frozen FlatGroups are gathered with it and never reduced.
 The usual early free (once all the unit's gradient buckets are launched) is not enough when
@@ -342,7 +345,7 @@ class ParamUnits:
             tags = torch.empty(self.comm.world_size, dtype=torch.float32, device=device)
             mine = torch.full((1,), float(code), dtype=torch.float32, device=device)
             tag_work = self.comm.all_gather_control(tags, mine)
-            if device.type != "cuda" or u.is_root:
+            if u.is_root:
                 self._wait(tag_work)
                 self._check_tags(tags, code)
                 tag_work = None
@@ -374,7 +377,10 @@ class ParamUnits:
         u.pending = None
         if tag_work is not None:
             self._wait(tag_work)
-            self._unchecked.append(tags)  # CUDA: (tags, code), compared at check_order()
+            if u.groups[0].device.type == "cuda":
+                self._unchecked.append(tags)  # (tags, code), compared at check_order()
+            else:  # before the data collective is waited, let alone read
+                self._check_tags(*tags)
         self._wait(work)
 
     @staticmethod
