@@ -95,15 +95,15 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.device = device_of(trainable, self._names)
         # Stage 3 with offload: the host update runs beside the next forward (deferred_update.py)
         self.deferred: Optional[DeferredUpdate] = None
+        if offload == "cpu" or self.device.type == "cpu":
+            # The update kernels run on the host: each rank takes its share of the cores. With
+            # every rank's kernels on every core, a step's update waited on descheduled threads
+            # (2 ranks on 2 cores: 5 ms of kernels took 40-70 ms).
+            ops.apply_default_num_threads()
         if offload == "cpu":
             self.offload = HostOffload(self.device, grad_dtype=offload_grad_dtype)
             if stage == 3:
                 self.deferred = DeferredUpdate(self.device)
-        elif self.device.type == "cpu":
-            # The update kernels run here: each rank takes its share of the cores. With every
-            # rank's kernels on every core, a step's update waited on descheduled threads
-            # (2 ranks on 2 cores: 5 ms of kernels took 40-70 ms).
-            ops.apply_default_num_threads()
         if self.device.type == "cuda":  # object collectives use this rank's GPU, not cuda:0
             bind_rendezvous_device(process_group, self.device)
         reject_ddp_wrapped(trainable, self._names)

@@ -104,6 +104,19 @@ def test_a_collective_reads_its_input_late_and_its_wait_makes_the_output_visible
     assert torch.equal(full, torch.full((8,), -1.0))
 
 
+def test_a_collective_is_counted_as_itself_while_the_wrapped_one_runs_a_control_gather(simulated):
+    # The stream thread may be inside the wrapped communicator's all_gather_control (its
+    # _control flag up) when the main thread launches a bucket: the wrapper must count the
+    # bucket's bytes as its own kind, never read the wrapped communicator's flag.
+    from zeroshard.comm.simulated_communicator import simulated_if_asked
+    comm = simulated_if_asked(zeroshard.comm.communicator.make_communicator(None, torch.device("cpu")),
+                              torch.device("cpu"))
+    comm.inner._control = True
+    comm.all_gather(torch.zeros(8), torch.arange(8.0)).wait()
+    assert comm.stats.calls["all_gather"] == 1 and comm.stats.payload_bytes["all_gather"] == 32
+    assert comm.stats.control_bytes == 0
+
+
 # ---- removed waits ----------------------------------------------------------------------------
 
 STEPS = 3

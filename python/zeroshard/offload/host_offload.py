@@ -103,7 +103,6 @@ class HostOffload:
         self.grad_dtype = grad_dtype  # offload_grad_dtype; None: landing_dtype()'s default
         self._landing_dtype: Dict[int, torch.dtype] = {}  # id(fg) -> its gradients' landing dtype
         self.cuda = device.type == "cuda"
-        ops.apply_default_num_threads()  # this rank's share of the cores, unless chosen
         self.d2h_bytes = self.h2d_bytes = 0
         self.d2h_copies = self.h2d_copies = 0
         # The worker waits on this device's events: it must make this device current, or its

@@ -406,7 +406,8 @@ class BucketReducer:
         group, state = self.groups[gi], self.states[gi]
         state.launched[b] = True
         data, source, slot = self._bucket_input(gi, b)
-        if self.average_over > 1 and not (source == "staging" and self._prescale(group)):
+        averaged_in_copy = source == "staging" and self._prescale(group) is not None
+        if self.average_over > 1 and not averaged_in_copy:
             data.mul_(1.0 / self.average_over)
         b_start, b_end = group.bucket_ranges[b]
         # gloo sums its all-to-all's parts straight into the shard (no part buffer), except
