@@ -97,15 +97,20 @@ class BufferRing:
 
 
 DEFAULT_BUCKET_MB = 25.0  # DDP's default bucket size
+# The automatic bucket's share of the model's gradient bytes, where DDP's 25 MiB would be more.
+AUTO_BUCKET_FRACTION = 1 / 16
 
 
 def auto_bucket_mb(total_numel: int, elem_size: int) -> float:
-    """bucket_mb=None: DDP's 25 MiB, but at most 1/32 of the model's gradient bytes (and at
+    """bucket_mb=None: DDP's 25 MiB, but at most 1/16 of the model's gradient bytes (and at
     least 1/4 MiB). The ring holds about six buckets (three slots of staging plus a receive
-    buffer on gloo), which on a small model would otherwise eat the memory ZeRO saves: 1/32
-    keeps it near a fifth of the gradients. Below 25 MiB a bucket's collective is already
-    large enough that its fixed cost does not matter."""
-    return max(0.25, min(DEFAULT_BUCKET_MB, total_numel * elem_size / 32 / 2 ** 20))
+    buffer on gloo), which on a small model would otherwise eat the memory ZeRO saves: 1/16
+    keeps it near 3/8 of the gradients. Smaller buckets cost time: every collective is a few
+    system calls and thread hand-offs on each rank, and stage 3 gathers every unit bucket by
+    bucket, twice a step. With 1/32 (as before), gpt-17m's 2-rank step on 2 cores was 1.5-2%
+    slower at stages 1-2 and 3-5% at stage 3 (docs/measured.md)."""
+    return max(0.25, min(DEFAULT_BUCKET_MB, total_numel * elem_size * AUTO_BUCKET_FRACTION
+                         / 2 ** 20))
 
 
 def planned_ring_bytes(bucket_numels: Sequence[int], *, stage: int, world_size: int,
