@@ -56,7 +56,7 @@ import torch
 
 from .. import _core
 from ..sharding.buffer_ring import auto_bucket_mb, planned_ring_bytes
-from ..sharding.flat_group import ALIGN_BYTES
+from ..sharding.flat_group import ALIGN_BYTES, flat_layout
 from .model_shapes import UNIFORM_TENSOR_NUMEL, uniform_numels, uniform_units, units_after
 
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -127,7 +127,7 @@ def _checked_numels(param_numels: Sequence[int], what: str = "param_numels",
 def _layout(numels: List[int], world_size: int, dtype: torch.dtype,
             bucket: int) -> "_core.Layout":
     align_elems = max(1, ALIGN_BYTES // _elem_size(dtype))
-    return _core.Layout(numels, world_size, align_elems, bucket)
+    return flat_layout(numels, world_size, align_elems, bucket)
 
 
 def _unit_groups(numels: List[int], units: Optional[Sequence[int]],
@@ -292,8 +292,8 @@ def _frozen_groups(frozen: List[int], frozen_units: Optional[Sequence[int]], wor
     if not any(frozen):
         return {}
     groups = _unit_groups(frozen, frozen_units, ("frozen_units", "frozen_numels"))
-    layouts = {u: _core.Layout([frozen[i] for i in members if frozen[i] > 0], world_size,
-                               max(1, ALIGN_BYTES // elem), bucket)
+    layouts = {u: flat_layout([frozen[i] for i in members if frozen[i] > 0], world_size,
+                              max(1, ALIGN_BYTES // elem), bucket)
                for u, members in groups}
     return {u: (layout.shard_numel * elem, layout.buffer_numel * elem)
             for u, layout in layouts.items()}
