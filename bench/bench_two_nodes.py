@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--configs", default=",".join(CONFIGS))
-    # 16 MiB: a few large collectives a step. With the automatic size (1/16 of the model) the
+    # 16 MiB: a few large collectives a step. With the automatic size (1/16 of gpt-17m) the
     # quantized options' many small collectives and kernel calls, 4 ranks sharing 2 cores,
     # spend more time waiting for a core than the link saves (docs/measured.md).
     ap.add_argument("--bucket-mb", type=float, default=16.0,

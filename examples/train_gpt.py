@@ -80,7 +80,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--clip", type=float, default=1.0, help="max grad norm; 0 = no clipping")
     parser.add_argument("--bucket-mb", type=float, default=None,
                         help="gradient bucket size in MiB (default: zeroshard's automatic size, "
-                             "25 MiB or 1/16 of the gradients if smaller)")
+                             "25 MiB or 1/32 of the gradients if smaller, up to 1/16 below 4 MiB)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=None,
                         help="steps between progress lines (default steps//10)")

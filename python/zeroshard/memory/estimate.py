@@ -183,8 +183,8 @@ def estimate_model_states(param_numels: Sequence[int], *, world_size: int, stage
     memory (see [Note: what the estimate covers]): the keys keep their values wherever the
     bytes are, host_bytes is the host's sum and `total` counts device bytes only, as
     memory_report() does. Without offload host_bytes is 0. bucket_mb=None is ZeroOptimizer's automatic
-    size (25 MiB, at most 1/16 of the gradients' bytes, at least 1/4 MiB; buffer_ring's
-    auto_bucket_mb). See [Note: what the estimate covers].
+    size (25 MiB, at most 1/32 of the gradients' bytes, a small model's up to 1/16 below 4 MiB,
+    at least 1/4 MiB; buffer_ring's auto_bucket_mb). See [Note: what the estimate covers].
 
     Stage 3 needs `units` (each parameter's unit, parallel to param_numels, 0 = root; see
     param_units_of) and takes the optimizer's `prefetch`; `total` is between steps, as

@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "memory (stages 1-3)")
     parser.add_argument("--bucket-mb", type=_argument(_positive_float), default=None,
                         help="bucket size in MiB of gradients, as ZeroOptimizer's bucket_mb "
-                             "(default: its automatic size, 25 MiB but at most 1/16 of the "
-                             "gradients' bytes)")
+                             "(default: its automatic size, 25 MiB but at most 1/32 of the "
+                             "gradients' bytes; a small model's up to 1/16 below 4 MiB)")
     parser.add_argument("--prefetch", type=_argument(_whole_number("prefetch")), default=1,
                         help="stage 3: units gathered ahead of the running one, as "
                              "ZeroOptimizer's prefetch (default 1)")

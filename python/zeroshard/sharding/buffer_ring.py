@@ -97,20 +97,23 @@ class BufferRing:
 
 
 DEFAULT_BUCKET_MB = 25.0  # DDP's default bucket size
-# The automatic bucket's share of the model's gradient bytes, where DDP's 25 MiB would be more.
-AUTO_BUCKET_FRACTION = 1 / 16
+# A bucket smaller than this pays a collective's fixed cost next to few bytes (see auto_bucket_mb).
+SMALL_BUCKET_MB = 4.0
 
 
 def auto_bucket_mb(total_numel: int, elem_size: int) -> float:
-    """bucket_mb=None: DDP's 25 MiB, but at most 1/16 of the model's gradient bytes (and at
-    least 1/4 MiB). The ring holds about six buckets (three slots of staging plus a receive
-    buffer on gloo), which on a small model would otherwise eat the memory ZeRO saves: 1/16
-    keeps it near 3/8 of the gradients. Smaller buckets cost time: every collective is a few
-    system calls and thread hand-offs on each rank, and stage 3 gathers every unit bucket by
-    bucket, twice a step. With 1/32 (as before), gpt-17m's 2-rank step on 2 cores was 1.5-2%
-    slower at stages 1-2 and 3-5% at stage 3 (docs/measured.md)."""
-    return max(0.25, min(DEFAULT_BUCKET_MB, total_numel * elem_size * AUTO_BUCKET_FRACTION
-                         / 2 ** 20))
+    """bucket_mb=None: DDP's 25 MiB, but at most 1/32 of the model's gradient bytes, so that the
+    ring (about six buckets: three slots of staging plus a receive buffer on gloo) stays near a
+    fifth of the gradients instead of eating what ZeRO saves; except that a small model's bucket
+    may grow to 1/16 of its gradients while it stays under SMALL_BUCKET_MB, since there every
+    collective's fixed cost (on gloo, system calls and thread hand-offs on each rank; at stage 3
+    each unit gathered bucket by bucket, twice a step) is large next to its bytes. At least
+    1/4 MiB. gpt-17m (53 MiB of gradients): 3.3 MiB, where 1/32 made its 2-rank step on 2 cores
+    1.5-2% slower at stages 1-2 and 3-5% at stage 3, for 10 MiB less ring (docs/measured.md);
+    from 128 MiB of gradients on, 1/32 as before."""
+    grads_mb = total_numel * elem_size / 2 ** 20
+    mb = max(grads_mb / 32, min(SMALL_BUCKET_MB, grads_mb / 16))
+    return max(0.25, min(DEFAULT_BUCKET_MB, mb))
 
 
 def planned_ring_bytes(bucket_numels: Sequence[int], *, stage: int, world_size: int,
