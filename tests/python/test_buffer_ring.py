@@ -178,3 +178,15 @@ def test_stage1_backward_between_clip_and_step_is_refused():
     model(x).square().mean().backward()
     opt.step()
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_automatic_bucket_is_a_32nd_of_the_gradients_or_a_small_models_16th():
+    from zeroshard.sharding.buffer_ring import SMALL_BUCKET_MB, auto_bucket_mb
+    mib = 2 ** 20
+    assert auto_bucket_mb(13_842_432, 4) == 13_842_432 * 4 / 16 / mib     # gpt-17m: 3.3 MiB
+    assert auto_bucket_mb(24 * mib, 4) == SMALL_BUCKET_MB  # 96 MiB: 1/32 is 3, 1/16 is 6
+    assert auto_bucket_mb(110_418_432, 4) == 110_418_432 * 4 / 32 / mib   # gpt-110m: as before
+    assert auto_bucket_mb(2_000_000_000, 2) == 25.0                        # DDP's cap
+    assert auto_bucket_mb(1000, 4) == 0.25                                 # the floor
+    for numel in (10 ** 5, 10 ** 6, 10 ** 7, 10 ** 8, 10 ** 9):  # never below 1/32
+        assert auto_bucket_mb(numel, 4) >= min(25.0, numel * 4 / 32 / mib)
