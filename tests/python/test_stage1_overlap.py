@@ -101,3 +101,57 @@ def test_the_shard_lands_on_reduced_buckets_only_for_awkward_sizes():
                         assert base + layout.bucket_slice_shard_offset(b) >= \
                             layout.bucket_ranges[b].start, (world_size, numels, align,
                                                             bucket_elems, b)
+
+
+def _local_grads_after(rank, world_size, stage):
+    """Gradients added in every way a script can, each followed by a step or a zero_grad();
+    after each, every rank's accumulation buffer must be all zeros (zero_grads skips clearing
+    it when the reductions already did: flat_group.py's dirty_buckets), and the steps must
+    still train like the oracle."""
+    model = make_model()
+    opt = build_optimizer("zeroshard", "AdamW", model.parameters(), stage=stage,
+                          bucket_mb=TINY_BUCKET_MB)
+    batches = make_batches(STEPS)
+    nonzero = []
+
+    def backward(tokens, target, sync=True, scale=1.0):
+        with (contextlib.nullcontext() if sync else opt.no_sync()):
+            (mse_loss(model, rank_slice(tokens, rank, world_size),
+                      rank_slice(target, rank, world_size)) * scale).backward()
+
+    def check(after):
+        for fg in opt.flat_groups:
+            if fg.local_grads is not None:
+                nonzero.append((after, int(fg.local_grads.count_nonzero())))
+
+    tokens, target = batches[0]
+    backward(tokens, target, sync=False)  # accumulated, never reduced: then dropped
+    opt.zero_grad()
+    check("no_sync backward, zero_grad")
+    backward(tokens, target)  # reduced (stage 1: the shard inside the buffer), then dropped
+    opt.zero_grad(set_to_none=False)
+    check("backward, zero_grad")
+    backward(tokens, target)
+    backward(tokens, target)  # the first shard carried, both reduced at the step
+    opt.zero_grad()
+    check("two backwards, zero_grad")
+    for i, (tokens, target) in enumerate(batches):
+        opt.zero_grad()
+        if i == 1:
+            backward(tokens, target, sync=False, scale=0.5)  # twice half, the second synced
+            backward(tokens, target, scale=0.5)
+        else:
+            backward(tokens, target)
+        opt.step()
+        check(f"step {i}")
+    return nonzero, param_snapshot(model)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_the_accumulation_buffer_is_zero_after_every_step_and_zero_grad(world_size, stage):
+    per_rank = run_distributed(_local_grads_after, world_size, stage)
+    for nonzero, _ in per_rank:
+        assert nonzero and all(count == 0 for _, count in nonzero), nonzero
+    assert_ranks_identical([snapshot for _, snapshot in per_rank], f"stage {stage}")
+    assert_params_close(per_rank[0][1], _oracle(), f"stage {stage}, {world_size} ranks")

@@ -215,6 +215,7 @@ class BucketReducer:
                     "and before step() or zero_grad(): stage 1 keeps the reduced shard inside "
                     "its accumulation buffer. Finish the step first, or accumulate all "
                     "micro-batches before clipping, or use stage 2.")
+            group.dirty_buckets.update(state.param_buckets[pi])
             group.ensure_local_grads()[start:end].add_(flat)
         elif state.direct:
             group.reduced_grads[start:end].copy_(flat)
@@ -249,7 +250,7 @@ class BucketReducer:
         for group in self.groups:  # (the earlier backward's collectives are finished)
             if group.reduces_in_place and group.shard_in_local and not group.reduced_read:
                 group.carried = group.reduced_grads.clone()
-                group.local_grads.zero_()
+                group.zero_local_grads()
                 group.shard_in_local = False
                 self.carrying = True
 
@@ -430,6 +431,7 @@ class BucketReducer:
                     group.reduced_grads[b_start:b_end].add_(data)
                 if source == "local":
                     data.zero_()
+                    group.dirty_buckets.discard(b)
         else:
             s_start, s_end, shard_offset = group.bucket_slice(b)
             shard = group.reduced_grads[shard_offset:shard_offset + (s_end - s_start)]
@@ -455,6 +457,7 @@ class BucketReducer:
             def finish():
                 if source == "local":
                     data.zero_()
+                    group.dirty_buckets.discard(b)
                 if in_place:
                     group.shard_in_local = True
                 if self.replica_comm is not None:  # hybrid: then across the replicas

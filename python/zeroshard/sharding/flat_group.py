@@ -112,6 +112,11 @@ class FlatGroup:
         self.gathered = True
         self._placeholder: Optional[torch.Tensor] = None
         self.local_grads: Optional[torch.Tensor] = None
+        # Buckets of local_grads that may hold nonzero values outside the reduced shard: a
+        # gradient was added in and the bucket was not zeroed since (its reduction zeroes it).
+        # zero_grads() clears local_grads only when one is left: at stage 1 the reduction has
+        # already zeroed every bucket, so the step would otherwise clear the whole buffer again.
+        self.dirty_buckets: set = set()
         # offload="cpu": the reduced shard lives in host memory, from `host_zeros(n, dtype)`
         # (HostOffload.zeros, page-locked on a GPU; see host_offload.py).
         self.offload = host_zeros is not None and not frozen
@@ -389,8 +394,12 @@ class FlatGroup:
         self.has_reduced = False
         self.shard_in_local = self.reduced_read = False
         self.carried = None
-        if self.local_grads is not None:
-            self.local_grads.zero_()
+        if self.local_grads is not None and self.dirty_buckets:
+            self.zero_local_grads()
+
+    def zero_local_grads(self) -> None:
+        self.local_grads.zero_()
+        self.dirty_buckets.clear()
 
     def shard_grads(self, buffer_start: int, buffer_end: int, shard_start: int) -> torch.Tensor:
         """The reduced gradient of one shard piece."""
