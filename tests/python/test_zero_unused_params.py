@@ -382,3 +382,41 @@ def test_zero_redundancy_loads_flat_inner_state(stage):
     train_all_used(model2, opt2, batches, HALF, STEPS)
     for (n, p), p2 in zip(model.named_parameters(), model2.parameters()):
         assert torch.equal(p, p2), n
+
+
+# ---- staging buffers that still hold an earlier step's values ---------------------------------
+
+def _reused_buffers_hold_nan(rank, world_size, stage):
+    """Every micro-batch synchronised (stages 0/2/3 then copy gradients into staging buffers
+    reused from step to step), with every free ring buffer filled with NaN before each
+    backward: whatever no gradient wrote (alignment gaps, a head unused on this rank) must still
+    reduce as zero. Returns the parameters and whether every reduced gradient, padding
+    included, stayed finite."""
+    model = make_heads_net()
+    opt = build("AdamW", model, stage)
+    finite = True
+    for step, (tokens, target) in enumerate(make_batches(STEPS)):
+        opt.zero_grad(set_to_none=True)
+        for m in range(MICRO):
+            for ring in opt.reducer.rings.values():
+                for slot in ring._free:  # not those of collectives still in flight
+                    for t in slot._tensors.values():
+                        t.fill_(float("nan"))
+            rank_loss(model, tokens, target, step, m, rank, world_size).backward()
+        drop_aux_grads(model, step)
+        opt._reduced()
+        finite = finite and all(bool(torch.isfinite(fg.reduced_grads).all())
+                                for fg in opt.flat_groups)
+        opt.step()
+    return snapshot(model, opt), finite
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_what_no_gradient_wrote_reduces_as_zero_in_reused_buffers(world_size, stage):
+    per_rank = run_distributed(_reused_buffers_hold_nan, world_size, stage)
+    assert all(finite for _, finite in per_rank), "NaN from a reused buffer reached a gradient"
+    assert_ranks_identical([s for s, _ in per_rank], f"stage {stage}")
+    model, _ = oracle("AdamW", world_size)
+    assert_params_close(per_rank[0][0], {n: p.detach() for n, p in model.named_parameters()},
+                        f"stage {stage}, {world_size} ranks, NaN in reused buffers")
