@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .sharding.bucket_reducer import BucketReducer
-from .comm.communicator import make_communicator
+from .comm.communicator_factory import make_communicator
 from .comm.simulated_communicator import simulated_if_asked
 from .sharding.flat_group import FlatGroup
 from .sharding.param_lists import reject_ddp_wrapped

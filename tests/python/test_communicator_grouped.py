@@ -14,9 +14,9 @@ import torch
 
 from dist_harness import run_distributed
 from zeroshard import CollectiveTimeout
-from zeroshard.comm import communicator
-from zeroshard.comm.communicator import (LocalCommunicator, ProcessGroupCommunicator, _CudaWork,
-                                    _LaunchRecord)
+from zeroshard.comm import communicator, nccl_communicator
+from zeroshard.comm.communicator import LocalCommunicator, ProcessGroupCommunicator
+from zeroshard.comm.nccl_communicator import _CudaWork, _LaunchRecord
 
 
 def _buckets(world_size: int, rank: int):
@@ -109,7 +109,7 @@ def test_process_group_all_gather_in_place_fills_every_slice_and_counts_an_all_g
 
 
 def _gathers_by_broadcast_within_a_node(rank, world_size, node_size):
-    from zeroshard.comm.communicator import make_communicator
+    from zeroshard.comm.communicator_factory import make_communicator
     from zeroshard.comm.topology import topology_of
     comm = make_communicator(None, torch.device("cpu"), None, topology_of(world_size, node_size))
     return comm.gather_by_broadcast
@@ -141,10 +141,10 @@ def test_object_collective_device_names_the_parameters_gpu_for_nccl(monkeypatch,
 
 
 def test_cuda_device_keeps_the_given_index_and_refuses_cpu():
-    assert communicator._cuda_device(torch.device("cuda", 5)) == torch.device("cuda", 5)
-    assert communicator._cuda_device("cuda:2").index == 2
+    assert nccl_communicator._cuda_device(torch.device("cuda", 5)) == torch.device("cuda", 5)
+    assert nccl_communicator._cuda_device("cuda:2").index == 2
     with pytest.raises(ValueError, match="CUDA device"):
-        communicator._cuda_device(torch.device("cpu"))
+        nccl_communicator._cuda_device(torch.device("cpu"))
 
 
 class _FakeEvent:
@@ -189,7 +189,7 @@ class _FakeComm:
 def test_make_watchdog_wires_the_communicators_abort_and_async_error():
     pytest.importorskip("zeroshard.comm.nccl_watchdog")
     comm = _FakeComm("ncclRemoteError: remote process exited")
-    watchdog = communicator._make_watchdog(comm, 2, 30.0)
+    watchdog = nccl_communicator._make_watchdog(comm, 2, 30.0)
     try:
         record = _LaunchRecord()
         watchdog.track("all_reduce", record.is_done)
@@ -209,7 +209,7 @@ def test_an_abandoned_launch_record_never_fires_the_watchdog():
     pytest.importorskip("zeroshard.comm.nccl_watchdog")
     for abandoned in (True, False):
         comm = _FakeComm()
-        watchdog = communicator._make_watchdog(comm, 0, 0.2)
+        watchdog = nccl_communicator._make_watchdog(comm, 0, 0.2)
         try:
             record = _LaunchRecord()
             record.abandoned = abandoned

@@ -152,7 +152,8 @@ def test_quantized_reduce_scatter_on_nccl_is_bitwise_the_cpu_one():
     """qgZ's two hops through the Python NcclCommunicator (world size 1 each) on the GPU, and
     through a LocalCommunicator on the CPU: the same quantize / all-to-all / dequantize-add
     kernels on the same values give the same bits."""
-    from zeroshard.comm.communicator import LocalCommunicator, NcclCommunicator
+    from zeroshard.comm.communicator import LocalCommunicator
+    from zeroshard.comm.nccl_communicator import NcclCommunicator
     from zeroshard.sharding.quantized_reduce import QuantizedReduceScatter
     torch.manual_seed(0)
     full = torch.randn(5 * 2048 + 77)
@@ -232,7 +233,7 @@ def test_python_communicator_grouped_all_gather_and_clean_exit():
     # atexit teardown: watchdog closed, ncclCommFinalize + ncclCommDestroy) is checked too.
     code = textwrap.dedent("""
         import torch, zeroshard
-        from zeroshard.comm.communicator import NcclCommunicator
+        from zeroshard.comm.nccl_communicator import NcclCommunicator
         comm = NcclCommunicator(None, torch.device("cuda", 0), 60.0)
         fulls = [torch.zeros(n, device="cuda", dtype=d)
                  for n, d in ((7, torch.float32), (13, torch.bfloat16))]
@@ -258,7 +259,7 @@ def test_python_communicator_grouped_all_gather_and_clean_exit():
                     reason="needs two GPUs")
 def test_communicator_on_a_device_that_is_not_current():
     # A script that never calls torch.cuda.set_device: the parameters' device decides.
-    from zeroshard.comm.communicator import NcclCommunicator
+    from zeroshard.comm.nccl_communicator import NcclCommunicator
 
     assert torch.cuda.current_device() == 0
     comm = NcclCommunicator(None, torch.device("cuda", 1), 60.0)

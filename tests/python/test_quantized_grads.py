@@ -19,7 +19,7 @@ from refusals import refused  # noqa: E402
 from unit_net import make_unit_net  # noqa: E402
 from zero_oracle import TINY_BUCKET_MB, make_batches, mse_loss, param_snapshot, rank_slice  # noqa: E402
 from zeroshard import ops  # noqa: E402
-from zeroshard.comm.communicator import make_communicator  # noqa: E402
+from zeroshard.comm.communicator_factory import make_communicator  # noqa: E402
 from zeroshard.comm.topology import Topology, node_groups  # noqa: E402
 from zeroshard.sharding.quantized_reduce import QuantizedReduceScatter  # noqa: E402
 

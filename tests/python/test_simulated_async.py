@@ -28,6 +28,7 @@ from zero_oracle import TINY_BUCKET_MB, make_batches, mse_loss, param_snapshot, 
 
 import zeroshard  # noqa: E402
 from zeroshard.comm import simulated_async  # noqa: E402
+from zeroshard.comm import communicator_factory  # noqa: E402
 from zeroshard.comm.communicator import Work  # noqa: E402
 
 
@@ -90,8 +91,8 @@ def test_poison_only_in_simulated_mode(monkeypatch):
 
 def test_a_collective_reads_its_input_late_and_its_wait_makes_the_output_visible(simulated):
     from zeroshard.comm.simulated_communicator import SimulatedAsyncCommunicator, simulated_if_asked
-    comm = simulated_if_asked(zeroshard.comm.communicator.make_communicator(None, torch.device("cpu")),
-                              torch.device("cpu"))
+    cpu = torch.device("cpu")
+    comm = simulated_if_asked(communicator_factory.make_communicator(None, cpu), cpu)
     assert isinstance(comm, SimulatedAsyncCommunicator)
     full, part = torch.zeros(8), torch.arange(8.0)
     gate = threading.Event()
@@ -109,8 +110,8 @@ def test_a_collective_is_counted_as_itself_while_the_wrapped_one_runs_a_control_
     # _control flag up) when the main thread launches a bucket: the wrapper must count the
     # bucket's bytes as its own kind, never read the wrapped communicator's flag.
     from zeroshard.comm.simulated_communicator import simulated_if_asked
-    comm = simulated_if_asked(zeroshard.comm.communicator.make_communicator(None, torch.device("cpu")),
-                              torch.device("cpu"))
+    cpu = torch.device("cpu")
+    comm = simulated_if_asked(communicator_factory.make_communicator(None, cpu), cpu)
     comm.inner._control = True
     comm.all_gather(torch.zeros(8), torch.arange(8.0)).wait()
     assert comm.stats.calls["all_gather"] == 1 and comm.stats.payload_bytes["all_gather"] == 32

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from dist_harness import run_distributed
 from zeroshard import ZeroAdamW
-from zeroshard.comm.communicator import make_communicator
+from zeroshard.comm.communicator_factory import make_communicator
 from zeroshard.comm.topology import Topology, group_ranks, node_groups, node_size_from, topology_of
 
 

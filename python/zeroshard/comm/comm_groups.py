@@ -16,7 +16,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .communicator import Communicator, make_communicator
+from .communicator import Communicator
+from .communicator_factory import make_communicator
 from .simulated_communicator import simulated_if_asked
 from .topology import Topology, node_groups, shard_groups, topology_of
 from .topology_options import TopologyOptions

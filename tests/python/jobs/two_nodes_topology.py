@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import zeroshard
-from zeroshard.comm.communicator import make_communicator
+from zeroshard.comm.communicator_factory import make_communicator
 from zeroshard.comm.topology import node_groups
 
 
