@@ -39,6 +39,7 @@ from .offload.deferred_update import DeferredUpdate, update_jobs
 from .offload.host_offload import HostOffload
 from .offload.param_watch import ParamWatch
 from .sharded_params import sharded_init, sharded_modules
+from .sharded_params.sharded_tensor import raw
 from .sharding.bucket_reducer import BucketReducer
 from .sharding.buffer_ring import auto_bucket_mb
 from .sharding.exposed_grads import ExposedGrads
@@ -506,9 +507,10 @@ class ZeroOptimizer(torch.optim.Optimizer):
             self.reducer.consume()
             self._grads_dirty = True
             self._consume_grads()
-        for fg in self.flat_groups:
-            for p in fg.params:
-                p.grad = None
+        with raw():  # as ExposedGrads does: no stage-3 __torch_function__ per parameter
+            for fg in self.flat_groups:
+                for p in fg.params:
+                    p.grad = None
 
     # ---- reports -----------------------------------------------------------------------------
 

@@ -118,11 +118,15 @@ class ExposedGrads:
 
     # ---- putting handles on p.grad and taking them off ------------------------------------------
 
+    # p.grad is read and set under raw() below: the same attribute access, without a stage-3
+    # parameter's __torch_function__ per parameter and backward (3-4 ms a step on gpt-17m).
+
     def expose(self) -> None:
         self._norms.clear()
-        for p, handle in self._params():
-            if p.grad is None:
-                p.grad = handle
+        with raw():
+            for p, handle in self._params():
+                if p.grad is None:
+                    p.grad = handle
         self.exposed = True
 
     def withdraw(self, *, remove: bool = True, apply_script_changes: bool = True) -> None:
@@ -133,15 +137,16 @@ class ExposedGrads:
         if not self.exposed:
             return
         zeroed, replaced = [], None
-        for p, handle in self._params():
-            current = p.grad
-            if current is handle:
-                if remove:
-                    p.grad = None
-            elif current is None:
-                zeroed.append(handle._key)
-            elif replaced is None:
-                replaced = handle._key
+        with raw():
+            for p, handle in self._params():
+                current = p.grad
+                if current is handle:
+                    if remove:
+                        p.grad = None
+                elif current is None:
+                    zeroed.append(handle._key)
+                elif replaced is None:
+                    replaced = handle._key
         if remove:
             self.exposed = False
         if replaced is not None and apply_script_changes:  # zero_grad() just clears
@@ -171,9 +176,10 @@ class ExposedGrads:
         the step skips it (got[gi][j], the reducer's flags, cleared)."""
         if not self.exposed:
             return
-        for (gi, j), handle in self.handles.items():
-            if self.owner.flat_groups[gi].params[j].grad is None:
-                got[gi][j] = False
+        with raw():
+            for (gi, j), handle in self.handles.items():
+                if self.owner.flat_groups[gi].params[j].grad is None:
+                    got[gi][j] = False
 
     # ---- torch operations on handles ------------------------------------------------------------
 
