@@ -93,6 +93,8 @@ def _train(rank, world_size, stage, max_in_flight, accumulate):
     return {"allocations": allocations, "ring_bytes": ring_bytes, "created": created[1:],
             "peak_in_flight": opt.reducer.peak_in_flight, "counted_peak": counter["peak"],
             "outstanding": counter["outstanding"], "buckets": len(opt.flat_groups[0].bucket_ranges),
+            "slots": sum(len(r.slots) for r in opt.reducer.rings.values()),
+            "receive_buffers": sum(len(r.scratch) for r in opt.reducer.rings.values()),
             "params": [p.detach().clone() for p in model.parameters()]}
 
 
@@ -114,6 +116,9 @@ def test_buffers_live_once_and_in_flight_is_bounded(world_size, stage, max_in_fl
         assert 1 <= r["peak_in_flight"] <= max_in_flight, r["peak_in_flight"]
         assert 1 <= r["counted_peak"] <= max_in_flight, r["counted_peak"]
         assert r["outstanding"] == 0
+        # gloo's all-to-all receive buffers: one per collective in flight, not one per slot
+        # (stage 2 has a slot more, for the bucket being filled)
+        assert 1 <= r["receive_buffers"] <= max_in_flight < r["slots"] + (stage == 1), r
     for p0, p in zip(results[0]["params"], results[-1]["params"]):
         assert torch.equal(p0, p), "ranks disagree after training"
 

@@ -22,8 +22,8 @@ Ranks pre-divide by the number of ranks averaged over and reduce with SUM (every
 SUM; AVG is not universal).
 
 [Note: bounded buffers] Every collective that needs memory of its own (a staged bucket, the
-receive slice of a reduce-scatter, gloo's all-to-all receive buffer) holds one BufferRing slot
-from its first gradient until its wait. At most `max_in_flight` of them are outstanding: starting
+receive slice of a reduce-scatter) holds one BufferRing slot from its first gradient until its
+wait, and on gloo one of the ring's all-to-all receive buffers from its launch until its wait. At most `max_in_flight` of them are outstanding: starting
 another first waits for the oldest (on CUDA that wait is a stream join, not a host sync), and a
 bucket needing a slot when none is free waits for the oldest too. Slots are allocated on first
 use and reused every step, so per-rank communication memory is a few buckets, fixed after the
@@ -359,6 +359,9 @@ class BucketReducer:
         if self.wait_guard is not None and not work.is_completed():
             self.wait_guard(work)
         work.wait()
+        if slot is not None and slot.scratch is not None:  # the exchange is over
+            slot.ring.release_scratch(slot.scratch)
+            slot.scratch = None
         then = finish()
         if isinstance(then, tuple):  # a second collective on the same buffers (replica all-reduce)
             self.in_flight.append((then[0], then[1], slot))
@@ -435,8 +438,10 @@ class BucketReducer:
         else:
             s_start, s_end, shard_offset = group.bucket_slice(b)
             shard = group.reduced_grads[shard_offset:shard_offset + (s_end - s_start)]
-            scratch = (slot.view("recv", data.numel())
-                       if self.comm.reduce_scatter_needs_scratch else None)
+            scratch = None
+            if self.comm.reduce_scatter_needs_scratch and self.quantized_reduce is None:
+                slot.scratch = slot.ring.acquire_scratch(data.numel())  # released at its wait
+                scratch = slot.scratch[:data.numel()]
             if self.quantized_reduce is not None:
                 part = slot.view("part", s_end - s_start)
                 work = self.quantized_reduce.reduce_scatter(part, data)

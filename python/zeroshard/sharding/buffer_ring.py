@@ -2,11 +2,13 @@
 
 Owns a small set of slots; each slot holds the buffers one bucket's collective needs while it is
 being filled and while it is in flight: the bucket's staging copy of its gradients (stage 0
-accumulating, stage 2), the receive buffer of this rank's reduced slice, and on gloo the
-full-size receive buffer of the all-to-all that stands in for reduce-scatter. A slot's tensors
-are allocated the first time a bucket needs them, at the size of the largest bucket, and kept:
-after the first step a training loop allocates no communication memory, so neither glibc's heap
-(CPU) nor torch's caching allocator (GPU) fragments under per-step allocations.
+accumulating, stage 2) and the receive buffer of this rank's reduced slice. On gloo the
+full-size receive buffer of the all-to-all that stands in for reduce-scatter is only needed
+while the collective is in flight, so those are pooled apart (`acquire_scratch`): one per
+collective in flight, not one per slot. Every buffer is allocated the first time a bucket
+needs it, at the size of the largest bucket, and kept: after the first step a training loop
+allocates no communication memory, so neither glibc's heap (CPU) nor torch's caching allocator
+(GPU) fragments under per-step allocations.
 
 Knows nothing of buckets or collectives: BucketReducer acquires a slot when a bucket gets its
 first gradient and releases it when the bucket's collective has been waited (on CUDA a wait
@@ -31,6 +33,9 @@ class Slot:
         # The event after which the slot may be written again (an offload D2H copy still
         # reading it when the slot was released), or None.
         self.fence = None
+        # The ring's receive buffer this slot's collective holds while in flight (gloo's
+        # all-to-all), or None: see BufferRing.acquire_scratch.
+        self.scratch = None
 
     def view(self, name: str, numel: int, *, zero: bool = False) -> torch.Tensor:
         """The first `numel` elements of this slot's buffer `name` (grown if too small)."""
@@ -60,6 +65,8 @@ class BufferRing:
         self.slots: List[Slot] = []
         self.allocations = 0  # tensors ever allocated; constant once training is in its rhythm
         self._capacity: Dict[str, int] = {}
+        self.scratch: List[torch.Tensor] = []  # receive buffers, see acquire_scratch
+        self._free_scratch: List[torch.Tensor] = []
 
     def capacity(self, name: str) -> int:
         return self._capacity.get(name, 0)
@@ -85,6 +92,24 @@ class BufferRing:
     def release(self, slot: Slot) -> None:
         self._free.append(slot)
 
+    def acquire_scratch(self, numel: int) -> torch.Tensor:
+        """A full-bucket receive buffer (gloo's all-to-all) of at least `numel` elements, held
+        from a collective's launch to its wait. Only collectives in flight need one, at most
+        max_in_flight, while the ring has one slot more (a bucket filling): so these are
+        pooled apart from the slots, not one per slot."""
+        while self._free_scratch:
+            t = self._free_scratch.pop()
+            if t.numel() >= numel:
+                poison(t)  # simulated asynchrony: a late reader of its last use sees NaN
+                return t
+            self.scratch.remove(t)  # too small for the buckets now planned
+        t = self._allocate(max(numel, self.capacity("recv")))
+        self.scratch.append(t)
+        return t
+
+    def release_scratch(self, t: torch.Tensor) -> None:
+        self._free_scratch.append(t)
+
     def trim(self, keep: int) -> None:
         """Drops free slots beyond the first `keep` (their memory goes back to the allocator):
         a ring that grew while the launch order was still a guess settles at its plan."""
@@ -93,7 +118,8 @@ class BufferRing:
             self.slots.remove(slot)
 
     def nbytes(self) -> int:
-        return sum(slot.nbytes() for slot in self.slots)
+        return (sum(slot.nbytes() for slot in self.slots)
+                + sum(t.numel() * t.element_size() for t in self.scratch))
 
 
 DEFAULT_BUCKET_MB = 25.0  # DDP's default bucket size
@@ -103,7 +129,7 @@ SMALL_BUCKET_MB = 4.0
 
 def auto_bucket_mb(total_numel: int, elem_size: int) -> float:
     """bucket_mb=None: DDP's 25 MiB, but at most 1/32 of the model's gradient bytes, so that the
-    ring (about six buckets: three slots of staging plus a receive buffer on gloo) stays near a
+    ring (about five buckets: three slots of staging, two receive buffers on gloo) stays near a
     fifth of the gradients instead of eating what ZeRO saves; except that a small model's bucket
     may grow to 1/16 of its gradients while it stays under SMALL_BUCKET_MB, since there every
     collective's fixed cost (on gloo, system calls and thread hand-offs on each rank; at stage 3
@@ -125,9 +151,9 @@ def planned_ring_bytes(bucket_numels: Sequence[int], *, stage: int, world_size: 
 
     Stage 0 reduces straight into its full gradient buffer (no ring). Stage 1 reduces each
     bucket of its local gradients once per step, up to max_in_flight at once, into a receive
-    slice (1/N of a bucket; gloo's all-to-all also needs a full-bucket receive buffer). Stage 2
-    stages each bucket's gradients while backward fills it, so one more slot is being filled
-    while max_in_flight are in flight; gloo sums its all-to-all's parts straight into the
+    slice (1/N of a bucket; gloo's all-to-all also needs a full-bucket receive buffer, one per
+    collective in flight). Stage 2 stages each bucket's gradients while backward fills it, so
+    one more slot is being filled while max_in_flight are in flight; gloo sums its all-to-all's parts straight into the
     gradient shard, NCCL receives a slice. The all-gather of updated parameters needs no
     slot: it gathers in place (gloo by broadcasts; across nodes gloo's ring gathers a transient
     copy of each slice, max_in_flight at a time, not counted here). With offload every reduction
@@ -139,9 +165,10 @@ def planned_ring_bytes(bucket_numels: Sequence[int], *, stage: int, world_size: 
     gloo = gloo and world_size > 1
     part = -(-largest // world_size)  # this rank's reduced slice
     receive = largest if gloo else 0  # all-to-all receive buffer
+    in_flight = min(len(bucket_numels), max_in_flight)  # each holds a receive buffer
     if stage == 1:  # the slice is received apart: the shard lives inside the input buffer
-        per_slot, slots = receive + part, min(len(bucket_numels), max_in_flight)
+        per_slot, slots = part, in_flight
     else:  # staging, and gloo sums straight into the shard
-        per_slot = largest + (receive + part if gloo and offload else receive if gloo else part)
+        per_slot = largest + (part if offload or not gloo else 0)
         slots = min(len(bucket_numels), max_in_flight + 1)
-    return slots * per_slot * elem_size
+    return (slots * per_slot + in_flight * receive) * elem_size
