@@ -21,13 +21,14 @@ Modes:
 Ranks pre-divide by the number of ranks averaged over and reduce with SUM (every backend has
 SUM; AVG is not universal).
 
-[Note: bounded buffers] Every collective that needs memory of its own (a staged bucket, the
-receive slice of a reduce-scatter) holds one BufferRing slot from its first gradient until its
-wait, and on gloo one of the ring's all-to-all receive buffers from its launch until its wait. At most `max_in_flight` of them are outstanding: starting
-another first waits for the oldest (on CUDA that wait is a stream join, not a host sync), and a
-bucket needing a slot when none is free waits for the oldest too. Slots are allocated on first
-use and reused every step, so per-rank communication memory is a few buckets, fixed after the
-first step. In-place all-reduces of views (stage 0) hold no slot and are not bounded.
+[Note: bounded buffers] Every collective that needs memory of its own (a staged bucket, the receive
+slice of a reduce-scatter) holds one BufferRing slot from its first gradient until its wait, and on
+gloo one of the ring's all-to-all receive buffers from its launch until its wait. At most
+`max_in_flight` of them are outstanding: starting another first waits for the oldest (on CUDA that
+wait is a stream join, not a host sync), and a bucket needing a slot when none is free waits for the
+oldest too. Slots are allocated on first use and reused every step, so per-rank communication memory
+is a few buckets, fixed after the first step. In-place all-reduces of views (stage 0) hold no slot
+and are not bounded.
 
 [Note: launch order] Collectives must start in the same order on every rank, and the order in
 which buckets complete depends on the graph: a head used on some ranks only (or a branch one

@@ -149,15 +149,15 @@ def planned_ring_bytes(bucket_numels: Sequence[int], *, stage: int, world_size: 
     elements (reduce dtype of `elem_size` bytes), in a loop of one backward per step (the
     estimator's number; memory_report() gives the real one).
 
-    Stage 0 reduces straight into its full gradient buffer (no ring). Stage 1 reduces each
-    bucket of its local gradients once per step, up to max_in_flight at once, into a receive
-    slice (1/N of a bucket; gloo's all-to-all also needs a full-bucket receive buffer, one per
-    collective in flight). Stage 2 stages each bucket's gradients while backward fills it, so
-    one more slot is being filled while max_in_flight are in flight; gloo sums its all-to-all's parts straight into the
-    gradient shard, NCCL receives a slice. The all-gather of updated parameters needs no
-    slot: it gathers in place (gloo by broadcasts; across nodes gloo's ring gathers a transient
-    copy of each slice, max_in_flight at a time, not counted here). With offload every reduction
-    receives its slice into the slot (the D2H copy reads it there), gloo too.
+    Stage 0 reduces straight into its full gradient buffer (no ring). Stage 1 reduces each bucket of
+    its local gradients once per step, up to max_in_flight at once, into a receive slice (1/N of a
+    bucket; gloo's all-to-all also needs a full-bucket receive buffer, one per collective in
+    flight). Stage 2 stages each bucket's gradients while backward fills it, so one more slot is
+    being filled while max_in_flight are in flight; gloo sums its all-to-all's parts straight into
+    the gradient shard, NCCL receives a slice. The all-gather of updated parameters needs no slot:
+    it gathers in place (gloo by broadcasts; across nodes gloo's ring gathers a transient copy of
+    each slice, max_in_flight at a time, not counted here). With offload every reduction receives
+    its slice into the slot (the D2H copy reads it there), gloo too.
     """
     if stage == 0 or not bucket_numels:
         return 0
