@@ -58,7 +58,7 @@ def _train(rank, world_size, cfg):
     micro = cfg.get("micro_batches", 1)
     norms, skipped = [], 0
     for step, (tokens, target) in enumerate(make_batches(cfg.get("steps", STEPS))):
-        if step == 1:
+        if step in (0, 1):
             opt.reset_comm_stats()
         tokens, target = rank_slice(tokens, rank, world_size), rank_slice(target, rank, world_size)
         opt.zero_grad(set_to_none=True)
@@ -74,6 +74,8 @@ def _train(rank, world_size, cfg):
                 opt.backward(loss)
         if cfg.get("clip"):
             norms.append(opt.clip_grad_norm_(cfg["clip"]).clone())
+        if step == 0:
+            first_stats = opt.comm_stats()
         if step == 1:
             stats = opt.comm_stats()
         opt.step()
@@ -87,7 +89,8 @@ def _train(rank, world_size, cfg):
     peak_alive = units.peak_alive if units else None  # before full_params gathers them all
     with opt.full_params():
         snap = param_snapshot(model)
-    return {"params": snap, "norms": norms, "stats": stats, "peak_alive": peak_alive,
+    return {"params": snap, "norms": norms, "stats": stats, "first_stats": first_stats,
+            "peak_alive": peak_alive,
             "unit_bytes": ({u.name: u.full_nbytes for u in units.units} if units else None),
             "grad_bytes": sum(fg.layout.buffer_numel * 4 for fg in opt.flat_groups),
             "skipped": skipped}
@@ -150,19 +153,26 @@ def test_stage3_idioms_match_oracle(name, cfg):
 
 def test_stage3_communication_and_live_units_follow_the_formula():
     """Per step: every unit all-gathered in forward and again in backward except the root
-    (kept from its forward to its backward): 2 x params - root; gradients reduce-scattered
-    once (Ψ in fp32). At most the running unit plus `prefetch` others are whole at once."""
+    and the last block (each kept from its forward to its backward, which needs it first):
+    2 x params - root - last block; gradients reduce-scattered once (Ψ in fp32). At most the
+    running unit plus `prefetch` others are whole at once."""
     results = run_distributed(_train, 2, {"bucket_mb": SMALL_BUCKET_MB}, timeout_s=120)
     for r in results:
         gathered = sum(r["unit_bytes"].values())
-        root = r["unit_bytes"]["<root>"]
-        assert r["stats"]["all_gather"]["payload_bytes"] == 2 * gathered - root, r["stats"]
+        root, last = r["unit_bytes"]["<root>"], r["unit_bytes"]["blocks.2"]
+        assert list(r["unit_bytes"])[-1] == "blocks.2"  # UnitNet's 3 blocks, in order
+        for stats in (r["first_stats"], r["stats"]):  # the first step too: no order needed
+            assert stats["all_gather"]["payload_bytes"] == 2 * gathered - root - last, stats
         assert r["stats"]["reduce_scatter"]["payload_bytes"] == r["grad_bytes"]
         assert r["stats"]["all_reduce"]["payload_bytes"] == 0
         assert 1 <= r["peak_alive"] <= 2, r["peak_alive"]  # prefetch=1
     two = run_distributed(_train, 2, {"bucket_mb": SMALL_BUCKET_MB, "opt": {"prefetch": 2}},
                           timeout_s=120)
     assert all(r["peak_alive"] <= 3 for r in two)
+    # the block kept for backward is freed when the next one starts, not after it
+    none = run_distributed(_train, 2, {"bucket_mb": SMALL_BUCKET_MB, "opt": {"prefetch": 0}},
+                           timeout_s=120)
+    assert all(r["peak_alive"] == 1 for r in none), [r["peak_alive"] for r in none]
 
 
 def _compare_stages(rank, world_size, cfg):

@@ -6,7 +6,9 @@ links of given speeds, a bound with no overlap.
 
 [Note: what the traffic model covers] One param group of one dtype, no frozen parameters, one
 backward a step (no accumulation), every unit run once in forward; control collectives (norms,
-flags, tags) are comm_stats()' control_bytes and left out, as there.
+flags, tags) are comm_stats()' control_bytes and left out, as there. At stage 3 the units
+run in the order of their index (the model's order of registration), so the highest is the one
+kept from its forward into backward (param_units' [Note: unit lifecycle]).
 """
 from __future__ import annotations
 
@@ -78,16 +80,19 @@ def step_traffic(param_numels: Sequence[int], *, world_size: int, stage: int,
     nodes = world_size // node_size
     groups = ([(True, list(range(len(numels))))] if stage != 3 else
               [(u == 0, members) for u, members in _unit_groups(numels, units)])
-    for is_root, members in groups:
+    # Stage 3 without qwZ or hpZ keeps the unit that runs last in forward for its backward
+    last = (len(groups) - 1 if stage == 3 and not (quantize_weights or secondary_shard)
+            and not groups[-1][0] else None)
+    for g, (is_root, members) in enumerate(groups):
         layout = _layout([numels[i] for i in members], k, _dtype(dtype, "dtype"), bucket)
         sizes = [r.end - r.start for r in layout.bucket_ranges]
-        if stage == 3:  # the forward's gathers, then backward's of every unit but the root
+        if stage == 3:  # the forward's gathers, then backward's of every unit but the kept ones
             if quantize_weights and not is_root:
                 tally.add("all_gather", k * sum(_message(n // k, 8) for n in sizes), shard_group)
             else:
                 for n in sizes:
                     tally.add("all_gather", n * param_elem, shard_group)
-            if not is_root:
+            if not is_root and g != last:
                 for n in sizes:
                     tally.add("all_gather", n * param_elem,
                               node_group if secondary_shard else shard_group)

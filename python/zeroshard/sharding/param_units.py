@@ -9,8 +9,14 @@ gradient buckets (the optimizer reports each bucket's launch, see `on_bucket_lau
 
 [Note: unit lifecycle] A unit's full parameters are allocated and all-gathered from the ranks'
 shards right before they are needed and freed as soon as they are not:
-- forward: gathered at the unit's pre-forward hook (or earlier by a prefetch), freed at its
-  forward hook when `reshard_after_forward` (non-root units), else kept for backward;
+- forward: gathered at the unit's pre-forward hook (or earlier by a prefetch), freed when the
+  next unit's forward starts when `reshard_after_forward` (non-root units), else kept for
+  backward. The unit whose forward ran last is kept too: backward needs it first, so freeing
+  it would only gather it again at once (what DeepSpeed's reuse distance and FSDP users'
+  reshard_after_forward=False on the last block save). Nothing tells a unit it is the last
+  while it runs, so each unit is held until the next one starts or the forward ends. Not with
+  qwZ (the forward's weights are quantized; backward computes at exact ones) or hpZ (its
+  backward gathers stay inside the node, and its memory is planned per unit);
 - backward: gathered again when the first gradient of any of the unit's outputs is computed (a
   multi-grad hook registered in forward), freed once every gradient bucket of the unit has been
   launched (all its parameters' gradients have left for the reduce-scatter; autograd needs no
@@ -199,6 +205,10 @@ class ParamUnits:
         self.matches = True  # the current forward follows `previous` so far
         self.backward_pos = 0  # where backward is in the reversed current record
         self.pinned = 0  # inside full_params(): nothing is freed
+        # The unit whose forward ended last, not freed yet: kept for backward if the forward
+        # ends before another unit starts (see [Note: unit lifecycle])
+        self.held: Optional[Unit] = None
+        self.hold_last = quantize_weights is None and secondary is None
         self.peak_alive = 0  # most non-root units with full buffers at once
         self._unchecked: List[tuple] = []  # CUDA: (unit, tags) not yet compared
         self._sharded = {id(p): fg for u in self.units for fg in u.groups for p in fg.params}
@@ -246,6 +256,9 @@ class ParamUnits:
             check()
         if u.is_root or len(self.record) > 4 * len(self.units):
             self.previous, self.record, self.matches = (self.record or self.previous), [], True
+        if self.held is not None and self.held is not u:
+            self.free(self.held)  # another unit runs: the held one was not the last
+        self.held = None
         k = len(self.record)
         self.record.append(u.index)
         self.matches = self.matches and k < len(self.previous) and self.previous[k] == u.index
@@ -275,12 +288,20 @@ class ParamUnits:
                     torch.autograd.graph.register_multi_grad_hook(
                         inputs, lambda grads, u=u: self._inputs_done(u), mode="all")
         if u.is_root:
-            # The forward is over: nothing else of it needs a full unit.
+            # The forward is over: the unit that ran last is backward's first; nothing else of
+            # it needs a full unit.
+            if self.held is not None:
+                self.held.kept = needs_backward
+                self.held = None
             for other in self.units:
                 if not other.is_root and not other.kept:
                     self.free(other)
             if not needs_backward:
                 self.free(u)
+        elif needs_backward and self.reshard_after_forward and self.hold_last:
+            if self.held is not None and self.held is not u:  # a nested unit's
+                self.free(self.held)
+            self.held = u
         elif self.reshard_after_forward or not needs_backward:
             if needs_backward and self.secondary is not None and u.pending is None:
                 self.secondary.keep(u.groups)
@@ -410,6 +431,8 @@ class ParamUnits:
             return
         if u.pending is not None:  # never free memory a collective still writes
             self._finish_gather(u)
+        if self.held is u:
+            self.held = None
         u.kept = False
         for fg in u.groups:
             fg.free()
