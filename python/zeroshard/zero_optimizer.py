@@ -45,7 +45,8 @@ from .sharding.buffer_ring import auto_bucket_mb
 from .sharding.exposed_grads import ExposedGrads
 from .sharding.flat_group import FlatGroup
 from .sharding.gradient_checks import GradientChecks, clip_arguments, clip_coefficient
-from .sharding.group_builder import FlatGroupBuilder, adopt_sharded_init, own_shards
+from .sharding.group_builder import (FlatGroupBuilder, adopt_sharded_init, largest_unit_of,
+                                    own_shards)
 from .sharding.loss_scaler import LossScaler, scaler_for
 from .sharding.owning_modules import install_no_sync, models_want_sync, root_modules
 from .sharding.param_lists import (check_new_group, device_of, name_from_modules,
@@ -129,7 +130,8 @@ class ZeroOptimizer(torch.optim.Optimizer):
         self.agreement = RankAgreement(self.groups.world_comm, process_group, self.timeout_s)
         elem = torch.tensor([], dtype=self.reduce_dtype).element_size()
         self.bucket_mb = float(bucket_mb) if bucket_mb is not None else auto_bucket_mb(
-            sum(sharded_init.whole_shape(p).numel() for p in trainable), elem)
+            sum(sharded_init.whole_shape(p).numel() for p in trainable), elem,
+            largest_unit_of(module, units, trainable) if stage == 3 else 0)
         self._check_ranks_agree([p for g in self.param_groups for p in g["params"]])
         adopt_sharded_init([p for g in self.param_groups for p in g["params"]]
                            + (list(module.parameters()) if module is not None else []),

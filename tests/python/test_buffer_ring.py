@@ -195,3 +195,15 @@ def test_automatic_bucket_is_a_32nd_of_the_gradients_or_a_small_models_16th():
     assert auto_bucket_mb(1000, 4) == 0.25                                 # the floor
     for numel in (10 ** 5, 10 ** 6, 10 ** 7, 10 ** 8, 10 ** 9):  # never below 1/32
         assert auto_bucket_mb(numel, 4) >= min(25.0, numel * 4 / 32 / mib)
+
+
+def test_stage3_automatic_bucket_holds_the_largest_unit_up_to_25_mib():
+    from zeroshard.sharding.buffer_ring import auto_bucket_mb, largest_unit_numel
+    mib = 2 ** 20
+    assert largest_unit_numel([3, 4, 5, 6, 100], [1, 1, 2, 2, 0]) == 11  # the root not counted
+    assert largest_unit_numel([7], [0]) == 0  # no units: the stage-1/2 size
+    block = 1_774_464  # a gpt-17m block
+    assert auto_bucket_mb(13_842_432, 4, block) == block * 4 / mib  # 6.8 MiB, not 3.3
+    assert auto_bucket_mb(13_842_432, 4, 1000) == auto_bucket_mb(13_842_432, 4)  # small units
+    assert auto_bucket_mb(2_000_000_000, 2, 10 ** 9) == 25.0  # DDP's cap still holds
+

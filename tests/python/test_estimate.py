@@ -424,6 +424,32 @@ def stage3_reports(request):
     return world_size, run_distributed(_stage3_reports_on_rank, world_size, timeout_s=300)
 
 
+def _stage3_automatic_bucket(rank, world_size):
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=96,
+                          default_seq_len=8))
+    opt = zeroshard.ZeroAdamW(model, stage=3, lr=1e-3)
+    tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(rank))
+    opt.backward(model(tokens[:, :-1], tokens[:, 1:]))
+    opt.step()
+    report = dict(opt.memory_report())
+    block = sum(p.numel() for p in model.blocks[0].parameters())
+    buckets = {u.name: [fg.layout.num_buckets for fg in u.groups] for u in opt.units.units}
+    expected = estimate_model_states(param_numels_of(model), units=param_units_of(model),
+                                     world_size=world_size, stage=3)
+    return report, expected, opt.bucket_mb, block, buckets
+
+
+def test_stage3_automatic_bucket_is_a_unit_in_the_optimizer_and_the_estimate():
+    """Blocks of 0.42 MiB in a 0.9 MiB model (1/32 of it is under the 1/4 MiB floor): each
+    block is one bucket, and the estimate follows to the byte."""
+    for report, expected, bucket_mb, block, buckets in run_distributed(
+            _stage3_automatic_bucket, 2, timeout_s=120):
+        assert bucket_mb == block * 4 / 2 ** 20 > 0.25
+        assert all(n == [1] for name, n in buckets.items() if name != "<root>"), buckets
+        for key in ALL_KEYS:
+            assert report[key] == expected[key], (key, report[key], expected[key])
+
+
 def test_stage3_matches_memory_report_between_steps(stage3_reports):
     """Every key and the total to the byte, fp32 and bf16, at 1, 2 and 4 ranks."""
     world_size, per_rank = stage3_reports

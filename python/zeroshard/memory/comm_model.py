@@ -16,7 +16,8 @@ from typing import Dict, List, Optional, Sequence
 
 from .. import _core
 from ..sharding.quantized_gather import message_piece
-from .estimate import _checked_numels, _dtype, _elem_size, _layout, _unit_groups, bucket_elems
+from .estimate import (_checked_numels, _dtype, _elem_size, _layout, _stage3_bucket, _unit_groups,
+                       bucket_elems)
 
 KINDS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast")
 
@@ -70,7 +71,8 @@ def step_traffic(param_numels: Sequence[int], *, world_size: int, stage: int,
     tally = _Tally(rank, node_size)
     param_elem = _elem_size(_dtype(dtype, "dtype"))
     grad_elem = _elem_size(_dtype(reduce_dtype, "reduce_dtype"))
-    bucket = bucket_elems(bucket_mb, reduce_dtype, sum(numels))
+    bucket = (_stage3_bucket(numels, units, bucket_mb, reduce_dtype) if stage == 3
+              else bucket_elems(bucket_mb, reduce_dtype, sum(numels)))
     first = rank // k * k
     shard_group = list(range(first, first + k))
     replica_group = list(range(rank % k, world_size, k))

@@ -55,7 +55,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from .. import _core
-from ..sharding.buffer_ring import auto_bucket_mb, planned_ring_bytes
+from ..sharding.buffer_ring import auto_bucket_mb, largest_unit_numel, planned_ring_bytes
 from ..sharding.flat_group import ALIGN_BYTES, flat_layout
 from .model_shapes import UNIFORM_TENSOR_NUMEL, uniform_numels, uniform_units, units_after
 
@@ -93,13 +93,16 @@ def _check_common(world_size, stage, optimizer) -> None:
         raise ValueError(f"optimizer must be one of {', '.join(STATE_TENSORS)}, got {optimizer!r}")
 
 
-def bucket_elems(bucket_mb: Optional[float], reduce_dtype: DtypeLike, total_numel: int) -> int:
-    """Elements per bucket, as ZeroOptimizer computes it from bucket_mb (None: automatic)."""
+def bucket_elems(bucket_mb: Optional[float], reduce_dtype: DtypeLike, total_numel: int,
+                 unit_numel: int = 0) -> int:
+    """Elements per bucket, as ZeroOptimizer computes it from bucket_mb (None: automatic;
+    stage 3 passes its largest unit's elements, see auto_bucket_mb)."""
     if bucket_mb is not None and not (isinstance(bucket_mb, (int, float)) and bucket_mb > 0):
         raise ValueError(f"bucket_mb must be a positive number or None (automatic), "
                          f"got {bucket_mb!r}")
     elem = _elem_size(_dtype(reduce_dtype, "reduce_dtype"))
-    mb = float(bucket_mb) if bucket_mb is not None else auto_bucket_mb(total_numel, elem)
+    mb = (float(bucket_mb) if bucket_mb is not None
+          else auto_bucket_mb(total_numel, elem, unit_numel))
     return max(1, int(mb * 2 ** 20) // elem)
 
 
@@ -182,9 +185,10 @@ def estimate_model_states(param_numels: Sequence[int], *, world_size: int, stage
     offload="cpu" moves master_params, optimizer_state and the reduced gradient shard to host
     memory (see [Note: what the estimate covers]): the keys keep their values wherever the
     bytes are, host_bytes is the host's sum and `total` counts device bytes only, as
-    memory_report() does. Without offload host_bytes is 0. bucket_mb=None is ZeroOptimizer's automatic
-    size (25 MiB, at most 1/32 of the gradients' bytes, a small model's up to 1/16 below 4 MiB,
-    at least 1/4 MiB; buffer_ring's auto_bucket_mb). See [Note: what the estimate covers].
+    memory_report() does. Without offload host_bytes is 0. bucket_mb=None is ZeroOptimizer's
+    automatic size (25 MiB, at most 1/32 of the gradients' bytes, a small model's up to 1/16
+    below 4 MiB, at stage 3 at least the largest unit, at least 1/4 MiB; buffer_ring's
+    auto_bucket_mb). See [Note: what the estimate covers].
 
     Stage 3 needs `units` (each parameter's unit, parallel to param_numels, 0 = root; see
     param_units_of) and takes the optimizer's `prefetch`; `total` is between steps, as
@@ -217,8 +221,8 @@ def estimate_model_states(param_numels: Sequence[int], *, world_size: int, stage
             raise ValueError(f"prefetch must be a whole number of units >= 0, got {prefetch!r}")
         # unit -> (shard, buffer) bytes of its frozen FlatGroup; none when kept whole
         frozen_groups = (_frozen_groups(frozen, frozen_units, world_size, frozen_elem,
-                                        bucket_elems(bucket_mb, reduce_dtype,
-                                                     sum(_checked_numels(param_numels))))
+                                        _stage3_bucket(param_numels, units, bucket_mb,
+                                                       reduce_dtype))
                          if partition_frozen else {})
         report = _stage3_report(param_numels, units, world_size=world_size,
                                 param_dtype=param_dtype, reduce_dtype=reduce_dtype,
@@ -299,6 +303,13 @@ def _frozen_groups(frozen: List[int], frozen_units: Optional[Sequence[int]], wor
             for u, layout in layouts.items()}
 
 
+def _stage3_bucket(param_numels, units, bucket_mb, reduce_dtype) -> int:
+    """Stage 3's bucket elements: from the whole model and its largest unit."""
+    numels = _checked_numels(param_numels)
+    _unit_groups(numels, units)  # checks units
+    return bucket_elems(bucket_mb, reduce_dtype, sum(numels), largest_unit_numel(numels, units))
+
+
 def _stage3_report(param_numels, units, *, world_size: int, param_dtype: torch.dtype,
                    reduce_dtype: DtypeLike, bucket_mb: Optional[float], max_in_flight: int,
                    gloo: bool, optimizer: str, prefetch: int, offload: bool = False,
@@ -306,7 +317,7 @@ def _stage3_report(param_numels, units, *, world_size: int, param_dtype: torch.d
                    secondary_shard_ranks: Optional[int] = None) -> Dict[str, int]:
     numels = _checked_numels(param_numels)
     groups = _unit_groups(numels, units)
-    bucket = bucket_elems(bucket_mb, reduce_dtype, sum(numels))  # from the whole model
+    bucket = _stage3_bucket(numels, units, bucket_mb, reduce_dtype)
     layouts = [_layout([numels[i] for i in members], world_size, param_dtype, bucket)
                for _, members in groups]
     shard = sum(layout.shard_numel for layout in layouts)

@@ -9,7 +9,7 @@ import re
 import sys
 from typing import Dict, List, Optional, Sequence
 
-from ..sharding.buffer_ring import auto_bucket_mb
+from ..sharding.buffer_ring import auto_bucket_mb, largest_unit_numel
 from .estimate import (DTYPE_NAMES, STATE_TENSORS, _device_peak, _elem_size,
                        estimate_model_states, format_bytes, format_count, formula_text,
                        largest_fitting_params, parse_count, parse_memory, zero_formula_bytes)
@@ -282,7 +282,12 @@ def _bucket_text(args, model: Optional[tuple]) -> str:
     if model is None:
         return "automatic bucket size"
     elem = _elem_size(DTYPE_NAMES[args.reduce_dtype])
-    return f"bucket {auto_bucket_mb(sum(model[1]), elem):.3g} MiB (automatic)"
+    _, numels, units = model
+    text = f"bucket {auto_bucket_mb(sum(numels), elem):.3g} MiB (automatic"
+    unit_mb = auto_bucket_mb(sum(numels), elem, largest_unit_numel(numels, units))
+    if 3 in args.stage and unit_mb != auto_bucket_mb(sum(numels), elem):
+        text += f"; {unit_mb:.3g} MiB at stage 3, the largest unit"
+    return text + ")"
 
 
 def _offload_time_text(args, total_params: int) -> str:

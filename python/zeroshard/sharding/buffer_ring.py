@@ -127,7 +127,7 @@ DEFAULT_BUCKET_MB = 25.0  # DDP's default bucket size
 SMALL_BUCKET_MB = 4.0
 
 
-def auto_bucket_mb(total_numel: int, elem_size: int) -> float:
+def auto_bucket_mb(total_numel: int, elem_size: int, unit_numel: int = 0) -> float:
     """bucket_mb=None: DDP's 25 MiB, but at most 1/32 of the model's gradient bytes, so that the
     ring (about five buckets: three slots of staging, two receive buffers on gloo) stays near a
     fifth of the gradients instead of eating what ZeRO saves; except that a small model's bucket
@@ -136,10 +136,26 @@ def auto_bucket_mb(total_numel: int, elem_size: int) -> float:
     each unit gathered bucket by bucket, twice a step) is large next to its bytes. At least
     1/4 MiB. gpt-17m (53 MiB of gradients): 3.3 MiB, where 1/32 made its 2-rank step on 2 cores
     1.5-2% slower at stages 1-2 and 3-5% at stage 3, for 10 MiB less ring (docs/measured.md);
-    from 128 MiB of gradients on, 1/32 as before."""
+    from 128 MiB of gradients on, 1/32 as before.
+
+    Stage 3 passes unit_numel, its largest unit's trainable elements (largest_unit_numel): a
+    bucket is then at least that unit (up to 25 MiB), so each unit is gathered, twice a step,
+    and reduced with one collective per FlatGroup, as FSDP does a unit; gpt-17m (blocks of
+    6.8 MiB): 15 ms off a 2-rank stage 3 step of ~900 ms on 2 cores, in two same-job A/Bs
+    (docs/measured.md). It changes only models whose units exceed 1/32 of them."""
     grads_mb = total_numel * elem_size / 2 ** 20
-    mb = max(grads_mb / 32, min(SMALL_BUCKET_MB, grads_mb / 16))
+    mb = max(grads_mb / 32, min(SMALL_BUCKET_MB, grads_mb / 16), unit_numel * elem_size / 2 ** 20)
     return max(0.25, min(DEFAULT_BUCKET_MB, mb))
+
+
+def largest_unit_numel(numels: Sequence[int], units: Sequence[int]) -> int:
+    """The most trainable elements of one non-root stage-3 unit; numels[i] belongs to unit
+    units[i] (0 = the root)."""
+    per_unit: dict = {}
+    for n, u in zip(numels, units):
+        if u:
+            per_unit[u] = per_unit.get(u, 0) + n
+    return max(per_unit.values(), default=0)
 
 
 def planned_ring_bytes(bucket_numels: Sequence[int], *, stage: int, world_size: int,

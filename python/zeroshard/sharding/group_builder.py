@@ -16,6 +16,7 @@ import weakref
 import torch
 
 from ..sharded_params import sharded_init
+from .buffer_ring import largest_unit_numel
 from .flat_group import FlatGroup
 from .param_lists import TRAINABLE_DTYPES
 from .param_units import Unit, find_units, owning_units
@@ -104,6 +105,14 @@ class FlatGroupBuilder:
             fg.shard_and_free()
             groups.append(fg)
         return groups
+
+
+def largest_unit_of(module: torch.nn.Module, units, params) -> int:
+    """Stage 3: the most elements of `params` (whole shapes) in one non-root unit of module,
+    for the automatic bucket size (buffer_ring.auto_bucket_mb)."""
+    owner = owning_units(module, [m for _, m in find_units(module, units)])
+    return largest_unit_numel([sharded_init.whole_shape(p).numel() for p in params],
+                              [owner.get(id(p), 0) for p in params])
 
 
 def adopt_sharded_init(params, names: Dict[int, str], world_size: int, stage: int,
