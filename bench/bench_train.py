@@ -3,6 +3,8 @@
     python bench/bench_train.py                      # the default rows, a few minutes here
     python bench/bench_train.py --model gpt-17m --batch-size 8 --seq-len 128 --steps 10 \\
         --rows ddp zero1 zero2 zero3 ds-zero1 ds-zero2 ds-zero3
+    python bench/bench_train.py --model gpt-17m --batch-size 8 --seq-len 128 --steps 20 \\
+        --rows ddp zero1 zero2 zero3 --passes 3     # step times: medians of 3 rotated passes
     python bench/bench_train.py --rows zero2 zero2-offload ds-zero2-offload   # CPU offload (by name)
     python bench/bench_train.py --model gpt-17m --nproc 4 --node-size 2 \
         --rows zero3 zero3-hybrid zero3-zeropp    # bytes within and across 2 "nodes"
@@ -18,8 +20,9 @@ step-time targets against our stage 2 and DeepSpeed's ZeRO-3, stages 1 and 2's a
 bytes sent in a step, within and across nodes (with --node-size). Knows nothing of how a row trains; that is
 examples/train_gpt.py's job. DeepSpeed rows (ds-zero*) run only where deepspeed is installed and
 are in the default rows only there; otherwise the table says they were not run. Its rows run
-one after another, so their step times drift apart by as much as they differ here: for the
-step-time ratios, bench_step_ratio.py takes the rows' steps in turn within one job.
+one after another, so their step times drift apart by as much as they differ here: --passes K
+runs the rows K times, each pass starting at the next row, and takes each row's median pass
+(peaks: the largest); bench_step_ratio.py takes the rows' steps in turn within one job.
 """
 from __future__ import annotations
 
@@ -106,12 +109,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per row")
+    parser.add_argument("--passes", type=int, default=1,
+                        help="run the rows this many times, each pass starting at the next "
+                             "row; a row's step time is the median of its passes' (the rows "
+                             "run one after another and drift apart: see bench_step_ratio.py)")
     parser.add_argument("--bucket-mb", type=float, default=None,
                         help="gradient bucket size, zeroshard's and DeepSpeed's alike (default: "
                              "zeroshard's automatic size)")
     args = parser.parse_args(argv)
-    if args.nproc <= 0 or args.batch_size <= 0 or args.seq_len <= 0:
-        parser.error("--nproc, --batch-size and --seq-len must be positive")
+    if args.nproc <= 0 or args.batch_size <= 0 or args.seq_len <= 0 or args.passes <= 0:
+        parser.error("--nproc, --batch-size, --seq-len and --passes must be positive")
     if not 0 <= args.warmup_steps < args.steps:
         parser.error("--warmup-steps must be in [0, --steps)")
     if args.bucket_mb is not None and args.bucket_mb <= 0:
@@ -192,6 +199,19 @@ def summarise(metrics: Dict, warmup_steps: int) -> Dict:
             "params": metrics["params"], "world_size": metrics["world_size"],
             # zeroshard rows: bytes every rank sent in the last step, added up, by link
             "step_bytes": _added_up([r.get("last_step_bytes") for r in ranks])}
+
+
+def merge_passes(runs: List[Dict]) -> Dict:
+    """One row from its passes: the median of their step times (each listed in step_s_passes),
+    each rank's largest peak; the rest from the first pass. A failed pass fails the row."""
+    bad = next((run for run in runs if "error" in run or "skipped" in run), None)
+    if bad is not None or len(runs) == 1:
+        return bad if bad is not None else runs[0]
+    row = dict(runs[0])
+    row["step_s_passes"] = [run["step_s"] for run in runs]
+    row["step_s"] = statistics.median(row["step_s_passes"])
+    row["peak"] = [max(peaks) for peaks in zip(*(run["peak"] for run in runs))]
+    return row
 
 
 def _added_up(per_rank: List[Optional[Dict[str, int]]]) -> Optional[Dict[str, int]]:
@@ -311,9 +331,13 @@ def speed_lines(results: Dict[str, Dict]) -> List[str]:
     base = results.get("ddp", {})
     if "step_s" not in base:
         return []
+    passes = ["step ms of each pass: " + "; ".join(
+        f"{name} " + " / ".join(f"{t * 1e3:.1f}" for t in row["step_s_passes"])
+        for name, row in results.items() if "step_s_passes" in row)]
     return [f"stage {stage} step time {row['step_s'] * 1e3:.1f} ms: "
             + time_target(row["step_s"] / base["step_s"], STAGES12_VS_DDP, "DDP")
-            for stage in (1, 2) for row in [results.get(f"zero{stage}", {})] if "step_s" in row]
+            for stage in (1, 2) for row in [results.get(f"zero{stage}", {})] if "step_s" in row
+            ] + (passes if "step_s_passes" in base else [])
 
 
 def bytes_lines(results: Dict[str, Dict]) -> List[str]:
@@ -361,16 +385,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"bench_train: model {args.model}, {args.nproc} gloo ranks on CPU, {args.dtype}, "
           f"{args.steps} steps (median over the last {args.steps - args.warmup_steps}), "
           f"batch {args.batch_size}x{args.seq_len} tokens per rank", flush=True)
-    results: Dict[str, Dict] = {}
+    passes: Dict[str, List[Dict]] = {name: [] for name in args.rows}
     with tempfile.TemporaryDirectory(prefix="bench_train_") as workdir:
-        for name in args.rows:
-            if is_deepspeed_row(name) and not HAVE_DEEPSPEED:
-                results[name] = {"skipped": "`import deepspeed` fails here (not installed)"}
-                continue
-            print(f"  running {ROWS[name][0]} ...", flush=True)
-            metrics = run_row(name, args, workdir)
-            results[name] = metrics if "error" in metrics else summarise(metrics,
-                                                                          args.warmup_steps)
+        for k in range(args.passes):
+            start = k % len(args.rows)
+            for name in args.rows[start:] + args.rows[:start]:
+                if is_deepspeed_row(name) and not HAVE_DEEPSPEED:
+                    passes[name].append(
+                        {"skipped": "`import deepspeed` fails here (not installed)"})
+                    continue
+                print(f"  running {ROWS[name][0]}" + (f" (pass {k + 1} of {args.passes})"
+                                                     if args.passes > 1 else "") + " ...",
+                      flush=True)
+                metrics = run_row(name, args, workdir)
+                passes[name].append(metrics if "error" in metrics
+                                    else summarise(metrics, args.warmup_steps))
+    results = {name: merge_passes(runs) for name, runs in passes.items()}
     print()
     print("\n".join(legend_lines(results) + table_lines(results) + target_lines(results)
                     + speed_lines(results) + bytes_lines(results)))

@@ -229,3 +229,22 @@ def test_deepspeed_row_trains_like_ddp(tmp_path):
     assert deepspeed["losses"] == pytest.approx(ddp["losses"], abs=1e-4)
     assert deepspeed["formula"] == "4Ψ+12Ψ/N"
     assert all(rank["peak_bytes"] > 0 for rank in deepspeed["ranks"])
+
+
+def test_passes_merge_into_the_median_step_and_the_largest_peak():
+    runs = []
+    for step_s, peaks in ((0.3, [300, 320]), (0.1, [310, 305]), (0.2, [290, 300])):
+        metrics = synthetic_metrics("zeroshard", 12, 12.5, peaks, report_mib=12.4)
+        metrics["step_times_s"] = [9.0, step_s]
+        runs.append(bench_train.summarise(metrics, warmup_steps=1))
+    row = bench_train.merge_passes(runs)
+    assert row["step_s"] == pytest.approx(0.2) and row["step_s_passes"] == [0.3, 0.1, 0.2]
+    assert row["peak"] == [310 * MiB, 320 * MiB]
+    assert bench_train.merge_passes(runs[:1]) == runs[0]  # one pass: as before
+    failed = {"error": "exit 1: RuntimeError: boom"}
+    assert bench_train.merge_passes([runs[0], failed]) == failed
+    ddp = bench_train.merge_passes(runs)
+    lines = bench_train.speed_lines({"ddp": ddp, "zero1": row})
+    assert "step ms of each pass: ddp 300.0 / 100.0 / 200.0" in lines[-1]
+    with pytest.raises(SystemExit):
+        bench_train.parse_args(["--passes", "0"])
