@@ -3,7 +3,10 @@
 Owns process start-up, rendezvous (a FileStore in a fresh temporary directory, so parallel test runs
 never race for a TCP port), result transport (one `torch.save` file per rank) and failure handling:
 an exception in any rank is re-raised in the pytest process with the rank and its traceback; a rank
-that hangs is killed after a hard timeout and the test fails instead of hanging the suite.
+that hangs is killed after a hard timeout and the test fails instead of hanging the suite. A run
+whose process group could not be set up (gloo's connection mesh broke before the function ran:
+"Connection closed by peer" in connectFullMesh, seen once in ~1900 tests on a loaded machine) is
+run again from scratch, up to SETUP_ATTEMPTS times; a failure of the function itself never is.
 
 It knows nothing of zeroshard: tests hand it a module-level function `fn(rank, world_size, *args)`.
 """
@@ -18,7 +21,7 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
 
 import torch
 
@@ -29,10 +32,17 @@ DEFAULT_TIMEOUT_S = 120.0
 # long to finish (and report their own errors) before killing them, so a failure is fast.
 FAILURE_GRACE_S = 5.0
 POLL_INTERVAL_S = 0.02
+SETUP_ATTEMPTS = 3
+# First line of a rank's error file when init_process_group itself failed
+SETUP_FAILED = "process group setup failed"
 
 
 class DistributedTestError(AssertionError):
     """A rank raised, died, or did not finish in time. The message names the rank(s) and why."""
+
+
+class _SetupFailed(DistributedTestError):
+    """The first rank to fail failed inside init_process_group: the function never ran there."""
 
 
 def _forkserver_context():
@@ -72,7 +82,8 @@ def _resolve(address: tuple) -> Callable:
 
 
 def _rank_main(rank: int, world_size: int, store_path: str, result_dir: str, address: tuple,
-               args: tuple, collective_timeout_s: float) -> None:
+               args: tuple, collective_timeout_s: float,
+               fail_setup_marker: Optional[str] = None) -> None:
     """Child entry: join the group, run the function, write the result or the traceback to a file."""
     import torch.distributed as dist
 
@@ -84,9 +95,19 @@ def _rank_main(rank: int, world_size: int, store_path: str, result_dir: str, add
     error_path = os.path.join(result_dir, f"rank{rank}.err")
     try:
         fn = _resolve(address)
-        dist.init_process_group(
-            "gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(seconds=collective_timeout_s))
+        try:
+            # test hook: rank 0 of the first run fails its setup
+            if rank == 0 and fail_setup_marker and not os.path.exists(fail_setup_marker):
+                open(fail_setup_marker, "w").close()
+                raise RuntimeError("simulated: Gloo connectFullMesh failed (test hook)")
+            dist.init_process_group(
+                "gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,
+                timeout=datetime.timedelta(seconds=collective_timeout_s))
+        except Exception:  # noqa: BLE001 - reported apart: the parent runs the group again
+            with open(error_path + ".tmp", "w") as f:
+                f.write(f"{SETUP_FAILED}\n{traceback.format_exc()}")
+            os.replace(error_path + ".tmp", error_path)
+            os._exit(1)
         result = fn(rank, world_size, *args)
         torch.save(result, result_path + ".tmp")
         os.replace(result_path + ".tmp", result_path)  # the parent never reads a half-written file
@@ -111,7 +132,8 @@ def _kill(processes) -> None:
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any,
-                    timeout_s: float = DEFAULT_TIMEOUT_S) -> List[Any]:
+                    timeout_s: float = DEFAULT_TIMEOUT_S,
+                    _fail_setup_marker: Optional[str] = None) -> List[Any]:
     """Run `fn(rank, world_size, *args)` on `world_size` gloo processes; return results by rank.
 
     `fn` must be a module-level function; `args` and the results must survive `torch.save`/pickle
@@ -123,12 +145,25 @@ def run_distributed(fn: Callable, world_size: int, *args: Any,
     if not timeout_s > 0:
         raise ValueError(f"run_distributed: timeout_s must be > 0, got {timeout_s!r}")
     address = _function_address(fn)
+    for attempt in range(1, SETUP_ATTEMPTS + 1):
+        try:
+            return _run_once(fn, world_size, args, timeout_s, address, _fail_setup_marker)
+        except _SetupFailed as error:
+            if attempt == SETUP_ATTEMPTS:
+                raise DistributedTestError(
+                    f"the process group could not be set up in {SETUP_ATTEMPTS} attempts; "
+                    f"the last:\n{error}") from None
+
+
+def _run_once(fn: Callable, world_size: int, args: tuple, timeout_s: float,
+              address: tuple, fail_setup_marker: Optional[str]) -> List[Any]:
     ctx = _forkserver_context()
     with tempfile.TemporaryDirectory(prefix="zeroshard_dist_") as tmp:
         store_path = os.path.join(tmp, "store")
         processes = [
             ctx.Process(target=_rank_main, name=f"rank{rank}",
-                        args=(rank, world_size, store_path, tmp, address, args, timeout_s),
+                        args=(rank, world_size, store_path, tmp, address, args, timeout_s,
+                              fail_setup_marker),
                         daemon=True)
             for rank in range(world_size)]
         for proc in processes:
@@ -174,7 +209,8 @@ def _collect(fn: Callable, world_size: int, processes, result_dir: str) -> List[
                        if os.path.exists(os.path.join(result_dir, f"rank{r}.err"))}
         raised = sorted(error_times, key=error_times.get)
         first = f"first to fail: rank {raised[0]}; " if raised else ""
-        raise DistributedTestError(
+        setup = bool(raised) and failures[raised[0]].split("\n")[1] == SETUP_FAILED
+        raise (_SetupFailed if setup else DistributedTestError)(
             f"{fn.__qualname__} at world_size={world_size} failed ({first}ranks that raised, "
             f"in order: {raised})\n"
             + "\n".join(failures[r] for r in _failure_order(failures, raised)))
