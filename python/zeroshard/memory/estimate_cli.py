@@ -283,9 +283,10 @@ def _bucket_text(args, model: Optional[tuple]) -> str:
         return "automatic bucket size"
     elem = _elem_size(DTYPE_NAMES[args.reduce_dtype])
     _, numels, units = model
-    text = f"bucket {auto_bucket_mb(sum(numels), elem):.3g} MiB (automatic"
+    base_mb = auto_bucket_mb(sum(numels), elem)
+    text = f"bucket {base_mb:.3g} MiB (automatic"
     unit_mb = auto_bucket_mb(sum(numels), elem, largest_unit_numel(numels, units))
-    if 3 in args.stage and unit_mb != auto_bucket_mb(sum(numels), elem):
+    if 3 in args.stage and unit_mb != base_mb:
         text += f"; {unit_mb:.3g} MiB at stage 3, the largest unit"
     return text + ")"
 
